@@ -1,0 +1,260 @@
+//! [`OpenraftEngine`]: the consensus-api `Engine` on top of `openraft::Raft`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use consensus_api::{ConsensusError, Engine, EngineContext, NodeId, Role, Status, Transport};
+use consensus_storage::{Log, SnapshotStore};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ChangeMembers, Config, Raft, ReadPolicy, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::log_store::{LogStore, META_BOOTSTRAPPED};
+use crate::mapping;
+use crate::network::{NetworkFactory, RaftHandler};
+use crate::state_machine::StateMachineStore;
+use crate::types::Request;
+use crate::OpenRaft;
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+/// Maps the shared config onto openraft's.
+pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, ConsensusError> {
+    Config {
+        cluster_name: c.cluster_id.clone(),
+        heartbeat_interval: ms(c.heartbeat_interval),
+        election_timeout_min: ms(c.election_timeout_min),
+        election_timeout_max: ms(c.election_timeout_max),
+        install_snapshot_timeout: ms(c.rpc_timeout * 10),
+        max_payload_entries: c.max_entries_per_message,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_threshold),
+        max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
+        purge_batch_size: 64,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ConsensusError::InvalidRequest(format!("openraft config: {e}")))
+}
+
+/// A running openraft node.
+pub struct OpenraftEngine {
+    id: NodeId,
+    raft: OpenRaft,
+    log: Log,
+    transport: Arc<dyn Transport>,
+    status: watch::Receiver<Status>,
+    status_task: JoinHandle<()>,
+    stopped: AtomicBool,
+}
+
+impl OpenraftEngine {
+    /// Opens storage, starts openraft, bootstraps a fresh cluster once, serves the transport.
+    pub(crate) async fn start(ctx: EngineContext) -> Result<Self, ConsensusError> {
+        let EngineContext {
+            config,
+            state_machine,
+            transport,
+        } = ctx;
+        let id = config.id;
+        let storage = |e: consensus_storage::StorageError| ConsensusError::Storage(e.to_string());
+        let dir = config.data_dir.clone();
+        let (log, snapshots) = tokio::task::spawn_blocking(move || {
+            Ok::<_, consensus_storage::StorageError>((Log::open(&dir)?, SnapshotStore::open(&dir)?))
+        })
+        .await
+        .map_err(|e| ConsensusError::Internal(e.to_string()))?
+        .map_err(storage)?;
+        let log_store = LogStore::new(log.clone());
+        let fresh = log_store.is_fresh() && snapshots.load().map_err(storage)?.is_none();
+        let sm = StateMachineStore::open(state_machine, snapshots)
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let network = NetworkFactory {
+            me: id,
+            transport: transport.clone(),
+            rpc_timeout: config.rpc_timeout,
+        };
+        let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store, sm)
+            .await
+            .map_err(mapping::fatal)?;
+        transport.set_handler(Arc::new(RaftHandler { raft: raft.clone() }));
+
+        if fresh && config.initial_members.contains_key(&id) {
+            let members: BTreeMap<NodeId, BasicNode> = config
+                .initial_members
+                .iter()
+                .map(|(i, a)| (*i, BasicNode::new(a)))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(id, "bootstrapped a new cluster"),
+                // Another member's leader already reached us: the cluster exists.
+                Err(openraft::errors::RaftError::APIError(e)) => {
+                    tracing::info!(id, "not bootstrapping: {e}")
+                }
+                Err(openraft::errors::RaftError::Fatal(f)) => return Err(mapping::fatal(f)),
+            }
+            log.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1"), None)
+                .map_err(storage)?;
+        }
+
+        let mut metrics = raft.metrics();
+        let (tx, status) = watch::channel(mapping::status(&metrics.borrow_watched()));
+        let status_task = tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let st = mapping::status(&metrics.borrow_watched());
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != st;
+                    *cur = st;
+                    changed
+                });
+            }
+            tx.send_modify(|s| s.role = Role::Shutdown);
+        });
+        Ok(Self {
+            id,
+            raft,
+            log,
+            transport,
+            status,
+            status_task,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    fn running(&self) -> Result<(), ConsensusError> {
+        if self.stopped.load(Ordering::SeqCst) {
+            Err(ConsensusError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn not_leader(&self) -> ConsensusError {
+        ConsensusError::NotLeader {
+            leader: self.status.borrow().leader.filter(|l| *l != self.id),
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for OpenraftEngine {
+    async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ConsensusError> {
+        self.running()?;
+        let resp = self
+            .raft
+            .client_write(Request(command))
+            .await
+            .map_err(mapping::write)?;
+        Ok(resp.data.0)
+    }
+
+    async fn read_index(&self) -> Result<u64, ConsensusError> {
+        self.running()?;
+        let read = self
+            .raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map_err(mapping::read)?;
+        Ok(read.index())
+    }
+
+    fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError> {
+        self.running()?;
+        self.transport.set_peer(id, addr.clone());
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(mapping::write)?;
+        Ok(())
+    }
+
+    async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
+        self.running()?;
+        self.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+            .await
+            .map_err(mapping::write)?;
+        Ok(())
+    }
+
+    async fn remove_node(&self, id: NodeId) -> Result<(), ConsensusError> {
+        self.running()?;
+        let st = self.status.borrow().clone();
+        let change = if st.voters.contains(&id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if st.learners.contains(&id) {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "node {id} is not a member"
+            )));
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(mapping::write)?;
+        Ok(())
+    }
+
+    async fn transfer_leader(&self, to: NodeId) -> Result<(), ConsensusError> {
+        self.running()?;
+        let st = self.status.borrow().clone();
+        if !st.is_leader() {
+            return Err(self.not_leader());
+        }
+        if !st.voters.contains(&to) {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "node {to} is not a voter; only voters can lead"
+            )));
+        }
+        if to == self.id {
+            return Ok(());
+        }
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(mapping::fatal)
+    }
+
+    async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
+        self.running()?;
+        let applied = self.status.borrow().applied_index;
+        self.raft.trigger().snapshot().await.map_err(mapping::fatal)?;
+        let mut rx = self.status.clone();
+        loop {
+            let snap = rx.borrow_and_update().snapshot_index;
+            if snap >= applied {
+                return Ok(snap);
+            }
+            rx.changed()
+                .await
+                .map_err(|_| ConsensusError::ShuttingDown)?;
+        }
+    }
+
+    async fn shutdown(&self) -> Result<(), ConsensusError> {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let result = self
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| ConsensusError::Internal(format!("openraft shutdown: {e}")));
+        self.status_task.abort();
+        let log = self.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        result
+    }
+}

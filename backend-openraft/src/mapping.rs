@@ -1,0 +1,90 @@
+//! openraft outcomes mapped onto the shared [`ConsensusError`] at this crate's boundary.
+
+use consensus_api::{ConsensusError, Role, Status};
+use openraft::errors::{
+    ChangeMembershipError, ClientWriteError, Fatal, LinearizableReadError, RaftError,
+};
+use openraft::{RaftMetrics, ServerState};
+
+use crate::types::C;
+
+/// Maps a fatal engine error.
+pub(crate) fn fatal(e: Fatal<C>) -> ConsensusError {
+    match e {
+        Fatal::Stopped => ConsensusError::ShuttingDown,
+        Fatal::StorageError(s) => ConsensusError::Storage(s.to_string()),
+        Fatal::Panicked => ConsensusError::Internal("the openraft core task panicked".into()),
+    }
+}
+
+/// Maps a write (proposal or membership change) error.
+pub(crate) fn write(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
+    match e {
+        RaftError::Fatal(f) => fatal(f),
+        RaftError::APIError(api) => match api {
+            ClientWriteError::ForwardToLeader(f) => ConsensusError::NotLeader {
+                leader: f.leader_id,
+            },
+            // The entry was appended and then replaced by another leader's log: it may or may
+            // not commit. Same kind as a proposal timeout: outcome unknown.
+            ClientWriteError::LogEntryDiscarded(f) => ConsensusError::Timeout(format!(
+                "the proposal's outcome (leadership moved to {:?} before it committed)",
+                f.leader_id
+            )),
+            ClientWriteError::ChangeMembershipError(c) => membership(c),
+            ClientWriteError::PreconditionFailed(p) => ConsensusError::InvalidRequest(p.to_string()),
+        },
+    }
+}
+
+fn membership(
+    e: ChangeMembershipError<openraft::type_config::alias::CommittedLeaderIdOf<C>, u64>,
+) -> ConsensusError {
+    match e {
+        ChangeMembershipError::LearnerNotFound(l) => ConsensusError::InvalidRequest(format!(
+            "node {} must be added as a learner before it can become a voter",
+            l.node_id
+        )),
+        other => ConsensusError::InvalidRequest(format!("membership change refused: {other}")),
+    }
+}
+
+/// Maps a linearizable read error.
+pub(crate) fn read(e: RaftError<C, LinearizableReadError<C>>) -> ConsensusError {
+    match e {
+        RaftError::Fatal(f) => fatal(f),
+        RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => {
+            ConsensusError::NotLeader {
+                leader: f.leader_id,
+            }
+        }
+        RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
+            ConsensusError::Timeout(format!("a quorum to confirm leadership ({q})"))
+        }
+    }
+}
+
+/// Builds the shared status from openraft's metrics.
+pub(crate) fn status(m: &RaftMetrics<C>) -> Status {
+    let membership = m.membership_config.membership();
+    let voters = membership.voter_ids().collect();
+    let learners = membership.learner_ids().collect();
+    Status {
+        id: m.id,
+        role: match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Follower => Role::Follower,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        },
+        term: m.current_term,
+        leader: m.current_leader,
+        commit_index: m.local_committed.map(|l| l.index).unwrap_or(0),
+        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        voters,
+        learners,
+    }
+}

@@ -1,0 +1,33 @@
+//! The openraft type configuration: opaque byte commands and responses.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// An encoded command of the user's state machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Request(pub Vec<u8>);
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command({} bytes)", self.0.len())
+    }
+}
+
+/// The encoded outcome of applying a command (empty for blank and membership entries).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Response(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of this backend.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+/// Short alias used throughout the crate.
+pub type C = TypeConfig;
+/// Snapshot payload: the state machine's bytes.
+pub type SnapshotData = Vec<u8>;

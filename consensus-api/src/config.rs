@@ -1,0 +1,142 @@
+//! [`NodeConfig`]: one configuration every backend maps onto its engine's settings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{ConsensusError, NodeId};
+
+/// Everything a node needs to start. Timing defaults suit a LAN / loopback cluster: a heartbeat
+/// every 100 ms, an election after 0.5-1 s of silence, so a failover takes about a second.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id; unique in the cluster, never reused for another machine.
+    pub id: NodeId,
+    /// Carried in every connection handshake; peers of another cluster are refused.
+    pub cluster_id: String,
+    /// Where the log, vote, and snapshots live. Created if missing.
+    pub data_dir: PathBuf,
+    /// The voters of a brand-new cluster with their addresses. Written once, when the data dir
+    /// is fresh and this node is one of them; ignored on restart. Leave empty for a node that
+    /// joins later through `add_learner`.
+    pub initial_members: BTreeMap<NodeId, String>,
+    /// Interval between leader heartbeats (raft-rs: one tick).
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max: Duration,
+    /// Take a snapshot (and compact the log) after this many applied entries since the last one.
+    pub snapshot_threshold: u64,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers avoid a snapshot.
+    pub keep_logs_after_snapshot: u64,
+    /// Most entries sent in one replication message.
+    pub max_entries_per_message: u64,
+    /// Default deadline of a proposal, read or membership change, forwarding included.
+    pub request_timeout: Duration,
+    /// Deadline of one engine RPC to a peer (append, vote); snapshot transfers get 10x.
+    pub rpc_timeout: Duration,
+    /// The transport settings of this node.
+    pub transport: TransportConfig,
+}
+
+impl NodeConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(id: NodeId, cluster_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            cluster_id: cluster_id.into(),
+            data_dir: data_dir.into(),
+            initial_members: BTreeMap::new(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_threshold: 10_000,
+            keep_logs_after_snapshot: 1_000,
+            max_entries_per_message: 256,
+            request_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_millis(1000),
+            transport: TransportConfig::default(),
+        }
+    }
+
+    /// Checks the settings relate sensibly; returns what to fix otherwise.
+    pub fn validate(&self) -> Result<(), ConsensusError> {
+        let bad = |m: &str| Err(ConsensusError::InvalidRequest(format!("config: {m}")));
+        if self.cluster_id.is_empty() {
+            return bad("cluster_id must not be empty");
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be > 0");
+        }
+        if self.election_timeout_min < self.heartbeat_interval * 3 {
+            return bad("election_timeout_min must be at least 3 heartbeat intervals");
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return bad("election_timeout_max must exceed election_timeout_min");
+        }
+        if self.snapshot_threshold == 0 || self.max_entries_per_message == 0 {
+            return bad("snapshot_threshold and max_entries_per_message must be > 0");
+        }
+        if self.transport.max_frame_bytes < 1024 {
+            return bad("transport.max_frame_bytes must be at least 1 KiB");
+        }
+        Ok(())
+    }
+}
+
+/// Transport settings shared by every transport implementation.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Address to listen on; port 0 picks a free port (read it back with `local_addr`).
+    pub listen_addr: SocketAddr,
+    /// Frames larger than this are refused on send and on receive.
+    pub max_frame_bytes: usize,
+    /// Bounded per-peer queue of one-way frames; when full, new frames are dropped.
+    pub peer_queue_capacity: usize,
+    /// Deadline to establish a connection.
+    pub connect_timeout: Duration,
+    /// First reconnect delay after a failure; doubles up to `reconnect_backoff_max`.
+    pub reconnect_backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_backoff_max: Duration,
+    /// Transport security.
+    pub tls: TlsConfig,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_frame_bytes: 16 << 20,
+            peer_queue_capacity: 4096,
+            connect_timeout: Duration::from_secs(2),
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(2),
+            tls: TlsConfig::Insecure,
+        }
+    }
+}
+
+/// How a transport secures its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsConfig {
+    /// Plaintext. Only for tests and trusted networks; must be chosen explicitly.
+    Insecure,
+    /// Mutual TLS with PEM files: the cluster CA, this node's certificate and key. A peer's
+    /// certificate must be signed by the CA and name the node id it claims.
+    Files {
+        /// The cluster CA certificate (PEM).
+        ca_cert: PathBuf,
+        /// This node's certificate (PEM), signed by the CA.
+        node_cert: PathBuf,
+        /// This node's private key (PEM).
+        node_key: PathBuf,
+    },
+    /// Generate (once) a development CA and node certificates into this directory.
+    DevCerts {
+        /// Directory holding the generated material.
+        dir: PathBuf,
+    },
+}

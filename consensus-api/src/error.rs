@@ -1,0 +1,130 @@
+//! One error type for every backend: the same scenario gives the same [`ErrorKind`] everywhere.
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// What went wrong with a consensus operation. Backends map their engine's errors onto these
+/// variants at their boundary; callers never see an engine type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ConsensusError {
+    /// This node is not the leader and the request could not be forwarded; retry on `leader`
+    /// (when known) or later.
+    #[error("not the leader (leader hint: {leader:?}); retry on the leader or once one is elected")]
+    NotLeader {
+        /// The leader this node believes in, if any.
+        leader: Option<NodeId>,
+    },
+    /// No quorum answered in time. For a proposal the outcome is unknown: it may still commit.
+    #[error("timed out waiting for {0}; the cluster may have no quorum")]
+    Timeout(String),
+    /// The node is shutting down or has stopped; use another node.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The durable store failed; the node stops accepting writes. Check the disk and the log.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// A peer could not be reached or refused the connection.
+    #[error("transport failure: {0}")]
+    Transport(String),
+    /// The request is invalid in the current state (unknown node, change in progress, ...);
+    /// nothing was changed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// An engine failure that fits no other kind; the message says what happened.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The kind of a [`ConsensusError`], for matching without the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// See [`ConsensusError::NotLeader`].
+    NotLeader,
+    /// See [`ConsensusError::Timeout`].
+    Timeout,
+    /// See [`ConsensusError::ShuttingDown`].
+    ShuttingDown,
+    /// See [`ConsensusError::Storage`].
+    Storage,
+    /// See [`ConsensusError::Transport`].
+    Transport,
+    /// See [`ConsensusError::InvalidRequest`].
+    InvalidRequest,
+    /// See [`ConsensusError::Internal`].
+    Internal,
+}
+
+impl ConsensusError {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotLeader { .. } => ErrorKind::NotLeader,
+            Self::Timeout(_) => ErrorKind::Timeout,
+            Self::ShuttingDown => ErrorKind::ShuttingDown,
+            Self::Storage(_) => ErrorKind::Storage,
+            Self::Transport(_) => ErrorKind::Transport,
+            Self::InvalidRequest(_) => ErrorKind::InvalidRequest,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<crate::codec::CodecError> for ConsensusError {
+    fn from(e: crate::codec::CodecError) -> Self {
+        Self::InvalidRequest(e.to_string())
+    }
+}
+
+impl From<TransportError> for ConsensusError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Timeout(d) => Self::Timeout(format!("a peer's answer ({d:?})")),
+            TransportError::Closed => Self::ShuttingDown,
+            e @ TransportError::FrameTooLarge { .. } => Self::InvalidRequest(e.to_string()),
+            other => Self::Transport(other.to_string()),
+        }
+    }
+}
+
+/// Errors of the byte-level [`Transport`](crate::Transport).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// No address is known for the peer; add it with `set_peer` (membership changes do).
+    #[error("unknown peer {0}")]
+    UnknownPeer(NodeId),
+    /// The peer could not be reached (connect failed, connection lost).
+    #[error("peer {peer} unreachable: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The peer did not answer within the deadline.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The frame exceeds the configured size limit and was not sent.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// Size of the refused frame.
+        size: usize,
+        /// The configured limit (`TransportConfig::max_frame_bytes`).
+        limit: usize,
+    },
+    /// The per-peer send queue is full; the frame was dropped (Raft retransmits).
+    #[error("send queue to peer {0} is full; frame dropped")]
+    QueueFull(NodeId),
+    /// The peer refused us (wrong cluster id, bad identity, malformed request).
+    #[error("refused by peer: {0}")]
+    Refused(String),
+    /// The peer's handler answered with an error.
+    #[error("remote handler error: {0}")]
+    Remote(String),
+    /// The transport has been shut down.
+    #[error("transport is shut down")]
+    Closed,
+    /// Setting up the transport failed (bind, TLS material, ...).
+    #[error("transport setup failed: {0}")]
+    Setup(String),
+}

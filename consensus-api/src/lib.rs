@@ -1,0 +1,62 @@
+//! # consensus-api: one contract, any Raft engine, any transport
+//!
+//! This crate is everything a program (or the broker) needs to use replicated consensus without
+//! naming an engine or a network: a typed node handle ([`Consensus`]), the state machine an
+//! embedder implements ([`StateMachine`]), the byte-level [`Transport`], one error type
+//! ([`ConsensusError`]) and one configuration ([`NodeConfig`]). Backends implement [`Backend`] /
+//! [`Engine`]; transports implement [`Transport`] / [`TransportFactory`]. This crate depends on
+//! neither.
+//!
+//! ```text
+//!  program ──> Consensus<SM> ──(forwarding, typed codec)──> dyn Engine ──> raft-rs | openraft
+//!                    │                                          │
+//!                    └──────── Mux: channel 1 (forward) ────────┴── channel 0 (engine) ──> dyn Transport
+//! ```
+//!
+//! ## Embedding
+//! ```ignore
+//! let transport = transport_grpc::GrpcFactory.bind(&config).await?;      // the wiring line
+//! let node = Consensus::start(&backend_openraft::OpenraftBackend, config, MyMachine::default(), transport).await?;
+//! let response = node.propose(MyCommand::Put { key, value }).await?;     // committed and applied
+//! let value = node.read(|sm| sm.get(&key)).await?;                        // linearizable
+//! ```
+//!
+//! ## How each engine implements the contract
+//!
+//! | contract | raft-rs (`raft` 0.7, `backend-tikv`) | openraft (0.10, `backend-openraft`) |
+//! |---|---|---|
+//! | start / bootstrap | a driver task owns `RawNode`; on a fresh data dir the initial voters are written as the `ConfState` of a snapshot at index 0, once; restart rebuilds `Storage` from disk | `Raft::new` over our `RaftLogStorage` + `RaftStateMachine`; `initialize(voters)` only when the log is empty and no vote exists, so restart never re-initializes |
+//! | [`Engine::propose`] | `RawNode::propose`, the driver remembers `(index, term) -> waiter`; the waiter is completed with the state machine response when the entry applies; a different term at that index = `NotLeader` (the entry was overwritten) | `Raft::client_write`; `ForwardToLeader` maps to `NotLeader { leader }` |
+//! | [`Engine::read_index`] | `RawNode::read_index(ctx)`; the `ReadState` with our ctx gives the index; check-quorum + pre-vote keep a deposed leader from confirming | `Raft::ensure_linearizable` (heartbeat quorum), the returned read log id's index |
+//! | [`Consensus::linearizable_read`] | forward read-index to the leader, wait until the local applied index reaches it | same |
+//! | [`Engine::status`] / [`Consensus::watch`] | built by the driver after each Ready from `RawNode::status`, `raft_log.committed/applied`, `ConfState` | `Raft::metrics()` watch mapped to [`Status`] |
+//! | [`Engine::add_learner`] | `ConfChangeV2` with `AddLearnerNode`, address carried in the change's context and persisted | `Raft::add_learner(id, BasicNode{addr}, blocking=true)` |
+//! | [`Engine::change_voters`] | `ConfChangeV2` of several `AddNode`/`AddLearnerNode` changes: joint consensus, left automatically | `Raft::change_membership(ReplaceAllVoters(set), retain=true)` (joint then uniform) |
+//! | [`Engine::remove_node`] | `ConfChangeV2` `RemoveNode` | `change_membership(RemoveNodes/RemoveVoters)` |
+//! | [`Engine::transfer_leader`] | `RawNode::transfer_leader(to)` (MsgTimeoutNow) | `raft.trigger().transfer_leader(to)` |
+//! | [`Engine::snapshot_now`] | state machine snapshot at the applied index into the snapshot file, then compact the log | `raft.trigger().snapshot()` and wait for the snapshot metric; purge follows the snapshot policy |
+//! | [`Engine::shutdown`] | stop the driver loop, flush the log | `Raft::shutdown` |
+//! | pre-vote / check-quorum | `Config { pre_vote: true, check_quorum: true }` | `Config { enable_elect: true, ... }` leader lease + pre-vote of 0.10 |
+//! | transport | one-way [`Transport::send`] of protobuf `Message`s; `report_unreachable` on send failures | request/response [`Transport::call`] for append-entries, vote, snapshot |
+//!
+//! Errors: both engines' errors are mapped at the backend boundary to [`ConsensusError`], so the
+//! same scenario gives the same [`ErrorKind`] on either engine.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+mod config;
+mod engine;
+mod error;
+mod node;
+mod state_machine;
+mod transport;
+mod types;
+
+pub use config::{NodeConfig, TlsConfig, TransportConfig};
+pub use engine::{Backend, Engine, EngineContext};
+pub use error::{ConsensusError, ErrorKind, TransportError};
+pub use node::{members, Consensus, ENGINE_CHANNEL, FORWARD_CHANNEL};
+pub use state_machine::{ByteStateMachine, StateMachine};
+pub use transport::{InboundHandler, Mux, Transport, TransportFactory};
+pub use types::{NodeId, Role, Status};

@@ -1,0 +1,445 @@
+//! [`Consensus`]: the typed node handle programs use, the same for every backend.
+//!
+//! It owns the one leader-forwarding policy: an operation that reaches a follower is sent once,
+//! over the transport's forwarding channel, to the leader the engine names; the leader runs it
+//! locally and the caller gets the leader's answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::state_machine::{ApplyOutcome, Shared};
+use crate::{
+    codec, Backend, ConsensusError, Engine, EngineContext, InboundHandler, Mux, NodeConfig,
+    NodeId, StateMachine, Status, Transport, TransportError,
+};
+
+/// Channel tag of engine traffic on the shared transport.
+pub const ENGINE_CHANNEL: u8 = 0;
+/// Channel tag of forwarded client operations.
+pub const FORWARD_CHANNEL: u8 = 1;
+
+/// How long a follower waits between attempts while no leader is known.
+const LEADER_POLL: Duration = Duration::from_millis(20);
+
+/// An operation that a follower forwards to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Forwarded {
+    Propose(Vec<u8>),
+    ReadIndex,
+    AddLearner(NodeId, String),
+    ChangeVoters(BTreeSet<NodeId>),
+    RemoveNode(NodeId),
+    TransferLeader(NodeId),
+}
+
+impl Forwarded {
+    /// Whether running it twice is harmless, so a transport failure may be retried.
+    fn idempotent(&self) -> bool {
+        !matches!(self, Forwarded::Propose(_))
+    }
+    fn name(&self) -> &'static str {
+        match self {
+            Forwarded::Propose(_) => "propose",
+            Forwarded::ReadIndex => "read index",
+            Forwarded::AddLearner(..) => "add learner",
+            Forwarded::ChangeVoters(_) => "change voters",
+            Forwarded::RemoveNode(_) => "remove node",
+            Forwarded::TransferLeader(_) => "transfer leader",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Reply {
+    Proposed(Vec<u8>),
+    ReadIndex(u64),
+    Done,
+}
+
+async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, ConsensusError> {
+    Ok(match op {
+        Forwarded::Propose(cmd) => Reply::Proposed(engine.propose(cmd).await?),
+        Forwarded::ReadIndex => Reply::ReadIndex(engine.read_index().await?),
+        Forwarded::AddLearner(id, addr) => {
+            engine.add_learner(id, addr).await?;
+            Reply::Done
+        }
+        Forwarded::ChangeVoters(v) => {
+            engine.change_voters(v).await?;
+            Reply::Done
+        }
+        Forwarded::RemoveNode(id) => {
+            engine.remove_node(id).await?;
+            Reply::Done
+        }
+        Forwarded::TransferLeader(to) => {
+            engine.transfer_leader(to).await?;
+            Reply::Done
+        }
+    })
+}
+
+struct ForwardHandler {
+    engine: Arc<dyn Engine>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl InboundHandler for ForwardHandler {
+    fn on_message(&self, from: NodeId, _frame: Bytes) {
+        tracing::debug!(from, "unexpected one-way frame on the forwarding channel");
+    }
+
+    async fn on_call(&self, _from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        let result = match codec::decode::<Forwarded>(&frame) {
+            Ok(op) => {
+                let name = op.name();
+                tokio::time::timeout(self.timeout, run_local(&*self.engine, op))
+                    .await
+                    .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())))
+            }
+            Err(e) => Err(ConsensusError::InvalidRequest(format!(
+                "malformed forwarded request: {e}"
+            ))),
+        };
+        codec::encode(&result)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
+struct Inner {
+    id: NodeId,
+    engine: Arc<dyn Engine>,
+    forward: Arc<dyn Transport>,
+    transport: Arc<dyn Transport>,
+    status: watch::Receiver<Status>,
+    request_timeout: Duration,
+    stopped: AtomicBool,
+}
+
+/// A running consensus node replicating the state machine `SM`.
+///
+/// Cheap to clone; every clone talks to the same node.
+pub struct Consensus<SM: StateMachine> {
+    inner: Arc<Inner>,
+    sm: Shared<SM>,
+}
+
+impl<SM: StateMachine> Clone for Consensus<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            sm: self.sm.clone(),
+        }
+    }
+}
+
+impl<SM: StateMachine> Consensus<SM> {
+    /// Starts a node: opens its durable state, bootstraps a fresh cluster once (see
+    /// [`NodeConfig::initial_members`]), and begins serving on `transport`.
+    pub async fn start(
+        backend: &dyn Backend,
+        config: NodeConfig,
+        state_machine: SM,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, ConsensusError> {
+        config.validate()?;
+        if transport.local_id() != config.id {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "transport is bound for node {} but the config is for node {}",
+                transport.local_id(),
+                config.id
+            )));
+        }
+        for (id, addr) in &config.initial_members {
+            if *id != config.id {
+                transport.set_peer(*id, addr.clone());
+            }
+        }
+        let mux = Mux::new(transport.clone());
+        let sm = Shared(Arc::new(RwLock::new(state_machine)));
+        let id = config.id;
+        let request_timeout = config.request_timeout;
+        let engine = backend
+            .start(EngineContext {
+                config,
+                state_machine: Arc::new(sm.clone()),
+                transport: mux.channel(ENGINE_CHANNEL),
+            })
+            .await?;
+        let forward = mux.channel(FORWARD_CHANNEL);
+        forward.set_handler(Arc::new(ForwardHandler {
+            engine: engine.clone(),
+            timeout: request_timeout,
+        }));
+        let status = engine.status();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                id,
+                engine,
+                forward,
+                transport,
+                status,
+                request_timeout,
+                stopped: AtomicBool::new(false),
+            }),
+            sm,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The latest status of this node.
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A stream of status changes (role, term, leader, indexes, membership).
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.inner.status.clone()
+    }
+
+    /// Waits until this node knows a leader; returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, ConsensusError> {
+        let st = self
+            .wait_status(timeout, |s| s.leader.is_some())
+            .await
+            .map_err(|_| ConsensusError::NotLeader { leader: None })?;
+        st.leader.ok_or(ConsensusError::NotLeader { leader: None })
+    }
+
+    /// Waits until `pred` holds for this node's status, at most `timeout`.
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Status) -> bool,
+    ) -> Result<Status, ConsensusError> {
+        let mut rx = self.inner.status.clone();
+        let fut = async {
+            loop {
+                {
+                    let st = rx.borrow_and_update();
+                    if pred(&st) {
+                        return Ok(st.clone());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ConsensusError::ShuttingDown);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .unwrap_or_else(|_| Err(ConsensusError::Timeout("a status condition".into())))
+    }
+
+    /// Replicates `command` and returns the state machine's response once it is committed and
+    /// applied. On a follower the proposal is forwarded to the leader. A `Timeout` means the
+    /// outcome is unknown.
+    pub async fn propose(&self, command: SM::Command) -> Result<SM::Response, ConsensusError> {
+        let bytes = codec::encode(&command)?;
+        let deadline = Instant::now() + self.inner.request_timeout;
+        match self.route(Forwarded::Propose(bytes), deadline).await? {
+            Reply::Proposed(out) => codec::decode::<ApplyOutcome<SM::Response>>(&out)?
+                .map_err(ConsensusError::InvalidRequest),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A read barrier: when it returns, this node's state machine reflects every write committed
+    /// before the call. Fails (never returns stale) when leadership cannot be confirmed.
+    pub async fn linearizable_read(&self) -> Result<(), ConsensusError> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let index = match self.route(Forwarded::ReadIndex, deadline).await? {
+            Reply::ReadIndex(i) => i,
+            other => return Err(unexpected(other)),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.wait_status(remaining, |s| s.applied_index >= index)
+            .await
+            .map_err(|_| ConsensusError::Timeout(format!("local apply to reach index {index}")))?;
+        Ok(())
+    }
+
+    /// Runs `f` on the state machine after a [`linearizable_read`](Self::linearizable_read).
+    pub async fn read<R>(&self, f: impl FnOnce(&SM) -> R) -> Result<R, ConsensusError> {
+        self.linearizable_read().await?;
+        Ok(f(&self.sm.0.read()))
+    }
+
+    /// Runs `f` on the local state machine without a barrier: fast, possibly stale.
+    pub fn read_local<R>(&self, f: impl FnOnce(&SM) -> R) -> R {
+        f(&self.sm.0.read())
+    }
+
+    /// Adds `id` (reachable at `addr`) as a non-voting learner that receives the log.
+    pub async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError> {
+        self.admin(Forwarded::AddLearner(id, addr)).await
+    }
+
+    /// Makes `voters` the voting set (joint consensus where the engine needs it). Members that
+    /// are dropped stay as learners until [`remove_node`](Self::remove_node).
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
+        if voters.is_empty() {
+            return Err(ConsensusError::InvalidRequest(
+                "the voter set must not be empty".into(),
+            ));
+        }
+        self.admin(Forwarded::ChangeVoters(voters)).await
+    }
+
+    /// Removes `id` from the cluster (voter or learner).
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ConsensusError> {
+        self.admin(Forwarded::RemoveNode(id)).await
+    }
+
+    /// Asks the leader to hand leadership to `to`; returns once `to` is leader (as this node
+    /// sees it) or the request deadline passes.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ConsensusError> {
+        self.admin(Forwarded::TransferLeader(to)).await?;
+        self.wait_status(self.inner.request_timeout, |s| s.leader == Some(to))
+            .await
+            .map(|_| ())
+            .map_err(|_| ConsensusError::Timeout(format!("leadership to move to node {to}")))
+    }
+
+    /// Takes a snapshot on this node now and compacts its log; returns the snapshot index.
+    pub async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
+        self.check_running()?;
+        self.inner.engine.snapshot_now().await
+    }
+
+    /// Stops the engine (flushing storage) and the transport. Idempotent.
+    pub async fn shutdown(&self) -> Result<(), ConsensusError> {
+        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let result = self.inner.engine.shutdown().await;
+        self.inner.transport.shutdown().await;
+        result
+    }
+
+    /// The transport's bound address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.inner.transport.local_addr()
+    }
+
+    /// Current members with their voting role, from the status: `(voters, learners)`.
+    pub fn members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let st = self.status();
+        (st.voters, st.learners)
+    }
+
+    async fn admin(&self, op: Forwarded) -> Result<(), ConsensusError> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        match self.route(op, deadline).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn check_running(&self) -> Result<(), ConsensusError> {
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            Err(ConsensusError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `op` on the leader: locally when this node leads, else forwarded once to the leader
+    /// the engine names. Retries only what cannot have taken effect (a `NotLeader` answer, an
+    /// undeliverable request, or an idempotent operation) until the deadline.
+    async fn route(&self, op: Forwarded, deadline: Instant) -> Result<Reply, ConsensusError> {
+        self.check_running()?;
+        let name = op.name();
+        let mut last_hint = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(match last_hint {
+                    Some(e) => e,
+                    None => ConsensusError::Timeout(name.into()),
+                });
+            }
+            let local = tokio::time::timeout(remaining, run_local(&*self.inner.engine, op.clone()))
+                .await
+                .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())));
+            let leader = match local {
+                Err(ConsensusError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.inner.id => leader,
+                Err(e @ ConsensusError::NotLeader { .. }) => {
+                    last_hint = Some(e);
+                    self.pause(deadline).await;
+                    continue;
+                }
+                other => return other,
+            };
+            last_hint = Some(ConsensusError::NotLeader {
+                leader: Some(leader),
+            });
+            let frame = Bytes::from(codec::encode(&op)?);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.inner.forward.call(leader, frame, remaining).await {
+                Ok(answer) => {
+                    match codec::decode::<Result<Reply, ConsensusError>>(&answer)? {
+                        // The leader we knew has been deposed: it did not take the request.
+                        Err(ConsensusError::NotLeader { .. }) => self.pause(deadline).await,
+                        other => return other,
+                    }
+                }
+                Err(e @ TransportError::FrameTooLarge { .. }) => return Err(e.into()),
+                Err(e) if undelivered(&e) || op.idempotent() => {
+                    tracing::debug!(leader, "forwarding {name} failed, will retry: {e}");
+                    last_hint = Some(e.into());
+                    self.pause(deadline).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits for a status change (a new leader, say) or a short poll interval.
+    async fn pause(&self, deadline: Instant) {
+        let mut rx = self.inner.status.clone();
+        rx.mark_unchanged();
+        let wait = LEADER_POLL.min(deadline.saturating_duration_since(Instant::now()));
+        let _ = tokio::time::timeout(wait, rx.changed()).await;
+    }
+}
+
+/// Whether a transport failure proves the request never reached the peer.
+fn undelivered(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::UnknownPeer(_)
+            | TransportError::Unreachable { .. }
+            | TransportError::QueueFull(_)
+    )
+}
+
+fn unexpected(reply: Reply) -> ConsensusError {
+    ConsensusError::Internal(format!("unexpected reply from the leader: {reply:?}"))
+}
+
+/// Initial members from `(id, addr)` pairs; a small helper for wiring code.
+pub fn members<I, S>(pairs: I) -> BTreeMap<NodeId, String>
+where
+    I: IntoIterator<Item = (NodeId, S)>,
+    S: Into<String>,
+{
+    pairs.into_iter().map(|(i, a)| (i, a.into())).collect()
+}

@@ -1,0 +1,71 @@
+//! Identity and status types.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id; unique within a cluster.
+pub type NodeId = u64;
+
+/// The role a node currently plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Accepts proposals and replicates them.
+    Leader,
+    /// Campaigning for leadership (or pre-campaigning).
+    Candidate,
+    /// A voter following a leader.
+    Follower,
+    /// A non-voting member receiving the log.
+    Learner,
+    /// Stopped.
+    Shutdown,
+}
+
+/// A point-in-time view of one node, published on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// This node.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it knows of, if any.
+    pub leader: Option<NodeId>,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    /// Highest log index applied to the state machine.
+    pub applied_index: u64,
+    /// Highest index in the local log.
+    pub last_log_index: u64,
+    /// Index covered by the latest snapshot (0 if none).
+    pub snapshot_index: u64,
+    /// Voting members (in a joint configuration: the union of both sets).
+    pub voters: BTreeSet<NodeId>,
+    /// Non-voting members.
+    pub learners: BTreeSet<NodeId>,
+}
+
+impl Status {
+    /// The status of a node that has not started yet.
+    pub fn initial(id: NodeId) -> Self {
+        Self {
+            id,
+            role: Role::Follower,
+            term: 0,
+            leader: None,
+            commit_index: 0,
+            applied_index: 0,
+            last_log_index: 0,
+            snapshot_index: 0,
+            voters: BTreeSet::new(),
+            learners: BTreeSet::new(),
+        }
+    }
+
+    /// Whether this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+}

@@ -1,0 +1,79 @@
+//! [`SnapshotStore`]: the latest snapshot of a node, one file written atomically.
+//!
+//! Layout: `MAGIC (8) | meta_len: u32 LE | crc32(meta ++ data): u32 LE | meta | data`.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::file::{sync_dir, write_atomic};
+use crate::{Result, StorageError};
+
+const MAGIC: &[u8; 8] = b"CSNAP001";
+const FILE: &str = "snapshot.bin";
+
+/// Keeps the latest snapshot (the engine's metadata plus the state machine bytes).
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+impl SnapshotStore {
+    /// Uses `dir` (created if missing).
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    /// Replaces the stored snapshot atomically; durable when it returns.
+    pub fn save(&self, meta: &[u8], data: &[u8]) -> Result<()> {
+        let mut buf = Vec::with_capacity(16 + meta.len() + data.len());
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(meta);
+        h.update(data);
+        buf.extend_from_slice(&h.finalize().to_le_bytes());
+        buf.extend_from_slice(meta);
+        buf.extend_from_slice(data);
+        write_atomic(&self.path(), &buf)?;
+        sync_dir(&self.dir)
+    }
+
+    /// The stored snapshot as `(meta, data)`, or `None` when there is none. A damaged file is an
+    /// error: snapshots are written atomically, so damage is never a torn write.
+    pub fn load(&self) -> Result<Option<(Bytes, Bytes)>> {
+        let path = self.path();
+        let buf = match std::fs::read(&path) {
+            Ok(b) => Bytes::from(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io("read", &path, e)),
+        };
+        let corrupt = |reason: &str| StorageError::Corrupt {
+            path: path.display().to_string(),
+            offset: 0,
+            reason: reason.to_string(),
+        };
+        if buf.len() < 16 || &buf[..8] != MAGIC {
+            return Err(corrupt("not a snapshot file (bad magic or too short)"));
+        }
+        let meta_len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        if 16 + meta_len > buf.len() {
+            return Err(corrupt("metadata length runs past the end"));
+        }
+        if crc32fast::hash(&buf[16..]) != crc {
+            return Err(corrupt("checksum mismatch"));
+        }
+        Ok(Some((
+            buf.slice(16..16 + meta_len),
+            buf.slice(16 + meta_len..),
+        )))
+    }
+}

@@ -1,0 +1,189 @@
+//! Fault injection around any real transport: partitions, loss and delay, driven by a seed.
+//!
+//! [`FaultyTransport`] implements [`Transport`] by wrapping one (the tower idea: same interface,
+//! added behaviour); it never replaces the real network. All nodes of a test cluster share one
+//! [`Faults`] controller, and each node's wrapper filters its own outbound traffic, so a
+//! partition cuts both directions.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use consensus_api::{InboundHandler, NodeId, Transport, TransportError};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct State {
+    blocked: HashSet<(NodeId, NodeId)>,
+    drop_rate: f64,
+    delay: Option<(Duration, Duration)>,
+    rng: StdRng,
+}
+
+/// The fault plan shared by the nodes of one cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Faults {
+    state: Arc<Mutex<State>>,
+    seed: u64,
+}
+
+impl Faults {
+    /// A plan with no faults whose random choices follow `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                blocked: HashSet::new(),
+                drop_rate: 0.0,
+                delay: None,
+                rng: StdRng::seed_from_u64(seed),
+            })),
+            seed,
+        }
+    }
+
+    /// The seed, to replay a failing run.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Cuts every link between different groups (both directions).
+    pub fn partition(&self, groups: &[Vec<NodeId>]) {
+        let mut s = self.state.lock();
+        for (i, a) in groups.iter().enumerate() {
+            for (j, b) in groups.iter().enumerate() {
+                if i != j {
+                    for x in a {
+                        for y in b {
+                            s.blocked.insert((*x, *y));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts `node` off from every node in `others`.
+    pub fn isolate(&self, node: NodeId, others: impl IntoIterator<Item = NodeId>) {
+        let rest: Vec<NodeId> = others.into_iter().filter(|o| *o != node).collect();
+        self.partition(&[vec![node], rest]);
+    }
+
+    /// Restores every link and removes loss and delay.
+    pub fn heal(&self) {
+        let mut s = self.state.lock();
+        s.blocked.clear();
+        s.drop_rate = 0.0;
+        s.delay = None;
+    }
+
+    /// Drops this fraction of one-way frames and calls.
+    pub fn set_drop_rate(&self, rate: f64) {
+        self.state.lock().drop_rate = rate.clamp(0.0, 1.0);
+    }
+
+    /// Delays every frame by a random duration in `[min, max]` (so frames may reorder).
+    pub fn set_delay(&self, min: Duration, max: Duration) {
+        self.state.lock().delay = Some((min, max.max(min)));
+    }
+
+    /// What happens to a frame from `from` to `to`: `None` = lost, `Some(d)` = delivered after d.
+    fn fate(&self, from: NodeId, to: NodeId) -> Option<Duration> {
+        let mut s = self.state.lock();
+        if s.blocked.contains(&(from, to)) {
+            return None;
+        }
+        let rate = s.drop_rate;
+        if rate > 0.0 && s.rng.gen_bool(rate) {
+            return None;
+        }
+        let delay = s.delay;
+        Some(match delay {
+            Some((lo, hi)) if hi > lo => s.rng.gen_range(lo..=hi),
+            Some((lo, _)) => lo,
+            None => Duration::ZERO,
+        })
+    }
+}
+
+/// A transport whose outbound traffic obeys a [`Faults`] plan.
+pub struct FaultyTransport {
+    inner: Arc<dyn Transport>,
+    faults: Faults,
+}
+
+impl FaultyTransport {
+    /// Wraps `inner`.
+    pub fn wrap(inner: Arc<dyn Transport>, faults: Faults) -> Arc<dyn Transport> {
+        Arc::new(Self { inner, faults })
+    }
+}
+
+#[async_trait]
+impl Transport for FaultyTransport {
+    fn local_id(&self) -> NodeId {
+        self.inner.local_id()
+    }
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr()
+    }
+    fn set_peer(&self, id: NodeId, addr: String) {
+        self.inner.set_peer(id, addr)
+    }
+    fn remove_peer(&self, id: NodeId) {
+        self.inner.remove_peer(id)
+    }
+
+    fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError> {
+        match self.faults.fate(self.local_id(), to) {
+            None => Ok(()),
+            Some(d) if d.is_zero() => self.inner.send(to, frame),
+            Some(d) => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = inner.send(to, frame);
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        to: NodeId,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        match self.faults.fate(self.local_id(), to) {
+            // A cut link looks like a silent network: the caller waits out its deadline.
+            None => {
+                tokio::time::sleep(timeout).await;
+                Err(TransportError::Timeout(timeout))
+            }
+            Some(d) => {
+                if d >= timeout {
+                    tokio::time::sleep(timeout).await;
+                    return Err(TransportError::Timeout(timeout));
+                }
+                tokio::time::sleep(d).await;
+                let answer = self.inner.call(to, frame, timeout - d).await?;
+                // The answer crosses the link the other way and may be lost there.
+                match self.faults.fate(to, self.local_id()) {
+                    Some(_) => Ok(answer),
+                    None => Err(TransportError::Timeout(timeout)),
+                }
+            }
+        }
+    }
+
+    fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
+        self.inner.set_handler(handler)
+    }
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+}

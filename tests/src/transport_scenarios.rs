@@ -1,0 +1,192 @@
+//! Transport-level scenarios, run for every transport: ordering, deadlines, size limits,
+//! cluster identity, and garbage on the socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use consensus_api::{InboundHandler, NodeConfig, NodeId, Transport, TransportError, TransportFactory};
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+/// Records one-way frames; answers calls by echoing, or sleeps when asked to.
+#[derive(Default)]
+struct Recorder {
+    frames: Mutex<Vec<(NodeId, Bytes)>>,
+    calls: Mutex<u64>,
+}
+
+#[async_trait]
+impl InboundHandler for Recorder {
+    fn on_message(&self, from: NodeId, frame: Bytes) {
+        self.frames.lock().push((from, frame));
+    }
+    async fn on_call(&self, _from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        *self.calls.lock() += 1;
+        if frame.as_ref() == b"sleep" {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(frame)
+    }
+}
+
+async fn pair(
+    factory: &dyn TransportFactory,
+    clusters: (&str, &str),
+    limits: (usize, usize),
+) -> (Arc<dyn Transport>, Arc<dyn Transport>, Arc<Recorder>) {
+    crate::cluster::init_logging();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut a = NodeConfig::new(1, clusters.0, dir.path());
+    a.transport.max_frame_bytes = limits.0;
+    let mut b = NodeConfig::new(2, clusters.1, dir.path());
+    b.transport.max_frame_bytes = limits.1;
+    let ta = factory.bind(&a).await.expect("bind a");
+    let tb = factory.bind(&b).await.expect("bind b");
+    let rec = Arc::new(Recorder::default());
+    tb.set_handler(rec.clone());
+    ta.set_handler(Arc::new(Recorder::default()));
+    ta.set_peer(2, tb.local_addr().to_string());
+    tb.set_peer(1, ta.local_addr().to_string());
+    (ta, tb, rec)
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// One-way frames to a peer arrive complete and in the order they were sent.
+pub async fn one_way_frames_arrive_in_order(factory: Arc<dyn TransportFactory>) {
+    let (a, _b, rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let n = 2000u32;
+    for i in 0..n {
+        // A full queue drops frames by design; the test sends slower than that.
+        while let Err(TransportError::QueueFull(_)) = a.send(2, Bytes::from(i.to_le_bytes().to_vec())) {
+            tokio::task::yield_now().await;
+        }
+    }
+    let deadline = Instant::now() + 10 * SECOND;
+    while rec.frames.lock().len() < n as usize {
+        assert!(Instant::now() < deadline, "only {} of {n} frames arrived", rec.frames.lock().len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got: Vec<u32> = rec
+        .frames
+        .lock()
+        .iter()
+        .map(|(from, f)| {
+            assert_eq!(*from, 1, "sender id");
+            u32::from_le_bytes(f[..4].try_into().expect("4 bytes"))
+        })
+        .collect();
+    assert_eq!(got, (0..n).collect::<Vec<_>>());
+}
+
+/// A call whose answer does not come within its deadline fails with `Timeout`, promptly.
+pub async fn a_call_fails_at_its_deadline(factory: Arc<dyn TransportFactory>) {
+    let (a, _b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    assert_eq!(
+        a.call(2, Bytes::from_static(b"hi"), 5 * SECOND).await.expect("echo"),
+        Bytes::from_static(b"hi")
+    );
+    let started = Instant::now();
+    let err = a
+        .call(2, Bytes::from_static(b"sleep"), Duration::from_millis(200))
+        .await
+        .expect_err("must time out");
+    assert!(matches!(err, TransportError::Timeout(_)), "{err}");
+    assert!(started.elapsed() < 4 * SECOND, "deadline ignored: {:?}", started.elapsed());
+}
+
+/// Frames above the limit are refused with `FrameTooLarge` by the sender and refused by a
+/// receiver with a smaller limit; the receiver keeps serving.
+pub async fn oversized_frames_are_refused(factory: Arc<dyn TransportFactory>) {
+    let (a, b, rec) = pair(&*factory, ("c", "c"), (1 << 20, 64 << 10)).await;
+    let big = Bytes::from(vec![7u8; 2 << 20]);
+    assert!(matches!(
+        a.send(2, big.clone()),
+        Err(TransportError::FrameTooLarge { .. })
+    ));
+    assert!(matches!(
+        a.call(2, big, 5 * SECOND).await,
+        Err(TransportError::FrameTooLarge { .. })
+    ));
+    let medium = Bytes::from(vec![7u8; 256 << 10]);
+    let err = a.call(2, medium, 5 * SECOND).await.expect_err("receiver limit");
+    assert!(
+        !matches!(err, TransportError::Timeout(_)),
+        "refusal must be explicit, got {err}"
+    );
+    assert_eq!(*rec.calls.lock(), 0, "the oversized call reached the handler");
+    assert_eq!(
+        a.call(2, Bytes::from_static(b"ok"), 5 * SECOND).await.expect("small call still works"),
+        Bytes::from_static(b"ok")
+    );
+    drop(b);
+}
+
+/// A peer of another cluster is refused before its frames reach the handler.
+pub async fn a_peer_from_another_cluster_is_refused(factory: Arc<dyn TransportFactory>) {
+    let (a, _b, rec) = pair(&*factory, ("blue", "green"), (1 << 20, 1 << 20)).await;
+    let err = a
+        .call(2, Bytes::from_static(b"hello"), 5 * SECOND)
+        .await
+        .expect_err("must be refused");
+    assert!(matches!(err, TransportError::Refused(_)), "{err}");
+    let _ = a.send(2, Bytes::from_static(b"one-way"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*rec.calls.lock(), 0);
+    assert!(rec.frames.lock().is_empty(), "a foreign frame was delivered");
+}
+
+/// Garbage bytes on the listening socket are dropped; the node keeps serving real peers.
+pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory>) {
+    let (a, b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    for _ in 0..3 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(b.local_addr()).await {
+            let _ = s.write_all(&[0xff; 4096]).await;
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            let _ = s.shutdown().await;
+        }
+    }
+    assert_eq!(
+        a.call(2, Bytes::from_static(b"still"), 5 * SECOND).await.expect("serving"),
+        Bytes::from_static(b"still")
+    );
+}
+
+/// A peer that restarts on the same address is reached again without intervention.
+pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>) {
+    let (a, b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let addr = b.local_addr();
+    a.call(2, Bytes::from_static(b"1"), 5 * SECOND).await.expect("first");
+    b.shutdown().await;
+    drop(b);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = NodeConfig::new(2, "c", dir.path());
+    cfg.transport.listen_addr = addr;
+    let deadline = Instant::now() + 10 * SECOND;
+    let b2 = loop {
+        match factory.bind(&cfg).await {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "rebind failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    b2.set_handler(Arc::new(Recorder::default()));
+    let deadline = Instant::now() + 10 * SECOND;
+    loop {
+        match a.call(2, Bytes::from_static(b"2"), SECOND).await {
+            Ok(v) => {
+                assert_eq!(v, Bytes::from_static(b"2"));
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never reconnected: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

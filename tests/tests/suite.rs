@@ -1,0 +1,14 @@
+//! The conformance suite for every combination enabled by this crate's features.
+//! Adding a combination is one line.
+
+#[cfg(all(feature = "openraft", feature = "grpc"))]
+conformance::conformance_suite!(
+    openraft_grpc,
+    conformance::Combo::new(
+        backend_openraft::OpenraftBackend,
+        transport_grpc::GrpcTransportFactory
+    )
+);
+
+#[cfg(feature = "grpc")]
+conformance::transport_suite!(grpc_transport, transport_grpc::GrpcTransportFactory);

@@ -1,0 +1,145 @@
+//! The outbound side of one peer: a lazily connecting channel, a bounded queue of one-way frames
+//! drained into one long-lived client stream, and unary calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use consensus_api::{NodeId, TransportError};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+
+use crate::pb::peer_client::PeerClient;
+use crate::pb::Frame;
+use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::status::call_error;
+use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
+
+/// Frames in flight inside one open stream (HTTP/2 flow control applies beyond it).
+const STREAM_BUFFER: usize = 256;
+/// A stream that lived this long counts as a success: the backoff starts over.
+const HEALTHY_STREAM: Duration = Duration::from_secs(1);
+
+pub(crate) struct Peer {
+    pub(crate) addr: String,
+    id: NodeId,
+    me: Arc<Identity>,
+    client: PeerClient<Channel>,
+    queue: mpsc::Sender<Bytes>,
+    task: JoinHandle<()>,
+}
+
+impl Peer {
+    /// Prepares the connection (made on first use) and the sending task.
+    pub(crate) fn start(me: Arc<Identity>, id: NodeId, addr: String) -> Result<Self, String> {
+        tokio::runtime::Handle::try_current()
+            .map_err(|_| "set_peer must be called inside a tokio runtime".to_string())?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+            .connect_timeout(me.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+        let client = PeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let (queue, rx) = mpsc::channel(me.config.peer_queue_capacity.max(1));
+        let task = tokio::spawn(stream_loop(me.clone(), id, client.clone(), rx));
+        Ok(Self {
+            addr,
+            id,
+            me,
+            client,
+            queue,
+            task,
+        })
+    }
+
+    pub(crate) fn send(&self, frame: Bytes) -> Result<(), TransportError> {
+        self.queue.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(self.id),
+            mpsc::error::TrySendError::Closed(_) => TransportError::Closed,
+        })
+    }
+
+    pub(crate) async fn call(&self, frame: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+        let mut req = Request::new(Frame { payload: frame });
+        stamp(&self.me, &mut req);
+        req.set_timeout(timeout);
+        let mut client = self.client.clone();
+        match tokio::time::timeout(timeout, client.call(req)).await {
+            Err(_) => Err(TransportError::Timeout(timeout)),
+            Ok(Ok(resp)) => Ok(resp.into_inner().payload),
+            Ok(Err(status)) => Err(call_error(self.id, status, timeout)),
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Adds this node's identity to a request.
+fn stamp<T>(me: &Identity, req: &mut Request<T>) {
+    let md = req.metadata_mut();
+    if let Ok(v) = me.cluster_id.parse() {
+        md.insert(CLUSTER_HEADER, v);
+    }
+    md.insert(NODE_HEADER, MetadataValue::from(me.id));
+}
+
+/// Drains the peer queue into a client stream, reopening it with backoff when it breaks.
+async fn stream_loop(
+    me: Arc<Identity>,
+    peer: NodeId,
+    client: PeerClient<Channel>,
+    mut queue: mpsc::Receiver<Bytes>,
+) {
+    let cfg = &me.config;
+    let mut backoff = cfg.reconnect_backoff_min;
+    loop {
+        // Connect only when there is something to send: idle peers cost nothing.
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel::<Frame>(STREAM_BUFFER);
+        let _ = tx.try_send(Frame { payload: first });
+        let mut req = Request::new(ReceiverStream::new(rx));
+        stamp(&me, &mut req);
+        let mut client = client.clone();
+        let opened = Instant::now();
+        let call = client.stream(req);
+        tokio::pin!(call);
+        let outcome = loop {
+            tokio::select! {
+                res = &mut call => break res,
+                frame = queue.recv() => match frame {
+                    None => return,
+                    Some(payload) => {
+                        if tx.send(Frame { payload }).await.is_err() {
+                            break (&mut call).await;
+                        }
+                    }
+                },
+            }
+        };
+        match outcome {
+            Ok(_) => tracing::debug!(peer, "stream to peer closed by the peer"),
+            Err(status) => {
+                tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message())
+            }
+        }
+        if opened.elapsed() >= HEALTHY_STREAM {
+            backoff = cfg.reconnect_backoff_min;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.reconnect_backoff_max);
+    }
+}

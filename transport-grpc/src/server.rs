@@ -1,0 +1,139 @@
+//! The inbound side: a tonic server that authenticates each request and hands frames to the
+//! installed handler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use consensus_api::{InboundHandler, NodeId, TransportError};
+use parking_lot::RwLock;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb::peer_server::{Peer, PeerServer};
+use crate::pb::{Ack, Frame};
+use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
+
+/// How long a graceful stop may wait for open streams before the server task is aborted.
+const STOP_GRACE: Duration = Duration::from_millis(200);
+/// HTTP/2 keepalive: detects dead connections to crashed peers.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+type HandlerSlot = Arc<RwLock<Option<Arc<dyn InboundHandler>>>>;
+
+pub(crate) struct Server {
+    pub(crate) local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub(crate) async fn start(me: Arc<Identity>, handler: HandlerSlot) -> Result<Self, TransportError> {
+        let listener = tokio::net::TcpListener::bind(me.config.listen_addr)
+            .await
+            .map_err(|e| TransportError::Setup(format!("bind {}: {e}", me.config.listen_addr)))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| TransportError::Setup(format!("local address: {e}")))?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+        let service = PeerServer::new(PeerService { me, handler })
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(service);
+        let task = tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::warn!(%local_addr, "gRPC server stopped: {e}");
+            }
+        });
+        Ok(Self {
+            local_addr,
+            stop: Some(stop_tx),
+            task,
+        })
+    }
+
+    /// Stops accepting, lets calls in flight finish briefly, then drops every connection.
+    pub(crate) async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        // Open client streams keep a graceful shutdown waiting forever: cut it short.
+        if tokio::time::timeout(STOP_GRACE, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+
+    pub(crate) fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+struct PeerService {
+    me: Arc<Identity>,
+    handler: HandlerSlot,
+}
+
+impl PeerService {
+    /// Checks the cluster id and reads the sender's node id.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
+        let md = req.metadata();
+        let cluster = md
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::invalid_argument("missing x-cluster-id"))?;
+        if cluster != self.me.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {cluster:?} does not match this node's cluster {:?}",
+                self.me.cluster_id
+            )));
+        }
+        md.get(NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<NodeId>().ok())
+            .ok_or_else(|| Status::invalid_argument("missing or malformed x-node-id"))
+    }
+
+    fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
+        self.handler
+            .read()
+            .clone()
+            .ok_or_else(|| Status::unavailable("node not ready: no handler installed"))
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn stream(&self, request: Request<Streaming<Frame>>) -> Result<Response<Ack>, Status> {
+        let from = self.authenticate(&request)?;
+        let mut stream = request.into_inner();
+        let mut received = 0u64;
+        while let Some(frame) = stream.message().await? {
+            received += 1;
+            match self.handler() {
+                Ok(h) => h.on_message(from, frame.payload),
+                Err(_) => tracing::trace!(from, "no handler yet; dropping one-way frame"),
+            }
+        }
+        Ok(Response::new(Ack { received }))
+    }
+
+    async fn call(&self, request: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let from = self.authenticate(&request)?;
+        let handler = self.handler()?;
+        match handler.on_call(from, request.into_inner().payload).await {
+            Ok(payload) => Ok(Response::new(Frame { payload })),
+            Err(e) => Err(Status::aborted(e)),
+        }
+    }
+}
