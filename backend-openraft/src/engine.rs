@@ -47,6 +47,8 @@ pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, Conse
 pub struct OpenraftEngine {
     id: NodeId,
     raft: OpenRaft,
+    /// Kept alive here: the transport channel holds it weakly.
+    _handler: Arc<RaftHandler>,
     log: Log,
     transport: Arc<dyn Transport>,
     status: watch::Receiver<Status>,
@@ -83,7 +85,8 @@ impl OpenraftEngine {
         let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store, sm)
             .await
             .map_err(mapping::fatal)?;
-        transport.set_handler(Arc::new(RaftHandler { raft: raft.clone() }));
+        let handler = Arc::new(RaftHandler { raft: raft.clone() });
+        transport.set_handler(handler.clone());
 
         if fresh && config.initial_members.contains_key(&id) {
             let members: BTreeMap<NodeId, BasicNode> = config
@@ -119,6 +122,7 @@ impl OpenraftEngine {
         Ok(Self {
             id,
             raft,
+            _handler: handler,
             log,
             transport,
             status,

@@ -84,7 +84,12 @@ pub(crate) fn status(m: &RaftMetrics<C>) -> Status {
         applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
         last_log_index: m.last_log_index.unwrap_or(0),
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         voters,
         learners,
+        addresses: membership
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect(),
     }
 }

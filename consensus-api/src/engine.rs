@@ -17,7 +17,8 @@ pub struct EngineContext {
     pub config: NodeConfig,
     /// The user's state machine, behind the byte interface.
     pub state_machine: Arc<dyn ByteStateMachine>,
-    /// A transport channel reserved for the engine's own messages.
+    /// A transport channel reserved for the engine's own messages. It holds the handler the
+    /// engine installs weakly: the engine must keep that handler alive itself.
     pub transport: Arc<dyn Transport>,
 }
 

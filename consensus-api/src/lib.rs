@@ -14,7 +14,7 @@
 //! ```
 //!
 //! ## Embedding
-//! ```ignore
+//! ```text
 //! let transport = transport_grpc::GrpcFactory.bind(&config).await?;      // the wiring line
 //! let node = Consensus::start(&backend_openraft::OpenraftBackend, config, MyMachine::default(), transport).await?;
 //! let response = node.propose(MyCommand::Put { key, value }).await?;     // committed and applied

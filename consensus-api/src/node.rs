@@ -120,6 +120,8 @@ impl InboundHandler for ForwardHandler {
 struct Inner {
     id: NodeId,
     engine: Arc<dyn Engine>,
+    /// Kept alive here: the transport channel holds it weakly.
+    _forward_handler: Arc<ForwardHandler>,
     forward: Arc<dyn Transport>,
     transport: Arc<dyn Transport>,
     status: watch::Receiver<Status>,
@@ -178,15 +180,17 @@ impl<SM: StateMachine> Consensus<SM> {
             })
             .await?;
         let forward = mux.channel(FORWARD_CHANNEL);
-        forward.set_handler(Arc::new(ForwardHandler {
+        let forward_handler = Arc::new(ForwardHandler {
             engine: engine.clone(),
             timeout: request_timeout,
-        }));
+        });
+        forward.set_handler(forward_handler.clone());
         let status = engine.status();
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
                 engine,
+                _forward_handler: forward_handler,
                 forward,
                 transport,
                 status,
@@ -391,6 +395,11 @@ impl<SM: StateMachine> Consensus<SM> {
             last_hint = Some(ConsensusError::NotLeader {
                 leader: Some(leader),
             });
+            // A node that joined later may not have dialled the leader yet.
+            let addr = self.inner.status.borrow().addresses.get(&leader).cloned();
+            if let Some(addr) = addr {
+                self.inner.forward.set_peer(leader, addr);
+            }
             let frame = Bytes::from(codec::encode(&op)?);
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.inner.forward.call(leader, frame, remaining).await {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,16 +56,23 @@ pub trait TransportFactory: Send + Sync + 'static {
     async fn bind(&self, config: &NodeConfig) -> Result<Arc<dyn Transport>, TransportError>;
 }
 
+type Handlers = Arc<RwLock<HashMap<u8, Weak<dyn InboundHandler>>>>;
+
 /// Splits one transport into tagged channels: each frame carries a one-byte channel tag.
+///
+/// A channel holds its handler weakly: whoever installs a handler keeps it alive (an engine
+/// keeps its RPC handler, the node handle its forwarding handler). Handlers usually own the
+/// engine, and the engine owns the transport, so a strong reference here would be a cycle that
+/// keeps a dead node's storage open forever.
 pub struct Mux {
     inner: Arc<dyn Transport>,
-    handlers: Arc<RwLock<HashMap<u8, Arc<dyn InboundHandler>>>>,
+    handlers: Handlers,
 }
 
 impl Mux {
     /// Takes over `inner`'s inbound handler.
     pub fn new(inner: Arc<dyn Transport>) -> Arc<Self> {
-        let handlers: Arc<RwLock<HashMap<u8, Arc<dyn InboundHandler>>>> = Arc::default();
+        let handlers: Handlers = Arc::default();
         inner.set_handler(Arc::new(MuxHandler {
             handlers: handlers.clone(),
         }));
@@ -88,7 +95,7 @@ impl Mux {
 }
 
 struct MuxHandler {
-    handlers: Arc<RwLock<HashMap<u8, Arc<dyn InboundHandler>>>>,
+    handlers: Handlers,
 }
 
 impl MuxHandler {
@@ -100,7 +107,7 @@ impl MuxHandler {
             .handlers
             .read()
             .get(&tag)
-            .cloned()
+            .and_then(Weak::upgrade)
             .ok_or_else(|| format!("no handler for channel {tag}"))?;
         Ok((handler, frame.slice(1..)))
     }
@@ -124,7 +131,7 @@ impl InboundHandler for MuxHandler {
 struct MuxChannel {
     inner: Arc<dyn Transport>,
     tag: u8,
-    handlers: Arc<RwLock<HashMap<u8, Arc<dyn InboundHandler>>>>,
+    handlers: Handlers,
 }
 
 impl MuxChannel {
@@ -162,7 +169,7 @@ impl Transport for MuxChannel {
         self.inner.call(to, self.tagged(&frame), timeout).await
     }
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
-        self.handlers.write().insert(self.tag, handler);
+        self.handlers.write().insert(self.tag, Arc::downgrade(&handler));
     }
     async fn shutdown(&self) {
         self.handlers.write().remove(&self.tag);

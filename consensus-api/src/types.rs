@@ -1,6 +1,6 @@
 //! Identity and status types.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,10 +41,14 @@ pub struct Status {
     pub last_log_index: u64,
     /// Index covered by the latest snapshot (0 if none).
     pub snapshot_index: u64,
+    /// Entries at or below this index have been compacted out of the log (0 if none).
+    pub purged_index: u64,
     /// Voting members (in a joint configuration: the union of both sets).
     pub voters: BTreeSet<NodeId>,
     /// Non-voting members.
     pub learners: BTreeSet<NodeId>,
+    /// The transport address of every member, as recorded in the membership.
+    pub addresses: BTreeMap<NodeId, String>,
 }
 
 impl Status {
@@ -59,8 +63,10 @@ impl Status {
             applied_index: 0,
             last_log_index: 0,
             snapshot_index: 0,
+            purged_index: 0,
             voters: BTreeSet::new(),
             learners: BTreeSet::new(),
+            addresses: BTreeMap::new(),
         }
     }
 

@@ -9,7 +9,7 @@
 //!
 //! ## Running the suite on your own backend or transport
 //! Depend on `conformance` and `tokio` (dev-dependencies), then in `tests/conformance.rs`:
-//! ```ignore
+//! ```text
 //! conformance::conformance_suite!(mine_grpc, conformance::Combo::new(MyBackend, transport_grpc::GrpcTransportFactory));
 //! conformance::transport_suite!(my_transport, MyTransportFactory);
 //! ```
@@ -48,6 +48,7 @@ macro_rules! conformance_suite {
                 leadership_transfers_to_the_named_node,
                 deposed_leader_never_serves_a_stale_read,
                 snapshot_compacts_and_restart_restores_from_it,
+                lagging_node_catches_up_by_snapshot,
                 failures_have_the_shared_error_kinds
             );
         }

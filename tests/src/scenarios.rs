@@ -372,8 +372,12 @@ pub async fn snapshot_compacts_and_restart_restores_from_it(combo: Combo) {
     assert!(index >= commit, "snapshot at {index} does not cover applied {commit}");
     c.crash(follower);
     c.restart(follower).await;
-    let st = c.statuses()[&follower].clone();
-    assert!(st.snapshot_index >= commit, "restart did not load the snapshot: {st:?}");
+    c.on(follower, move |n| async move {
+        n.wait_status(SETTLE, |s| s.snapshot_index >= commit && s.applied_index >= commit)
+            .await
+    })
+    .await
+    .expect("restart loads the snapshot");
     assert_eq!(c.machine(follower).get("k49"), Some("v49".into()));
     assert_eq!(c.get(follower, "k0").await.expect("read"), Some("v0".into()));
 }
@@ -394,4 +398,51 @@ pub async fn failures_have_the_shared_error_kinds(combo: Combo) {
         .expect("shutdown");
     let e: ConsensusError = node.propose(put("a", "b")).await.expect_err("after shutdown");
     assert_eq!(e.kind(), ErrorKind::ShuttingDown, "{e}");
+}
+
+/// A node that was down while the leader compacted its log past the node's position catches up
+/// by installing the leader's snapshot.
+pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
+    let mut c = Cluster::start_with(&combo, "lagging_node_catches_up_by_snapshot", 3, |cfg| {
+        cfg.keep_logs_after_snapshot = 0
+    })
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    c.put(leader, "early", "1").await.expect("write");
+    let lagging = c.live().into_iter().find(|i| *i != leader).expect("follower");
+    let early = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[lagging], early, SETTLE).await;
+    c.crash(lagging);
+    for i in 0..100 {
+        c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write while lagging");
+    }
+    // Compact the leader's log past the lagging node's position. An engine may postpone the
+    // purge while it still retries the dead follower, so ask again until it has happened.
+    let deadline = Instant::now() + SETTLE;
+    let snap = loop {
+        let snap = c
+            .on(leader, |n| async move { n.snapshot_now().await })
+            .await
+            .expect("leader snapshot");
+        if c.statuses()[&leader].purged_index > early {
+            break snap;
+        }
+        assert!(Instant::now() < deadline, "the leader never compacted its log: {:#?}", c.statuses());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(snap >= early + 100, "snapshot at {snap} does not cover the writes");
+    c.restart(lagging).await;
+    let leader_status = c.statuses()[&leader].clone();
+    c.on(lagging, move |n| async move {
+        n.wait_status(SETTLE, |s| {
+            s.snapshot_index >= snap && s.applied_index >= leader_status.commit_index
+        })
+        .await
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!("the lagging node did not install the snapshot and catch up ({e}): {:#?}", c.statuses())
+    });
+    assert_eq!(c.machine(lagging), c.machine(leader));
+    c.put(lagging, "after", "catch-up").await.expect("write through the caught-up node");
 }
