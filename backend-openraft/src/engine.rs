@@ -234,7 +234,11 @@ impl Engine for OpenraftEngine {
     async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
         self.running()?;
         let applied = self.status.borrow().applied_index;
-        self.raft.trigger().snapshot().await.map_err(mapping::fatal)?;
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(mapping::fatal)?;
         let mut rx = self.status.clone();
         loop {
             let snap = rx.borrow_and_update().snapshot_index;

@@ -32,7 +32,9 @@ pub(crate) fn write(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
                 f.leader_id
             )),
             ClientWriteError::ChangeMembershipError(c) => membership(c),
-            ClientWriteError::PreconditionFailed(p) => ConsensusError::InvalidRequest(p.to_string()),
+            ClientWriteError::PreconditionFailed(p) => {
+                ConsensusError::InvalidRequest(p.to_string())
+            }
         },
     }
 }

@@ -118,8 +118,13 @@ impl PeerClient {
     }
 
     fn unexpected<T>(&self, action: RPCTypes) -> Result<T, RPCError<C>> {
-        Err(CallError::Network(format!("unexpected reply to {action:?}"))
-            .into_rpc(self.me, self.target, action))
+        Err(
+            CallError::Network(format!("unexpected reply to {action:?}")).into_rpc(
+                self.me,
+                self.target,
+                action,
+            ),
+        )
     }
 }
 
@@ -192,7 +197,10 @@ impl RaftNetworkV2<C> for PeerClient {
         req: TransferLeaderRequest<C>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
-        match self.call(&Rpc::TransferLeader(req), option.hard_ttl()).await {
+        match self
+            .call(&Rpc::TransferLeader(req), option.hard_ttl())
+            .await
+        {
             Ok(RpcReply::TransferLeader(r)) => Ok(r),
             Ok(_) => self.unexpected(RPCTypes::TransferLeader),
             Err(e) => Err(e.into_rpc(self.me, self.target, RPCTypes::TransferLeader)),
@@ -232,9 +240,9 @@ impl RaftHandler {
                     .await
                     .map_err(fatal)?,
             ),
-            Rpc::TransferLeader(r) => RpcReply::TransferLeader(
-                self.raft.handle_transfer_leader(r).await.map_err(fatal)?,
-            ),
+            Rpc::TransferLeader(r) => {
+                RpcReply::TransferLeader(self.raft.handle_transfer_leader(r).await.map_err(fatal)?)
+            }
         })
     }
 }

@@ -9,7 +9,9 @@ use consensus_storage::SnapshotStore;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
-use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
+};
 use tokio::sync::Mutex;
 
 use crate::types::{Response, SnapshotData, C};
@@ -158,6 +160,8 @@ impl RaftStateMachine<C> for StateMachineStore {
         &mut self,
     ) -> Result<Option<SnapshotOf<C, SnapshotData>>, io::Error> {
         let a = self.applied.lock().await;
-        Ok(a.current.clone().map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+        Ok(a.current
+            .clone()
+            .map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 }

@@ -10,7 +10,9 @@ use crate::NodeId;
 pub enum ConsensusError {
     /// This node is not the leader and the request could not be forwarded; retry on `leader`
     /// (when known) or later.
-    #[error("not the leader (leader hint: {leader:?}); retry on the leader or once one is elected")]
+    #[error(
+        "not the leader (leader hint: {leader:?}); retry on the leader or once one is elected"
+    )]
     NotLeader {
         /// The leader this node believes in, if any.
         leader: Option<NodeId>,

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use crate::state_machine::{ApplyOutcome, Shared};
 use crate::{
-    codec, Backend, ConsensusError, Engine, EngineContext, InboundHandler, Mux, NodeConfig,
-    NodeId, StateMachine, Status, Transport, TransportError,
+    codec, Backend, ConsensusError, Engine, EngineContext, InboundHandler, Mux, NodeConfig, NodeId,
+    StateMachine, Status, Transport, TransportError,
 };
 
 /// Channel tag of engine traffic on the shared transport.

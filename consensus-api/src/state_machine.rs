@@ -55,7 +55,9 @@ impl<SM: StateMachine> ByteStateMachine for Shared<SM> {
     fn apply(&self, index: u64, command: &[u8]) -> Vec<u8> {
         let outcome: ApplyOutcome<SM::Response> = match codec::decode::<SM::Command>(command) {
             Ok(cmd) => Ok(self.0.write().apply(index, cmd)),
-            Err(e) => Err(format!("command at index {index} could not be decoded: {e}")),
+            Err(e) => Err(format!(
+                "command at index {index} could not be decoded: {e}"
+            )),
         };
         // Encoding our own response type cannot fail short of a serde bug; keep it deterministic.
         codec::encode(&outcome).unwrap_or_default()

@@ -30,8 +30,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Queues a one-way frame. Frames to one peer arrive in order or not at all.
     fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError>;
     /// Sends a request and waits for the peer handler's answer, at most `timeout`.
-    async fn call(&self, to: NodeId, frame: Bytes, timeout: Duration)
-        -> Result<Bytes, TransportError>;
+    async fn call(
+        &self,
+        to: NodeId,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError>;
     /// Installs the handler for inbound frames. Frames arriving before it is set are refused.
     fn set_handler(&self, handler: Arc<dyn InboundHandler>);
     /// Stops listening and closes every connection. Later calls fail with `Closed`.
@@ -169,7 +173,9 @@ impl Transport for MuxChannel {
         self.inner.call(to, self.tagged(&frame), timeout).await
     }
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
-        self.handlers.write().insert(self.tag, Arc::downgrade(&handler));
+        self.handlers
+            .write()
+            .insert(self.tag, Arc::downgrade(&handler));
     }
     async fn shutdown(&self) {
         self.handlers.write().remove(&self.tag);

@@ -25,7 +25,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| StorageError::io("create", &tmp, e))?;
     f.write_all(bytes)
         .map_err(|e| StorageError::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
+    f.sync_all()
+        .map_err(|e| StorageError::io("fsync", &tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
     sync_dir(dir)

@@ -86,7 +86,9 @@ impl State {
     fn check_append(&self, index: u64) -> std::result::Result<(), String> {
         if let Some((p, _, _)) = &self.purged {
             if index <= *p {
-                return Err(format!("append at {index} is at or below the purged index {p}"));
+                return Err(format!(
+                    "append at {index} is at or below the purged index {p}"
+                ));
             }
         }
         let next = match (self.last_index(), &self.purged) {
@@ -264,10 +266,7 @@ impl Log {
         if let Some(p) = s.position(index) {
             return Some(s.entries[p].term);
         }
-        s.purged
-            .as_ref()
-            .filter(|p| p.0 == index)
-            .map(|p| p.1)
+        s.purged.as_ref().filter(|p| p.0 == index).map(|p| p.1)
     }
 
     /// Live entries with index in `[lo, hi)`, at most `max_bytes` of data (at least one entry).
@@ -337,7 +336,13 @@ impl Log {
 
     /// Removes entries at `index` and below, remembering `(index, term, note)` as the purged
     /// position; `done` runs once durable.
-    pub fn purge(&self, index: u64, term: u64, note: Bytes, done: Option<SyncCallback>) -> Result<()> {
+    pub fn purge(
+        &self,
+        index: u64,
+        term: u64,
+        note: Bytes,
+        done: Option<SyncCallback>,
+    ) -> Result<()> {
         let mut s = self.shared.state.lock();
         check_failed(&s)?;
         s.purge_upto(index, term, note.clone());
@@ -402,9 +407,9 @@ impl Log {
         // Called with the state lock held so file order equals acceptance order.
         let tx = self.shared.tx.lock();
         match tx.as_ref() {
-            Some(tx) => tx.send(Op::Write(buf, done)).map_err(|_| {
-                StorageError::Stopped("writer thread is gone".into())
-            }),
+            Some(tx) => tx
+                .send(Op::Write(buf, done))
+                .map_err(|_| StorageError::Stopped("writer thread is gone".into())),
             None => Err(StorageError::Stopped("log is closed".into())),
         }
     }
@@ -422,7 +427,9 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .map_err(|e| StorageError::io("open", &path, e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked(dir.display().to_string())),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StorageError::Locked(dir.display().to_string()))
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(StorageError::io("lock", &path, e)),
     }
 }
@@ -442,11 +449,13 @@ fn replay(path: &Path) -> Result<(State, u64)> {
     loop {
         match parse_at(&buf, pos) {
             Parsed::Ok(record, next) => {
-                state.apply(record).map_err(|reason| StorageError::Corrupt {
-                    path: path.display().to_string(),
-                    offset: pos as u64,
-                    reason,
-                })?;
+                state
+                    .apply(record)
+                    .map_err(|reason| StorageError::Corrupt {
+                        path: path.display().to_string(),
+                        offset: pos as u64,
+                        reason,
+                    })?;
                 pos = next;
             }
             Parsed::End => break,

@@ -27,8 +27,10 @@ fn acknowledged_entries_and_metadata_survive_reopen() {
         let log = Log::open(dir.path()).unwrap();
         log.append(vec![e(1, 1, "a"), e(2, 1, "b"), e(3, 2, "c")], None)
             .unwrap();
-        log.set_meta(1, Bytes::from_static(b"vote-1"), None).unwrap();
-        log.set_meta(1, Bytes::from_static(b"vote-2"), None).unwrap();
+        log.set_meta(1, Bytes::from_static(b"vote-1"), None)
+            .unwrap();
+        log.set_meta(1, Bytes::from_static(b"vote-2"), None)
+            .unwrap();
         log.sync().unwrap();
         log.close();
     }
@@ -137,7 +139,10 @@ fn a_torn_tail_is_truncated_on_open() {
     log.sync().unwrap();
     drop(log);
     let log = Log::open(dir.path()).unwrap();
-    assert_eq!(datas(&log, 1, 10), vec![(1, 1, "a".into()), (2, 2, "b2".into())]);
+    assert_eq!(
+        datas(&log, 1, 10),
+        vec![(1, 1, "a".into()), (2, 2, "b2".into())]
+    );
 }
 
 #[test]
@@ -150,7 +155,10 @@ fn garbage_after_the_last_record_is_a_torn_tail() {
         log.sync().unwrap();
         path = log.path().to_path_buf();
     }
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     f.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
     drop(f);
     let log = Log::open(dir.path()).unwrap();
@@ -197,7 +205,9 @@ fn rewrite_keeps_exactly_the_live_state() {
             log.sync().unwrap();
         }
     }
-    let size = std::fs::metadata(dir.path().join("raft.log")).unwrap().len();
+    let size = std::fs::metadata(dir.path().join("raft.log"))
+        .unwrap()
+        .len();
     assert!(size < 100 << 10, "file was not rewritten: {size} bytes");
     let log = Log::open(dir.path()).unwrap();
     let st = log.state();
@@ -227,7 +237,10 @@ fn snapshots_are_atomic_and_damage_is_reported() {
 fn a_data_dir_cannot_be_opened_twice() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path()).unwrap();
-    assert!(matches!(Log::open(dir.path()), Err(StorageError::Locked(_))));
+    assert!(matches!(
+        Log::open(dir.path()),
+        Err(StorageError::Locked(_))
+    ));
     log.close();
     drop(log);
     Log::open(dir.path()).unwrap();

@@ -256,8 +256,11 @@ impl Cluster {
     /// A linearizable read of `key` through node `id`.
     pub async fn get(&self, id: NodeId, key: &str) -> Result<Option<String>, ConsensusError> {
         let key = key.to_string();
-        self.on(id, move |n| async move { n.read(move |sm| sm.get(&key)).await })
-            .await
+        self.on(
+            id,
+            move |n| async move { n.read(move |sm| sm.get(&key)).await },
+        )
+        .await
     }
 
     /// Statuses of the running nodes.
@@ -355,7 +358,12 @@ impl Cluster {
         assert!(!self.members.contains_key(&id), "node {id} exists");
         let data_dir = self.root.path().join(format!("node-{id}"));
         let (rt, node) = self
-            .launch(id, "127.0.0.1:0".parse().expect("addr"), &data_dir, BTreeMap::new())
+            .launch(
+                id,
+                "127.0.0.1:0".parse().expect("addr"),
+                &data_dir,
+                BTreeMap::new(),
+            )
             .await;
         let addr = node.local_addr();
         self.members.insert(
@@ -384,8 +392,8 @@ impl Cluster {
             let config = self.config(id, transport.local_addr(), data_dir, initial.clone());
             let backend = self.combo.backend.clone();
             let t = transport.clone();
-            let started = rt
-                .spawn(async move {
+            let started =
+                rt.spawn(async move {
                     Consensus::start(&*backend, config, KvMachine::default(), t).await
                 })
                 .await

@@ -64,7 +64,11 @@ pub async fn three_nodes_elect_exactly_one_leader(combo: Combo) {
     c.put(leader, "x", "1").await.expect("leader commits");
     let st = c.statuses();
     let leaders: Vec<_> = st.values().filter(|s| s.role == Role::Leader).collect();
-    assert_eq!(leaders.len(), 1, "exactly one node claims leadership: {st:#?}");
+    assert_eq!(
+        leaders.len(),
+        1,
+        "exactly one node claims leadership: {st:#?}"
+    );
     assert!(st.values().all(|s| s.leader == Some(leader)));
     for w in watchers {
         w.abort();
@@ -117,7 +121,11 @@ pub async fn replicated_proposals_apply_in_the_same_order_everywhere(combo: Comb
     let reference = c.machine(leader);
     assert_eq!(reference.applied, clients * per_client);
     for id in c.live() {
-        assert_eq!(c.machine(id), reference, "node {id} diverged from the leader");
+        assert_eq!(
+            c.machine(id),
+            reference,
+            "node {id} diverged from the leader"
+        );
     }
 }
 
@@ -125,7 +133,11 @@ pub async fn replicated_proposals_apply_in_the_same_order_everywhere(combo: Comb
 pub async fn propose_and_read_through_a_follower(combo: Combo) {
     let c = Cluster::start(&combo, "propose_and_read_through_a_follower", 3).await;
     let leader = c.wait_leader(ELECTION).await;
-    let follower = c.live().into_iter().find(|id| *id != leader).expect("a follower");
+    let follower = c
+        .live()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
     let answer = c
         .on(follower, |n| async move { n.propose(put("f", "1")).await })
         .await
@@ -145,7 +157,9 @@ pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
     for i in 0..30u64 {
         let via = 1 + i % 3;
         let key = format!("k{i}");
-        c.put(via, &key, &format!("v{i}")).await.expect("write before the crash");
+        c.put(via, &key, &format!("v{i}"))
+            .await
+            .expect("write before the crash");
         acked.push((key, format!("v{i}")));
     }
     let crashed_at = Instant::now();
@@ -161,10 +175,15 @@ pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
     );
     for (k, v) in &acked {
         for id in &survivors {
-            assert_eq!(c.get(*id, k).await.expect("read after failover"), Some(v.clone()));
+            assert_eq!(
+                c.get(*id, k).await.expect("read after failover"),
+                Some(v.clone())
+            );
         }
     }
-    c.put(survivors[0], "after", "crash").await.expect("write after failover");
+    c.put(survivors[0], "after", "crash")
+        .await
+        .expect("write after failover");
     c.restart(old).await;
     let commit = c.statuses()[&new].commit_index;
     c.wait_applied(&[old], commit, SETTLE).await;
@@ -179,7 +198,9 @@ pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
 pub async fn minority_leader_cannot_commit_and_heals(combo: Combo) {
     let c = Cluster::start(&combo, "minority_leader_cannot_commit_and_heals", 3).await;
     let old = c.wait_leader(ELECTION).await;
-    c.put(old, "before", "1").await.expect("write before the partition");
+    c.put(old, "before", "1")
+        .await
+        .expect("write before the partition");
     let majority: Vec<NodeId> = c.live().into_iter().filter(|i| *i != old).collect();
     c.faults.isolate(old, c.live());
     let (minority_write, new) = tokio::join!(
@@ -190,14 +211,23 @@ pub async fn minority_leader_cannot_commit_and_heals(combo: Combo) {
         minority_write.is_err(),
         "an isolated leader must not acknowledge a write"
     );
-    c.put(new, "majority", "kept").await.expect("majority commits");
+    c.put(new, "majority", "kept")
+        .await
+        .expect("majority commits");
     c.faults.heal();
     let leader = c.wait_leader(ELECTION).await;
     let commit = c.statuses()[&leader].commit_index;
     c.wait_applied(&c.live(), commit, SETTLE).await;
     for id in c.live() {
-        assert_eq!(c.get(id, "majority").await.expect("read"), Some("kept".into()));
-        assert_eq!(c.machine(id).get("minority"), None, "node {id} has an uncommitted write");
+        assert_eq!(
+            c.get(id, "majority").await.expect("read"),
+            Some("kept".into())
+        );
+        assert_eq!(
+            c.machine(id).get("minority"),
+            None,
+            "node {id} has an uncommitted write"
+        );
         assert_eq!(c.machine(id).get("before"), Some("1".into()));
     }
 }
@@ -220,16 +250,23 @@ pub async fn full_cluster_restart_recovers_state_from_disk(combo: Combo) {
         c.restart(id).await;
     }
     let leader = c.wait_leader(ELECTION).await;
-    assert!(c.statuses()[&leader].term >= term_before, "term went back after restart");
+    assert!(
+        c.statuses()[&leader].term >= term_before,
+        "term went back after restart"
+    );
     for i in 0..20 {
         for id in 1..=3 {
             assert_eq!(
-                c.get(id, &format!("k{i}")).await.expect("read after restart"),
+                c.get(id, &format!("k{i}"))
+                    .await
+                    .expect("read after restart"),
                 Some(format!("v{i}"))
             );
         }
     }
-    c.put(leader, "after", "restart").await.expect("write after restart");
+    c.put(leader, "after", "restart")
+        .await
+        .expect("write after restart");
 }
 
 /// A fresh node joins as a learner, is promoted to voter, and a voter is removed; the cluster
@@ -241,20 +278,33 @@ pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
         c.put(leader, &format!("k{i}"), "v").await.expect("write");
     }
     let addr = c.add_fresh_node(4).await;
-    let via = c.live().into_iter().find(|i| *i != leader && *i != 4).expect("follower");
-    c.on(via, move |n| async move { n.add_learner(4, addr.to_string()).await })
-        .await
-        .expect("add learner through a follower");
+    let via = c
+        .live()
+        .into_iter()
+        .find(|i| *i != leader && *i != 4)
+        .expect("follower");
+    c.on(via, move |n| async move {
+        n.add_learner(4, addr.to_string()).await
+    })
+    .await
+    .expect("add learner through a follower");
     let commit = c.statuses()[&leader].commit_index;
     c.wait_applied(&[4], commit, SETTLE).await;
-    assert_eq!(c.machine(4).get("k9"), Some("v".into()), "learner caught up");
+    assert_eq!(
+        c.machine(4).get("k9"),
+        Some("v".into()),
+        "learner caught up"
+    );
     assert!(c.statuses()[&leader].learners.contains(&4));
 
     let all = BTreeSet::from([1, 2, 3, 4]);
     let voters = all.clone();
-    c.on(leader, move |n| async move { n.change_voters(voters).await })
-        .await
-        .expect("promote the learner");
+    c.on(
+        leader,
+        move |n| async move { n.change_voters(voters).await },
+    )
+    .await
+    .expect("promote the learner");
     wait_members(&c, &all, &BTreeSet::new()).await;
 
     let removed = *[1u64, 2, 3]
@@ -269,34 +319,47 @@ pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
     })
     .await
     .expect("remove a voter");
-    let leader = c.wait_leader_among(&remaining.iter().copied().collect::<Vec<_>>(), ELECTION).await;
+    let leader = c
+        .wait_leader_among(&remaining.iter().copied().collect::<Vec<_>>(), ELECTION)
+        .await;
     let deadline = Instant::now() + SETTLE;
     loop {
         let st = c.statuses();
-        let done = remaining.iter().all(|id| {
-            st[id].voters == remaining && !st[id].learners.contains(&removed)
-        });
+        let done = remaining
+            .iter()
+            .all(|id| st[id].voters == remaining && !st[id].learners.contains(&removed));
         if done {
             break;
         }
-        assert!(Instant::now() < deadline, "membership did not converge: {st:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "membership did not converge: {st:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    c.put(4, "after", "change").await.expect("write through the promoted node");
-    assert_eq!(c.get(leader, "after").await.expect("read"), Some("change".into()));
+    c.put(4, "after", "change")
+        .await
+        .expect("write through the promoted node");
+    assert_eq!(
+        c.get(leader, "after").await.expect("read"),
+        Some("change".into())
+    );
 }
 
 async fn wait_members(c: &Cluster, voters: &BTreeSet<NodeId>, learners: &BTreeSet<NodeId>) {
     let deadline = Instant::now() + SETTLE;
     loop {
         let st = c.statuses();
-        if voters
-            .iter()
-            .all(|id| st.get(id).is_some_and(|s| &s.voters == voters && &s.learners == learners))
-        {
+        if voters.iter().all(|id| {
+            st.get(id)
+                .is_some_and(|s| &s.voters == voters && &s.learners == learners)
+        }) {
             return;
         }
-        assert!(Instant::now() < deadline, "membership did not converge to {voters:?}: {st:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "membership did not converge to {voters:?}: {st:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -344,7 +407,10 @@ pub async fn deposed_leader_never_serves_a_stale_read(combo: Combo) {
                 assert_eq!(v, Some("new".into()));
                 break;
             }
-            Err(e) => assert!(Instant::now() < deadline, "read after heal kept failing: {e}"),
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "read after heal kept failing: {e}"
+            ),
         }
     }
 }
@@ -360,26 +426,40 @@ pub async fn snapshot_compacts_and_restart_restores_from_it(combo: Combo) {
     .await;
     let leader = c.wait_leader(ELECTION).await;
     for i in 0..50 {
-        c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write");
+        c.put(leader, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write");
     }
     let commit = c.statuses()[&leader].commit_index;
     c.wait_applied(&c.live(), commit, SETTLE).await;
-    let follower = c.live().into_iter().find(|i| *i != leader).expect("follower");
+    let follower = c
+        .live()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("follower");
     let index = c
         .on(follower, |n| async move { n.snapshot_now().await })
         .await
         .expect("snapshot");
-    assert!(index >= commit, "snapshot at {index} does not cover applied {commit}");
+    assert!(
+        index >= commit,
+        "snapshot at {index} does not cover applied {commit}"
+    );
     c.crash(follower);
     c.restart(follower).await;
     c.on(follower, move |n| async move {
-        n.wait_status(SETTLE, |s| s.snapshot_index >= commit && s.applied_index >= commit)
-            .await
+        n.wait_status(SETTLE, |s| {
+            s.snapshot_index >= commit && s.applied_index >= commit
+        })
+        .await
     })
     .await
     .expect("restart loads the snapshot");
     assert_eq!(c.machine(follower).get("k49"), Some("v49".into()));
-    assert_eq!(c.get(follower, "k0").await.expect("read"), Some("v0".into()));
+    assert_eq!(
+        c.get(follower, "k0").await.expect("read"),
+        Some("v0".into())
+    );
 }
 
 /// Errors are the shared kinds: an invalid membership request is `InvalidRequest`, and a
@@ -388,7 +468,9 @@ pub async fn failures_have_the_shared_error_kinds(combo: Combo) {
     let c = Cluster::start(&combo, "failures_have_the_shared_error_kinds", 1).await;
     c.wait_leader(ELECTION).await;
     let e = c
-        .on(1, |n| async move { n.change_voters(BTreeSet::from([1, 7])).await })
+        .on(1, |n| async move {
+            n.change_voters(BTreeSet::from([1, 7])).await
+        })
         .await
         .expect_err("promoting an unknown node");
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
@@ -396,7 +478,10 @@ pub async fn failures_have_the_shared_error_kinds(combo: Combo) {
     c.on(1, |n| async move { n.shutdown().await })
         .await
         .expect("shutdown");
-    let e: ConsensusError = node.propose(put("a", "b")).await.expect_err("after shutdown");
+    let e: ConsensusError = node
+        .propose(put("a", "b"))
+        .await
+        .expect_err("after shutdown");
     assert_eq!(e.kind(), ErrorKind::ShuttingDown, "{e}");
 }
 
@@ -409,12 +494,18 @@ pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
     .await;
     let leader = c.wait_leader(ELECTION).await;
     c.put(leader, "early", "1").await.expect("write");
-    let lagging = c.live().into_iter().find(|i| *i != leader).expect("follower");
+    let lagging = c
+        .live()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("follower");
     let early = c.statuses()[&leader].commit_index;
     c.wait_applied(&[lagging], early, SETTLE).await;
     c.crash(lagging);
     for i in 0..100 {
-        c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write while lagging");
+        c.put(leader, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write while lagging");
     }
     // Compact the leader's log past the lagging node's position. An engine may postpone the
     // purge while it still retries the dead follower, so ask again until it has happened.
@@ -427,10 +518,17 @@ pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
         if c.statuses()[&leader].purged_index > early {
             break snap;
         }
-        assert!(Instant::now() < deadline, "the leader never compacted its log: {:#?}", c.statuses());
+        assert!(
+            Instant::now() < deadline,
+            "the leader never compacted its log: {:#?}",
+            c.statuses()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(snap >= early + 100, "snapshot at {snap} does not cover the writes");
+    assert!(
+        snap >= early + 100,
+        "snapshot at {snap} does not cover the writes"
+    );
     c.restart(lagging).await;
     let leader_status = c.statuses()[&leader].clone();
     c.on(lagging, move |n| async move {
@@ -441,8 +539,13 @@ pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
     })
     .await
     .unwrap_or_else(|e| {
-        panic!("the lagging node did not install the snapshot and catch up ({e}): {:#?}", c.statuses())
+        panic!(
+            "the lagging node did not install the snapshot and catch up ({e}): {:#?}",
+            c.statuses()
+        )
     });
     assert_eq!(c.machine(lagging), c.machine(leader));
-    c.put(lagging, "after", "catch-up").await.expect("write through the caught-up node");
+    c.put(lagging, "after", "catch-up")
+        .await
+        .expect("write through the caught-up node");
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use consensus_api::{InboundHandler, NodeConfig, NodeId, Transport, TransportError, TransportFactory};
+use consensus_api::{
+    InboundHandler, NodeConfig, NodeId, Transport, TransportError, TransportFactory,
+};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -61,13 +63,19 @@ pub async fn one_way_frames_arrive_in_order(factory: Arc<dyn TransportFactory>) 
     let n = 2000u32;
     for i in 0..n {
         // A full queue drops frames by design; the test sends slower than that.
-        while let Err(TransportError::QueueFull(_)) = a.send(2, Bytes::from(i.to_le_bytes().to_vec())) {
+        while let Err(TransportError::QueueFull(_)) =
+            a.send(2, Bytes::from(i.to_le_bytes().to_vec()))
+        {
             tokio::task::yield_now().await;
         }
     }
     let deadline = Instant::now() + 10 * SECOND;
     while rec.frames.lock().len() < n as usize {
-        assert!(Instant::now() < deadline, "only {} of {n} frames arrived", rec.frames.lock().len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} frames arrived",
+            rec.frames.lock().len()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let got: Vec<u32> = rec
@@ -86,7 +94,9 @@ pub async fn one_way_frames_arrive_in_order(factory: Arc<dyn TransportFactory>) 
 pub async fn a_call_fails_at_its_deadline(factory: Arc<dyn TransportFactory>) {
     let (a, _b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
     assert_eq!(
-        a.call(2, Bytes::from_static(b"hi"), 5 * SECOND).await.expect("echo"),
+        a.call(2, Bytes::from_static(b"hi"), 5 * SECOND)
+            .await
+            .expect("echo"),
         Bytes::from_static(b"hi")
     );
     let started = Instant::now();
@@ -95,7 +105,11 @@ pub async fn a_call_fails_at_its_deadline(factory: Arc<dyn TransportFactory>) {
         .await
         .expect_err("must time out");
     assert!(matches!(err, TransportError::Timeout(_)), "{err}");
-    assert!(started.elapsed() < 4 * SECOND, "deadline ignored: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < 4 * SECOND,
+        "deadline ignored: {:?}",
+        started.elapsed()
+    );
 }
 
 /// Frames above the limit are refused with `FrameTooLarge` by the sender and refused by a
@@ -112,14 +126,23 @@ pub async fn oversized_frames_are_refused(factory: Arc<dyn TransportFactory>) {
         Err(TransportError::FrameTooLarge { .. })
     ));
     let medium = Bytes::from(vec![7u8; 256 << 10]);
-    let err = a.call(2, medium, 5 * SECOND).await.expect_err("receiver limit");
+    let err = a
+        .call(2, medium, 5 * SECOND)
+        .await
+        .expect_err("receiver limit");
     assert!(
         !matches!(err, TransportError::Timeout(_)),
         "refusal must be explicit, got {err}"
     );
-    assert_eq!(*rec.calls.lock(), 0, "the oversized call reached the handler");
     assert_eq!(
-        a.call(2, Bytes::from_static(b"ok"), 5 * SECOND).await.expect("small call still works"),
+        *rec.calls.lock(),
+        0,
+        "the oversized call reached the handler"
+    );
+    assert_eq!(
+        a.call(2, Bytes::from_static(b"ok"), 5 * SECOND)
+            .await
+            .expect("small call still works"),
         Bytes::from_static(b"ok")
     );
     drop(b);
@@ -136,7 +159,10 @@ pub async fn a_peer_from_another_cluster_is_refused(factory: Arc<dyn TransportFa
     let _ = a.send(2, Bytes::from_static(b"one-way"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(*rec.calls.lock(), 0);
-    assert!(rec.frames.lock().is_empty(), "a foreign frame was delivered");
+    assert!(
+        rec.frames.lock().is_empty(),
+        "a foreign frame was delivered"
+    );
 }
 
 /// Garbage bytes on the listening socket are dropped; the node keeps serving real peers.
@@ -150,7 +176,9 @@ pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory
         }
     }
     assert_eq!(
-        a.call(2, Bytes::from_static(b"still"), 5 * SECOND).await.expect("serving"),
+        a.call(2, Bytes::from_static(b"still"), 5 * SECOND)
+            .await
+            .expect("serving"),
         Bytes::from_static(b"still")
     );
 }
@@ -159,7 +187,9 @@ pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory
 pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>) {
     let (a, b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
     let addr = b.local_addr();
-    a.call(2, Bytes::from_static(b"1"), 5 * SECOND).await.expect("first");
+    a.call(2, Bytes::from_static(b"1"), 5 * SECOND)
+        .await
+        .expect("first");
     b.shutdown().await;
     drop(b);
     let dir = tempfile::tempdir().expect("temp dir");

@@ -92,7 +92,10 @@ impl GrpcTransport {
                 "transport-grpc supports only TlsConfig::Insecure so far; mutual TLS is tracked for a later release".into(),
             ));
         }
-        if cluster_id.parse::<tonic::metadata::MetadataValue<_>>().is_err() {
+        if cluster_id
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .is_err()
+        {
             return Err(TransportError::Setup(format!(
                 "cluster id {cluster_id:?} must be printable ASCII"
             )));

@@ -69,7 +69,11 @@ impl Peer {
         })
     }
 
-    pub(crate) async fn call(&self, frame: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+    pub(crate) async fn call(
+        &self,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
         let mut req = Request::new(Frame { payload: frame });
         stamp(&self.me, &mut req);
         req.set_timeout(timeout);

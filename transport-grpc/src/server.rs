@@ -31,7 +31,10 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) async fn start(me: Arc<Identity>, handler: HandlerSlot) -> Result<Self, TransportError> {
+    pub(crate) async fn start(
+        me: Arc<Identity>,
+        handler: HandlerSlot,
+    ) -> Result<Self, TransportError> {
         let listener = tokio::net::TcpListener::bind(me.config.listen_addr)
             .await
             .map_err(|e| TransportError::Setup(format!("bind {}: {e}", me.config.listen_addr)))?;
@@ -69,7 +72,10 @@ impl Server {
             let _ = tx.send(());
         }
         // Open client streams keep a graceful shutdown waiting forever: cut it short.
-        if tokio::time::timeout(STOP_GRACE, &mut self.task).await.is_err() {
+        if tokio::time::timeout(STOP_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
             self.task.abort();
         }
     }
