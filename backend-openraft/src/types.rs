@@ -20,11 +20,17 @@ pub struct Response(pub Vec<u8>);
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of this backend.
+    ///
+    /// Standard Raft leader ids (one leader per term, as raft-rs and the contract promise). The
+    /// default "advanced" ids let several leaders share a term and make the bootstrap entry of
+    /// each initial member differ (`T0-N1.0`, `T0-N2.0`, ...), so that concurrent bootstraps
+    /// conflict and only the highest id can win the first election.
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
 );
 
 /// Short alias used throughout the crate.

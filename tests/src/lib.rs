@@ -49,6 +49,7 @@ macro_rules! conformance_suite {
                 deposed_leader_never_serves_a_stale_read,
                 snapshot_compacts_and_restart_restores_from_it,
                 lagging_node_catches_up_by_snapshot,
+                acknowledged_writes_survive_message_loss_and_delay,
                 failures_have_the_shared_error_kinds
             );
         }
