@@ -177,9 +177,7 @@ enum Op {
 
 struct Shared {
     path: PathBuf,
-    /// Holds an exclusive lock on the data directory for as long as the log is open.
-    _lock: File,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -222,15 +220,18 @@ impl Log {
             sync_dir(dir)?;
         }
         let (tx, rx) = mpsc::channel();
+        let state = Arc::new(Mutex::new(state));
         let shared = Arc::new(Shared {
             path: path.clone(),
-            _lock: lock,
-            state: Mutex::new(state),
+            state: state.clone(),
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
         });
+        // The writer owns the directory lock and never holds `Shared`: the lock is released
+        // exactly when the writer has exited, and dropping the last handle joins it.
         let writer = Writer {
-            shared: Arc::downgrade(&shared),
+            state,
+            _lock: lock,
             path,
             file,
             len: valid_len,
@@ -488,7 +489,9 @@ fn replay(path: &Path) -> Result<(State, u64)> {
 }
 
 struct Writer {
-    shared: std::sync::Weak<Shared>,
+    state: Arc<Mutex<State>>,
+    /// Exclusive lock on the data directory, held for as long as the writer runs.
+    _lock: File,
     path: PathBuf,
     file: File,
     len: u64,
@@ -525,9 +528,7 @@ impl Writer {
                 if failed.is_none() {
                     tracing::error!(path = %self.path.display(), "log write failed: {e}");
                     failed = Some(e.clone());
-                    if let Some(shared) = self.shared.upgrade() {
-                        shared.state.lock().failed = Some(e.clone());
-                    }
+                    self.state.lock().failed = Some(e.clone());
                 }
             }
             for cb in callbacks {
@@ -559,13 +560,10 @@ impl Writer {
 
     /// Replaces the file by the live records when most of it is dead.
     fn maybe_rewrite(&mut self) -> Result<()> {
-        let Some(shared) = self.shared.upgrade() else {
-            return Ok(());
-        };
         if self.len < self.rewrite_min_bytes {
             return Ok(());
         }
-        let state = shared.state.lock();
+        let state = self.state.lock();
         if state.live_bytes * 2 > self.len {
             return Ok(());
         }
@@ -588,10 +586,7 @@ impl Drop for Shared {
         // Last handle gone: let the writer finish what was queued.
         self.tx.lock().take();
         if let Some(h) = self.writer.lock().take() {
-            // The writer itself may hold the last handle for a moment; never join oneself.
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+            let _ = h.join();
         }
     }
 }
