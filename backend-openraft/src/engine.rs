@@ -74,9 +74,10 @@ impl OpenraftEngine {
         .map_err(|e| ConsensusError::Internal(e.to_string()))?
         .map_err(storage)?;
         let log_store = LogStore::new(log.clone());
-        let fresh = log_store.is_fresh() && snapshots.load().map_err(storage)?.is_none();
+        // Opening the state machine reads the snapshot once; freshness is derived from it.
         let sm = StateMachineStore::open(state_machine, snapshots)
             .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let fresh = log_store.is_fresh() && !sm.has_snapshot();
         let network = NetworkFactory {
             me: id,
             transport: transport.clone(),

@@ -58,6 +58,14 @@ impl StateMachineStore {
         })
     }
 
+    /// Whether a snapshot was loaded or installed (a data dir with one is not fresh).
+    pub fn has_snapshot(&self) -> bool {
+        self.applied
+            .try_lock()
+            .map(|a| a.current.is_some())
+            .unwrap_or(true)
+    }
+
     async fn persist(&self, meta: &SnapshotMetaOf<C>, data: &SnapshotData) -> io::Result<()> {
         let _guard = self.save.lock().await;
         let meta_bytes = codec::encode(meta).map_err(io_err)?;
