@@ -367,6 +367,13 @@ impl Log {
         self.enqueue(&s, buf, done)
     }
 
+    /// Runs `done` once everything accepted so far is durable, without blocking the caller.
+    pub fn on_durable(&self, done: SyncCallback) -> Result<()> {
+        let s = self.shared.state.lock();
+        check_failed(&s)?;
+        self.enqueue(&s, Vec::new(), Some(done))
+    }
+
     /// Blocks until everything accepted so far is durable.
     pub fn sync(&self) -> Result<()> {
         let (tx, rx) = mpsc::channel();

@@ -10,5 +10,14 @@ conformance::conformance_suite!(
     )
 );
 
+#[cfg(all(feature = "tikv", feature = "grpc"))]
+conformance::conformance_suite!(
+    tikv_grpc,
+    conformance::Combo::new(
+        backend_tikv::TikvBackend,
+        transport_grpc::GrpcTransportFactory
+    )
+);
+
 #[cfg(feature = "grpc")]
 conformance::transport_suite!(grpc_transport, transport_grpc::GrpcTransportFactory);

@@ -1,0 +1,320 @@
+//! The driver: one tokio task per node that owns the [`Core`] (and so the `RawNode`), ticks it on
+//! a timer, feeds it requests and peer messages, runs Ready cycles and ships what they produce.
+//!
+//! Batching: after waking up, the driver drains every request and message already queued before
+//! it runs a cycle, so all proposals that arrived meanwhile share one Ready, one log append and
+//! one `fdatasync`. While a cycle waits for the disk, new arrivals queue up for the next one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use consensus_api::{ConsensusError, InboundHandler, NodeId, Role, Status, Transport};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::node::{Core, Reply};
+
+/// Requests from the engine handle.
+pub(crate) enum Command {
+    Propose(Vec<u8>, Reply<Vec<u8>>),
+    ReadIndex(Reply<u64>),
+    AddLearner(NodeId, String, Reply<()>),
+    ChangeVoters(BTreeSet<NodeId>, Reply<()>),
+    RemoveNode(NodeId, Reply<()>),
+    TransferLeader(NodeId, Reply<()>),
+    Snapshot(Reply<u64>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Most queued items taken per wake-up, so ticks are never starved.
+const MAX_BATCH: usize = 4096;
+/// Frame tag: a protobuf raft-rs `Message` follows.
+const FRAME_RAFT: u8 = 0;
+/// Frame tag: the sender's address book (codec-encoded `BTreeMap<NodeId, String>`) follows.
+const FRAME_ADDRESSES: u8 = 1;
+/// Ticks between address-book broadcasts.
+const ADDRESS_BOOK_TICKS: u64 = 10;
+
+/// What arrives on the engine channel.
+pub(crate) enum Inbound {
+    Raft(Message),
+    Addresses(BTreeMap<NodeId, String>),
+}
+
+/// Encodes a raft-rs message behind its tag, in one buffer.
+fn raft_frame(msg: &Message) -> Result<Bytes, protobuf::ProtobufError> {
+    let mut buf = Vec::with_capacity(1 + msg.compute_size() as usize);
+    buf.push(FRAME_RAFT);
+    msg.write_to_vec(&mut buf)?;
+    Ok(Bytes::from(buf))
+}
+
+pub(crate) struct Driver {
+    pub(crate) core: Core,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) messages: mpsc::Receiver<Inbound>,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) tick: Duration,
+    pub(crate) snapshot_timeout: Duration,
+}
+
+enum Flow {
+    Continue,
+    Stop(Option<oneshot::Sender<()>>),
+}
+
+impl Driver {
+    pub(crate) async fn run(mut self) {
+        let (report_tx, mut reports) = mpsc::unbounded_channel::<(NodeId, bool)>();
+        let mut ticks = 0u64;
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.ship(&report_tx);
+        self.publish();
+        let stop = loop {
+            let flow = tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(c) => self.handle(c),
+                    // The engine handle is gone: nobody can ask anything any more.
+                    None => Flow::Stop(None),
+                },
+                Some(m) = self.messages.recv() => {
+                    self.inbound(m);
+                    Flow::Continue
+                }
+                Some((to, ok)) = reports.recv() => {
+                    self.core.report_snapshot(to, ok);
+                    Flow::Continue
+                }
+                _ = ticker.tick() => {
+                    self.core.tick();
+                    ticks += 1;
+                    if ticks.is_multiple_of(ADDRESS_BOOK_TICKS) {
+                        self.send_address_book(None);
+                    }
+                    Flow::Continue
+                }
+            };
+            if let Flow::Stop(done) = flow {
+                break done;
+            }
+            if let Flow::Stop(done) = self.drain() {
+                break done;
+            }
+            if let Err(e) = self.cycles(&report_tx).await {
+                tracing::error!(id = self.status.borrow().id, "stopping the node: {e}");
+                self.core.fail_all(&e);
+                break None;
+            }
+            self.publish();
+            self.core.deliver();
+        };
+        self.core.fail_all(&ConsensusError::ShuttingDown);
+        self.transport.shutdown().await;
+        let log = self.core.storage().log().clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        self.status.send_modify(|s| s.role = Role::Shutdown);
+        if let Some(done) = stop {
+            let _ = done.send(());
+        }
+    }
+
+    /// Takes what is already queued, without waiting.
+    fn drain(&mut self) -> Flow {
+        for _ in 0..MAX_BATCH {
+            match self.commands.try_recv() {
+                Ok(c) => {
+                    if let Flow::Stop(d) = self.handle(c) {
+                        return Flow::Stop(d);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for _ in 0..MAX_BATCH {
+            match self.messages.try_recv() {
+                Ok(m) => self.inbound(m),
+                Err(_) => break,
+            }
+        }
+        Flow::Continue
+    }
+
+    fn inbound(&mut self, m: Inbound) {
+        match m {
+            Inbound::Raft(m) => self.core.step(m),
+            Inbound::Addresses(book) => self.core.learn_addresses(book),
+        }
+    }
+
+    /// Tells peers every member address this node knows, so a node that joined empty can
+    /// answer the leader before a snapshot names everyone. `to`: one new peer, or all.
+    fn send_address_book(&self, to: Option<NodeId>) {
+        let book = self.core.address_book();
+        let Ok(body) = consensus_api::codec::encode(&book) else {
+            return;
+        };
+        let mut frame = Vec::with_capacity(1 + body.len());
+        frame.push(FRAME_ADDRESSES);
+        frame.extend_from_slice(&body);
+        let frame = Bytes::from(frame);
+        let me = self.status.borrow().id;
+        let targets: Vec<NodeId> = match to {
+            Some(id) => vec![id],
+            None => book.keys().copied().filter(|i| *i != me).collect(),
+        };
+        for id in targets {
+            let _ = self.transport.send(id, frame.clone());
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Propose(data, reply) => self.core.propose(data, reply),
+            Command::ReadIndex(reply) => self.core.read_index(reply),
+            Command::AddLearner(id, addr, reply) => self.core.add_learner(id, addr, reply),
+            Command::ChangeVoters(voters, reply) => self.core.change_voters(voters, reply),
+            Command::RemoveNode(id, reply) => self.core.remove_node(id, reply),
+            Command::TransferLeader(to, reply) => {
+                let _ = reply.send(self.core.transfer_leader(to));
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(self.core.snapshot_now());
+            }
+            Command::Shutdown(done) => return Flow::Stop(Some(done)),
+        }
+        Flow::Continue
+    }
+
+    /// Runs Ready cycles until raft-rs has nothing more, shipping messages as they become
+    /// sendable.
+    async fn cycles(
+        &mut self,
+        reports: &mpsc::UnboundedSender<(NodeId, bool)>,
+    ) -> Result<(), ConsensusError> {
+        while let Some(mut cycle) = self.core.begin()? {
+            // Ready.messages may leave before the entries are durable.
+            self.ship(reports);
+            if let Some(durable) = cycle.durable.take() {
+                match durable.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(ConsensusError::Storage(e)),
+                    Err(_) => return Err(ConsensusError::Storage("the log writer stopped".into())),
+                }
+            }
+            self.core.finish(cycle)?;
+            self.ship(reports);
+        }
+        Ok(())
+    }
+
+    /// Applies peer changes to the transport, then sends the outbox. Snapshots go as calls so
+    /// their outcome can be reported to raft-rs.
+    fn ship(&mut self, reports: &mpsc::UnboundedSender<(NodeId, bool)>) {
+        for (id, addr) in self.core.take_peer_changes() {
+            match addr {
+                Some(a) => {
+                    self.transport.set_peer(id, a);
+                    // Ordered per peer: the book arrives before any raft message to it.
+                    self.send_address_book(Some(id));
+                }
+                None => self.transport.remove_peer(id),
+            }
+        }
+        for msg in self.core.take_outbox() {
+            let to = msg.to;
+            let frame = match raft_frame(&msg) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(to, "cannot encode a raft message: {e}");
+                    continue;
+                }
+            };
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                let transport = self.transport.clone();
+                let reports = reports.clone();
+                let timeout = self.snapshot_timeout;
+                tokio::spawn(async move {
+                    let outcome = transport.call(to, frame, timeout).await;
+                    if let Err(e) = &outcome {
+                        tracing::warn!(to, "snapshot not delivered: {e}");
+                    }
+                    let _ = reports.send((to, outcome.is_ok()));
+                });
+                continue;
+            }
+            if let Err(e) = self.transport.send(to, frame) {
+                tracing::debug!(to, "raft message not sent: {e}");
+                self.core.report_unreachable(to);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let st = self.core.status();
+        self.status.send_if_modified(|cur| {
+            let changed = *cur != st;
+            if changed {
+                *cur = st;
+            }
+            changed
+        });
+    }
+}
+
+/// Receives raft-rs messages from the transport and queues them for the driver.
+pub(crate) struct RaftHandler {
+    pub(crate) id: NodeId,
+    pub(crate) messages: mpsc::Sender<Inbound>,
+}
+
+impl RaftHandler {
+    fn decode(&self, from: NodeId, frame: &Bytes) -> Result<Inbound, String> {
+        match frame.first() {
+            Some(&FRAME_RAFT) => {}
+            Some(&FRAME_ADDRESSES) => {
+                return consensus_api::codec::decode(&frame[1..])
+                    .map(Inbound::Addresses)
+                    .map_err(|e| format!("undecodable address book from {from}: {e}"));
+            }
+            _ => return Err(format!("unknown engine frame from {from}")),
+        }
+        let msg = Message::parse_from_carllerche_bytes(&frame.slice(1..))
+            .map_err(|e| format!("undecodable raft message from {from}: {e}"))?;
+        if msg.from != from || msg.to != self.id {
+            return Err(format!(
+                "raft message {}->{} arrived on the connection of {from} at {}",
+                msg.from, msg.to, self.id
+            ));
+        }
+        Ok(Inbound::Raft(msg))
+    }
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for RaftHandler {
+    fn on_message(&self, from: NodeId, frame: Bytes) {
+        match self.decode(from, &frame) {
+            // Full: drop it; raft-rs retransmits what matters.
+            Ok(m) => {
+                if self.messages.try_send(m).is_err() {
+                    tracing::debug!(from, "inbound raft queue full; message dropped");
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+
+    async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        let m = self.decode(from, &frame)?;
+        self.messages
+            .send(m)
+            .await
+            .map_err(|_| "the node is shutting down".to_string())?;
+        Ok(Bytes::new())
+    }
+}

@@ -1,0 +1,436 @@
+//! raft-rs [`Storage`] over the shared durable log ([`consensus_storage::Log`]) and snapshot
+//! file ([`SnapshotStore`]).
+//!
+//! - Entries are stored as their protobuf encoding, one CRC-checked log record each.
+//! - The hard state is a metadata record; the conf state lives in the snapshot's metadata, the
+//!   way etcd's storage keeps it: conf changes after the snapshot are replayed from the log.
+//! - Every write is queued to the log's writer thread; [`DiskStorage::durable`] reports when
+//!   all of them reached the disk (one `fdatasync` for the batch).
+//! - Opening reconciles a crash between writing a snapshot and compacting the log.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use consensus_api::NodeId;
+use consensus_storage::{Log, SnapshotStore, StorageError as DiskError};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Metadata key of the hard state.
+const META_HARD_STATE: u8 = 1;
+
+/// Index and term of the snapshot every initial member writes when it bootstraps a cluster.
+/// Starting above zero means a node that joins later never replays the log from index 1 (it
+/// would miss the initial voters, which are not a log entry): it installs a snapshot instead.
+pub(crate) const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+/// What a snapshot's data holds besides the user's state: the members' addresses, so a node
+/// restored from it can reach everyone without replaying the conf changes that named them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct SnapshotData {
+    /// Address of every member as of the snapshot.
+    pub(crate) addresses: BTreeMap<NodeId, String>,
+    /// The state machine's snapshot.
+    pub(crate) state: Vec<u8>,
+}
+
+/// Errors of the storage layer, as raft-rs wants them.
+fn other(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+fn disk(e: DiskError) -> raft::Error {
+    other(e)
+}
+
+/// Durable raft-rs storage.
+pub(crate) struct DiskStorage {
+    log: Log,
+    snapshots: SnapshotStore,
+    hard_state: HardState,
+    /// The latest snapshot (metadata and data); default (index 0) when there is none.
+    snapshot: Snapshot,
+    /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken
+    /// before the receiving node joined): the core takes a fresh one and raft-rs asks again.
+    wanted: AtomicBool,
+}
+
+impl DiskStorage {
+    /// Opens the storage in `dir`, checking every record and repairing a snapshot that is ahead
+    /// of the log (a crash between saving the snapshot and compacting the log).
+    pub(crate) fn open(dir: &Path) -> raft::Result<Self> {
+        let log = Log::open(dir).map_err(disk)?;
+        let snapshots = SnapshotStore::open(dir).map_err(disk)?;
+        let hard_state = match log.meta(META_HARD_STATE) {
+            Some(b) => HardState::parse_from_bytes(&b).map_err(other)?,
+            None => HardState::default(),
+        };
+        let snapshot = match snapshots.load().map_err(disk)? {
+            Some((meta, data)) => {
+                let mut s = Snapshot::default();
+                s.set_metadata(SnapshotMetadata::parse_from_bytes(&meta).map_err(other)?);
+                s.data = data;
+                s
+            }
+            None => Snapshot::default(),
+        };
+        let mut me = Self {
+            log,
+            snapshots,
+            hard_state,
+            snapshot,
+            wanted: AtomicBool::new(false),
+        };
+        me.reconcile()?;
+        Ok(me)
+    }
+
+    fn reconcile(&mut self) -> raft::Result<()> {
+        let (index, term) = self.snapshot_position();
+        if index == 0 {
+            return Ok(());
+        }
+        let purged = self.log.state().purged.map(|p| p.0).unwrap_or(0);
+        if purged < index {
+            tracing::warn!(
+                index,
+                purged,
+                "snapshot is ahead of the log (crash during compaction); compacting now"
+            );
+            self.discard_log_through(index, term)?;
+        }
+        if self.hard_state.commit < index || self.hard_state.term < term {
+            let mut hs = self.hard_state.clone();
+            hs.commit = hs.commit.max(index);
+            hs.term = hs.term.max(term);
+            self.set_hard_state(&hs)?;
+        }
+        self.log.sync().map_err(disk)
+    }
+
+    /// Drops the log up to `index`, keeping later entries only if they extend the snapshot.
+    fn discard_log_through(&mut self, index: u64, term: u64) -> raft::Result<()> {
+        if self.log.term(index) != Some(term) {
+            self.log.truncate(index + 1, None).map_err(disk)?;
+        }
+        self.log
+            .purge(index, term, Bytes::new(), None)
+            .map_err(disk)
+    }
+
+    /// No log, no vote, no snapshot: this data dir never belonged to a cluster.
+    pub(crate) fn is_fresh(&self) -> bool {
+        let st = self.log.state();
+        self.hard_state == HardState::default()
+            && st.last_index.is_none()
+            && st.purged.is_none()
+            && self.snapshot_position().0 == 0
+    }
+
+    /// Writes the initial configuration of a brand-new cluster as a snapshot at
+    /// [`BOOTSTRAP_INDEX`], durably. Only for a fresh data dir.
+    pub(crate) fn bootstrap(&mut self, voters: Vec<NodeId>, data: Vec<u8>) -> raft::Result<()> {
+        let cs = ConfState {
+            voters,
+            ..Default::default()
+        };
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().set_conf_state(cs);
+        snap.mut_metadata().index = BOOTSTRAP_INDEX;
+        snap.mut_metadata().term = BOOTSTRAP_TERM;
+        snap.data = data.into();
+        self.apply_snapshot(snap)?;
+        let hs = HardState {
+            term: BOOTSTRAP_TERM,
+            commit: BOOTSTRAP_INDEX,
+            ..Default::default()
+        };
+        self.set_hard_state(&hs)?;
+        self.log.sync().map_err(disk)
+    }
+
+    /// Index and term of the latest snapshot (0, 0 when there is none).
+    pub(crate) fn snapshot_position(&self) -> (u64, u64) {
+        let m = self.snapshot.get_metadata();
+        (m.index, m.term)
+    }
+
+    /// The latest snapshot.
+    pub(crate) fn latest_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The index of the last entry removed by compaction (0 if none).
+    pub(crate) fn purged_index(&self) -> u64 {
+        self.log.state().purged.map(|p| p.0).unwrap_or(0)
+    }
+
+    /// Appends entries from a `Ready`, replacing any conflicting suffix.
+    pub(crate) fn append(&mut self, entries: &[Entry]) -> raft::Result<()> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            out.push(consensus_storage::Entry {
+                index: e.index,
+                term: e.term,
+                data: Bytes::from(e.write_to_bytes().map_err(other)?),
+            });
+        }
+        self.log.append(out, None).map_err(disk)
+    }
+
+    /// Persists a new hard state.
+    pub(crate) fn set_hard_state(&mut self, hs: &HardState) -> raft::Result<()> {
+        let bytes = hs.write_to_bytes().map_err(other)?;
+        self.log
+            .set_meta(META_HARD_STATE, Bytes::from(bytes), None)
+            .map_err(disk)?;
+        self.hard_state = hs.clone();
+        Ok(())
+    }
+
+    /// Persists a new commit index (durable with the next batch; raft-rs recomputes it anyway).
+    pub(crate) fn set_commit(&mut self, commit: u64) -> raft::Result<()> {
+        if commit <= self.hard_state.commit {
+            return Ok(());
+        }
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.set_hard_state(&hs)
+    }
+
+    /// Installs a snapshot received from the leader (or written at bootstrap): saves it with
+    /// fsync, then drops the log it covers.
+    pub(crate) fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
+        let meta = snap.get_metadata().write_to_bytes().map_err(other)?;
+        self.snapshots.save(&meta, &snap.data).map_err(disk)?;
+        let (index, term) = {
+            let m = snap.get_metadata();
+            (m.index, m.term)
+        };
+        self.snapshot = snap;
+        self.discard_log_through(index, term)
+    }
+
+    /// Saves a snapshot this node took of its own state (fsync), then compacts the log up to
+    /// `compact_to` (at most the snapshot's index).
+    pub(crate) fn save_snapshot(&mut self, snap: Snapshot, compact_to: u64) -> raft::Result<()> {
+        let meta = snap.get_metadata().write_to_bytes().map_err(other)?;
+        self.snapshots.save(&meta, &snap.data).map_err(disk)?;
+        let index = snap.get_metadata().index;
+        self.snapshot = snap;
+        self.compact(compact_to.min(index))
+    }
+
+    /// Removes entries up to `to` (which must be applied and covered by a snapshot).
+    pub(crate) fn compact(&mut self, to: u64) -> raft::Result<()> {
+        if to <= self.purged_index() {
+            return Ok(());
+        }
+        let Some(term) = self.log.term(to) else {
+            return Ok(());
+        };
+        self.log.purge(to, term, Bytes::new(), None).map_err(disk)
+    }
+
+    /// A receiver that fires once every write queued so far is durable.
+    pub(crate) fn durable(&self) -> raft::Result<oneshot::Receiver<Result<(), String>>> {
+        let (tx, rx) = oneshot::channel();
+        self.log
+            .on_durable(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+            .map_err(disk)?;
+        Ok(rx)
+    }
+
+    /// Whether raft-rs asked for a fresher snapshot since the last call.
+    pub(crate) fn take_snapshot_request(&self) -> bool {
+        self.wanted.swap(false, Ordering::SeqCst)
+    }
+
+    /// The shared log handle (to flush and close it at shutdown).
+    pub(crate) fn log(&self) -> &Log {
+        &self.log
+    }
+
+    fn first(&self) -> u64 {
+        let st = self.log.state();
+        match (st.purged, st.first_index) {
+            (Some(p), _) => p.0 + 1,
+            (None, Some(f)) => f,
+            (None, None) => 1,
+        }
+    }
+
+    fn last(&self) -> u64 {
+        let st = self.log.state();
+        match (st.last_index, st.purged) {
+            (Some(l), _) => l,
+            (None, Some(p)) => p.0,
+            (None, None) => 0,
+        }
+    }
+}
+
+impl Storage for DiskStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.snapshot.get_metadata().get_conf_state().clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let stored = self.log.entries(low, high, max_size.into());
+        let mut out = Vec::with_capacity(stored.len());
+        for e in stored {
+            out.push(Entry::parse_from_carllerche_bytes(&e.data).map_err(other)?);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let (snap_index, snap_term) = self.snapshot_position();
+        if idx == snap_index {
+            return Ok(snap_term);
+        }
+        if let Some(t) = self.log.term(idx) {
+            return Ok(t);
+        }
+        if idx == 0 && self.purged_index() == 0 {
+            return Ok(0);
+        }
+        if idx < self.first() {
+            Err(raft::Error::Store(StorageError::Compacted))
+        } else {
+            Err(raft::Error::Store(StorageError::Unavailable))
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let meta = self.snapshot.get_metadata();
+        let cs = meta.get_conf_state();
+        let names_to = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
+        // raft-rs refuses to restore a snapshot whose configuration does not name it.
+        if meta.index < request_index || !names_to {
+            self.wanted.store(true, Ordering::SeqCst);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: Bytes::from(format!("e{index}")),
+            ..Default::default()
+        }
+    }
+
+    fn sync(s: &DiskStorage) {
+        s.log.sync().expect("sync");
+    }
+
+    #[test]
+    fn bootstrap_entries_and_hard_state_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut s = DiskStorage::open(dir.path()).expect("open");
+            assert!(s.is_fresh());
+            s.bootstrap(vec![1, 2, 3], b"init".to_vec())
+                .expect("bootstrap");
+            assert_eq!(s.first(), 2);
+            assert_eq!(s.last(), 1);
+            assert_eq!(s.term(1).expect("term"), 1);
+            s.append(&[entry(2, 2), entry(3, 2)]).expect("append");
+            let hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: 3,
+                ..Default::default()
+            };
+            s.set_hard_state(&hs).expect("hs");
+            sync(&s);
+        }
+        let s = DiskStorage::open(dir.path()).expect("reopen");
+        assert!(!s.is_fresh());
+        let st = s.initial_state().expect("state");
+        assert_eq!(st.hard_state.vote, 1);
+        assert_eq!(st.hard_state.commit, 3);
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        let got = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .expect("entries");
+        assert_eq!(got, vec![entry(2, 2), entry(3, 2)]);
+        assert_eq!(s.latest_snapshot().data.as_ref(), b"init");
+    }
+
+    #[test]
+    fn compaction_and_snapshot_install_move_the_first_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = DiskStorage::open(dir.path()).expect("open");
+        s.bootstrap(vec![1], Vec::new()).expect("bootstrap");
+        s.append(&(2..=10).map(|i| entry(i, 2)).collect::<Vec<_>>())
+            .expect("append");
+        s.compact(5).expect("compact");
+        assert_eq!(s.first(), 6);
+        assert!(matches!(
+            s.entries(4, 7, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(s.term(5).expect("term of the purged index"), 2);
+        // A snapshot from another leader's history replaces the whole log.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 8;
+        snap.mut_metadata().term = 3;
+        s.apply_snapshot(snap).expect("install");
+        assert_eq!((s.first(), s.last()), (9, 8));
+        assert_eq!(s.term(8).expect("term"), 3);
+        sync(&s);
+        drop(s);
+        let s = DiskStorage::open(dir.path()).expect("reopen");
+        assert_eq!((s.first(), s.last()), (9, 8));
+        assert_eq!(s.snapshot_position(), (8, 3));
+    }
+}

@@ -1,0 +1,396 @@
+//! Ready-cycle tests without a network: several [`Core`]s on real data dirs, their outboxes
+//! routed by hand, time advanced one tick at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use consensus_api::{codec, ByteStateMachine, ConsensusError, ErrorKind, NodeConfig, NodeId};
+use parking_lot::Mutex;
+use raft::eraftpb::{ConfState, MessageType};
+use tokio::sync::oneshot;
+
+use crate::node::{voter_changes, Core, Reply};
+use crate::storage::DiskStorage;
+
+/// Appends every command; answers with the number applied so far.
+#[derive(Default)]
+struct Journal(Mutex<Vec<(u64, Vec<u8>)>>);
+
+impl ByteStateMachine for Journal {
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8> {
+        let mut j = self.0.lock();
+        j.push((index, command.to_vec()));
+        (j.len() as u64).to_be_bytes().to_vec()
+    }
+    fn snapshot(&self) -> Result<Vec<u8>, ConsensusError> {
+        Ok(codec::encode(&*self.0.lock())?)
+    }
+    fn restore(&self, snapshot: &[u8]) -> Result<(), ConsensusError> {
+        *self.0.lock() = codec::decode(snapshot)?;
+        Ok(())
+    }
+}
+
+impl Journal {
+    fn commands(&self) -> Vec<Vec<u8>> {
+        self.0.lock().iter().map(|(_, c)| c.clone()).collect()
+    }
+}
+
+struct Node {
+    core: Core,
+    sm: Arc<Journal>,
+}
+
+struct Net {
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, Node>,
+    /// Nodes whose traffic is dropped both ways.
+    cut: BTreeSet<NodeId>,
+}
+
+fn config(dir: &std::path::Path, id: NodeId, members: &[NodeId]) -> NodeConfig {
+    let mut c = NodeConfig::new(id, "unit", dir.join(format!("n{id}")));
+    c.initial_members = members.iter().map(|m| (*m, format!("n{m}"))).collect();
+    c.snapshot_threshold = 50;
+    c.keep_logs_after_snapshot = 5;
+    c
+}
+
+fn open(cfg: &NodeConfig) -> Node {
+    let sm = Arc::new(Journal::default());
+    let storage = DiskStorage::open(&cfg.data_dir).expect("open storage");
+    let core = Core::new(cfg, storage, sm.clone(), &crate::logger::logger(cfg.id)).expect("core");
+    Node { core, sm }
+}
+
+fn reply<T>() -> (Reply<T>, oneshot::Receiver<Result<T, ConsensusError>>) {
+    oneshot::channel()
+}
+
+impl Net {
+    fn new(n: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<NodeId> = (1..=n).collect();
+        let nodes = ids
+            .iter()
+            .map(|id| (*id, open(&config(dir.path(), *id, &ids))))
+            .collect();
+        Self {
+            dir,
+            nodes,
+            cut: BTreeSet::new(),
+        }
+    }
+
+    /// Runs Ready cycles and delivers messages until everything is quiet.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            let mut mail = Vec::new();
+            for (id, n) in self.nodes.iter_mut() {
+                while let Some(mut cycle) = n.core.begin().expect("begin") {
+                    moved = true;
+                    if let Some(d) = cycle.durable.take() {
+                        d.blocking_recv().expect("writer").expect("durable");
+                    }
+                    n.core.finish(cycle).expect("finish");
+                }
+                n.core.deliver();
+                n.core.take_peer_changes();
+                for m in n.core.take_outbox() {
+                    mail.push((*id, m));
+                }
+            }
+            for (from, m) in mail {
+                moved = true;
+                if self.cut.contains(&from) || self.cut.contains(&m.to) {
+                    continue;
+                }
+                let (to, snapshot) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
+                if let Some(n) = self.nodes.get_mut(&to) {
+                    n.core.step(m);
+                }
+                if snapshot {
+                    if let Some(n) = self.nodes.get_mut(&from) {
+                        n.core.report_snapshot(to, true);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the cluster never settled");
+    }
+
+    fn tick(&mut self, ticks: usize) {
+        for _ in 0..ticks {
+            for n in self.nodes.values_mut() {
+                n.core.tick();
+            }
+            self.settle();
+        }
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.core.status().is_leader())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn elect(&mut self) -> NodeId {
+        for _ in 0..100 {
+            self.tick(1);
+            if let [l] = self.leaders()[..] {
+                return l;
+            }
+        }
+        panic!("no single leader after 100 ticks: {:?}", self.leaders());
+    }
+
+    fn core(&mut self, id: NodeId) -> &mut Core {
+        &mut self.nodes.get_mut(&id).expect("node").core
+    }
+
+    fn propose(&mut self, id: NodeId, cmd: &[u8]) -> Result<Vec<u8>, ConsensusError> {
+        let (tx, mut rx) = reply();
+        self.core(id).propose(cmd.to_vec(), tx);
+        for _ in 0..50 {
+            self.settle();
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            self.tick(1);
+        }
+        panic!("proposal on {id} never answered");
+    }
+}
+
+#[test]
+fn three_cores_elect_one_leader_and_apply_in_order() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    for i in 0..20u64 {
+        let out = net
+            .propose(leader, format!("c{i}").as_bytes())
+            .expect("commit");
+        assert_eq!(out, (i + 1).to_be_bytes().to_vec(), "answer of command {i}");
+    }
+    net.tick(2);
+    let expected = net.nodes[&leader].sm.commands();
+    assert_eq!(expected.len(), 20);
+    for (id, n) in &net.nodes {
+        assert_eq!(
+            n.sm.commands(),
+            expected,
+            "node {id} applied another sequence"
+        );
+    }
+}
+
+#[test]
+fn a_follower_refuses_with_the_leader_hint() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    let follower = *net.nodes.keys().find(|i| **i != leader).expect("follower");
+    let e = net.propose(follower, b"x").expect_err("follower proposal");
+    assert!(
+        matches!(e, ConsensusError::NotLeader { leader: Some(l) } if l == leader),
+        "{e}"
+    );
+    let (tx, mut rx) = reply();
+    net.core(follower).read_index(tx);
+    assert_eq!(
+        rx.try_recv()
+            .expect("answered at once")
+            .expect_err("read")
+            .kind(),
+        ErrorKind::NotLeader
+    );
+}
+
+#[test]
+fn read_index_needs_a_quorum() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    net.propose(leader, b"w").expect("write");
+    let (tx, mut rx) = reply();
+    net.core(leader).read_index(tx);
+    net.settle();
+    net.core(leader).deliver();
+    let index = rx.try_recv().expect("answered").expect("read index");
+    assert!(index >= net.core(leader).status().commit_index);
+    // Cut the leader off: its read is never confirmed, and once check-quorum deposes it the
+    // read fails instead of returning a stale index.
+    net.cut = net.nodes.keys().copied().filter(|i| *i != leader).collect();
+    let (tx, mut rx) = reply();
+    net.core(leader).read_index(tx);
+    net.settle();
+    assert!(
+        rx.try_recv().is_err(),
+        "a read was confirmed without a quorum"
+    );
+    net.tick(30);
+    let e = rx.try_recv().expect("answered").expect_err("deposed");
+    assert_eq!(e.kind(), ErrorKind::NotLeader, "{e}");
+}
+
+#[test]
+fn persisted_messages_wait_for_the_disk() {
+    // A vote response may only leave once the vote is durable: within one cycle, the first
+    // half must not hand it out.
+    let mut net = Net::new(3);
+    for _ in 0..100 {
+        for n in net.nodes.values_mut() {
+            n.core.tick();
+        }
+        let mut mail = Vec::new();
+        for (id, n) in net.nodes.iter_mut() {
+            while let Some(mut cycle) = n.core.begin().expect("begin") {
+                let early = n.core.take_outbox();
+                assert!(
+                    early
+                        .iter()
+                        .all(|m| m.get_msg_type() != MessageType::MsgRequestVoteResponse),
+                    "a vote response left before the vote was persisted"
+                );
+                mail.extend(early.into_iter().map(|m| (*id, m)));
+                if let Some(d) = cycle.durable.take() {
+                    d.blocking_recv().expect("writer").expect("durable");
+                }
+                n.core.finish(cycle).expect("finish");
+                mail.extend(n.core.take_outbox().into_iter().map(|m| (*id, m)));
+            }
+        }
+        for (_, m) in mail {
+            if let Some(n) = net.nodes.get_mut(&m.to) {
+                n.core.step(m);
+            }
+        }
+        if net.leaders().len() == 1 {
+            return;
+        }
+    }
+    panic!("no leader");
+}
+
+#[test]
+fn a_learner_catches_up_by_snapshot_and_is_promoted() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    for i in 0..60u64 {
+        net.propose(leader, format!("c{i}").as_bytes())
+            .expect("write");
+    }
+    assert!(
+        net.core(leader).status().purged_index > 1,
+        "leader compacted"
+    );
+    // Node 4 starts empty (not an initial member) and joins as a learner.
+    let cfg = config(net.dir.path(), 4, &[]);
+    net.nodes.insert(4, open(&cfg));
+    let (tx, mut rx) = reply();
+    net.core(leader).add_learner(4, "n4".into(), tx);
+    net.tick(5);
+    rx.try_recv().expect("answered").expect("learner added");
+    assert_eq!(
+        net.nodes[&4].sm.commands(),
+        net.nodes[&leader].sm.commands()
+    );
+    assert!(
+        net.core(4).status().snapshot_index > 1,
+        "caught up by snapshot"
+    );
+    // Promote it and demote another: two changes, so joint consensus, left automatically.
+    let other = *net
+        .nodes
+        .keys()
+        .find(|i| **i != leader && **i != 4)
+        .expect("voter");
+    let voters: BTreeSet<NodeId> = [leader, 4]
+        .into_iter()
+        .chain(
+            net.nodes
+                .keys()
+                .copied()
+                .filter(|i| *i != leader && *i != 4 && *i != other),
+        )
+        .collect();
+    let (tx, mut rx) = reply();
+    net.core(leader).change_voters(voters.clone(), tx);
+    net.tick(5);
+    let answer = rx.try_recv();
+    if answer.is_err() {
+        for (id, n) in &net.nodes {
+            eprintln!("{id}: {:?}", n.core.status());
+        }
+    }
+    answer.expect("answered").expect("voters changed");
+    for (id, n) in &net.nodes {
+        let st = n.core.status();
+        assert_eq!(st.voters, voters, "voters on {id}");
+        assert_eq!(st.learners, BTreeSet::from([other]), "learners on {id}");
+    }
+}
+
+#[test]
+fn a_restarted_core_replays_to_the_same_state() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    for i in 0..70u64 {
+        net.propose(leader, format!("c{i}").as_bytes())
+            .expect("write");
+    }
+    let before = net.nodes[&leader].sm.commands();
+    let ids: Vec<NodeId> = net.nodes.keys().copied().collect();
+    let cfg = config(net.dir.path(), leader, &ids);
+    if let Some(n) = net.nodes.remove(&leader) {
+        n.core.storage().log().close();
+    }
+    let mut n = open(&cfg);
+    while let Some(mut cycle) = n.core.begin().expect("begin") {
+        if let Some(d) = cycle.durable.take() {
+            d.blocking_recv().expect("writer").expect("durable");
+        }
+        n.core.finish(cycle).expect("finish");
+    }
+    assert_eq!(
+        n.sm.commands(),
+        before,
+        "snapshot plus replay rebuilt the state"
+    );
+}
+
+#[test]
+fn voter_changes_promote_learners_and_demote_voters() {
+    let cs = ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        ..Default::default()
+    };
+    let ch = voter_changes(&cs, &BTreeSet::from([1, 2, 4])).expect("valid");
+    let got: Vec<(u64, i32)> = ch
+        .iter()
+        .map(|c| (c.node_id, c.get_change_type() as i32))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (4, raft::eraftpb::ConfChangeType::AddNode as i32),
+            (3, raft::eraftpb::ConfChangeType::AddLearnerNode as i32)
+        ]
+    );
+    assert_eq!(
+        voter_changes(&cs, &BTreeSet::from([1, 7]))
+            .expect_err("unknown node")
+            .kind(),
+        ErrorKind::InvalidRequest
+    );
+    assert!(voter_changes(&cs, &BTreeSet::new()).is_err());
+    assert!(voter_changes(&cs, &BTreeSet::from([1, 2, 3]))
+        .expect("no-op")
+        .is_empty());
+}
