@@ -102,16 +102,7 @@ impl Cluster {
         n: u64,
         tweak: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
     ) -> Self {
-        init_logging();
-        let seed = seed(test);
-        let mut cluster = Cluster {
-            combo: combo.clone(),
-            faults: Faults::new(seed),
-            cluster_id: format!("test-{}-{seed}", combo.name()),
-            root: tempfile::tempdir().expect("temp dir for the cluster"),
-            members: BTreeMap::new(),
-            tweak: Arc::new(tweak),
-        };
+        let mut cluster = Self::empty(combo, test, Arc::new(tweak));
         // Bind every transport first: the initial members need the real ports.
         let mut bound = Vec::new();
         for id in 1..=n {
@@ -151,6 +142,56 @@ impl Cluster {
             cluster.member(id).node = Some(node);
         }
         cluster
+    }
+
+    fn empty(combo: &Combo, test: &str, tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>) -> Self {
+        init_logging();
+        let seed = seed(test);
+        Cluster {
+            combo: combo.clone(),
+            faults: Faults::new(seed),
+            cluster_id: format!("test-{}-{seed}", combo.name()),
+            root: tempfile::tempdir().expect("temp dir for the cluster"),
+            members: BTreeMap::new(),
+            tweak,
+        }
+    }
+
+    /// Plans `n` voters (ids 1..=n) of a fresh cluster, with reserved addresses, but starts
+    /// none of them: start each with [`Cluster::start_node`], in any order, at any interval.
+    pub async fn planned(combo: &Combo, test: &str, n: u64) -> Self {
+        let mut cluster = Self::empty(combo, test, Arc::new(|_: &mut NodeConfig| {}));
+        let mut bound = Vec::new();
+        for id in 1..=n {
+            let (rt, transport) = cluster.bind(id, "127.0.0.1:0".parse().expect("addr")).await;
+            bound.push((id, rt, transport));
+        }
+        let initial: BTreeMap<NodeId, String> = bound
+            .iter()
+            .map(|(id, _, t)| (*id, t.local_addr().to_string()))
+            .collect();
+        for (id, rt, transport) in bound {
+            let addr = transport.local_addr();
+            // Release the port: the node binds it again when it starts.
+            let _ = rt.spawn(async move { transport.shutdown().await }).await;
+            rt.shutdown_background();
+            cluster.members.insert(
+                id,
+                Member {
+                    addr,
+                    data_dir: cluster.root.path().join(format!("node-{id}")),
+                    initial: initial.clone(),
+                    runtime: None,
+                    node: None,
+                },
+            );
+        }
+        cluster
+    }
+
+    /// Starts a planned (or stopped) node on its address and data dir.
+    pub async fn start_node(&mut self, id: NodeId) {
+        self.restart(id).await
     }
 
     fn config(

@@ -50,7 +50,8 @@ macro_rules! conformance_suite {
                 snapshot_compacts_and_restart_restores_from_it,
                 lagging_node_catches_up_by_snapshot,
                 acknowledged_writes_survive_message_loss_and_delay,
-                failures_have_the_shared_error_kinds
+                failures_have_the_shared_error_kinds,
+                nodes_started_one_after_another_form_a_cluster
             );
         }
     };

@@ -627,3 +627,42 @@ pub async fn acknowledged_writes_survive_message_loss_and_delay(combo: Combo) {
         assert_eq!(c.machine(id), reference, "node {id} diverged");
     }
 }
+
+/// The nodes of a new cluster started one after another, seconds apart, form one cluster: the
+/// first waits without quorum (running, not leading, not exiting), the second makes a quorum
+/// with it, the third joins and catches up.
+pub async fn nodes_started_one_after_another_form_a_cluster(combo: Combo) {
+    let mut c = Cluster::planned(&combo, "nodes_started_one_after_another_form_a_cluster", 3).await;
+    // The interval between starts is the scenario's input, not a wait for a condition.
+    let gap = Duration::from_secs(2);
+    c.start_node(1).await;
+    tokio::time::sleep(gap).await;
+    let alone = c.statuses()[&1].clone();
+    assert_ne!(
+        alone.role,
+        Role::Shutdown,
+        "the lone node gave up: {alone:?}"
+    );
+    assert!(
+        !alone.is_leader(),
+        "one node of three became leader: {alone:?}"
+    );
+    c.start_node(2).await;
+    let leader = c.wait_leader_among(&[1, 2], ELECTION).await;
+    c.put(leader, "first", "1")
+        .await
+        .expect("write with two of three");
+    tokio::time::sleep(gap).await;
+    c.start_node(3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    c.put(leader, "second", "2")
+        .await
+        .expect("write with all three");
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[1, 2, 3], commit, SETTLE).await;
+    for id in [1, 2, 3] {
+        let m = c.machine(id);
+        assert_eq!(m.get("first"), Some("1".into()), "node {id}");
+        assert_eq!(m.get("second"), Some("2".into()), "node {id}");
+    }
+}
