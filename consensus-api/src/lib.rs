@@ -25,19 +25,19 @@
 //!
 //! | contract | raft-rs (`raft` 0.7, `backend-tikv`) | openraft (0.10, `backend-openraft`) |
 //! |---|---|---|
-//! | start / bootstrap | a driver task owns `RawNode`; on a fresh data dir the initial voters are written as the `ConfState` of a snapshot at index 0, once; restart rebuilds `Storage` from disk | `Raft::new` over our `RaftLogStorage` + `RaftStateMachine`; `initialize(voters)` only when the log is empty and no vote exists, so restart never re-initializes |
-//! | [`Engine::propose`] | `RawNode::propose`, the driver remembers `(index, term) -> waiter`; the waiter is completed with the state machine response when the entry applies; a different term at that index = `NotLeader` (the entry was overwritten) | `Raft::client_write`; `ForwardToLeader` maps to `NotLeader { leader }` |
-//! | [`Engine::read_index`] | `RawNode::read_index(ctx)`; the `ReadState` with our ctx gives the index; check-quorum + pre-vote keep a deposed leader from confirming | `Raft::ensure_linearizable` (heartbeat quorum), the returned read log id's index |
+//! | start / bootstrap | a driver task owns `RawNode`; on a fresh data dir an initial member writes the voters as the `ConfState` of a snapshot at index 1, once (a node that joins later starts empty and installs a snapshot); restart rebuilds `Storage` from disk | `Raft::new` over our `RaftLogStorage` + `RaftStateMachine`; `initialize(voters)` only when the log is empty and no vote exists, so restart never re-initializes |
+//! | [`Engine::propose`] | `RawNode::propose`, the driver remembers `(index, term) -> waiter`; the waiter is completed with the state machine response when the entry applies; a different term at that index = `Timeout` (outcome unknown, like openraft's `LogEntryDiscarded`); `ProposalDropped` = `NotLeader` | `Raft::client_write`; `ForwardToLeader` maps to `NotLeader { leader }` |
+//! | [`Engine::read_index`] | `RawNode::read_index(ctx)` (`ReadOnlySafe`); the `ReadState` with our ctx gives the index; re-issued while a new leader has not committed in its term; pending reads fail with `NotLeader` when the node stops leading | `Raft::ensure_linearizable` (heartbeat quorum), the returned read log id's index |
 //! | [`Consensus::linearizable_read`] | forward read-index to the leader, wait until the local applied index reaches it | same |
-//! | [`Engine::status`] / [`Consensus::watch`] | built by the driver after each Ready from `RawNode::status`, `raft_log.committed/applied`, `ConfState` | `Raft::metrics()` watch mapped to [`Status`] |
-//! | [`Engine::add_learner`] | `ConfChangeV2` with `AddLearnerNode`, address carried in the change's context and persisted | `Raft::add_learner(id, BasicNode{addr}, blocking=true)` |
+//! | [`Engine::status`] / [`Consensus::watch`] | built by the driver after each Ready from the raft state, `raft_log.committed`, the applied index and the `ConfState`; published before the cycle's answers are delivered | `Raft::metrics()` watch mapped to [`Status`] |
+//! | [`Engine::add_learner`] | `ConfChangeV2` with `AddLearnerNode`, address carried in the change's context; answers once the learner matched the change's index | `Raft::add_learner(id, BasicNode{addr}, blocking=true)` |
 //! | [`Engine::change_voters`] | `ConfChangeV2` of several `AddNode`/`AddLearnerNode` changes: joint consensus, left automatically | `Raft::change_membership(ReplaceAllVoters(set), retain=true)` (joint then uniform) |
 //! | [`Engine::remove_node`] | `ConfChangeV2` `RemoveNode` | `change_membership(RemoveNodes/RemoveVoters)` |
 //! | [`Engine::transfer_leader`] | `RawNode::transfer_leader(to)` (MsgTimeoutNow) | `raft.trigger().transfer_leader(to)` |
 //! | [`Engine::snapshot_now`] | state machine snapshot at the applied index into the snapshot file, then compact the log | `raft.trigger().snapshot()` and wait for the snapshot metric; purge follows the snapshot policy |
 //! | [`Engine::shutdown`] | stop the driver loop, flush the log | `Raft::shutdown` |
 //! | pre-vote / check-quorum | `Config { pre_vote: true, check_quorum: true }` | `Config { enable_elect: true, ... }` leader lease + pre-vote of 0.10 |
-//! | transport | one-way [`Transport::send`] of protobuf `Message`s; `report_unreachable` on send failures | request/response [`Transport::call`] for append-entries, vote, snapshot |
+//! | transport | one-way [`Transport::send`] of protobuf `Message`s (snapshots as [`Transport::call`], outcome to `report_snapshot`); `report_unreachable` on send failures; a periodic address book lets an empty new node answer before its snapshot | request/response [`Transport::call`] for append-entries, vote, snapshot |
 //!
 //! Errors: both engines' errors are mapped at the backend boundary to [`ConsensusError`], so the
 //! same scenario gives the same [`ErrorKind`] on either engine.
