@@ -58,6 +58,12 @@ pub trait TransportFactory: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Binds `config.transport.listen_addr` and returns the running transport.
     async fn bind(&self, config: &NodeConfig) -> Result<Arc<dyn Transport>, TransportError>;
+    /// Whether this transport runs with [`TlsConfig::Insecure`](crate::TlsConfig). QUIC cannot
+    /// (TLS is part of the protocol): tools and test harnesses give such a transport
+    /// [`TlsConfig::DevCerts`](crate::TlsConfig) instead.
+    fn supports_insecure(&self) -> bool {
+        true
+    }
 }
 
 type Handlers = Arc<RwLock<HashMap<u8, Weak<dyn InboundHandler>>>>;

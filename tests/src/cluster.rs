@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consensus_api::{
-    Backend, Consensus, ConsensusError, NodeConfig, NodeId, Role, Status, TransportFactory,
+    Backend, Consensus, ConsensusError, NodeConfig, NodeId, Role, Status, TlsConfig,
+    TransportFactory,
 };
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
@@ -66,6 +67,18 @@ pub struct Cluster {
     root: tempfile::TempDir,
     members: BTreeMap<NodeId, Member>,
     tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
+}
+
+/// The TLS settings tests use with `factory`: plaintext where the transport allows it, else a
+/// development CA and node certificates generated (once) under `root/certs`.
+pub fn test_tls(factory: &dyn TransportFactory, root: &std::path::Path) -> TlsConfig {
+    if factory.supports_insecure() {
+        TlsConfig::Insecure
+    } else {
+        TlsConfig::DevCerts {
+            dir: root.join("certs"),
+        }
+    }
 }
 
 /// Installs a log subscriber once (`RUST_LOG` filters; default: warnings).
@@ -204,6 +217,7 @@ impl Cluster {
         let mut c = NodeConfig::new(id, self.cluster_id.clone(), data_dir);
         c.initial_members = initial;
         c.transport.listen_addr = addr;
+        c.transport.tls = test_tls(&*self.combo.transport, self.root.path());
         (self.tweak)(&mut c);
         c
     }
@@ -229,6 +243,7 @@ impl Cluster {
             .expect("node runtime");
         let mut config = NodeConfig::new(id, self.cluster_id.clone(), self.root.path());
         config.transport.listen_addr = addr;
+        config.transport.tls = test_tls(&*self.combo.transport, self.root.path());
         (self.tweak)(&mut config);
         let deadline = Instant::now() + RESTART_DEADLINE;
         loop {

@@ -600,9 +600,12 @@ pub async fn acknowledged_writes_survive_message_loss_and_delay(combo: Combo) {
         combo.name(),
         acked.len()
     );
+    // Two of three proposals are forwarded, and a forwarded call whose request or answer is lost
+    // ends as "unknown" (about 19% of them at 10% loss), so about 35 of 40 are acknowledged;
+    // fewer than half means the cluster stalled, not bad luck.
     assert!(
-        acked.len() >= 30,
-        "too little progress under 10% loss: {} of 60",
+        acked.len() >= 20,
+        "too little progress under 10% loss: {} of 40",
         acked.len()
     );
     c.faults.heal();

@@ -38,13 +38,21 @@ async fn pair(
     factory: &dyn TransportFactory,
     clusters: (&str, &str),
     limits: (usize, usize),
-) -> (Arc<dyn Transport>, Arc<dyn Transport>, Arc<Recorder>) {
+) -> (
+    Arc<dyn Transport>,
+    Arc<dyn Transport>,
+    Arc<Recorder>,
+    tempfile::TempDir,
+) {
     crate::cluster::init_logging();
     let dir = tempfile::tempdir().expect("temp dir");
+    let tls = crate::cluster::test_tls(factory, dir.path());
     let mut a = NodeConfig::new(1, clusters.0, dir.path());
     a.transport.max_frame_bytes = limits.0;
+    a.transport.tls = tls.clone();
     let mut b = NodeConfig::new(2, clusters.1, dir.path());
     b.transport.max_frame_bytes = limits.1;
+    b.transport.tls = tls;
     let ta = factory.bind(&a).await.expect("bind a");
     let tb = factory.bind(&b).await.expect("bind b");
     let rec = Arc::new(Recorder::default());
@@ -52,14 +60,14 @@ async fn pair(
     ta.set_handler(Arc::new(Recorder::default()));
     ta.set_peer(2, tb.local_addr().to_string());
     tb.set_peer(1, ta.local_addr().to_string());
-    (ta, tb, rec)
+    (ta, tb, rec, dir)
 }
 
 const SECOND: Duration = Duration::from_secs(1);
 
 /// One-way frames to a peer arrive complete and in the order they were sent.
 pub async fn one_way_frames_arrive_in_order(factory: Arc<dyn TransportFactory>) {
-    let (a, _b, rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let (a, _b, rec, _dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
     let n = 2000u32;
     for i in 0..n {
         // A full queue drops frames by design; the test sends slower than that.
@@ -92,7 +100,7 @@ pub async fn one_way_frames_arrive_in_order(factory: Arc<dyn TransportFactory>) 
 
 /// A call whose answer does not come within its deadline fails with `Timeout`, promptly.
 pub async fn a_call_fails_at_its_deadline(factory: Arc<dyn TransportFactory>) {
-    let (a, _b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let (a, _b, _rec, _dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
     assert_eq!(
         a.call(2, Bytes::from_static(b"hi"), 5 * SECOND)
             .await
@@ -115,7 +123,7 @@ pub async fn a_call_fails_at_its_deadline(factory: Arc<dyn TransportFactory>) {
 /// Frames above the limit are refused with `FrameTooLarge` by the sender and refused by a
 /// receiver with a smaller limit; the receiver keeps serving.
 pub async fn oversized_frames_are_refused(factory: Arc<dyn TransportFactory>) {
-    let (a, b, rec) = pair(&*factory, ("c", "c"), (1 << 20, 64 << 10)).await;
+    let (a, b, rec, _dir) = pair(&*factory, ("c", "c"), (1 << 20, 64 << 10)).await;
     let big = Bytes::from(vec![7u8; 2 << 20]);
     assert!(matches!(
         a.send(2, big.clone()),
@@ -150,7 +158,7 @@ pub async fn oversized_frames_are_refused(factory: Arc<dyn TransportFactory>) {
 
 /// A peer of another cluster is refused before its frames reach the handler.
 pub async fn a_peer_from_another_cluster_is_refused(factory: Arc<dyn TransportFactory>) {
-    let (a, _b, rec) = pair(&*factory, ("blue", "green"), (1 << 20, 1 << 20)).await;
+    let (a, _b, rec, _dir) = pair(&*factory, ("blue", "green"), (1 << 20, 1 << 20)).await;
     let err = a
         .call(2, Bytes::from_static(b"hello"), 5 * SECOND)
         .await
@@ -165,9 +173,22 @@ pub async fn a_peer_from_another_cluster_is_refused(factory: Arc<dyn TransportFa
     );
 }
 
-/// Garbage bytes on the listening socket are dropped; the node keeps serving real peers.
+/// Garbage bytes on the listening socket (TCP and UDP, whichever the transport uses) are
+/// dropped; the node keeps serving real peers.
 pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory>) {
-    let (a, b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let (a, b, _rec, _dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    if let Ok(u) = tokio::net::UdpSocket::bind("127.0.0.1:0").await {
+        for size in [1usize, 40, 1200, 1500] {
+            let _ = u.send_to(&vec![0xc3; size], b.local_addr()).await;
+        }
+        // A long-header-looking datagram with a bogus version and connection ids.
+        let mut fake = vec![0xc0, 0, 0, 0, 1, 8];
+        fake.extend_from_slice(&[7; 8]);
+        fake.push(8);
+        fake.extend_from_slice(&[9; 8]);
+        fake.resize(1200, 0xee);
+        let _ = u.send_to(&fake, b.local_addr()).await;
+    }
     for _ in 0..3 {
         if let Ok(mut s) = tokio::net::TcpStream::connect(b.local_addr()).await {
             let _ = s.write_all(&[0xff; 4096]).await;
@@ -185,16 +206,17 @@ pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory
 
 /// A peer that restarts on the same address is reached again without intervention.
 pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>) {
-    let (a, b, _rec) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let (a, b, _rec, dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
     let addr = b.local_addr();
     a.call(2, Bytes::from_static(b"1"), 5 * SECOND)
         .await
         .expect("first");
     b.shutdown().await;
     drop(b);
-    let dir = tempfile::tempdir().expect("temp dir");
+    // Same certificates (same cluster CA) as before the restart.
     let mut cfg = NodeConfig::new(2, "c", dir.path());
     cfg.transport.listen_addr = addr;
+    cfg.transport.tls = crate::cluster::test_tls(&*factory, dir.path());
     let deadline = Instant::now() + 10 * SECOND;
     let b2 = loop {
         match factory.bind(&cfg).await {
