@@ -3,11 +3,12 @@
 //! the leader), reads linearizably, stops the leader, shows the failover and keeps writing.
 //!
 //! Flags: `--nodes N` (default 3), `--writes N` (default 30), `--data-dir PATH` (default: a
-//! temporary directory, removed at exit).
+//! temporary directory, removed at exit), `--backend openraft|tikv` and `--transport grpc|quic`
+//! (default: the first compiled in; cargo features `openraft`, `tikv`, `grpc`, `quic` choose
+//! which are).
 //!
-//! This file is the only place that names an engine or a transport: swap
-//! `OpenraftBackend`/`GrpcTransportFactory` for another backend or transport and nothing else
-//! changes.
+//! [`wiring`] is the only place that names an engine or a transport: adding one is a cargo
+//! feature plus one line there, and nothing else changes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,13 +16,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TransportFactory};
+use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TlsConfig, TransportFactory};
 use kvstore::{Command, Store};
 
 struct Args {
     nodes: u64,
     writes: u64,
     data_dir: Option<PathBuf>,
+    backend: Option<String>,
+    transport: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -29,6 +32,8 @@ fn parse_args() -> Result<Args, String> {
         nodes: 3,
         writes: 30,
         data_dir: None,
+        backend: None,
+        transport: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,8 +53,10 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--writes: {e}"))?
             }
             "--data-dir" => args.data_dir = Some(PathBuf::from(value("--data-dir")?)),
+            "--backend" => args.backend = Some(value("--backend")?),
+            "--transport" => args.transport = Some(value("--transport")?),
             "-h" | "--help" => {
-                return Err("usage: kvstore [--nodes N] [--writes N] [--data-dir PATH]".into())
+                return Err("usage: kvstore [--nodes N] [--writes N] [--data-dir PATH] [--backend openraft|tikv] [--transport grpc|quic]".into())
             }
             other => return Err(format!("unknown argument {other:?}; see --help")),
         }
@@ -57,12 +64,43 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// The wiring: the one place a backend and a transport are chosen.
-fn wiring() -> (Arc<dyn Backend>, Arc<dyn TransportFactory>) {
-    (
-        Arc::new(backend_openraft::OpenraftBackend),
-        Arc::new(transport_grpc::GrpcTransportFactory),
-    )
+/// What the wiring offers: the compiled-in backends and transports.
+type Choices = (Vec<Arc<dyn Backend>>, Vec<Arc<dyn TransportFactory>>);
+
+/// The wiring: the one place backends and transports are named. Each is one line behind its
+/// cargo feature.
+fn wiring() -> Choices {
+    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+    let mut transports: Vec<Arc<dyn TransportFactory>> = Vec::new();
+    #[cfg(feature = "openraft")]
+    backends.push(Arc::new(backend_openraft::OpenraftBackend));
+    #[cfg(feature = "tikv")]
+    backends.push(Arc::new(backend_tikv::TikvBackend));
+    #[cfg(feature = "grpc")]
+    transports.push(Arc::new(transport_grpc::GrpcTransportFactory));
+    #[cfg(feature = "quic")]
+    transports.push(Arc::new(transport_quic::QuicTransportFactory));
+    (backends, transports)
+}
+
+/// Picks `wanted` (or the first) among the compiled-in choices by name.
+fn choose<T: ?Sized>(
+    what: &str,
+    all: Vec<Arc<T>>,
+    wanted: Option<&str>,
+    name: impl Fn(&T) -> &'static str,
+) -> Result<Arc<T>, ConsensusError> {
+    let names: Vec<&str> = all.iter().map(|x| name(x)).collect();
+    let found = match wanted {
+        None => all.into_iter().next(),
+        Some(w) => all.into_iter().find(|x| name(x) == w),
+    };
+    found.ok_or_else(|| {
+        ConsensusError::InvalidRequest(format!(
+            "{what} {:?} is not compiled in (available: {names:?}; enable it with a cargo feature)",
+            wanted.unwrap_or("any")
+        ))
+    })
 }
 
 #[tokio::main]
@@ -90,7 +128,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), ConsensusError> {
-    let (backend, transports) = wiring();
+    let (backends, factories) = wiring();
+    let backend = choose("backend", backends, args.backend.as_deref(), |b| b.name())?;
+    let transports = choose("transport", factories, args.transport.as_deref(), |t| {
+        t.name()
+    })?;
     let tmp;
     let root = match &args.data_dir {
         Some(d) => d.clone(),
@@ -113,7 +155,13 @@ async fn run(args: Args) -> Result<(), ConsensusError> {
     let mut configs = Vec::new();
     let mut bound = Vec::new();
     for id in 1..=args.nodes {
-        let config = NodeConfig::new(id, "kvstore-demo", root.join(format!("node-{id}")));
+        let mut config = NodeConfig::new(id, "kvstore-demo", root.join(format!("node-{id}")));
+        if !transports.supports_insecure() {
+            // A local demo: generate a development CA and node certificates once.
+            config.transport.tls = TlsConfig::DevCerts {
+                dir: root.join("certs"),
+            };
+        }
         let transport = transports.bind(&config).await?;
         bound.push(transport);
         configs.push(config);
