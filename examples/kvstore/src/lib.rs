@@ -4,8 +4,9 @@
 //! durability, leader forwarding) comes from the consensus layer.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use consensus_api::{codec, StateMachine};
+use consensus_api::{codec, Backend, ConsensusError, StateMachine, TransportFactory};
 use serde::{Deserialize, Serialize};
 
 /// A command of the store.
@@ -68,4 +69,45 @@ impl StateMachine for Store {
         *self = codec::decode(snapshot).map_err(|e| e.to_string())?;
         Ok(())
     }
+}
+
+/// What the wiring offers: the compiled-in backends and transports.
+pub type Choices = (Vec<Arc<dyn Backend>>, Vec<Arc<dyn TransportFactory>>);
+
+/// The wiring: the one place backends and transports are named. Each is one line behind its
+/// cargo feature; the first of each list is the default.
+pub fn wiring() -> Choices {
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        #[cfg(feature = "openraft")]
+        Arc::new(backend_openraft::OpenraftBackend),
+        #[cfg(feature = "tikv")]
+        Arc::new(backend_tikv::TikvBackend),
+    ];
+    let transports: Vec<Arc<dyn TransportFactory>> = vec![
+        #[cfg(feature = "grpc")]
+        Arc::new(transport_grpc::GrpcTransportFactory),
+        #[cfg(feature = "quic")]
+        Arc::new(transport_quic::QuicTransportFactory),
+    ];
+    (backends, transports)
+}
+
+/// Picks `wanted` (or the first) among the compiled-in choices by name.
+pub fn choose<T: ?Sized>(
+    what: &str,
+    all: Vec<Arc<T>>,
+    wanted: Option<&str>,
+    name: impl Fn(&T) -> &'static str,
+) -> Result<Arc<T>, ConsensusError> {
+    let names: Vec<&str> = all.iter().map(|x| name(x)).collect();
+    let found = match wanted {
+        None => all.into_iter().next(),
+        Some(w) => all.into_iter().find(|x| name(x) == w),
+    };
+    found.ok_or_else(|| {
+        ConsensusError::InvalidRequest(format!(
+            "{what} {:?} is not compiled in (available: {names:?}; enable it with a cargo feature)",
+            wanted.unwrap_or("any")
+        ))
+    })
 }

@@ -7,16 +7,15 @@
 //! (default: the first compiled in; cargo features `openraft`, `tikv`, `grpc`, `quic` choose
 //! which are).
 //!
-//! [`wiring`] is the only place that names an engine or a transport: adding one is a cargo
-//! feature plus one line there, and nothing else changes.
+//! [`kvstore::wiring`] is the only place that names an engine or a transport: adding one is a
+//! cargo feature plus one line there, and nothing else changes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TlsConfig, TransportFactory};
+use consensus_api::{Consensus, ConsensusError, NodeConfig, TlsConfig};
 use kvstore::{Command, Store};
 
 struct Args {
@@ -64,45 +63,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// What the wiring offers: the compiled-in backends and transports.
-type Choices = (Vec<Arc<dyn Backend>>, Vec<Arc<dyn TransportFactory>>);
-
-/// The wiring: the one place backends and transports are named. Each is one line behind its
-/// cargo feature.
-fn wiring() -> Choices {
-    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
-    let mut transports: Vec<Arc<dyn TransportFactory>> = Vec::new();
-    #[cfg(feature = "openraft")]
-    backends.push(Arc::new(backend_openraft::OpenraftBackend));
-    #[cfg(feature = "tikv")]
-    backends.push(Arc::new(backend_tikv::TikvBackend));
-    #[cfg(feature = "grpc")]
-    transports.push(Arc::new(transport_grpc::GrpcTransportFactory));
-    #[cfg(feature = "quic")]
-    transports.push(Arc::new(transport_quic::QuicTransportFactory));
-    (backends, transports)
-}
-
-/// Picks `wanted` (or the first) among the compiled-in choices by name.
-fn choose<T: ?Sized>(
-    what: &str,
-    all: Vec<Arc<T>>,
-    wanted: Option<&str>,
-    name: impl Fn(&T) -> &'static str,
-) -> Result<Arc<T>, ConsensusError> {
-    let names: Vec<&str> = all.iter().map(|x| name(x)).collect();
-    let found = match wanted {
-        None => all.into_iter().next(),
-        Some(w) => all.into_iter().find(|x| name(x) == w),
-    };
-    found.ok_or_else(|| {
-        ConsensusError::InvalidRequest(format!(
-            "{what} {:?} is not compiled in (available: {names:?}; enable it with a cargo feature)",
-            wanted.unwrap_or("any")
-        ))
-    })
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -128,9 +88,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), ConsensusError> {
-    let (backends, factories) = wiring();
-    let backend = choose("backend", backends, args.backend.as_deref(), |b| b.name())?;
-    let transports = choose("transport", factories, args.transport.as_deref(), |t| {
+    let (backends, factories) = kvstore::wiring();
+    let backend = kvstore::choose("backend", backends, args.backend.as_deref(), |b| b.name())?;
+    let transports = kvstore::choose("transport", factories, args.transport.as_deref(), |t| {
         t.name()
     })?;
     let tmp;

@@ -1,0 +1,404 @@
+//! `cargo run --release -p kvstore --bin bench`: throughput and latency of the replicated store
+//! per backend x transport combination, against the machine's floor measured in the same run.
+//!
+//! For each combination: a cluster of `--nodes` nodes on 127.0.0.1 with durable storage (fsync
+//! on) in a temporary directory, then for each client count a closed loop of `--secs` seconds in
+//! which every client puts a `--value-bytes` value through the leader and waits for the answer
+//! before the next. Printed per run: ops/s, p50/p99/p999 latency, and peak RSS.
+//!
+//! The floor: the p50 of a 4 KiB append + `fdatasync` in the data directory's file system and
+//! of a loopback TCP round trip; single-client p50 is printed as a multiple of
+//! `fsync p50 + 2 x RTT p50` (a leader must make its entry durable and hear from a follower that
+//! did the same).
+//!
+//! Flags: `--combos all|tikv_quic,openraft_grpc,...`, `--clients 1,16,64,256`, `--secs 5`,
+//! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TlsConfig, TransportFactory};
+use kvstore::{Command, Store};
+
+struct Args {
+    combos: Vec<String>,
+    clients: Vec<usize>,
+    secs: u64,
+    value_bytes: usize,
+    nodes: u64,
+    json: Option<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: bench [--combos all|a_b,...] [--clients 1,16,64,256] [--secs N] \
+                     [--value-bytes N] [--nodes N] [--json PATH] [--dir PATH]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        combos: vec!["all".into()],
+        clients: vec![1, 16, 64, 256],
+        secs: 5,
+        value_bytes: 256,
+        nodes: 3,
+        json: None,
+        dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        let num = |v: String, name: &str| -> Result<u64, String> {
+            v.parse().map_err(|e| format!("{name}: {e}"))
+        };
+        match flag.as_str() {
+            "--combos" => {
+                a.combos = value("--combos")?
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect()
+            }
+            "--clients" => {
+                a.clients = value("--clients")?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|e| format!("--clients: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--secs" => a.secs = num(value("--secs")?, "--secs")?,
+            "--value-bytes" => {
+                a.value_bytes = num(value("--value-bytes")?, "--value-bytes")? as usize
+            }
+            "--nodes" => a.nodes = num(value("--nodes")?, "--nodes")?,
+            "--json" => a.json = Some(PathBuf::from(value("--json")?)),
+            "--dir" => a.dir = Some(PathBuf::from(value("--dir")?)),
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if a.clients.is_empty() || a.clients.contains(&0) {
+        return Err("--clients needs positive counts".into());
+    }
+    if a.secs == 0 || !(1..=9).contains(&a.nodes) {
+        return Err("--secs must be > 0 and --nodes between 1 and 9".into());
+    }
+    Ok(a)
+}
+
+/// One measured run.
+struct Row {
+    combo: String,
+    clients: usize,
+    ops: u64,
+    ops_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    rss_mib_max: f64,
+    errors: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Peak resident set size of this process, in MiB (`VmHWM`).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// p50 of a 4 KiB append + fdatasync in `dir`, in microseconds.
+fn fsync_floor(dir: &Path) -> Result<u64, String> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let block = vec![0x5au8; 4096];
+    let mut samples = Vec::with_capacity(500);
+    for _ in 0..500 {
+        let t = Instant::now();
+        f.write_all(&block).map_err(|e| e.to_string())?;
+        f.sync_data().map_err(|e| e.to_string())?;
+        samples.push(t.elapsed().as_micros() as u64);
+    }
+    let _ = std::fs::remove_file(&path);
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+/// p50 of a 64-byte loopback TCP round trip, in microseconds.
+fn rtt_floor() -> Result<u64, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 64];
+        loop {
+            if s.read_exact(&mut buf).is_err() {
+                return Ok(());
+            }
+            s.write_all(&buf)?;
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    c.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut buf = [7u8; 64];
+    let mut samples = Vec::with_capacity(2000);
+    for i in 0..2500 {
+        let t = Instant::now();
+        c.write_all(&buf).map_err(|e| e.to_string())?;
+        c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        if i >= 500 {
+            samples.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    drop(c);
+    let _ = echo.join();
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+type Node = Consensus<Store>;
+
+async fn start_cluster(
+    backend: &dyn Backend,
+    factory: &dyn TransportFactory,
+    nodes: u64,
+    root: &Path,
+) -> Result<Vec<Node>, ConsensusError> {
+    let mut configs = Vec::new();
+    let mut bound = Vec::new();
+    for id in 1..=nodes {
+        let mut config = NodeConfig::new(id, "bench", root.join(format!("node-{id}")));
+        if !factory.supports_insecure() {
+            config.transport.tls = TlsConfig::DevCerts {
+                dir: root.join("certs"),
+            };
+        }
+        bound.push(factory.bind(&config).await?);
+        configs.push(config);
+    }
+    let members: BTreeMap<u64, String> = bound
+        .iter()
+        .map(|t| (t.local_id(), t.local_addr().to_string()))
+        .collect();
+    let mut out = Vec::new();
+    for (mut config, transport) in configs.into_iter().zip(bound) {
+        config.initial_members = members.clone();
+        out.push(Consensus::start(backend, config, Store::default(), transport).await?);
+    }
+    Ok(out)
+}
+
+/// Runs `clients` closed-loop clients against `leader` for `secs`.
+async fn closed_loop(
+    leader: &Node,
+    clients: usize,
+    secs: u64,
+    value_bytes: usize,
+) -> (Vec<u64>, u64, Duration) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let value = "v".repeat(value_bytes);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for c in 0..clients {
+        let node = leader.clone();
+        let stop = stop.clone();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let cmd = Command::Put {
+                    // A bounded key space: the store stays small, the log keeps compacting.
+                    key: format!("c{c}-k{}", i % 1024),
+                    value: value.clone(),
+                };
+                let t = Instant::now();
+                match node.propose(cmd).await {
+                    Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed();
+    all.sort_unstable();
+    (all, errors, elapsed)
+}
+
+async fn bench_combo(
+    backend: Arc<dyn Backend>,
+    factory: Arc<dyn TransportFactory>,
+    args: &Args,
+    root: &Path,
+) -> Result<Vec<Row>, ConsensusError> {
+    let combo = format!("{}_{}", backend.name(), factory.name());
+    let dir = root.join(&combo);
+    let nodes = start_cluster(&*backend, &*factory, args.nodes, &dir).await?;
+    let leader_id = nodes[0].wait_for_leader(Duration::from_secs(10)).await?;
+    let leader = nodes
+        .iter()
+        .find(|n| n.status().id == leader_id)
+        .cloned()
+        .ok_or_else(|| ConsensusError::Internal("leader handle missing".into()))?;
+    // Warm up connections and the log.
+    let _ = closed_loop(&leader, 4, 1, args.value_bytes).await;
+    let mut rows = Vec::new();
+    for &clients in &args.clients {
+        let (lat, errors, elapsed) =
+            closed_loop(&leader, clients, args.secs, args.value_bytes).await;
+        let ops = lat.len() as u64;
+        let row = Row {
+            combo: combo.clone(),
+            clients,
+            ops,
+            ops_per_sec: ops as f64 / elapsed.as_secs_f64(),
+            p50_us: percentile(&lat, 0.5),
+            p99_us: percentile(&lat, 0.99),
+            p999_us: percentile(&lat, 0.999),
+            rss_mib_max: peak_rss_mib(),
+            errors,
+        };
+        println!(
+            "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6}",
+            row.combo,
+            row.clients,
+            row.ops_per_sec,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.rss_mib_max,
+            row.errors
+        );
+        rows.push(row);
+    }
+    for n in nodes {
+        let _ = n.shutdown().await;
+    }
+    Ok(rows)
+}
+
+fn json(rows: &[Row], fsync_us: u64, rtt_us: u64) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {fsync_us}, \"rtt_p50_us\": {rtt_us}}}",
+                r.combo, r.clients, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.rss_mib_max, r.errors
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", items.join(",\n"))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tmp;
+    let root = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let fsync_us = fsync_floor(&root)?;
+    let rtt_us = rtt_floor()?;
+    let floor = fsync_us + 2 * rtt_us;
+    println!(
+        "floor: fsync(4 KiB) p50 {fsync_us} us, loopback RTT p50 {rtt_us} us => {floor} us; {} nodes, {} B values, {} s per run",
+        args.nodes, args.value_bytes, args.secs
+    );
+    println!(
+        "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}",
+        "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors"
+    );
+    let (backends, factories) = kvstore::wiring();
+    let mut rows = Vec::new();
+    for b in &backends {
+        for f in &factories {
+            let name = format!("{}_{}", b.name(), f.name());
+            if !(args.combos.iter().any(|c| c == "all" || *c == name)) {
+                continue;
+            }
+            let r = bench_combo(b.clone(), f.clone(), &args, &root)
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+            rows.extend(r);
+        }
+    }
+    if rows.is_empty() {
+        return Err(format!(
+            "no combination matched {:?}; compiled in: {:?} x {:?}",
+            args.combos,
+            backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            factories.iter().map(|f| f.name()).collect::<Vec<_>>()
+        ));
+    }
+    for r in rows.iter().filter(|r| r.clients == 1) {
+        println!(
+            "{}: single-client p50 {} us = {:.2} x floor ({floor} us)",
+            r.combo,
+            r.p50_us,
+            r.p50_us as f64 / floor.max(1) as f64
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, json(&rows, fsync_us, rtt_us))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
