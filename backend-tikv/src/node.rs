@@ -233,10 +233,7 @@ impl Core {
         let id = config.id;
         let storage_err = |e: raft::Error| ConsensusError::Storage(e.to_string());
         if storage.is_fresh() && config.initial_members.contains_key(&id) {
-            let data = codec::encode(&SnapshotData {
-                addresses: config.initial_members.clone(),
-                state: sm.snapshot()?,
-            })?;
+            let data = SnapshotData::encode(&config.initial_members, &sm.snapshot()?)?;
             storage
                 .bootstrap(config.initial_members.keys().copied().collect(), data)
                 .map_err(storage_err)?;
@@ -245,9 +242,9 @@ impl Core {
         let (snap_index, _) = storage.snapshot_position();
         let mut addresses = BTreeMap::new();
         if snap_index > 0 {
-            let data: SnapshotData = codec::decode(&storage.latest_snapshot().data)?;
-            sm.restore(&data.state)?;
-            addresses = data.addresses;
+            let (book, state) = SnapshotData::decode(&storage.latest_snapshot().data)?;
+            sm.restore(state)?;
+            addresses = book;
         }
         let cfg = raft_config(config, snap_index)?;
         let raw = RawNode::new(&cfg, storage, logger).map_err(|e| mapping::raft(e, None))?;
@@ -579,10 +576,7 @@ impl Core {
             .raft_log
             .term(applied)
             .map_err(|e| mapping::raft(e, None))?;
-        let data = codec::encode(&SnapshotData {
-            addresses: self.addresses.clone(),
-            state: self.sm.snapshot()?,
-        })?;
+        let data = SnapshotData::encode(&self.addresses, &self.sm.snapshot()?)?;
         let mut snap = Snapshot::default();
         snap.mut_metadata().set_conf_state(self.conf_state());
         snap.mut_metadata().index = applied;
@@ -662,25 +656,21 @@ impl Core {
             let m = snap.get_metadata();
             (m.index, m.term)
         };
-        let data: SnapshotData = codec::decode(&snap.data)?;
-        self.sm.restore(&data.state)?;
+        let (book, state) = SnapshotData::decode(&snap.data)?;
+        self.sm.restore(state)?;
         self.raw
             .mut_store()
             .apply_snapshot(snap)
             .map_err(|e| ConsensusError::Storage(e.to_string()))?;
         tracing::info!(id = self.id, index, term, "installed a snapshot");
         self.applied = index;
-        for gone in self
-            .addresses
-            .keys()
-            .filter(|i| !data.addresses.contains_key(i))
-        {
+        for gone in self.addresses.keys().filter(|i| !book.contains_key(i)) {
             self.peer_changes.push((*gone, None));
         }
-        for (i, a) in &data.addresses {
+        for (i, a) in &book {
             self.peer_changes.push((*i, Some(a.clone())));
         }
-        self.addresses = data.addresses;
+        self.addresses = book;
         while let Some(e) = self.pending.first_entry() {
             if *e.key() > index {
                 break;

@@ -13,12 +13,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use consensus_api::NodeId;
+use consensus_api::{codec, ConsensusError, NodeId};
 use consensus_storage::{Log, SnapshotStore, StorageError as DiskError};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// Metadata key of the hard state.
@@ -32,12 +31,35 @@ const BOOTSTRAP_TERM: u64 = 1;
 
 /// What a snapshot's data holds besides the user's state: the members' addresses, so a node
 /// restored from it can reach everyone without replaying the conf changes that named them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub(crate) struct SnapshotData {
-    /// Address of every member as of the snapshot.
-    pub(crate) addresses: BTreeMap<NodeId, String>,
-    /// The state machine's snapshot.
-    pub(crate) state: Vec<u8>,
+///
+/// Layout: `u32` big-endian length of the codec-encoded address map, the map, then the state
+/// machine's bytes as they are (serde would encode a byte vector element by element).
+pub(crate) struct SnapshotData;
+
+impl SnapshotData {
+    /// Encodes the addresses and the state into one buffer (one copy of the state).
+    pub(crate) fn encode(
+        addresses: &BTreeMap<NodeId, String>,
+        state: &[u8],
+    ) -> Result<Vec<u8>, ConsensusError> {
+        let book = codec::encode(addresses)?;
+        let len = u32::try_from(book.len())
+            .map_err(|_| ConsensusError::Internal("address book too large".into()))?;
+        let mut out = Vec::with_capacity(4 + book.len() + state.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&book);
+        out.extend_from_slice(state);
+        Ok(out)
+    }
+
+    /// Splits snapshot data into the addresses and the state machine's bytes.
+    pub(crate) fn decode(data: &[u8]) -> Result<(BTreeMap<NodeId, String>, &[u8]), ConsensusError> {
+        let bad = || ConsensusError::Storage("snapshot data is truncated".into());
+        let len = data.get(..4).ok_or_else(bad)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let book = data.get(4..4 + len).ok_or_else(bad)?;
+        Ok((codec::decode(book)?, &data[4 + len..]))
+    }
 }
 
 /// Errors of the storage layer, as raft-rs wants them.

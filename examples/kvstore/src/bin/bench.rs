@@ -12,7 +12,10 @@
 //! did the same).
 //!
 //! Flags: `--combos all|tikv_quic,openraft_grpc,...`, `--clients 1,16,64,256`, `--secs 5`,
-//! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go).
+//! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go),
+//! `--processes` (nodes 2..N run as child processes of this binary; node 1 runs here, next to
+//! the clients, and is made leader; `rss_mib_max` is then the largest child's peak RSS, i.e.
+//! per node).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -33,10 +36,11 @@ struct Args {
     nodes: u64,
     json: Option<PathBuf>,
     dir: Option<PathBuf>,
+    processes: bool,
 }
 
 const USAGE: &str = "usage: bench [--combos all|a_b,...] [--clients 1,16,64,256] [--secs N] \
-                     [--value-bytes N] [--nodes N] [--json PATH] [--dir PATH]";
+                     [--value-bytes N] [--nodes N] [--json PATH] [--dir PATH] [--processes]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -47,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         nodes: 3,
         json: None,
         dir: None,
+        processes: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
             "--nodes" => a.nodes = num(value("--nodes")?, "--nodes")?,
             "--json" => a.json = Some(PathBuf::from(value("--json")?)),
             "--dir" => a.dir = Some(PathBuf::from(value("--dir")?)),
+            "--processes" => a.processes = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -175,6 +181,169 @@ fn rtt_floor() -> Result<u64, String> {
 
 type Node = Consensus<Store>;
 
+fn node_config(id: u64, factory: &dyn TransportFactory, root: &Path) -> NodeConfig {
+    let mut config = NodeConfig::new(id, "bench", root.join(format!("node-{id}")));
+    if !factory.supports_insecure() {
+        config.transport.tls = TlsConfig::DevCerts {
+            dir: root.join("certs"),
+        };
+    }
+    config
+}
+
+fn members_arg(members: &BTreeMap<u64, String>) -> String {
+    members
+        .iter()
+        .map(|(i, a)| format!("{i}={a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    s.split(',')
+        .map(|kv| {
+            let (i, a) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("bad member {kv:?}"))?;
+            Ok((
+                i.parse().map_err(|e| format!("member id {i:?}: {e}"))?,
+                a.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Child processes running nodes 2..N; dropping it ends them (their stdin closes).
+struct Children(Vec<std::process::Child>);
+
+impl Children {
+    /// Peak RSS of each child, in MiB.
+    fn peak_rss_mib(&self) -> Vec<f64> {
+        self.0
+            .iter()
+            .map(|c| {
+                std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                    .map(|kb| kb / 1024.0)
+                    .unwrap_or(0.0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            drop(c.stdin.take());
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Node 1 here, nodes 2..N as child processes (`bench --serve-node ...`).
+async fn start_processes(
+    backend: &dyn Backend,
+    factory: &dyn TransportFactory,
+    nodes: u64,
+    root: &Path,
+) -> Result<(Node, Children), String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let config = node_config(1, factory, root);
+    let transport = factory.bind(&config).await.map_err(|e| e.to_string())?;
+    let mut members = BTreeMap::from([(1u64, transport.local_addr().to_string())]);
+    let mut children = Children(Vec::new());
+    for id in 2..=nodes {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--serve-node",
+                &id.to_string(),
+                backend.name(),
+                factory.name(),
+                &root.display().to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn node {id}: {e}"))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out)
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+        }
+        let addr = line
+            .trim()
+            .strip_prefix("ADDR ")
+            .ok_or_else(|| format!("node {id} did not report its address: {line:?}"))?;
+        members.insert(id, addr.to_string());
+        children.0.push(child);
+    }
+    let list = members_arg(&members);
+    for c in &mut children.0 {
+        if let Some(stdin) = c.stdin.as_mut() {
+            writeln!(stdin, "{list}").map_err(|e| e.to_string())?;
+        }
+    }
+    let mut config = config;
+    config.initial_members = members;
+    let node = Consensus::start(backend, config, Store::default(), transport)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leader = node
+        .wait_for_leader(Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    if leader != 1 {
+        node.transfer_leader(1).await.map_err(|e| e.to_string())?;
+    }
+    Ok((node, children))
+}
+
+/// The child side of `--processes`: run node `id` until stdin closes.
+async fn serve_node(args: &[String]) -> Result<(), String> {
+    use std::io::BufRead;
+    let [id, backend, transport, root] = args else {
+        return Err("--serve-node ID BACKEND TRANSPORT ROOT".into());
+    };
+    let id: u64 = id.parse().map_err(|e| format!("id: {e}"))?;
+    let (backends, factories) = kvstore::wiring();
+    let backend = kvstore::choose("backend", backends, Some(backend), |b| b.name())
+        .map_err(|e| e.to_string())?;
+    let factory = kvstore::choose("transport", factories, Some(transport), |t| t.name())
+        .map_err(|e| e.to_string())?;
+    let mut config = node_config(id, &*factory, Path::new(root));
+    let t = factory.bind(&config).await.map_err(|e| e.to_string())?;
+    println!("ADDR {}", t.local_addr());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(l) => {
+                    if lines_tx.send(l).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let members = lines.recv().await.ok_or("no member list on stdin")?;
+    config.initial_members = parse_members(&members)?;
+    let node = Consensus::start(&*backend, config, Store::default(), t)
+        .await
+        .map_err(|e| e.to_string())?;
+    while lines.recv().await.is_some() {}
+    let _ = node.shutdown().await;
+    Ok(())
+}
+
 async fn start_cluster(
     backend: &dyn Backend,
     factory: &dyn TransportFactory,
@@ -184,12 +353,7 @@ async fn start_cluster(
     let mut configs = Vec::new();
     let mut bound = Vec::new();
     for id in 1..=nodes {
-        let mut config = NodeConfig::new(id, "bench", root.join(format!("node-{id}")));
-        if !factory.supports_insecure() {
-            config.transport.tls = TlsConfig::DevCerts {
-                dir: root.join("certs"),
-            };
-        }
+        let config = node_config(id, factory, root);
         bound.push(factory.bind(&config).await?);
         configs.push(config);
     }
@@ -263,7 +427,17 @@ async fn bench_combo(
 ) -> Result<Vec<Row>, ConsensusError> {
     let combo = format!("{}_{}", backend.name(), factory.name());
     let dir = root.join(&combo);
-    let nodes = start_cluster(&*backend, &*factory, args.nodes, &dir).await?;
+    let (nodes, children) = if args.processes {
+        let (node, children) = start_processes(&*backend, &*factory, args.nodes, &dir)
+            .await
+            .map_err(ConsensusError::Internal)?;
+        (vec![node], Some(children))
+    } else {
+        (
+            start_cluster(&*backend, &*factory, args.nodes, &dir).await?,
+            None,
+        )
+    };
     let leader_id = nodes[0].wait_for_leader(Duration::from_secs(10)).await?;
     let leader = nodes
         .iter()
@@ -285,7 +459,12 @@ async fn bench_combo(
             p50_us: percentile(&lat, 0.5),
             p99_us: percentile(&lat, 0.99),
             p999_us: percentile(&lat, 0.999),
-            rss_mib_max: peak_rss_mib(),
+            // Processes: the largest pure node process (node 1 shares this process with the
+            // clients); in-process: the whole cluster's peak.
+            rss_mib_max: match &children {
+                Some(c) => c.peak_rss_mib().into_iter().fold(0.0, f64::max),
+                None => peak_rss_mib(),
+            },
             errors,
         };
         println!(
@@ -304,6 +483,7 @@ async fn bench_combo(
     for n in nodes {
         let _ = n.shutdown().await;
     }
+    drop(children);
     Ok(rows)
 }
 
@@ -387,6 +567,16 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .init();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some("--serve-node") {
+        return match serve_node(&raw[1..]).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("node: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
