@@ -246,6 +246,16 @@ async fn liveness_loop(node: MetadataNode, cfg: LivenessConfig) {
     }
 }
 
+fn flatten<T>(
+    r: Result<Result<T, ControllerError>, tokio::time::error::Elapsed>,
+) -> Result<T, ControllerError> {
+    r.unwrap_or_else(|_| {
+        Err(ControllerError::Consensus(ConsensusError::Timeout(
+            "a heartbeat attempt".into(),
+        )))
+    })
+}
+
 /// A broker process's registration and heartbeats, kept up in the background.
 pub struct BrokerAgent {
     task: JoinHandle<()>,
@@ -270,6 +280,9 @@ impl BrokerAgent {
         let st = state.clone();
         let task = tokio::spawn(async move {
             let interval = c.liveness().heartbeat_interval;
+            // One attempt may not outlive a third of the session: a call stuck on a dead
+            // leader must not make the broker miss its session on the next one.
+            let attempt = c.liveness().session_timeout / 3;
             let mut epoch = None;
             loop {
                 match epoch {
@@ -293,7 +306,8 @@ impl BrokerAgent {
                     }
                     Some(e) => {
                         let offset = c.node().status().applied_index;
-                        match c.heartbeat(broker_id, e, offset).await {
+                        let beat = c.heartbeat(broker_id, e, offset);
+                        match flatten(tokio::time::timeout(attempt, beat).await) {
                             Ok(()) => {}
                             Err(ControllerError::Metadata(
                                 MetadataError::StaleBrokerEpoch { .. }

@@ -18,6 +18,9 @@ const MAX_PARTITIONS: u32 = 10_000;
 pub struct MetadataMachine {
     image: MetadataImage,
     feed: VecDeque<MetadataChange>,
+    /// The feed holds every change after this offset (0 until changes were dropped or the
+    /// image was restored from a snapshot).
+    feed_floor: u64,
 }
 
 /// A feed reader asked for changes older than the feed keeps.
@@ -55,11 +58,7 @@ impl MetadataMachine {
 
     /// Changes applied after `offset`, oldest first, at most `max`.
     pub fn changes_since(&self, offset: u64, max: usize) -> Result<Vec<MetadataChange>, FeedGap> {
-        let oldest = self
-            .feed
-            .front()
-            .map(|c| c.offset - 1)
-            .unwrap_or(self.image.offset);
+        let oldest = self.feed_floor;
         if offset < oldest {
             return Err(FeedGap {
                 asked: offset,
@@ -463,7 +462,9 @@ impl StateMachine for MetadataMachine {
         });
         if !quiet_heartbeat {
             if self.feed.len() == FEED_CAPACITY {
-                self.feed.pop_front();
+                if let Some(old) = self.feed.pop_front() {
+                    self.feed_floor = old.offset;
+                }
             }
             self.feed.push_back(MetadataChange {
                 offset: index,
@@ -481,6 +482,7 @@ impl StateMachine for MetadataMachine {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         self.image = codec::decode(snapshot).map_err(|e| e.to_string())?;
         self.feed.clear();
+        self.feed_floor = self.image.offset;
         Ok(())
     }
 }

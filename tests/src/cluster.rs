@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consensus_api::{
-    Backend, Consensus, ConsensusError, NodeConfig, NodeId, Role, Status, TlsConfig,
+    Backend, Consensus, ConsensusError, NodeConfig, NodeId, Role, StateMachine, Status, TlsConfig,
     TransportFactory,
 };
 use tokio::runtime::Runtime;
@@ -20,8 +20,11 @@ use tokio::time::Instant;
 use crate::fault::{Faults, FaultyTransport};
 use crate::kv::KvMachine;
 
-/// The node handle type the scenarios use.
+/// The node handle type the key-value scenarios use.
 pub type Node = Consensus<KvMachine>;
+
+/// A cluster of the key-value test machine, what most scenarios use.
+pub type Cluster = SmCluster<KvMachine>;
 
 /// How long a restarting node may wait for its old port and data-dir lock to be released.
 const RESTART_DEADLINE: Duration = Duration::from_secs(10);
@@ -50,22 +53,22 @@ impl Combo {
     }
 }
 
-struct Member {
+struct Member<SM: StateMachine> {
     addr: SocketAddr,
     data_dir: PathBuf,
     initial: BTreeMap<NodeId, String>,
     runtime: Option<Runtime>,
-    node: Option<Node>,
+    node: Option<Consensus<SM>>,
 }
 
-/// A test cluster. Dropping it kills every node.
-pub struct Cluster {
+/// A test cluster of nodes replicating `SM`. Dropping it kills every node.
+pub struct SmCluster<SM: StateMachine + Default> {
     combo: Combo,
     /// The fault plan every node's transport obeys.
     pub faults: Faults,
     cluster_id: String,
     root: tempfile::TempDir,
-    members: BTreeMap<NodeId, Member>,
+    members: BTreeMap<NodeId, Member<SM>>,
     tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
 }
 
@@ -102,7 +105,7 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
-impl Cluster {
+impl<SM: StateMachine + Default> SmCluster<SM> {
     /// Starts `n` voters (ids 1..=n) that bootstrap a fresh cluster together.
     pub async fn start(combo: &Combo, test: &str, n: u64) -> Self {
         Self::start_with(combo, test, n, |_| {}).await
@@ -133,7 +136,7 @@ impl Cluster {
             let config = cluster.config(id, addr, &data_dir, initial.clone());
             let backend = combo.backend.clone();
             let task = rt.spawn(async move {
-                Consensus::start(&*backend, config, KvMachine::default(), transport).await
+                Consensus::start(&*backend, config, SM::default(), transport).await
             });
             cluster.members.insert(
                 id,
@@ -160,7 +163,7 @@ impl Cluster {
     fn empty(combo: &Combo, test: &str, tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>) -> Self {
         init_logging();
         let seed = seed(test);
-        Cluster {
+        SmCluster {
             combo: combo.clone(),
             faults: Faults::new(seed),
             cluster_id: format!("test-{}-{seed}", combo.name()),
@@ -222,7 +225,7 @@ impl Cluster {
         c
     }
 
-    fn member(&mut self, id: NodeId) -> &mut Member {
+    fn member(&mut self, id: NodeId) -> &mut Member<SM> {
         self.members
             .get_mut(&id)
             .unwrap_or_else(|| panic!("no node {id} in this cluster"))
@@ -274,7 +277,7 @@ impl Cluster {
     }
 
     /// The handle of a running node.
-    pub fn node(&self, id: NodeId) -> Node {
+    pub fn node(&self, id: NodeId) -> Consensus<SM> {
         self.members
             .get(&id)
             .and_then(|m| m.node.clone())
@@ -289,7 +292,7 @@ impl Cluster {
     /// Runs `f` on node `id`'s own runtime (where its tasks and connections live).
     pub async fn on<F, Fut, R>(&self, id: NodeId, f: F) -> Result<R, ConsensusError>
     where
-        F: FnOnce(Node) -> Fut,
+        F: FnOnce(Consensus<SM>) -> Fut,
         Fut: Future<Output = Result<R, ConsensusError>> + Send + 'static,
         R: Send + 'static,
     {
@@ -300,23 +303,6 @@ impl Cluster {
         rt.spawn(f(node.clone()))
             .await
             .unwrap_or(Err(ConsensusError::ShuttingDown))
-    }
-
-    /// Proposes a `Put` through node `id`.
-    pub async fn put(&self, id: NodeId, key: &str, value: &str) -> Result<(), ConsensusError> {
-        let cmd = crate::kv::put(key, value);
-        self.on(id, move |n| async move { n.propose(cmd).await.map(|_| ()) })
-            .await
-    }
-
-    /// A linearizable read of `key` through node `id`.
-    pub async fn get(&self, id: NodeId, key: &str) -> Result<Option<String>, ConsensusError> {
-        let key = key.to_string();
-        self.on(
-            id,
-            move |n| async move { n.read(move |sm| sm.get(&key)).await },
-        )
-        .await
     }
 
     /// Statuses of the running nodes.
@@ -371,11 +357,6 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    /// The state machine of node `id`, read locally (no barrier).
-    pub fn machine(&self, id: NodeId) -> KvMachine {
-        self.node(id).read_local(|sm| sm.clone())
     }
 
     /// Kills node `id` without any shutdown: its runtime, tasks and sockets vanish at once.
@@ -441,17 +422,15 @@ impl Cluster {
         addr: SocketAddr,
         data_dir: &std::path::Path,
         initial: BTreeMap<NodeId, String>,
-    ) -> (Runtime, Node) {
+    ) -> (Runtime, Consensus<SM>) {
         let deadline = Instant::now() + RESTART_DEADLINE;
         loop {
             let (rt, transport) = self.bind(id, addr).await;
             let config = self.config(id, transport.local_addr(), data_dir, initial.clone());
             let backend = self.combo.backend.clone();
             let t = transport.clone();
-            let started =
-                rt.spawn(async move {
-                    Consensus::start(&*backend, config, KvMachine::default(), t).await
-                })
+            let started = rt
+                .spawn(async move { Consensus::start(&*backend, config, SM::default(), t).await })
                 .await
                 .expect("start task");
             match started {
@@ -475,7 +454,31 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl SmCluster<KvMachine> {
+    /// Proposes a `Put` through node `id`.
+    pub async fn put(&self, id: NodeId, key: &str, value: &str) -> Result<(), ConsensusError> {
+        let cmd = crate::kv::put(key, value);
+        self.on(id, move |n| async move { n.propose(cmd).await.map(|_| ()) })
+            .await
+    }
+
+    /// A linearizable read of `key` through node `id`.
+    pub async fn get(&self, id: NodeId, key: &str) -> Result<Option<String>, ConsensusError> {
+        let key = key.to_string();
+        self.on(
+            id,
+            move |n| async move { n.read(move |sm| sm.get(&key)).await },
+        )
+        .await
+    }
+
+    /// The state machine of node `id`, read locally (no barrier).
+    pub fn machine(&self, id: NodeId) -> KvMachine {
+        self.node(id).read_local(|sm| sm.clone())
+    }
+}
+
+impl<SM: StateMachine + Default> Drop for SmCluster<SM> {
     fn drop(&mut self) {
         for m in self.members.values_mut() {
             m.node = None;

@@ -17,13 +17,14 @@
 
 #![warn(missing_docs)]
 
+pub mod broker_scenarios;
 pub mod cluster;
 pub mod fault;
 pub mod kv;
 pub mod scenarios;
 pub mod transport_scenarios;
 
-pub use cluster::{Cluster, Combo};
+pub use cluster::{Cluster, Combo, SmCluster};
 
 /// Instantiates every consensus scenario as a test in module `$name` for the combination
 /// `$combo` (an expression of type [`Combo`]).
@@ -52,6 +53,14 @@ macro_rules! conformance_suite {
                 acknowledged_writes_survive_message_loss_and_delay,
                 failures_have_the_shared_error_kinds,
                 nodes_started_one_after_another_form_a_cluster
+            );
+            $crate::__tests!(combo, broker_scenarios;
+                broker_registration_and_fencing,
+                broker_topic_creation_has_a_valid_assignment,
+                broker_partition_leader_fails_over,
+                broker_metadata_survives_consensus_leader_failover,
+                broker_stale_epochs_are_refused,
+                broker_metadata_feed_is_ordered
             );
         }
     };
