@@ -342,8 +342,8 @@ impl BrokerAgent {
         self.task.abort();
     }
 
-    /// Moves leadership away (controlled shutdown), then stops heartbeating.
-    pub async fn shutdown(self) -> Result<(), ControllerError> {
+    /// Stops heartbeating and moves leadership away (controlled shutdown).
+    pub async fn shutdown(&self) -> Result<(), ControllerError> {
         self.task.abort();
         if let Some(epoch) = self.epoch() {
             self.controller

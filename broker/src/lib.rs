@@ -1,10 +1,9 @@
 //! # broker: a KRaft-like metadata plane on the consensus contract
 //!
-//! Work in progress (see the broker issue): this crate has the metadata state machine, the
-//! controller API with its liveness loop, and the broker agent. The admin HTTP API, the `broker`
-//! binary (`serve`, `dev`, `demo`, admin commands) and metrics are not written yet.
-//!
-//! It depends only on `consensus-api`: no engine or transport type appears here.
+//! The metadata library depends only on `consensus-api`: no engine or transport type appears in
+//! it. [`wiring`] is the one module that names them (behind the cargo features `tikv`,
+//! `openraft`, `grpc`, `quic`; default `tikv` + `quic`); the `broker` binary turns
+//! `--backend` / `--transport` into a running node with it.
 //!
 //! - [`MetadataMachine`]: the replicated image (brokers, topics, partitions with replicas,
 //!   leader, ISR, leader and partition epochs) and a bounded feed of changes by log offset.
@@ -17,10 +16,14 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 mod controller;
+pub mod http;
 mod machine;
 pub mod model;
 mod placement;
+pub mod server;
+pub mod wiring;
 
 pub use controller::{BrokerAgent, Controller, ControllerError, LivenessConfig, MetadataNode};
 pub use machine::{FeedGap, MetadataMachine};

@@ -1,0 +1,159 @@
+//! One node in combined mode (KRaft's `process.roles=broker,controller`): a consensus member
+//! with its controller, the broker half that registers and heartbeats, and the admin API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use consensus_api::{
+    Backend, Consensus, NodeConfig, NodeId, TlsConfig, Transport, TransportFactory,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
+
+use crate::admin;
+use crate::controller::{BrokerAgent, Controller, LivenessConfig};
+use crate::machine::MetadataMachine;
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Consensus node id; the broker id of its broker half too.
+    pub id: NodeId,
+    /// Cluster id, checked on every connection.
+    pub cluster_id: String,
+    /// Consensus transport address (port 0: any).
+    pub listen: SocketAddr,
+    /// Admin HTTP address (port 0: any).
+    pub admin: SocketAddr,
+    /// Initial voters with their consensus addresses (used once, on a fresh data dir).
+    pub peers: BTreeMap<NodeId, String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Transport security.
+    pub tls: TlsConfig,
+    /// Broker liveness settings.
+    pub liveness: LivenessConfig,
+    /// Rack of this node's broker.
+    pub rack: Option<String>,
+}
+
+impl NodeSpec {
+    /// The consensus configuration of this node.
+    pub fn config(&self) -> NodeConfig {
+        let mut c = NodeConfig::new(self.id, self.cluster_id.clone(), self.data_dir.clone());
+        c.initial_members = self.peers.clone();
+        c.transport.listen_addr = self.listen;
+        c.transport.tls = self.tls.clone();
+        c
+    }
+}
+
+/// A running node.
+pub struct BrokerNode {
+    /// Node id.
+    pub id: NodeId,
+    /// The controller API.
+    pub controller: Controller,
+    /// The broker half.
+    pub agent: BrokerAgent,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// Where the consensus transport listens.
+    pub raft_addr: SocketAddr,
+    admin_task: AbortOnDrop,
+}
+
+/// Aborts the admin server when the node goes away.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Binds the consensus transport of `spec` (so its real address is known before peers are).
+pub async fn bind(
+    spec: &NodeSpec,
+    factory: &dyn TransportFactory,
+) -> Result<Arc<dyn Transport>, String> {
+    factory
+        .bind(&spec.config())
+        .await
+        .map_err(|e| format!("node {}: binding {}: {e}", spec.id, spec.listen))
+}
+
+impl BrokerNode {
+    /// Starts consensus on `transport`, the controller, the broker half and the admin API.
+    pub async fn start(
+        spec: NodeSpec,
+        backend: &dyn Backend,
+        transport: Arc<dyn Transport>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, String> {
+        let raft_addr = transport.local_addr();
+        let admin = tokio::net::TcpListener::bind(spec.admin)
+            .await
+            .map_err(|e| format!("node {}: admin address {}: {e}", spec.id, spec.admin))?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|e| format!("admin address: {e}"))?;
+        let node = Consensus::start(
+            backend,
+            spec.config(),
+            MetadataMachine::default(),
+            transport,
+        )
+        .await
+        .map_err(|e| format!("node {}: {e}", spec.id))?;
+        let controller = Controller::start(node, spec.liveness.clone());
+        let broker_id = u32::try_from(spec.id)
+            .map_err(|_| format!("node id {} does not fit a broker id", spec.id))?;
+        let agent = BrokerAgent::start(
+            controller.clone(),
+            broker_id,
+            rand::random(),
+            vec![admin_addr.to_string()],
+            spec.rack.clone(),
+        );
+        let app = admin::router(controller.clone(), metrics);
+        let admin_task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, app).await {
+                tracing::error!("admin server stopped: {e}");
+            }
+        });
+        Ok(Self {
+            id: spec.id,
+            controller,
+            agent,
+            admin_addr,
+            raft_addr,
+            admin_task: AbortOnDrop(admin_task),
+        })
+    }
+
+    /// Controlled shutdown of the broker half only (the node keeps serving consensus): do this
+    /// for every node of a cluster first, while there is still a quorum.
+    pub async fn shutdown_broker(&self) {
+        if let Err(e) = self.agent.shutdown().await {
+            tracing::warn!(node = self.id, "controlled shutdown: {e}");
+        }
+    }
+
+    /// Controlled shutdown of the broker half, then the consensus node.
+    pub async fn shutdown(self) {
+        let BrokerNode {
+            controller,
+            agent,
+            admin_task,
+            ..
+        } = self;
+        if let Err(e) = agent.shutdown().await {
+            tracing::warn!("controlled shutdown: {e}");
+        }
+        drop(admin_task);
+        let _ = controller.node().shutdown().await;
+    }
+}
