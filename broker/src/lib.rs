@@ -1,9 +1,9 @@
 //! # broker: a KRaft-like metadata plane on the consensus contract
 //!
 //! The metadata library depends only on `consensus-api`: no engine or transport type appears in
-//! it. [`wiring`] is the one module that names them (behind the cargo features `tikv`,
-//! `openraft`, `grpc`, `quic`; default `tikv` + `quic`); the `broker` binary turns
-//! `--backend` / `--transport` into a running node with it.
+//! it. [`wiring`] is the one module that names them (behind this crate's cargo features, see
+//! its docs); the `broker` binary turns `--backend` / `--transport` into a running node with
+//! it.
 //!
 //! - [`MetadataMachine`]: the replicated image (brokers, topics, partitions with replicas,
 //!   leader, ISR, leader and partition epochs) and a bounded feed of changes by log offset.

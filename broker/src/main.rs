@@ -71,10 +71,10 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Engine {
-    /// Consensus engine (compiled in by cargo features): tikv | openraft.
+    /// Consensus engine among those compiled in (cargo features); default: the first.
     #[arg(long)]
     backend: Option<String>,
-    /// Transport (compiled in by cargo features): quic | grpc.
+    /// Transport among those compiled in (cargo features); default: the first.
     #[arg(long)]
     transport: Option<String>,
 }
@@ -368,9 +368,8 @@ async fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,raft=error,openraft=error")
-            }),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(wiring::LOG_FILTER)),
         )
         .init();
     let cli = Cli::parse();

@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use consensus_api::{Backend, TransportFactory};
 
+/// Default log filter: warnings, with the engines' own chatty targets at errors only.
+pub const LOG_FILTER: &str = "warn,raft=error,openraft=error";
+
 /// The compiled-in backends, the default first.
 pub fn backends() -> Vec<Arc<dyn Backend>> {
     vec![
