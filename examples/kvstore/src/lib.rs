@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use consensus_api::{codec, Backend, ConsensusError, StateMachine, TransportFactory};
+use consensus_api::{
+    codec, Backend, Consensus, ConsensusError, NodeConfig, StateMachine, TlsConfig,
+    TransportFactory,
+};
 use serde::{Deserialize, Serialize};
 
 /// A command of the store.
@@ -110,4 +113,49 @@ pub fn choose<T: ?Sized>(
             wanted.unwrap_or("any")
         ))
     })
+}
+
+/// The configuration of local node `id` under `root`: its data dir, and development
+/// certificates in `root/certs` when the transport needs TLS.
+pub fn local_config(
+    id: u64,
+    cluster_id: &str,
+    factory: &dyn TransportFactory,
+    root: &std::path::Path,
+) -> NodeConfig {
+    let mut config = NodeConfig::new(id, cluster_id, root.join(format!("node-{id}")));
+    if !factory.supports_insecure() {
+        config.transport.tls = TlsConfig::DevCerts {
+            dir: root.join("certs"),
+        };
+    }
+    config
+}
+
+/// Starts `nodes` local nodes (ids 1..=nodes, port 0) as one new cluster: every transport is
+/// bound first so the initial members know the real addresses.
+pub async fn start_local_cluster(
+    backend: &dyn Backend,
+    factory: &dyn TransportFactory,
+    cluster_id: &str,
+    nodes: u64,
+    root: &std::path::Path,
+) -> Result<Vec<Consensus<Store>>, ConsensusError> {
+    let mut configs = Vec::new();
+    let mut bound = Vec::new();
+    for id in 1..=nodes {
+        let config = local_config(id, cluster_id, factory, root);
+        bound.push(factory.bind(&config).await?);
+        configs.push(config);
+    }
+    let members: BTreeMap<u64, String> = bound
+        .iter()
+        .map(|t| (t.local_id(), t.local_addr().to_string()))
+        .collect();
+    let mut out = Vec::new();
+    for (mut config, transport) in configs.into_iter().zip(bound) {
+        config.initial_members = members.clone();
+        out.push(Consensus::start(backend, config, Store::default(), transport).await?);
+    }
+    Ok(out)
 }

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use consensus_api::{Consensus, ConsensusError, NodeConfig, TlsConfig};
+use consensus_api::{Consensus, ConsensusError};
 use kvstore::{Command, Store};
 
 struct Args {
@@ -111,30 +111,12 @@ async fn run(args: Args) -> Result<(), ConsensusError> {
         root.display()
     ));
 
-    // Bind every transport first (port 0), so the initial members know the real addresses.
-    let mut configs = Vec::new();
-    let mut bound = Vec::new();
-    for id in 1..=args.nodes {
-        let mut config = NodeConfig::new(id, "kvstore-demo", root.join(format!("node-{id}")));
-        if !transports.supports_insecure() {
-            // A local demo: generate a development CA and node certificates once.
-            config.transport.tls = TlsConfig::DevCerts {
-                dir: root.join("certs"),
-            };
-        }
-        let transport = transports.bind(&config).await?;
-        bound.push(transport);
-        configs.push(config);
-    }
-    let members: BTreeMap<u64, String> = bound
-        .iter()
-        .map(|t| (t.local_id(), t.local_addr().to_string()))
-        .collect();
+    let started =
+        kvstore::start_local_cluster(&*backend, &*transports, "kvstore-demo", args.nodes, &root)
+            .await?;
     let mut nodes = BTreeMap::new();
-    for (mut config, transport) in configs.into_iter().zip(bound) {
-        config.initial_members = members.clone();
-        let id = config.id;
-        let node = Consensus::start(&*backend, config, Store::default(), transport).await?;
+    for node in started {
+        let id = node.status().id;
         say(format!("node {id} listening on {}", node.local_addr()));
         nodes.insert(id, node);
     }

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TlsConfig, TransportFactory};
+use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TransportFactory};
 use kvstore::{Command, Store};
 
 struct Args {
@@ -182,13 +182,7 @@ fn rtt_floor() -> Result<u64, String> {
 type Node = Consensus<Store>;
 
 fn node_config(id: u64, factory: &dyn TransportFactory, root: &Path) -> NodeConfig {
-    let mut config = NodeConfig::new(id, "bench", root.join(format!("node-{id}")));
-    if !factory.supports_insecure() {
-        config.transport.tls = TlsConfig::DevCerts {
-            dir: root.join("certs"),
-        };
-    }
-    config
+    kvstore::local_config(id, "bench", factory, root)
 }
 
 fn members_arg(members: &BTreeMap<u64, String>) -> String {
@@ -344,31 +338,6 @@ async fn serve_node(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-async fn start_cluster(
-    backend: &dyn Backend,
-    factory: &dyn TransportFactory,
-    nodes: u64,
-    root: &Path,
-) -> Result<Vec<Node>, ConsensusError> {
-    let mut configs = Vec::new();
-    let mut bound = Vec::new();
-    for id in 1..=nodes {
-        let config = node_config(id, factory, root);
-        bound.push(factory.bind(&config).await?);
-        configs.push(config);
-    }
-    let members: BTreeMap<u64, String> = bound
-        .iter()
-        .map(|t| (t.local_id(), t.local_addr().to_string()))
-        .collect();
-    let mut out = Vec::new();
-    for (mut config, transport) in configs.into_iter().zip(bound) {
-        config.initial_members = members.clone();
-        out.push(Consensus::start(backend, config, Store::default(), transport).await?);
-    }
-    Ok(out)
-}
-
 /// Runs `clients` closed-loop clients against `leader` for `secs`.
 async fn closed_loop(
     leader: &Node,
@@ -434,7 +403,7 @@ async fn bench_combo(
         (vec![node], Some(children))
     } else {
         (
-            start_cluster(&*backend, &*factory, args.nodes, &dir).await?,
+            kvstore::start_local_cluster(&*backend, &*factory, "bench", args.nodes, &dir).await?,
             None,
         )
     };
