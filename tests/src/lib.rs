@@ -82,6 +82,7 @@ macro_rules! transport_suite {
                 a_call_fails_at_its_deadline,
                 oversized_frames_are_refused,
                 a_peer_from_another_cluster_is_refused,
+                a_peer_with_the_wrong_certificate_is_refused,
                 garbage_on_the_socket_is_survived,
                 a_restarted_peer_is_reconnected
             );

@@ -173,6 +173,59 @@ pub async fn a_peer_from_another_cluster_is_refused(factory: Arc<dyn TransportFa
     );
 }
 
+/// Mutual TLS: a peer whose certificate comes from another CA, or names another node than the
+/// id it claims, is refused before anything reaches the handler.
+pub async fn a_peer_with_the_wrong_certificate_is_refused(factory: Arc<dyn TransportFactory>) {
+    let (_a, b, rec, dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let target = b.local_addr().to_string();
+    // Another cluster CA altogether.
+    let other = tempfile::tempdir().expect("temp dir");
+    let mut foreign = NodeConfig::new(1, "c", other.path());
+    foreign.transport.tls = consensus_api::TlsConfig::DevCerts {
+        dir: other.path().join("certs"),
+    };
+    // The right CA, but node 3's certificate while claiming to be node 1.
+    let certs = dir.path().join("certs");
+    let mut impostor = NodeConfig::new(1, "c", dir.path());
+    impostor.transport.tls = consensus_api::TlsConfig::DevCerts { dir: certs.clone() };
+    let node3 = NodeConfig {
+        id: 3,
+        ..impostor.clone()
+    };
+    drop(
+        factory
+            .bind(&node3)
+            .await
+            .expect("generate node 3's certificate"),
+    );
+    impostor.transport.tls = consensus_api::TlsConfig::Files {
+        ca_cert: certs.join("ca.pem"),
+        node_cert: certs.join("node-3.pem"),
+        node_key: certs.join("node-3.key"),
+    };
+    for (what, cfg) in [("foreign CA", foreign), ("impostor", impostor)] {
+        let t = factory.bind(&cfg).await.expect("bind");
+        t.set_handler(Arc::new(Recorder::default()));
+        t.set_peer(2, target.clone());
+        let r = t
+            .call(2, Bytes::from_static(b"let me in"), 3 * SECOND)
+            .await;
+        assert!(r.is_err(), "{what}: a call got through: {r:?}");
+        let _ = t.send(2, Bytes::from_static(b"one-way"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        t.shutdown().await;
+    }
+    assert_eq!(
+        *rec.calls.lock(),
+        0,
+        "a refused peer's call reached the handler"
+    );
+    assert!(
+        rec.frames.lock().is_empty(),
+        "a refused peer's frame was delivered"
+    );
+}
+
 /// Garbage bytes on the listening socket (TCP and UDP, whichever the transport uses) are
 /// dropped; the node keeps serving real peers.
 pub async fn garbage_on_the_socket_is_survived(factory: Arc<dyn TransportFactory>) {

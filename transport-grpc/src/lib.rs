@@ -10,8 +10,10 @@
 //!   ([`TransportError::FrameTooLarge`](consensus_api::TransportError)) and on receipt (tonic's
 //!   decode limit).
 //! - No `protoc` install is needed: `build.rs` uses the binary vendored by `protoc-bin-vendored`.
-//! - TLS: the configuration shape exists ([`consensus_api::TlsConfig`]); this transport accepts
-//!   only `Insecure` today and says so at bind time.
+//! - TLS: `TlsConfig::Files` or `TlsConfig::DevCerts` turn on mutual TLS (rustls with ring):
+//!   the client expects the server certificate to name `node-<peer>`, the server requires a
+//!   client certificate from the cluster CA, and a request's `x-node-id` must be the node its
+//!   certificate names. `Insecure` is plaintext, for tests and trusted networks.
 
 #![warn(missing_docs)]
 
@@ -68,6 +70,41 @@ pub(crate) struct Identity {
     pub(crate) id: NodeId,
     pub(crate) cluster_id: String,
     pub(crate) config: TransportConfig,
+    /// PEM material when mutual TLS is on.
+    pub(crate) tls: Option<Pem>,
+}
+
+/// The cluster CA, this node's certificate chain and key, as PEM.
+pub(crate) struct Pem {
+    pub(crate) ca: Vec<u8>,
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+}
+
+/// Reads the PEM files `tls` names for node `id` (generating development ones if asked).
+fn pem(tls: &TlsConfig, id: NodeId) -> Result<Option<Pem>, TransportError> {
+    let (ca, cert, key) = match tls {
+        TlsConfig::Insecure => return Ok(None),
+        TlsConfig::Files {
+            ca_cert,
+            node_cert,
+            node_key,
+        } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
+        TlsConfig::DevCerts { dir } => {
+            let p = consensus_tls::dev::ensure(dir, id).map_err(TransportError::Setup)?;
+            (p.ca_cert, p.node_cert, p.node_key)
+        }
+    };
+    // Parse once with the shared loader so bad files fail here, with the path in the message.
+    consensus_tls::load_files(&ca, &cert, &key).map_err(TransportError::Setup)?;
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).map_err(|e| TransportError::Setup(format!("{}: {e}", p.display())))
+    };
+    Ok(Some(Pem {
+        ca: read(&ca)?,
+        cert: read(&cert)?,
+        key: read(&key)?,
+    }))
 }
 
 /// A running gRPC transport: a server for inbound frames and a connection per peer.
@@ -87,11 +124,6 @@ impl GrpcTransport {
         cluster_id: &str,
         config: &TransportConfig,
     ) -> Result<Arc<Self>, TransportError> {
-        if config.tls != TlsConfig::Insecure {
-            return Err(TransportError::Setup(
-                "transport-grpc supports only TlsConfig::Insecure so far; mutual TLS is tracked for a later release".into(),
-            ));
-        }
         if cluster_id
             .parse::<tonic::metadata::MetadataValue<_>>()
             .is_err()
@@ -104,6 +136,7 @@ impl GrpcTransport {
             id,
             cluster_id: cluster_id.to_string(),
             config: config.clone(),
+            tls: pem(&config.tls, id)?,
         });
         let handler: Arc<RwLock<Option<Arc<dyn InboundHandler>>>> = Arc::default();
         let server = Server::start(me.clone(), handler.clone()).await?;

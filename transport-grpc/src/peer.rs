@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 use tonic::Request;
 
 use crate::pb::peer_client::PeerClient;
@@ -39,8 +39,19 @@ impl Peer {
     pub(crate) fn start(me: Arc<Identity>, id: NodeId, addr: String) -> Result<Self, String> {
         tokio::runtime::Handle::try_current()
             .map_err(|_| "set_peer must be called inside a tokio runtime".to_string())?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+        let scheme = if me.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| format!("invalid address {addr:?}: {e}"))?;
+        if let Some(pem) = &me.tls {
+            let tls = ClientTlsConfig::new()
+                .domain_name(consensus_tls::node_name(id))
+                .ca_certificate(Certificate::from_pem(&pem.ca))
+                .identity(TlsIdentity::from_pem(&pem.cert, &pem.key));
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("TLS client config: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(me.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::peer_server::{Peer, PeerServer};
@@ -43,14 +44,27 @@ impl Server {
             .map_err(|e| TransportError::Setup(format!("local address: {e}")))?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+        let tls = me.tls.as_ref().map(|p| crate::Pem {
+            ca: p.ca.clone(),
+            cert: p.cert.clone(),
+            key: p.key.clone(),
+        });
         let service = PeerServer::new(PeerService { me, handler })
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .add_service(service);
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        if let Some(pem) = &tls {
+            let config = ServerTlsConfig::new()
+                .identity(TlsIdentity::from_pem(&pem.cert, &pem.key))
+                .client_ca_root(Certificate::from_pem(&pem.ca));
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| TransportError::Setup(format!("TLS server config: {e}")))?;
+        }
+        let router = builder.add_service(service);
         let task = tokio::spawn(async move {
             let stop = async {
                 let _ = stop_rx.await;
@@ -104,10 +118,27 @@ impl PeerService {
                 self.me.cluster_id
             )));
         }
-        md.get(NODE_HEADER)
+        let from = md
+            .get(NODE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<NodeId>().ok())
-            .ok_or_else(|| Status::invalid_argument("missing or malformed x-node-id"))
+            .ok_or_else(|| Status::invalid_argument("missing or malformed x-node-id"))?;
+        if self.me.tls.is_some() {
+            // The chain was verified against the cluster CA in the handshake; the claimed node
+            // id must be the one the certificate names.
+            let certs = req
+                .peer_certs()
+                .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+            let leaf = certs
+                .first()
+                .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+            consensus_tls::verify_peer_id(leaf, from).map_err(|e| {
+                Status::permission_denied(format!(
+                    "node id {from} does not match its certificate: {e}"
+                ))
+            })?;
+        }
+        Ok(from)
     }
 
     fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
