@@ -15,7 +15,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::node::{Core, Reply};
+use crate::node::{Core, Reply, SaveJob};
 
 /// Requests from the engine handle.
 pub(crate) enum Command {
@@ -70,6 +70,7 @@ enum Flow {
 impl Driver {
     pub(crate) async fn run(mut self) {
         let (report_tx, mut reports) = mpsc::unbounded_channel::<(NodeId, bool)>();
+        let (saved_tx, mut saved) = mpsc::unbounded_channel::<(SaveJob, Result<(), String>)>();
         let mut ticks = 0u64;
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,6 +89,10 @@ impl Driver {
                 }
                 Some((to, ok)) = reports.recv() => {
                     self.core.report_snapshot(to, ok);
+                    Flow::Continue
+                }
+                Some((job, outcome)) = saved.recv() => {
+                    self.core.snapshot_saved(job, outcome);
                     Flow::Continue
                 }
                 _ = ticker.tick() => {
@@ -109,6 +114,14 @@ impl Driver {
                 tracing::error!(id = self.status.borrow().id, "stopping the node: {e}");
                 self.core.fail_all(&e);
                 break None;
+            }
+            if let Some(job) = self.core.take_save_job() {
+                // Writing and fsyncing a snapshot file must not stall the Ready loop.
+                let tx = saved_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let outcome = job.run();
+                    let _ = tx.send((job, outcome));
+                });
             }
             self.publish();
             self.core.deliver();
@@ -182,9 +195,7 @@ impl Driver {
             Command::TransferLeader(to, reply) => {
                 let _ = reply.send(self.core.transfer_leader(to));
             }
-            Command::Snapshot(reply) => {
-                let _ = reply.send(self.core.snapshot_now());
-            }
+            Command::Snapshot(reply) => self.core.snapshot_now(reply),
             Command::Shutdown(done) => return Flow::Stop(Some(done)),
         }
         Flow::Continue

@@ -27,7 +27,7 @@ use raft::{RawNode, ReadOnlyOption, ReadState, Ready, SnapshotStatus, StateRole}
 use tokio::sync::oneshot;
 
 use crate::mapping;
-use crate::storage::{DiskStorage, SnapshotData};
+use crate::storage::{DiskStorage, SnapshotData, SnapshotWriter};
 
 /// Where the answer to a request goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ConsensusError>>;
@@ -151,6 +151,30 @@ pub(crate) struct Core {
     /// Answers produced by a cycle, delivered by [`Core::deliver`] once the status that
     /// reflects them is published (a client that sees its answer also sees the new status).
     deferred: Vec<Box<dyn FnOnce() + Send>>,
+    /// Index of the snapshot being written, if any.
+    saving: Option<u64>,
+    /// A snapshot taken and not yet handed to a writer.
+    save_job: Option<SaveJob>,
+    /// `snapshot_now` callers: the applied index when they asked, and where the answer goes.
+    snapshot_waiters: Vec<(u64, Reply<u64>)>,
+}
+
+/// A snapshot to make durable off the driver: run [`SaveJob::run`] anywhere, then hand the job
+/// back to [`Core::snapshot_saved`].
+pub(crate) struct SaveJob {
+    snap: Snapshot,
+    compact_to: u64,
+    writer: SnapshotWriter,
+}
+
+impl SaveJob {
+    /// Writes the snapshot file with fsync (blocking).
+    pub(crate) fn run(&self) -> Result<(), String> {
+        self.writer
+            .save(&self.snap)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn not_leader_hint(leader: u64, me: NodeId) -> Option<NodeId> {
@@ -268,6 +292,9 @@ impl Core {
             outbox: Vec::new(),
             peer_changes,
             deferred: Vec::new(),
+            saving: None,
+            save_job: None,
+            snapshot_waiters: Vec::new(),
         })
     }
 
@@ -557,17 +584,35 @@ impl Core {
         Ok(())
     }
 
-    /// Takes a snapshot at the applied index (if anything was applied since the last one) and
-    /// compacts the log; returns the snapshot's index.
-    pub(crate) fn snapshot_now(&mut self) -> Result<u64, ConsensusError> {
+    /// Asks for a snapshot covering everything applied now; `reply` gets the snapshot's index
+    /// once its file is durable and the log compacted.
+    pub(crate) fn snapshot_now(&mut self, reply: Reply<u64>) {
         let (snap_index, _) = self.raw.store().snapshot_position();
-        if self.applied <= snap_index {
+        if self.saving.is_none() && self.applied <= snap_index {
             let to = snap_index.saturating_sub(self.settings.keep_logs_after_snapshot);
-            self.raw
+            let r = self
+                .raw
                 .mut_store()
                 .compact(to)
-                .map_err(|e| mapping::raft(e, None))?;
-            return Ok(snap_index);
+                .map(|()| snap_index)
+                .map_err(|e| mapping::raft(e, None));
+            self.later(reply, r);
+            return;
+        }
+        self.snapshot_waiters.push((self.applied, reply));
+        if let Err(e) = self.start_snapshot() {
+            for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
+                self.later(r, Err(e.clone()));
+            }
+        }
+    }
+
+    /// Takes the state machine's snapshot at the applied index (it must be consistent, so here,
+    /// between applies) and hands writing it to [`Core::take_save_job`]'s taker; one at a time.
+    fn start_snapshot(&mut self) -> Result<(), ConsensusError> {
+        let (snap_index, _) = self.raw.store().snapshot_position();
+        if self.saving.is_some() || self.applied <= snap_index {
+            return Ok(());
         }
         let applied = self.applied;
         let term = self
@@ -582,13 +627,53 @@ impl Core {
         snap.mut_metadata().index = applied;
         snap.mut_metadata().term = term;
         snap.data = data.into();
-        let compact_to = applied.saturating_sub(self.settings.keep_logs_after_snapshot);
-        self.raw
-            .mut_store()
-            .save_snapshot(snap, compact_to)
-            .map_err(|e| mapping::raft(e, None))?;
-        tracing::debug!(id = self.id, index = applied, "took a snapshot");
-        Ok(applied)
+        self.saving = Some(applied);
+        self.save_job = Some(SaveJob {
+            snap,
+            compact_to: applied.saturating_sub(self.settings.keep_logs_after_snapshot),
+            writer: self.raw.store().snapshot_writer(),
+        });
+        Ok(())
+    }
+
+    /// A snapshot to write off the driver (file + fsync), if one was started.
+    pub(crate) fn take_save_job(&mut self) -> Option<SaveJob> {
+        self.save_job.take()
+    }
+
+    /// The outcome of a [`SaveJob`]: record the snapshot, compact, answer the waiters it
+    /// covers, and start the next one if a waiter needs a newer snapshot.
+    pub(crate) fn snapshot_saved(&mut self, job: SaveJob, outcome: Result<(), String>) {
+        self.saving = None;
+        let index = job.snap.get_metadata().index;
+        let recorded = outcome.map_err(ConsensusError::Storage).and_then(|()| {
+            self.raw
+                .mut_store()
+                .snapshot_saved(job.snap, job.compact_to)
+                .map_err(|e| mapping::raft(e, None))
+        });
+        if let Err(e) = recorded {
+            tracing::warn!(id = self.id, index, "snapshot not saved: {e}");
+            for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
+                self.later(r, Err(e.clone()));
+            }
+            return;
+        }
+        tracing::debug!(id = self.id, index, "took a snapshot");
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.snapshot_waiters)
+            .into_iter()
+            .partition(|(min, _)| *min <= index);
+        for (_, r) in done {
+            self.later(r, Ok(index));
+        }
+        self.snapshot_waiters = waiting;
+        if !self.snapshot_waiters.is_empty() {
+            if let Err(e) = self.start_snapshot() {
+                for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
+                    self.later(r, Err(e.clone()));
+                }
+            }
+        }
     }
 
     /// First half of a Ready cycle (see the module docs). `None`: nothing to do.
@@ -646,7 +731,7 @@ impl Core {
         let (snap_index, _) = self.raw.store().snapshot_position();
         let requested = self.raw.store().take_snapshot_request();
         if requested || self.applied >= snap_index + self.settings.snapshot_threshold {
-            self.snapshot_now()?;
+            self.start_snapshot()?;
         }
         Ok(())
     }
@@ -867,6 +952,9 @@ impl Core {
             let _ = r.send(Err(e.clone()));
         }
         for (_, _, r) in self.learner_waits.drain(..) {
+            let _ = r.send(Err(e.clone()));
+        }
+        for (_, r) in self.snapshot_waiters.drain(..) {
             let _ = r.send(Err(e.clone()));
         }
     }

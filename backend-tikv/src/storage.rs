@@ -11,6 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use consensus_api::{codec, ConsensusError, NodeId};
@@ -71,10 +74,35 @@ fn disk(e: DiskError) -> raft::Error {
     other(e)
 }
 
+/// Writes snapshot files from any thread, never replacing a newer snapshot with an older one
+/// (a snapshot taken here may still be saving when a newer one arrives from the leader). It
+/// holds the log, and so the data-dir lock: a save in flight keeps the directory owned.
+#[derive(Clone)]
+pub(crate) struct SnapshotWriter {
+    store: SnapshotStore,
+    newest: Arc<Mutex<u64>>,
+    _log: Log,
+}
+
+impl SnapshotWriter {
+    /// Saves `snap` durably unless a newer snapshot was saved already; whether it was written.
+    pub(crate) fn save(&self, snap: &Snapshot) -> raft::Result<bool> {
+        let mut newest = self.newest.lock();
+        let index = snap.get_metadata().index;
+        if index < *newest {
+            return Ok(false);
+        }
+        let meta = snap.get_metadata().write_to_bytes().map_err(other)?;
+        self.store.save(&meta, &snap.data).map_err(disk)?;
+        *newest = index;
+        Ok(true)
+    }
+}
+
 /// Durable raft-rs storage.
 pub(crate) struct DiskStorage {
     log: Log,
-    snapshots: SnapshotStore,
+    writer: SnapshotWriter,
     hard_state: HardState,
     /// The latest snapshot (metadata and data); default (index 0) when there is none.
     snapshot: Snapshot,
@@ -102,9 +130,14 @@ impl DiskStorage {
             }
             None => Snapshot::default(),
         };
+        let writer = SnapshotWriter {
+            store: snapshots,
+            newest: Arc::new(Mutex::new(snapshot.get_metadata().index)),
+            _log: log.clone(),
+        };
         let mut me = Self {
             log,
-            snapshots,
+            writer,
             hard_state,
             snapshot,
             wanted: AtomicBool::new(false),
@@ -229,8 +262,7 @@ impl DiskStorage {
     /// Installs a snapshot received from the leader (or written at bootstrap): saves it with
     /// fsync, then drops the log it covers.
     pub(crate) fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
-        let meta = snap.get_metadata().write_to_bytes().map_err(other)?;
-        self.snapshots.save(&meta, &snap.data).map_err(disk)?;
+        self.writer.save(&snap)?;
         let (index, term) = {
             let m = snap.get_metadata();
             (m.index, m.term)
@@ -239,12 +271,18 @@ impl DiskStorage {
         self.discard_log_through(index, term)
     }
 
-    /// Saves a snapshot this node took of its own state (fsync), then compacts the log up to
-    /// `compact_to` (at most the snapshot's index).
-    pub(crate) fn save_snapshot(&mut self, snap: Snapshot, compact_to: u64) -> raft::Result<()> {
-        let meta = snap.get_metadata().write_to_bytes().map_err(other)?;
-        self.snapshots.save(&meta, &snap.data).map_err(disk)?;
+    /// A handle that saves snapshot files off this thread.
+    pub(crate) fn snapshot_writer(&self) -> SnapshotWriter {
+        self.writer.clone()
+    }
+
+    /// Records a snapshot this node took once its file is durable, then compacts the log up to
+    /// `compact_to` (at most the snapshot's index). An older one than the current is ignored.
+    pub(crate) fn snapshot_saved(&mut self, snap: Snapshot, compact_to: u64) -> raft::Result<()> {
         let index = snap.get_metadata().index;
+        if index <= self.snapshot_position().0 {
+            return Ok(());
+        }
         self.snapshot = snap;
         self.compact(compact_to.min(index))
     }

@@ -96,6 +96,11 @@ impl Net {
                     }
                     n.core.finish(cycle).expect("finish");
                 }
+                if let Some(job) = n.core.take_save_job() {
+                    moved = true;
+                    let outcome = job.run();
+                    n.core.snapshot_saved(job, outcome);
+                }
                 n.core.deliver();
                 n.core.take_peer_changes();
                 for m in n.core.take_outbox() {
@@ -351,6 +356,7 @@ fn a_restarted_core_replays_to_the_same_state() {
         n.core.storage().log().close();
     }
     let mut n = open(&cfg);
+    assert!(n.core.take_save_job().is_none());
     while let Some(mut cycle) = n.core.begin().expect("begin") {
         if let Some(d) = cycle.durable.take() {
             d.blocking_recv().expect("writer").expect("durable");

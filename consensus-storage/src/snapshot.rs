@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::file::{sync_dir, write_atomic};
+use crate::file::{sync_dir, write_atomic_parts};
 use crate::{Result, StorageError};
 
 const MAGIC: &[u8; 8] = b"CSNAP001";
@@ -33,16 +33,15 @@ impl SnapshotStore {
 
     /// Replaces the stored snapshot atomically; durable when it returns.
     pub fn save(&self, meta: &[u8], data: &[u8]) -> Result<()> {
-        let mut buf = Vec::with_capacity(16 + meta.len() + data.len());
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        let mut header = Vec::with_capacity(16);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(meta);
         h.update(data);
-        buf.extend_from_slice(&h.finalize().to_le_bytes());
-        buf.extend_from_slice(meta);
-        buf.extend_from_slice(data);
-        write_atomic(&self.path(), &buf)?;
+        header.extend_from_slice(&h.finalize().to_le_bytes());
+        // Written in parts: a large state is never copied into one more buffer.
+        write_atomic_parts(&self.path(), &[&header, meta, data])?;
         sync_dir(&self.dir)
     }
 

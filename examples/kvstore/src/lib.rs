@@ -3,6 +3,8 @@
 //! The program implements one trait, [`StateMachine`]; everything else (engine, transport,
 //! durability, leader forwarding) comes from the consensus layer.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
