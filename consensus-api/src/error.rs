@@ -130,3 +130,23 @@ pub enum TransportError {
     #[error("transport setup failed: {0}")]
     Setup(String),
 }
+
+impl TransportError {
+    /// The send-side size check every transport makes before anything leaves:
+    /// `FrameTooLarge` when `size` exceeds `limit`.
+    pub fn check_frame(size: usize, limit: usize) -> Result<(), TransportError> {
+        if size > limit {
+            Err(TransportError::FrameTooLarge { size, limit })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A bounded per-peer queue refused a frame for `peer`: full (`QueueFull`) or gone (`Closed`).
+    pub fn from_queue<T>(peer: NodeId, e: tokio::sync::mpsc::error::TrySendError<T>) -> Self {
+        match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(peer),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => TransportError::Closed,
+        }
+    }
+}

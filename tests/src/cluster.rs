@@ -74,9 +74,8 @@ pub struct SmCluster<SM: StateMachine + Default> {
 
 /// The TLS settings tests use: mutual TLS with a development CA and node certificates
 /// generated (once) under `root/certs`, for every transport (the suite runs what production
-/// runs). `factory` is for transports that could not do TLS; every one here can.
-pub fn test_tls(factory: &dyn TransportFactory, root: &std::path::Path) -> TlsConfig {
-    let _ = factory;
+/// runs).
+pub fn test_tls(root: &std::path::Path) -> TlsConfig {
     TlsConfig::DevCerts {
         dir: root.join("certs"),
     }
@@ -218,7 +217,7 @@ impl<SM: StateMachine + Default> SmCluster<SM> {
         let mut c = NodeConfig::new(id, self.cluster_id.clone(), data_dir);
         c.initial_members = initial;
         c.transport.listen_addr = addr;
-        c.transport.tls = test_tls(&*self.combo.transport, self.root.path());
+        c.transport.tls = test_tls(self.root.path());
         (self.tweak)(&mut c);
         c
     }
@@ -244,7 +243,7 @@ impl<SM: StateMachine + Default> SmCluster<SM> {
             .expect("node runtime");
         let mut config = NodeConfig::new(id, self.cluster_id.clone(), self.root.path());
         config.transport.listen_addr = addr;
-        config.transport.tls = test_tls(&*self.combo.transport, self.root.path());
+        config.transport.tls = test_tls(self.root.path());
         (self.tweak)(&mut config);
         let deadline = Instant::now() + RESTART_DEADLINE;
         loop {

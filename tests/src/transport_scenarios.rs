@@ -46,7 +46,7 @@ async fn pair(
 ) {
     crate::cluster::init_logging();
     let dir = tempfile::tempdir().expect("temp dir");
-    let tls = crate::cluster::test_tls(factory, dir.path());
+    let tls = crate::cluster::test_tls(dir.path());
     let mut a = NodeConfig::new(1, clusters.0, dir.path());
     a.transport.max_frame_bytes = limits.0;
     a.transport.tls = tls.clone();
@@ -269,7 +269,7 @@ pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>)
     // Same certificates (same cluster CA) as before the restart.
     let mut cfg = NodeConfig::new(2, "c", dir.path());
     cfg.transport.listen_addr = addr;
-    cfg.transport.tls = crate::cluster::test_tls(&*factory, dir.path());
+    cfg.transport.tls = crate::cluster::test_tls(dir.path());
     let deadline = Instant::now() + 10 * SECOND;
     let b2 = loop {
         match factory.bind(&cfg).await {

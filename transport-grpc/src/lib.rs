@@ -162,14 +162,7 @@ impl GrpcTransport {
     }
 
     fn check_size(&self, frame: &Bytes) -> Result<(), TransportError> {
-        let limit = self.me.config.max_frame_bytes;
-        if frame.len() > limit {
-            return Err(TransportError::FrameTooLarge {
-                size: frame.len(),
-                limit,
-            });
-        }
-        Ok(())
+        TransportError::check_frame(frame.len(), self.me.config.max_frame_bytes)
     }
 }
 

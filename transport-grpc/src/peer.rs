@@ -74,10 +74,9 @@ impl Peer {
     }
 
     pub(crate) fn send(&self, frame: Bytes) -> Result<(), TransportError> {
-        self.queue.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(self.id),
-            mpsc::error::TrySendError::Closed(_) => TransportError::Closed,
-        })
+        self.queue
+            .try_send(frame)
+            .map_err(|e| TransportError::from_queue(self.id, e))
     }
 
     pub(crate) async fn call(

@@ -197,14 +197,7 @@ impl QuicTransport {
     }
 
     fn check_size(&self, frame: &Bytes) -> Result<(), TransportError> {
-        let limit = self.ctx.frame_limit;
-        if frame.len() > limit {
-            return Err(TransportError::FrameTooLarge {
-                size: frame.len(),
-                limit,
-            });
-        }
-        Ok(())
+        TransportError::check_frame(frame.len(), self.ctx.frame_limit)
     }
 
     /// Stops every peer and closes the endpoint without waiting; what both shutdown and drop

@@ -89,10 +89,9 @@ impl Peer {
 
     /// Queues a one-way frame (its size is already checked).
     pub(crate) fn send(&self, frame: Bytes) -> Result<(), TransportError> {
-        self.queue.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull(self.link.id),
-            mpsc::error::TrySendError::Closed(_) => TransportError::Closed,
-        })
+        self.queue
+            .try_send(frame)
+            .map_err(|e| TransportError::from_queue(self.link.id, e))
     }
 
     /// A call with its whole life (connecting included) bounded by `timeout`.
