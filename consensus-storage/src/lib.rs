@@ -8,6 +8,8 @@
 //! - every write is acknowledged only after `fdatasync` ([`Log::append`] completes its callback
 //!   after the flush; a writer thread batches everything queued meanwhile into one write and one
 //!   sync: group commit);
+//! - the log keeps zero-filled space ahead of its end ([`LogOptions::preallocate_bytes`]) so a
+//!   sync flushes data only, not the file size through the file-system journal;
 //! - files are created, replaced and removed with the directory fsynced afterwards;
 //! - each record carries a CRC32; on open a bad record at the tail is a torn write and is
 //!   truncated (logged), while a bad record followed by a good one is corruption: [`Log::open`]
@@ -21,7 +23,7 @@ mod log;
 mod record;
 mod snapshot;
 
-pub use log::{Entry, Log, LogState, SyncCallback};
+pub use log::{Entry, Log, LogOptions, LogState, SyncCallback};
 pub use snapshot::SnapshotStore;
 
 /// Errors of the store. Every one names the file and what to do.

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -19,6 +19,32 @@ use crate::{Result, StorageError};
 const LOG_FILE: &str = "raft.log";
 /// Rewrite the file once it is this large and mostly dead (purged or truncated records).
 const DEFAULT_REWRITE_MIN_BYTES: u64 = 64 << 20;
+/// Zero-filled space kept ahead of the last record (see [`LogOptions::preallocate_bytes`]).
+const DEFAULT_PREALLOCATE_BYTES: u64 = 1 << 20;
+
+/// Tuning of a [`Log`]; [`LogOptions::default`] is what [`Log::open`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Rewrite the file (keeping only live records) once it is at least this large and mostly
+    /// dead: purged or truncated records.
+    pub rewrite_min_bytes: u64,
+    /// Keep this much zero-filled space ahead of the last record, extended a step at a time.
+    ///
+    /// Overwriting blocks that already exist lets `fdatasync` flush only the data: appending
+    /// changes the file size, so every sync of an appended file also commits the file-system
+    /// journal. On ext4 that halves the sync latency of a small write. Replay treats a zeroed
+    /// tail as the clean end of the log. `0` turns it off (plain appends).
+    pub preallocate_bytes: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            rewrite_min_bytes: DEFAULT_REWRITE_MIN_BYTES,
+            preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
+        }
+    }
+}
 
 /// One log entry: the engine's encoding of it in `data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,12 +220,11 @@ pub struct Log {
 impl Log {
     /// Opens (or creates) the log in `dir`, replaying and checking every record.
     pub fn open(dir: &Path) -> Result<Log> {
-        Self::open_with(dir, DEFAULT_REWRITE_MIN_BYTES)
+        Self::open_with(dir, LogOptions::default())
     }
 
-    /// Like [`Log::open`], rewriting the file once it exceeds `rewrite_min_bytes` and is mostly
-    /// dead records.
-    pub fn open_with(dir: &Path, rewrite_min_bytes: u64) -> Result<Log> {
+    /// Like [`Log::open`], with explicit [`LogOptions`].
+    pub fn open_with(dir: &Path, options: LogOptions) -> Result<Log> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let path = dir.join(LOG_FILE);
@@ -209,11 +234,20 @@ impl Log {
         } else {
             (State::default(), 0)
         };
+        // Not `append`: records are written at the end of the valid data, which may lie inside
+        // zero-filled preallocated space (and `pwrite` ignores offsets on an `O_APPEND` file).
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(|e| StorageError::io("open", &path, e))?;
+        let allocated = file
+            .metadata()
+            .map_err(|e| StorageError::io("stat", &path, e))?
+            .len()
+            .max(valid_len);
         if !existed {
             file.sync_all()
                 .map_err(|e| StorageError::io("fsync", &path, e))?;
@@ -235,7 +269,8 @@ impl Log {
             path,
             file,
             len: valid_len,
-            rewrite_min_bytes,
+            allocated,
+            options,
         };
         let handle = std::thread::Builder::new()
             .name("log-writer".into())
@@ -467,6 +502,8 @@ fn replay(path: &Path) -> Result<(State, u64)> {
                 pos = next;
             }
             Parsed::End => break,
+            // Preallocated space that was never written: the clean end of the log.
+            Parsed::Bad { .. } if buf[pos..].iter().all(|b| *b == 0) => break,
             Parsed::Bad { reason, next } => {
                 if valid_record_after(&buf, next.unwrap_or(pos + 1)) {
                     return Err(StorageError::Corrupt {
@@ -501,9 +538,15 @@ struct Writer {
     _lock: File,
     path: PathBuf,
     file: File,
+    /// End of the valid records: where the next write goes.
     len: u64,
-    rewrite_min_bytes: u64,
+    /// The file's size: zeros between `len` and here.
+    allocated: u64,
+    options: LogOptions,
 }
+
+/// Source of zeros for preallocation.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
@@ -555,19 +598,40 @@ impl Writer {
 
     fn write_and_sync(&mut self, buf: &[u8]) -> std::result::Result<(), String> {
         if !buf.is_empty() {
+            let end = self.len + buf.len() as u64;
+            if end > self.allocated && self.options.preallocate_bytes > 0 {
+                // Extend by whole steps past what this write needs; the same sync below makes
+                // the zeros and the new size durable together with the records.
+                let step = self.options.preallocate_bytes;
+                let target = end.next_multiple_of(step) + step;
+                self.zero_fill(self.allocated, target)
+                    .map_err(|e| format!("preallocate {}: {e}", self.path.display()))?;
+                self.allocated = target;
+            }
             self.file
-                .write_all(buf)
+                .write_all_at(buf, self.len)
                 .map_err(|e| format!("write {}: {e}", self.path.display()))?;
-            self.len += buf.len() as u64;
+            self.len = end;
+            self.allocated = self.allocated.max(end);
         }
         self.file
             .sync_data()
             .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))
     }
 
+    fn zero_fill(&self, from: u64, to: u64) -> std::io::Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Replaces the file by the live records when most of it is dead.
     fn maybe_rewrite(&mut self) -> Result<()> {
-        if self.len < self.rewrite_min_bytes {
+        if self.len < self.options.rewrite_min_bytes {
             return Ok(());
         }
         let state = self.state.lock();
@@ -579,11 +643,13 @@ impl Writer {
         let bytes = state.encode_all();
         write_atomic(&self.path, &bytes)?;
         self.file = OpenOptions::new()
-            .append(true)
+            .read(true)
+            .write(true)
             .open(&self.path)
             .map_err(|e| StorageError::io("reopen", &self.path, e))?;
         tracing::info!(path = %self.path.display(), from = self.len, to = bytes.len(), "log rewritten");
         self.len = bytes.len() as u64;
+        self.allocated = self.len;
         Ok(())
     }
 }

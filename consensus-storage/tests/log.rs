@@ -3,7 +3,20 @@
 use std::io::{Seek, SeekFrom, Write};
 
 use bytes::Bytes;
-use consensus_storage::{Entry, Log, SnapshotStore, StorageError};
+use consensus_storage::{Entry, Log, LogOptions, SnapshotStore, StorageError};
+
+/// Plain appends: the file ends at the last record, as the torn-tail tests below assume.
+fn appending() -> LogOptions {
+    LogOptions {
+        preallocate_bytes: 0,
+        ..LogOptions::default()
+    }
+}
+
+/// Size of the record holding an entry with `data_len` bytes of data.
+fn entry_record_len(data_len: usize) -> u64 {
+    8 + 1 + 16 + data_len as u64
+}
 
 fn e(index: u64, term: u64, data: &str) -> Entry {
     Entry {
@@ -122,12 +135,13 @@ fn a_torn_tail_is_truncated_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path;
     {
-        let log = Log::open(dir.path()).unwrap();
+        let log = Log::open_with(dir.path(), appending()).unwrap();
         log.append(vec![e(1, 1, "a"), e(2, 1, "b")], None).unwrap();
         log.sync().unwrap();
         path = log.path().to_path_buf();
     }
     let full = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(full, 2 * entry_record_len(1));
     // Simulate a crash in the middle of writing the last record.
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(full - 3).unwrap();
@@ -150,7 +164,7 @@ fn garbage_after_the_last_record_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let path;
     {
-        let log = Log::open(dir.path()).unwrap();
+        let log = Log::open_with(dir.path(), appending()).unwrap();
         log.append(vec![e(1, 1, "a")], None).unwrap();
         log.sync().unwrap();
         path = log.path().to_path_buf();
@@ -166,6 +180,87 @@ fn garbage_after_the_last_record_is_a_torn_tail() {
 }
 
 #[test]
+fn the_log_preallocates_and_reopens_at_the_end_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let step = 64 << 10;
+    let options = LogOptions {
+        preallocate_bytes: step,
+        ..LogOptions::default()
+    };
+    let path;
+    {
+        let log = Log::open_with(dir.path(), options).unwrap();
+        log.append(vec![e(1, 1, "a"), e(2, 1, "b")], None).unwrap();
+        log.sync().unwrap();
+        path = log.path().to_path_buf();
+    }
+    // The file holds the records plus zeros up to whole steps beyond them.
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        size >= step,
+        "expected preallocated space, file is {size} bytes"
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let end = 2 * entry_record_len(1) as usize;
+    assert!(bytes[end..].iter().all(|b| *b == 0));
+    // Reopening finds the records, and new writes go right after them, not after the zeros.
+    for round in 0..3u64 {
+        let log = Log::open_with(dir.path(), options).unwrap();
+        assert_eq!(log.state().last_index, Some(2 + round));
+        log.append(vec![e(3 + round, 2, "c")], None).unwrap();
+        log.sync().unwrap();
+    }
+    let log = Log::open_with(dir.path(), options).unwrap();
+    assert_eq!(
+        datas(&log, 1, 10),
+        vec![
+            (1, 1, "a".into()),
+            (2, 1, "b".into()),
+            (3, 2, "c".into()),
+            (4, 2, "c".into()),
+            (5, 2, "c".into())
+        ]
+    );
+    // Crossing the preallocated end extends the file by more steps.
+    let big = "x".repeat(100_000);
+    log.append(vec![e(6, 2, &big)], None).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size >= 2 * step, "file did not grow: {size} bytes");
+    let log = Log::open_with(dir.path(), options).unwrap();
+    assert_eq!(log.entry(6).unwrap().data.len(), big.len());
+}
+
+#[test]
+fn a_torn_record_inside_preallocated_space_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path;
+    {
+        let log = Log::open(dir.path()).unwrap();
+        log.append(vec![e(1, 1, "a"), e(2, 1, "b")], None).unwrap();
+        log.sync().unwrap();
+        path = log.path().to_path_buf();
+    }
+    // The last bytes of the second record never reached the disk: zeros instead.
+    let end = 2 * entry_record_len(1);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(end - 3)).unwrap();
+    f.write_all(&[0, 0, 0]).unwrap();
+    drop(f);
+    let log = Log::open(dir.path()).unwrap();
+    assert_eq!(datas(&log, 1, 10), vec![(1, 1, "a".into())]);
+    log.append(vec![e(2, 2, "b2")], None).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let log = Log::open(dir.path()).unwrap();
+    assert_eq!(
+        datas(&log, 1, 10),
+        vec![(1, 1, "a".into()), (2, 2, "b2".into())]
+    );
+}
+
+#[test]
 fn corruption_before_valid_records_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path;
@@ -178,7 +273,7 @@ fn corruption_before_valid_records_refuses_to_start() {
     }
     // Flip a byte inside the second record's body.
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    let record_len = 8 + 1 + 16 + "payload".len() as u64;
+    let record_len = entry_record_len("payload".len());
     f.seek(SeekFrom::Start(record_len + 12)).unwrap();
     f.write_all(&[0xff]).unwrap();
     drop(f);
@@ -195,7 +290,11 @@ fn rewrite_keeps_exactly_the_live_state() {
     let payload = "p".repeat(1000);
     {
         // A tiny rewrite threshold forces rewrites while we write and purge.
-        let log = Log::open_with(dir.path(), 16 << 10).unwrap();
+        let options = LogOptions {
+            rewrite_min_bytes: 16 << 10,
+            preallocate_bytes: 4 << 10,
+        };
+        let log = Log::open_with(dir.path(), options).unwrap();
         log.set_meta(7, Bytes::from_static(b"m"), None).unwrap();
         for i in 1..=200u64 {
             log.append(vec![e(i, 3, &payload)], None).unwrap();
