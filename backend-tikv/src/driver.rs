@@ -2,8 +2,10 @@
 //! a timer, feeds it requests and peer messages, runs Ready cycles and ships what they produce.
 //!
 //! Batching: after waking up, the driver drains every request and message already queued before
-//! it runs a cycle, so all proposals that arrived meanwhile share one Ready, one log append and
-//! one `fdatasync`. While a cycle waits for the disk, new arrivals queue up for the next one.
+//! it runs a cycle, so all proposals that arrived meanwhile share one Ready and one log append.
+//! Cycles never wait for the disk: the log writer syncs in the background (everything queued
+//! during one `fdatasync` shares the next one) and its notices come back on the
+//! [`PersistEvents`] channel, next to requests, messages and ticks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::node::{Core, Reply, SaveJob};
+use crate::node::{Core, PersistEvents, Reply, SaveJob};
 
 /// Requests from the engine handle.
 pub(crate) enum Command {
@@ -57,6 +59,7 @@ pub(crate) struct Driver {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) messages: mpsc::Receiver<Inbound>,
+    pub(crate) persisted: PersistEvents,
     pub(crate) status: watch::Sender<Status>,
     pub(crate) tick: Duration,
     pub(crate) snapshot_timeout: Duration,
@@ -65,6 +68,8 @@ pub(crate) struct Driver {
 enum Flow {
     Continue,
     Stop(Option<oneshot::Sender<()>>),
+    /// The log failed: stop, failing every waiter.
+    Fail(ConsensusError),
 }
 
 impl Driver {
@@ -87,6 +92,10 @@ impl Driver {
                     self.inbound(m);
                     Flow::Continue
                 }
+                Some(p) = self.persisted.recv() => match self.core.persisted(p) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => Flow::Fail(e),
+                },
                 Some((to, ok)) = reports.recv() => {
                     self.core.report_snapshot(to, ok);
                     Flow::Continue
@@ -104,16 +113,25 @@ impl Driver {
                     Flow::Continue
                 }
             };
-            if let Flow::Stop(done) = flow {
-                break done;
-            }
-            if let Flow::Stop(done) = self.drain() {
-                break done;
-            }
-            if let Err(e) = self.cycles(&report_tx).await {
-                tracing::error!(id = self.status.borrow().id, "stopping the node: {e}");
-                self.core.fail_all(&e);
-                break None;
+            let flow = match flow {
+                Flow::Continue => self.drain(),
+                other => other,
+            };
+            let flow = match flow {
+                Flow::Continue => match self.cycles(&report_tx) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => Flow::Fail(e),
+                },
+                other => other,
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop(done) => break done,
+                Flow::Fail(e) => {
+                    tracing::error!(id = self.status.borrow().id, "stopping the node: {e}");
+                    self.core.fail_all(&e);
+                    break None;
+                }
             }
             if let Some(job) = self.core.take_save_job() {
                 // Writing and fsyncing a snapshot file must not stall the Ready loop.
@@ -141,8 +159,8 @@ impl Driver {
         for _ in 0..MAX_BATCH {
             match self.commands.try_recv() {
                 Ok(c) => {
-                    if let Flow::Stop(d) = self.handle(c) {
-                        return Flow::Stop(d);
+                    if let stop @ Flow::Stop(_) = self.handle(c) {
+                        return stop;
                     }
                 }
                 Err(_) => break,
@@ -152,6 +170,11 @@ impl Driver {
             match self.messages.try_recv() {
                 Ok(m) => self.inbound(m),
                 Err(_) => break,
+            }
+        }
+        while let Ok(p) = self.persisted.try_recv() {
+            if let Err(e) = self.core.persisted(p) {
+                return Flow::Fail(e);
             }
         }
         Flow::Continue
@@ -203,21 +226,13 @@ impl Driver {
 
     /// Runs Ready cycles until raft-rs has nothing more, shipping messages as they become
     /// sendable.
-    async fn cycles(
+    fn cycles(
         &mut self,
         reports: &mpsc::UnboundedSender<(NodeId, bool)>,
     ) -> Result<(), ConsensusError> {
-        while let Some(mut cycle) = self.core.begin()? {
-            // Ready.messages may leave before the entries are durable.
-            self.ship(reports);
-            if let Some(durable) = cycle.durable.take() {
-                match durable.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(ConsensusError::Storage(e)),
-                    Err(_) => return Err(ConsensusError::Storage("the log writer stopped".into())),
-                }
-            }
-            self.core.finish(cycle)?;
+        // Messages released by durability notices go first, then each Ready's own.
+        self.ship(reports);
+        while self.core.cycle()? {
             self.ship(reports);
         }
         Ok(())

@@ -80,7 +80,7 @@ impl TikvEngine {
         config.validate()?;
         let id = config.id;
         let cfg = config.clone();
-        let core = tokio::task::spawn_blocking(move || {
+        let (core, persisted) = tokio::task::spawn_blocking(move || {
             let storage = DiskStorage::open(&cfg.data_dir)
                 .map_err(|e| ConsensusError::Storage(e.to_string()))?;
             Core::new(&cfg, storage, state_machine, &logger::logger(cfg.id))
@@ -100,6 +100,7 @@ impl TikvEngine {
             transport,
             commands,
             messages,
+            persisted,
             status: status_tx,
             tick: config.heartbeat_interval,
             snapshot_timeout: config.rpc_timeout * 10,

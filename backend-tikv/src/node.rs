@@ -4,15 +4,22 @@
 //! against each other directly (the quinn-proto idea: a state machine you can test by calling
 //! it).
 //!
-//! One Ready cycle, in the order raft-rs documents:
-//! 1. [`Core::begin`]: take the messages (sendable before persisting); install a snapshot if
-//!    any; apply committed entries and complete their proposals; hand out read states; queue
-//!    the new entries and hard state to the log. It returns a [`Cycle`] holding a durability
-//!    receiver.
-//! 2. The caller waits for that receiver (one `fdatasync` for everything queued).
-//! 3. [`Core::finish`]: take the persisted messages (votes, append responses: only now may they
-//!    leave), `advance`, handle the `LightReady` (commit index, messages, committed entries),
-//!    `advance_apply`, then snapshot and compact if the threshold is reached.
+//! One Ready cycle ([`Core::cycle`]) never waits for the disk (raft-rs's asynchronous
+//! persistence, as TiKV uses it):
+//! 1. take the messages that may leave before persisting (a leader's appends: replication runs
+//!    in parallel with the leader's own write); install a snapshot if any; apply the committed
+//!    entries (raft-rs only hands out entries that are committed *and* durable here) and complete
+//!    their proposals; hand out read states;
+//! 2. queue the new entries and hard state to the log, with a durability callback that carries
+//!    the Ready's number and its persisted messages (votes, append responses), then
+//!    `advance_append_async` and `advance_apply`;
+//! 3. later, when the log has synced, [`Core::persisted`] releases those messages and calls
+//!    `on_persist_ready`, which lets the leader count its own copy and the commit index move.
+//!
+//! So while one `fdatasync` runs, the node keeps stepping messages and accepting proposals; the
+//! log writer batches everything queued meanwhile into the next sync (group commit). Readies
+//! are persisted in order, so a Ready that writes nothing still waits behind the writes before
+//! it when any are in flight.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,8 +30,8 @@ use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
     Message, Snapshot,
 };
-use raft::{RawNode, ReadOnlyOption, ReadState, Ready, SnapshotStatus, StateRole};
-use tokio::sync::oneshot;
+use raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::mapping;
 use crate::storage::{DiskStorage, SnapshotData, SnapshotWriter};
@@ -122,12 +129,15 @@ struct PendingRead {
     issued_tick: u64,
 }
 
-/// A Ready taken by [`Core::begin`] and not yet advanced.
-pub(crate) struct Cycle {
-    ready: Ready,
-    /// Fires once the cycle's writes are durable; `None` when it wrote nothing.
-    pub(crate) durable: Option<oneshot::Receiver<Result<(), String>>>,
+/// A Ready's writes became durable (or failed): what [`Core::persisted`] needs.
+pub(crate) struct Persisted {
+    number: u64,
+    messages: Vec<Message>,
+    outcome: Result<(), String>,
 }
+
+/// Where durability notices arrive; the driver waits on it next to its other inputs.
+pub(crate) type PersistEvents = mpsc::UnboundedReceiver<Persisted>;
 
 /// One node's raft-rs state plus the requests waiting on it.
 pub(crate) struct Core {
@@ -157,6 +167,10 @@ pub(crate) struct Core {
     save_job: Option<SaveJob>,
     /// `snapshot_now` callers: the applied index when they asked, and where the answer goes.
     snapshot_waiters: Vec<(u64, Reply<u64>)>,
+    /// Sends durability notices from the log writer to [`PersistEvents`].
+    persist_tx: mpsc::UnboundedSender<Persisted>,
+    /// Readies whose durability notice has not come back yet.
+    in_flight: usize,
 }
 
 /// A snapshot to make durable off the driver: run [`SaveJob::run`] anywhere, then hand the job
@@ -253,7 +267,7 @@ impl Core {
         mut storage: DiskStorage,
         sm: Arc<dyn ByteStateMachine>,
         logger: &slog::Logger,
-    ) -> Result<Self, ConsensusError> {
+    ) -> Result<(Self, PersistEvents), ConsensusError> {
         let id = config.id;
         let storage_err = |e: raft::Error| ConsensusError::Storage(e.to_string());
         if storage.is_fresh() && config.initial_members.contains_key(&id) {
@@ -276,7 +290,8 @@ impl Core {
             .iter()
             .map(|(i, a)| (*i, Some(a.clone())))
             .collect();
-        Ok(Self {
+        let (persist_tx, persist_events) = mpsc::unbounded_channel();
+        let core = Self {
             id,
             raw,
             sm,
@@ -295,7 +310,10 @@ impl Core {
             saving: None,
             save_job: None,
             snapshot_waiters: Vec::new(),
-        })
+            persist_tx,
+            in_flight: 0,
+        };
+        Ok((core, persist_events))
     }
 
     fn is_leader(&self) -> bool {
@@ -676,10 +694,11 @@ impl Core {
         }
     }
 
-    /// First half of a Ready cycle (see the module docs). `None`: nothing to do.
-    pub(crate) fn begin(&mut self) -> Result<Option<Cycle>, ConsensusError> {
+    /// Handles one Ready without waiting for the disk (see the module docs). `false`: there was
+    /// nothing to do.
+    pub(crate) fn cycle(&mut self) -> Result<bool, ConsensusError> {
         if !self.raw.has_ready() {
-            return Ok(None);
+            return Ok(false);
         }
         let storage = |e: raft::Error| ConsensusError::Storage(e.to_string());
         let mut rd = self.raw.ready();
@@ -699,30 +718,58 @@ impl Core {
             self.raw.mut_store().set_hard_state(hs).map_err(storage)?;
             wrote = true;
         }
-        let durable = if wrote {
-            Some(self.raw.store().durable().map_err(storage)?)
-        } else {
-            None
-        };
-        Ok(Some(Cycle { ready: rd, durable }))
-    }
-
-    /// Second half of a Ready cycle, once [`Cycle::durable`] fired.
-    pub(crate) fn finish(&mut self, mut cycle: Cycle) -> Result<(), ConsensusError> {
-        self.outbox.extend(cycle.ready.take_persisted_messages());
-        let mut light = self.raw.advance(cycle.ready);
-        if let Some(commit) = light.commit_index() {
+        let number = rd.number();
+        let messages = rd.take_persisted_messages();
+        self.raw.advance_append_async(rd);
+        self.report_applied();
+        if wrote || self.in_flight > 0 {
+            let tx = self.persist_tx.clone();
             self.raw
-                .mut_store()
-                .set_commit(commit)
-                .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+                .store()
+                .on_durable(Box::new(move |outcome| {
+                    let _ = tx.send(Persisted {
+                        number,
+                        messages,
+                        outcome,
+                    });
+                }))
+                .map_err(storage)?;
+            self.in_flight += 1;
+        } else {
+            // Nothing written and nothing in flight: durable already.
+            self.outbox.extend(messages);
+            self.raw.on_persist_ready(number);
         }
-        self.outbox.extend(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
         self.maybe_snapshot()?;
         self.after_progress();
+        Ok(true)
+    }
+
+    /// Readies whose writes are not yet known durable.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// A Ready's writes are durable: its persisted messages may leave, and raft-rs learns how
+    /// far the log is stable (for a leader, its own vote towards the commit index).
+    pub(crate) fn persisted(&mut self, p: Persisted) -> Result<(), ConsensusError> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        p.outcome.map_err(ConsensusError::Storage)?;
+        self.outbox.extend(p.messages);
+        self.raw.on_persist_ready(p.number);
+        self.report_applied();
         Ok(())
+    }
+
+    /// Tells raft-rs what the state machine has applied, as far as raft-rs allows: an installed
+    /// snapshot counts only once its Ready is persisted.
+    fn report_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let to = self.applied.min(log.persisted).min(log.committed);
+        if to > log.applied {
+            self.raw.advance_apply_to(to);
+        }
     }
 
     /// Snapshots once `snapshot_threshold` entries were applied since the last one, or when

@@ -21,7 +21,6 @@ use consensus_storage::{Log, SnapshotStore, StorageError as DiskError};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use tokio::sync::oneshot;
 
 /// Metadata key of the hard state.
 const META_HARD_STATE: u8 = 1;
@@ -249,16 +248,6 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Persists a new commit index (durable with the next batch; raft-rs recomputes it anyway).
-    pub(crate) fn set_commit(&mut self, commit: u64) -> raft::Result<()> {
-        if commit <= self.hard_state.commit {
-            return Ok(());
-        }
-        let mut hs = self.hard_state.clone();
-        hs.commit = commit;
-        self.set_hard_state(&hs)
-    }
-
     /// Installs a snapshot received from the leader (or written at bootstrap): saves it with
     /// fsync, then drops the log it covers.
     pub(crate) fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
@@ -298,15 +287,9 @@ impl DiskStorage {
         self.log.purge(to, term, Bytes::new(), None).map_err(disk)
     }
 
-    /// A receiver that fires once every write queued so far is durable.
-    pub(crate) fn durable(&self) -> raft::Result<oneshot::Receiver<Result<(), String>>> {
-        let (tx, rx) = oneshot::channel();
-        self.log
-            .on_durable(Box::new(move |r| {
-                let _ = tx.send(r);
-            }))
-            .map_err(disk)?;
-        Ok(rx)
+    /// Runs `done` once every write queued so far is durable.
+    pub(crate) fn on_durable(&self, done: consensus_storage::SyncCallback) -> raft::Result<()> {
+        self.log.on_durable(done).map_err(disk)
     }
 
     /// Whether raft-rs asked for a fresher snapshot since the last call.

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use consensus_api::{codec, ByteStateMachine, ConsensusError, ErrorKind, NodeConfig, NodeId};
 use parking_lot::Mutex;
 use raft::eraftpb::{ConfState, MessageType};
+use raft::Storage as _;
 use tokio::sync::oneshot;
 
-use crate::node::{voter_changes, Core, Reply};
+use crate::node::{voter_changes, Core, PersistEvents, Reply};
 use crate::storage::DiskStorage;
 
 /// Appends every command; answers with the number applied so far.
@@ -40,6 +41,32 @@ impl Journal {
 struct Node {
     core: Core,
     sm: Arc<Journal>,
+    persisted: PersistEvents,
+}
+
+impl Node {
+    /// Waits for every queued write to be durable and hands the notices to the core.
+    fn sync(&mut self) {
+        while self.core.in_flight() > 0 {
+            let p = self.persisted.blocking_recv().expect("log writer alive");
+            self.core.persisted(p).expect("durable");
+        }
+    }
+
+    /// Runs Ready cycles, each followed by its disk write, until raft-rs has nothing more.
+    /// Whether anything happened.
+    fn run_cycles(&mut self) -> bool {
+        let mut moved = false;
+        loop {
+            while self.core.cycle().expect("cycle") {
+                moved = true;
+            }
+            if self.core.in_flight() == 0 {
+                return moved;
+            }
+            self.sync();
+        }
+    }
 }
 
 struct Net {
@@ -60,8 +87,13 @@ fn config(dir: &std::path::Path, id: NodeId, members: &[NodeId]) -> NodeConfig {
 fn open(cfg: &NodeConfig) -> Node {
     let sm = Arc::new(Journal::default());
     let storage = DiskStorage::open(&cfg.data_dir).expect("open storage");
-    let core = Core::new(cfg, storage, sm.clone(), &crate::logger::logger(cfg.id)).expect("core");
-    Node { core, sm }
+    let (core, persisted) =
+        Core::new(cfg, storage, sm.clone(), &crate::logger::logger(cfg.id)).expect("core");
+    Node {
+        core,
+        sm,
+        persisted,
+    }
 }
 
 fn reply<T>() -> (Reply<T>, oneshot::Receiver<Result<T, ConsensusError>>) {
@@ -89,13 +121,7 @@ impl Net {
             let mut moved = false;
             let mut mail = Vec::new();
             for (id, n) in self.nodes.iter_mut() {
-                while let Some(mut cycle) = n.core.begin().expect("begin") {
-                    moved = true;
-                    if let Some(d) = cycle.durable.take() {
-                        d.blocking_recv().expect("writer").expect("durable");
-                    }
-                    n.core.finish(cycle).expect("finish");
-                }
+                moved |= n.run_cycles();
                 if let Some(job) = n.core.take_save_job() {
                     moved = true;
                     let outcome = job.run();
@@ -245,8 +271,8 @@ fn read_index_needs_a_quorum() {
 
 #[test]
 fn persisted_messages_wait_for_the_disk() {
-    // A vote response may only leave once the vote is durable: within one cycle, the first
-    // half must not hand it out.
+    // A vote may only be granted once it is durable: a cycle that writes the vote holds the
+    // response back until the log writer's notice comes.
     let mut net = Net::new(3);
     for _ in 0..100 {
         for n in net.nodes.values_mut() {
@@ -254,19 +280,35 @@ fn persisted_messages_wait_for_the_disk() {
         }
         let mut mail = Vec::new();
         for (id, n) in net.nodes.iter_mut() {
-            while let Some(mut cycle) = n.core.begin().expect("begin") {
-                let early = n.core.take_outbox();
-                assert!(
-                    early
-                        .iter()
-                        .all(|m| m.get_msg_type() != MessageType::MsgRequestVoteResponse),
-                    "a vote response left before the vote was persisted"
-                );
-                mail.extend(early.into_iter().map(|m| (*id, m)));
-                if let Some(d) = cycle.durable.take() {
-                    d.blocking_recv().expect("writer").expect("durable");
+            loop {
+                let mut moved = false;
+                loop {
+                    let hs = |n: &Node| n.core.storage().initial_state().expect("state").hard_state;
+                    let before = hs(n);
+                    if !n.core.cycle().expect("cycle") {
+                        break;
+                    }
+                    moved = true;
+                    // A cycle that records a new vote must hold the granting response back
+                    // until the log writer says the vote is durable.
+                    let after = hs(n);
+                    let new_vote = (after.vote, after.term) != (before.vote, before.term);
+                    let early = n.core.take_outbox();
+                    assert!(
+                        !new_vote
+                            || early.iter().all(|m| {
+                                m.get_msg_type() != MessageType::MsgRequestVoteResponse
+                                    || m.reject
+                                    || m.to != after.vote
+                            }),
+                        "a vote response left before the vote was persisted"
+                    );
+                    mail.extend(early.into_iter().map(|m| (*id, m)));
                 }
-                n.core.finish(cycle).expect("finish");
+                if !moved && n.core.in_flight() == 0 {
+                    break;
+                }
+                n.sync();
                 mail.extend(n.core.take_outbox().into_iter().map(|m| (*id, m)));
             }
         }
@@ -357,12 +399,7 @@ fn a_restarted_core_replays_to_the_same_state() {
     }
     let mut n = open(&cfg);
     assert!(n.core.take_save_job().is_none());
-    while let Some(mut cycle) = n.core.begin().expect("begin") {
-        if let Some(d) = cycle.durable.take() {
-            d.blocking_recv().expect("writer").expect("durable");
-        }
-        n.core.finish(cycle).expect("finish");
-    }
+    n.run_cycles();
     assert_eq!(
         n.sm.commands(),
         before,
