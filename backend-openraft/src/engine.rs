@@ -33,7 +33,8 @@ pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, Conse
         election_timeout_max: ms(c.election_timeout_max),
         install_snapshot_timeout: ms(c.rpc_timeout * 10),
         max_payload_entries: c.max_entries_per_message,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_threshold),
+        // Automatic snapshots follow the shared `SnapshotPacer`, triggered by the engine.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
         purge_batch_size: 64,
         enable_pre_vote: Some(true),
@@ -53,7 +54,17 @@ pub struct OpenraftEngine {
     transport: Arc<dyn Transport>,
     status: watch::Receiver<Status>,
     status_task: JoinHandle<()>,
+    /// Triggers the snapshots the pacer asks for.
+    snapshot_task: JoinHandle<()>,
     stopped: AtomicBool,
+}
+
+impl Drop for OpenraftEngine {
+    fn drop(&mut self) {
+        // Dropped without `shutdown`: the helper tasks must not outlive the handle.
+        self.status_task.abort();
+        self.snapshot_task.abort();
+    }
 }
 
 impl OpenraftEngine {
@@ -75,8 +86,9 @@ impl OpenraftEngine {
         .map_err(storage)?;
         let log_store = LogStore::new(log.clone());
         // Opening the state machine reads the snapshot once; freshness is derived from it.
-        let sm = StateMachineStore::open(state_machine, snapshots)
-            .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let (sm, snapshot_due) = StateMachineStore::open(state_machine, snapshots)
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?
+            .paced(&config);
         let fresh = log_store.is_fresh() && !sm.has_snapshot();
         let network = NetworkFactory {
             me: id,
@@ -107,6 +119,17 @@ impl OpenraftEngine {
                 .map_err(storage)?;
         }
 
+        let trigger = raft.clone();
+        let snapshot_task = tokio::spawn(async move {
+            loop {
+                snapshot_due.notified().await;
+                // Dropped by openraft when a build is already running; that one resets the pacer.
+                if trigger.trigger().snapshot().await.is_err() {
+                    break;
+                }
+            }
+        });
+
         let mut metrics = raft.metrics();
         let (tx, status) = watch::channel(mapping::status(&metrics.borrow_watched()));
         let status_task = tokio::spawn(async move {
@@ -128,6 +151,7 @@ impl OpenraftEngine {
             transport,
             status,
             status_task,
+            snapshot_task,
             stopped: AtomicBool::new(false),
         })
     }
@@ -262,6 +286,7 @@ impl Engine for OpenraftEngine {
             .await
             .map_err(|e| ConsensusError::Internal(format!("openraft shutdown: {e}")));
         self.status_task.abort();
+        self.snapshot_task.abort();
         let log = self.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         result

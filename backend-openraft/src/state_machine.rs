@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::Arc;
 
-use consensus_api::{codec, ByteStateMachine};
+use consensus_api::{codec, ByteStateMachine, NodeConfig, SnapshotPacer};
 use consensus_storage::SnapshotStore;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -12,7 +12,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::types::{Response, SnapshotData, C};
 
@@ -37,13 +37,19 @@ pub struct StateMachineStore {
     applied: Arc<Mutex<Applied>>,
     /// Serializes snapshot file writes.
     save: Arc<Mutex<()>>,
+    /// Set by [`StateMachineStore::paced`]: when automatic snapshots are due.
+    pacing: Option<(Arc<SnapshotPacer>, Arc<Notify>)>,
+    /// Size of the snapshot loaded at open (0 when none).
+    loaded_size: u64,
 }
 
 impl StateMachineStore {
     /// Restores the user's state machine from the stored snapshot, if any.
     pub fn open(sm: Arc<dyn ByteStateMachine>, snapshots: SnapshotStore) -> io::Result<Self> {
         let mut applied = Applied::default();
+        let mut loaded_size = 0;
         if let Some((meta, data)) = snapshots.load().map_err(io_err)? {
+            loaded_size = data.len() as u64;
             let meta: SnapshotMetaOf<C> = codec::decode(&meta).map_err(io_err)?;
             sm.restore(&data).map_err(io_err)?;
             applied.last_applied = meta.last_log_id;
@@ -55,7 +61,18 @@ impl StateMachineStore {
             snapshots,
             applied: Arc::new(Mutex::new(applied)),
             save: Arc::new(Mutex::new(())),
+            pacing: None,
+            loaded_size,
         })
+    }
+
+    /// Paces automatic snapshots by `config`'s rules ([`SnapshotPacer`]): the returned `Notify`
+    /// fires when one is due, for the engine to trigger (openraft's own policy is off then).
+    pub fn paced(mut self, config: &NodeConfig) -> (Self, Arc<Notify>) {
+        let due = Arc::new(Notify::new());
+        let pacer = Arc::new(SnapshotPacer::new(config, self.loaded_size));
+        self.pacing = Some((pacer, due.clone()));
+        (self, due)
     }
 
     /// Whether a snapshot was loaded or installed (a data dir with one is not fresh).
@@ -85,6 +102,9 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
         let (meta, data) = {
             let applied = self.applied.lock().await;
             let data = self.sm.snapshot().map_err(io_err)?;
+            if let Some((pacer, _)) = &self.pacing {
+                pacer.taken(data.len());
+            }
             let meta = SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.last_membership.clone(),
@@ -129,6 +149,11 @@ impl RaftStateMachine<C> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => Response::default(),
                     EntryPayload::Normal(req) => {
+                        if let Some((pacer, due)) = &self.pacing {
+                            if pacer.applied(req.0.len()) {
+                                due.notify_one();
+                            }
+                        }
                         Response(self.sm.apply(entry.log_id.index, &req.0))
                     }
                     EntryPayload::Membership(m) => {

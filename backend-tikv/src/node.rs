@@ -24,7 +24,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use consensus_api::{codec, ByteStateMachine, ConsensusError, NodeConfig, NodeId, Role, Status};
+use consensus_api::{
+    codec, ByteStateMachine, ConsensusError, NodeConfig, NodeId, Role, SnapshotPacer, Status,
+};
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
@@ -46,8 +48,6 @@ const COMMAND_CONTEXT: &[u8] = b"c";
 /// Knobs of the core, derived from [`NodeConfig`].
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    /// Take a snapshot after this many applied entries since the last one.
-    pub(crate) snapshot_threshold: u64,
     /// Entries kept behind a snapshot.
     pub(crate) keep_logs_after_snapshot: u64,
     /// Largest command accepted (it must fit in one transport frame).
@@ -60,7 +60,6 @@ pub(crate) struct Settings {
 impl Settings {
     pub(crate) fn from_config(c: &NodeConfig) -> Self {
         Self {
-            snapshot_threshold: c.snapshot_threshold,
             keep_logs_after_snapshot: c.keep_logs_after_snapshot,
             max_command_bytes: c.transport.max_frame_bytes / 2,
             read_retry_ticks: 3,
@@ -171,6 +170,8 @@ pub(crate) struct Core {
     persist_tx: mpsc::UnboundedSender<Persisted>,
     /// Readies whose durability notice has not come back yet.
     in_flight: usize,
+    /// When the next automatic snapshot is due.
+    pacer: SnapshotPacer,
 }
 
 /// A snapshot to make durable off the driver: run [`SaveJob::run`] anywhere, then hand the job
@@ -279,6 +280,7 @@ impl Core {
         }
         let (snap_index, _) = storage.snapshot_position();
         let mut addresses = BTreeMap::new();
+        let pacer = SnapshotPacer::new(config, storage.latest_snapshot().data.len() as u64);
         if snap_index > 0 {
             let (book, state) = SnapshotData::decode(&storage.latest_snapshot().data)?;
             sm.restore(state)?;
@@ -312,6 +314,7 @@ impl Core {
             snapshot_waiters: Vec::new(),
             persist_tx,
             in_flight: 0,
+            pacer,
         };
         Ok((core, persist_events))
     }
@@ -640,6 +643,7 @@ impl Core {
             .term(applied)
             .map_err(|e| mapping::raft(e, None))?;
         let data = SnapshotData::encode(&self.addresses, &self.sm.snapshot()?)?;
+        self.pacer.taken(data.len());
         let mut snap = Snapshot::default();
         snap.mut_metadata().set_conf_state(self.conf_state());
         snap.mut_metadata().index = applied;
@@ -772,12 +776,11 @@ impl Core {
         }
     }
 
-    /// Snapshots once `snapshot_threshold` entries were applied since the last one, or when
-    /// raft-rs asked for a fresher snapshot to send.
+    /// Snapshots when the [`SnapshotPacer`] says so, or when raft-rs asked for a fresher
+    /// snapshot to send.
     fn maybe_snapshot(&mut self) -> Result<(), ConsensusError> {
-        let (snap_index, _) = self.raw.store().snapshot_position();
         let requested = self.raw.store().take_snapshot_request();
-        if requested || self.applied >= snap_index + self.settings.snapshot_threshold {
+        if requested || self.pacer.due() {
             self.start_snapshot()?;
         }
         Ok(())
@@ -818,6 +821,7 @@ impl Core {
             if e.index <= self.applied {
                 continue;
             }
+            self.pacer.applied(e.data.len());
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     let out = (e.context.as_ref() == COMMAND_CONTEXT)

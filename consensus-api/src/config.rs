@@ -29,6 +29,12 @@ pub struct NodeConfig {
     pub election_timeout_max: Duration,
     /// Take a snapshot (and compact the log) after this many applied entries since the last one.
     pub snapshot_threshold: u64,
+    /// Also wait until the entries applied since the last snapshot carry this percentage of
+    /// that snapshot's size in bytes (snapshots under 1 MiB are exempt; 0 turns it off), so a
+    /// large state is not rewritten for every `snapshot_threshold` small writes: snapshot bytes
+    /// stay at most `100 / snapshot_log_percent` times the log bytes. See
+    /// [`crate::SnapshotPacer`].
+    pub snapshot_log_percent: u32,
     /// Entries kept in the log behind a snapshot, so slightly lagging followers avoid a snapshot.
     pub keep_logs_after_snapshot: u64,
     /// Most entries sent in one replication message.
@@ -53,6 +59,7 @@ impl NodeConfig {
             election_timeout_min: Duration::from_millis(500),
             election_timeout_max: Duration::from_millis(1000),
             snapshot_threshold: 10_000,
+            snapshot_log_percent: 100,
             keep_logs_after_snapshot: 1_000,
             max_entries_per_message: 256,
             request_timeout: Duration::from_secs(5),
