@@ -707,21 +707,21 @@ impl Core {
         let storage = |e: raft::Error| ConsensusError::Storage(e.to_string());
         let mut rd = self.raw.ready();
         self.outbox.extend(rd.take_messages());
-        let mut wrote = false;
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone())?;
-            wrote = true;
         }
         self.apply(rd.take_committed_entries())?;
         self.complete_reads(rd.take_read_states());
         if !rd.entries().is_empty() {
             self.raw.mut_store().append(rd.entries()).map_err(storage)?;
-            wrote = true;
         }
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs).map_err(storage)?;
-            wrote = true;
         }
+        // raft-rs: without new entries, a snapshot, or a new term or vote (a hard state that
+        // only moved the commit index), the write may complete asynchronously: it rides on the
+        // next sync instead of holding this Ready's messages back.
+        let wrote = rd.must_sync();
         let number = rd.number();
         let messages = rd.take_persisted_messages();
         self.raw.advance_append_async(rd);

@@ -211,7 +211,9 @@ struct Shared {
 /// A durable Raft log with metadata, shared by reference (`Clone` is cheap).
 ///
 /// Reads see every accepted write at once; a write's [`SyncCallback`] runs only after it reached
-/// the disk. Writes are applied to the file in the order they were accepted.
+/// the disk. Writes are applied to the file in the order they were accepted. A write without a
+/// callback is not synced on its own: it becomes durable with the next write that has one (or
+/// [`Log::sync`], [`Log::on_durable`], [`Log::close`]), since a sync covers everything before it.
 #[derive(Clone)]
 pub struct Log {
     shared: Arc<Shared>,
@@ -570,9 +572,12 @@ impl Writer {
                     Op::Stop(done) => stop = Some(done),
                 }
             }
+            // Nobody waits on a batch without callbacks: write it, and let the next sync (or
+            // the one at close) make it durable.
+            let sync = !callbacks.is_empty() || stop.is_some();
             let result = match &failed {
                 Some(e) => Err(e.clone()),
-                None => self.write_and_sync(&buf),
+                None => self.write(&buf, sync),
             };
             if let Err(e) = &result {
                 if failed.is_none() {
@@ -596,7 +601,7 @@ impl Writer {
         }
     }
 
-    fn write_and_sync(&mut self, buf: &[u8]) -> std::result::Result<(), String> {
+    fn write(&mut self, buf: &[u8], sync: bool) -> std::result::Result<(), String> {
         if !buf.is_empty() {
             let end = self.len + buf.len() as u64;
             if end > self.allocated && self.options.preallocate_bytes > 0 {
@@ -613,6 +618,9 @@ impl Writer {
                 .map_err(|e| format!("write {}: {e}", self.path.display()))?;
             self.len = end;
             self.allocated = self.allocated.max(end);
+        }
+        if !sync {
+            return Ok(());
         }
         self.file
             .sync_data()
