@@ -7,9 +7,10 @@
 //! before the next. Printed per run: ops/s, p50/p99/p999 latency, and peak RSS.
 //!
 //! The floor: the p50 of a 4 KiB append + `fdatasync` in the data directory's file system and
-//! of a loopback TCP round trip; single-client p50 is printed as a multiple of
-//! `fsync p50 + 2 x RTT p50` (a leader must make its entry durable and hear from a follower that
-//! did the same).
+//! of a loopback TCP round trip, measured again right before each combination (the disk of a
+//! shared machine drifts within minutes, so each combination is compared with the floor of its
+//! own moment); single-client p50 is printed as a multiple of `fsync p50 + 2 x RTT p50` (a
+//! leader must make its entry durable and hear from a follower that did the same).
 //!
 //! Flags: `--combos all|tikv_quic,openraft_grpc,...`, `--clients 1,16,64,256`, `--secs 5`,
 //! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go),
@@ -104,6 +105,28 @@ struct Row {
     p999_us: u64,
     rss_mib_max: f64,
     errors: u64,
+    floor: Floor,
+}
+
+/// The machine's floor at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    fsync_us: u64,
+    rtt_us: u64,
+}
+
+impl Floor {
+    fn measure(dir: &Path) -> Result<Floor, String> {
+        Ok(Floor {
+            fsync_us: fsync_floor(dir)?,
+            rtt_us: rtt_floor()?,
+        })
+    }
+
+    /// `fsync p50 + 2 x RTT p50`.
+    fn total_us(&self) -> u64 {
+        self.fsync_us + 2 * self.rtt_us
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -393,6 +416,7 @@ async fn bench_combo(
     factory: Arc<dyn TransportFactory>,
     args: &Args,
     root: &Path,
+    floor: Floor,
 ) -> Result<Vec<Row>, ConsensusError> {
     let combo = format!("{}_{}", backend.name(), factory.name());
     let dir = root.join(&combo);
@@ -435,9 +459,10 @@ async fn bench_combo(
                 None => peak_rss_mib(),
             },
             errors,
+            floor,
         };
         println!(
-            "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6}",
+            "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6} {:>9}",
             row.combo,
             row.clients,
             row.ops_per_sec,
@@ -445,7 +470,8 @@ async fn bench_combo(
             row.p99_us,
             row.p999_us,
             row.rss_mib_max,
-            row.errors
+            row.errors,
+            row.floor.total_us()
         );
         rows.push(row);
     }
@@ -456,13 +482,14 @@ async fn bench_combo(
     Ok(rows)
 }
 
-fn json(rows: &[Row], fsync_us: u64, rtt_us: u64) -> String {
+fn json(rows: &[Row]) -> String {
     let items: Vec<String> = rows
         .iter()
         .map(|r| {
             format!(
-                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {fsync_us}, \"rtt_p50_us\": {rtt_us}}}",
-                r.combo, r.clients, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.rss_mib_max, r.errors
+                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {}, \"rtt_p50_us\": {}, \"floor_us\": {}}}",
+                r.combo, r.clients, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.rss_mib_max, r.errors,
+                r.floor.fsync_us, r.floor.rtt_us, r.floor.total_us()
             )
         })
         .collect();
@@ -479,16 +506,13 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let fsync_us = fsync_floor(&root)?;
-    let rtt_us = rtt_floor()?;
-    let floor = fsync_us + 2 * rtt_us;
     println!(
-        "floor: fsync(4 KiB) p50 {fsync_us} us, loopback RTT p50 {rtt_us} us => {floor} us; {} nodes, {} B values, {} s per run",
+        "{} nodes, {} B values, {} s per run; floor = fsync(4 KiB append) p50 + 2 x loopback RTT p50, measured before each combination",
         args.nodes, args.value_bytes, args.secs
     );
     println!(
-        "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}",
-        "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors"
+        "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9}",
+        "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors", "floor_us"
     );
     let (backends, factories) = kvstore::wiring();
     let mut rows = Vec::new();
@@ -498,7 +522,8 @@ async fn run(args: Args) -> Result<(), String> {
             if !(args.combos.iter().any(|c| c == "all" || *c == name)) {
                 continue;
             }
-            let r = bench_combo(b.clone(), f.clone(), &args, &root)
+            let floor = Floor::measure(&root)?;
+            let r = bench_combo(b.clone(), f.clone(), &args, &root, floor)
                 .await
                 .map_err(|e| format!("{name}: {e}"))?;
             rows.extend(r);
@@ -514,14 +539,17 @@ async fn run(args: Args) -> Result<(), String> {
     }
     for r in rows.iter().filter(|r| r.clients == 1) {
         println!(
-            "{}: single-client p50 {} us = {:.2} x floor ({floor} us)",
+            "{}: single-client p50 {} us = {:.2} x floor ({} us: fsync {} + 2 x RTT {})",
             r.combo,
             r.p50_us,
-            r.p50_us as f64 / floor.max(1) as f64
+            r.p50_us as f64 / r.floor.total_us().max(1) as f64,
+            r.floor.total_us(),
+            r.floor.fsync_us,
+            r.floor.rtt_us
         );
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, json(&rows, fsync_us, rtt_us))
+        std::fs::write(path, json(&rows))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }
