@@ -54,7 +54,7 @@ impl StateMachineStore {
             sm.restore(&data).map_err(io_err)?;
             applied.last_applied = meta.last_log_id;
             applied.last_membership = meta.last_membership.clone();
-            applied.current = Some((meta, data.to_vec()));
+            applied.current = Some((meta, data));
         }
         Ok(Self {
             sm,
@@ -87,6 +87,7 @@ impl StateMachineStore {
         let _guard = self.save.lock().await;
         let meta_bytes = codec::encode(meta).map_err(io_err)?;
         let store = self.snapshots.clone();
+        // A reference count, not a copy of the state.
         let data = data.clone();
         tokio::task::spawn_blocking(move || store.save(&meta_bytes, &data))
             .await
@@ -101,7 +102,7 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
         let (meta, data) = {
             let applied = self.applied.lock().await;
-            let data = self.sm.snapshot().map_err(io_err)?;
+            let data = SnapshotData::from(self.sm.snapshot().map_err(io_err)?);
             if let Some((pacer, _)) = &self.pacing {
                 pacer.taken(data.len());
             }

@@ -35,5 +35,6 @@ openraft::declare_raft_types!(
 
 /// Short alias used throughout the crate.
 pub type C = TypeConfig;
-/// Snapshot payload: the state machine's bytes.
-pub type SnapshotData = Vec<u8>;
+/// Snapshot payload: the state machine's bytes, shared (not copied) between the snapshot file
+/// writer, the current-snapshot slot and the transfers to followers.
+pub type SnapshotData = bytes::Bytes;

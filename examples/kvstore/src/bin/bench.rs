@@ -549,8 +549,7 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, json(&rows))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, json(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
