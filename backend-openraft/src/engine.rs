@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::log_store::{LogStore, META_BOOTSTRAPPED};
 use crate::mapping;
-use crate::network::{NetworkFactory, RaftHandler};
+use crate::network::{NetworkFactory, RaftHandler, StreamRoutes};
 use crate::state_machine::StateMachineStore;
 use crate::types::Request;
 use crate::OpenRaft;
@@ -90,15 +90,13 @@ impl OpenraftEngine {
             .map_err(|e| ConsensusError::Storage(e.to_string()))?
             .paced(&config);
         let fresh = log_store.is_fresh() && !sm.has_snapshot();
-        let network = NetworkFactory {
-            me: id,
-            transport: transport.clone(),
-            rpc_timeout: config.rpc_timeout,
-        };
+        let routes = StreamRoutes::new();
+        let network =
+            NetworkFactory::new(id, transport.clone(), config.rpc_timeout, routes.clone());
         let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store, sm)
             .await
             .map_err(mapping::fatal)?;
-        let handler = Arc::new(RaftHandler { raft: raft.clone() });
+        let handler = Arc::new(RaftHandler::new(raft.clone(), transport.clone(), routes));
         transport.set_handler(handler.clone());
 
         if fresh && config.initial_members.contains_key(&id) {
@@ -285,6 +283,7 @@ impl Engine for OpenraftEngine {
             .shutdown()
             .await
             .map_err(|e| ConsensusError::Internal(format!("openraft shutdown: {e}")));
+        self._handler.stop_streams();
         self.status_task.abort();
         self.snapshot_task.abort();
         let log = self.log.clone();

@@ -5,8 +5,10 @@
 //! - storage v2 over `consensus-storage`: log entries, vote and committed id in one checksummed
 //!   append-only file, fsynced before openraft is told they are durable (`IOFlushed` is completed
 //!   by the log's writer thread after `fdatasync`); snapshots in an atomically replaced file;
-//! - the network over any [`consensus_api::Transport`]: each openraft RPC (append, vote,
-//!   pre-vote, full snapshot, transfer-leader) is one `Transport::call`;
+//! - the network over any [`consensus_api::Transport`]: replication (`stream_append`) is
+//!   pipelined over ordered one-way frames, up to 64 AppendEntries in flight per follower, fed
+//!   in order to `Raft::stream_append` there; vote, pre-vote, full snapshot, transfer-leader and
+//!   heartbeats are one `Transport::call` each;
 //! - bootstrap exactly once: `Raft::initialize` runs only on a data dir with no log, vote or
 //!   snapshot, and a marker records it; a restart never re-initializes;
 //! - pre-vote on (`enable_pre_vote`), leader lease reads via `ensure_linearizable(ReadIndex)`,
