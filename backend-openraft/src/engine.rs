@@ -278,12 +278,13 @@ impl Engine for OpenraftEngine {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Inbound replication streams first, so none feeds a stopping openraft.
+        self._handler.stop_streams();
         let result = self
             .raft
             .shutdown()
             .await
             .map_err(|e| ConsensusError::Internal(format!("openraft shutdown: {e}")));
-        self._handler.stop_streams();
         self.status_task.abort();
         self.snapshot_task.abort();
         let log = self.log.clone();
