@@ -5,8 +5,9 @@
 //! [`Faults`] controller, and each node's wrapper filters its own outbound traffic, so a
 //! partition cuts both directions.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,11 @@ use consensus_api::{InboundHandler, NodeId, Transport, TransportError};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Most delayed one-way frames held for one peer; more are dropped (as a lossy link would).
+const LANE_CAPACITY: usize = 10_000;
 
 struct State {
     blocked: HashSet<(NodeId, NodeId)>,
@@ -85,7 +91,9 @@ impl Faults {
         self.state.lock().drop_rate = rate.clamp(0.0, 1.0);
     }
 
-    /// Delays every frame by a random duration in `[min, max]` (so frames may reorder).
+    /// Delays every frame by a random duration in `[min, max]`. One-way frames to one peer keep
+    /// their order, as the transport contract promises: a frame drawn a shorter delay waits
+    /// behind the one before it. Calls are independent of each other and may overtake.
     pub fn set_delay(&self, min: Duration, max: Duration) {
         self.state.lock().delay = Some((min, max.max(min)));
     }
@@ -109,16 +117,71 @@ impl Faults {
     }
 }
 
+/// The delayed one-way frames to one peer, released in order by one task.
+struct Lane {
+    tx: mpsc::Sender<(Instant, Bytes)>,
+    /// Release time of the last frame queued: later frames never leave before it.
+    last: Instant,
+    /// Frames queued and not yet handed to the inner transport.
+    queued: Arc<AtomicUsize>,
+}
+
 /// A transport whose outbound traffic obeys a [`Faults`] plan.
 pub struct FaultyTransport {
     inner: Arc<dyn Transport>,
     faults: Faults,
+    lanes: Mutex<HashMap<NodeId, Lane>>,
 }
 
 impl FaultyTransport {
     /// Wraps `inner`.
     pub fn wrap(inner: Arc<dyn Transport>, faults: Faults) -> Arc<dyn Transport> {
-        Arc::new(Self { inner, faults })
+        Arc::new(Self {
+            inner,
+            faults,
+            lanes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sends `frame` to `to` after `delay`, behind every frame already delayed for `to`.
+    fn send_delayed(
+        &self,
+        to: NodeId,
+        frame: Bytes,
+        delay: Duration,
+    ) -> Result<(), TransportError> {
+        let mut lanes = self.lanes.lock();
+        let now = Instant::now();
+        let lane = lanes.entry(to).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<(Instant, Bytes)>(LANE_CAPACITY);
+            let queued = Arc::new(AtomicUsize::new(0));
+            let inner = self.inner.clone();
+            let done = queued.clone();
+            tokio::spawn(async move {
+                while let Some((at, frame)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    let _ = inner.send(to, frame);
+                    done.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+            Lane {
+                tx,
+                last: now,
+                queued,
+            }
+        });
+        if delay.is_zero() && lane.queued.load(Ordering::SeqCst) == 0 {
+            return self.inner.send(to, frame);
+        }
+        let at = (now + delay).max(lane.last);
+        lane.queued.fetch_add(1, Ordering::SeqCst);
+        if lane.tx.try_send((at, frame)).is_err() {
+            // Full (or the lane task is gone): the frame is lost, as on a congested link.
+            lane.queued.fetch_sub(1, Ordering::SeqCst);
+            return Ok(());
+        }
+        lane.last = at;
+        Ok(())
     }
 }
 
@@ -140,15 +203,7 @@ impl Transport for FaultyTransport {
     fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError> {
         match self.faults.fate(self.local_id(), to) {
             None => Ok(()),
-            Some(d) if d.is_zero() => self.inner.send(to, frame),
-            Some(d) => {
-                let inner = self.inner.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(d).await;
-                    let _ = inner.send(to, frame);
-                });
-                Ok(())
-            }
+            Some(d) => self.send_delayed(to, frame, d),
         }
     }
 
