@@ -550,7 +550,8 @@ pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
         .expect("write through the caught-up node");
 }
 
-/// Under seeded message loss and delay (with reordering) the cluster keeps committing; every
+/// Under seeded message loss and delay (calls overtaking each other; one-way frames delayed in
+/// order per peer, as transports promise) the cluster keeps committing; every
 /// acknowledged write survives, and after the network heals all replicas are identical.
 pub async fn acknowledged_writes_survive_message_loss_and_delay(combo: Combo) {
     let c = Cluster::start_with(
