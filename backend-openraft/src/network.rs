@@ -32,7 +32,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -51,6 +51,7 @@ use openraft::raft::{
 };
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf, WatchReceiverOf};
 use openraft::{BasicNode, OptionalSend, RPCTypes, RaftMetrics, Snapshot};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -72,12 +73,6 @@ const STREAM_FRAME_TAG: u8 = 0x5A;
 /// How long a follower waits for its membership to name a leader whose address its transport
 /// does not know yet (a learner that joined later), before giving up on one reply.
 const LEADER_ADDRESS_WAIT: Duration = Duration::from_millis(200);
-
-/// Locks a mutex, also when a panicking holder poisoned it (the maps stay consistent: every
-/// critical section is a single insert, remove, or counter update).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Wire types
@@ -246,17 +241,17 @@ impl StreamRoutes {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         // At most one reply per request in flight, plus a `Reset`.
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT + 1);
-        lock(&self.routes).insert(session, Route { target, tx });
+        self.routes.lock().insert(session, Route { target, tx });
         (session, rx)
     }
 
     fn close(&self, session: u64) {
-        lock(&self.routes).remove(&session);
+        self.routes.lock().remove(&session);
     }
 
     /// Hands a follower's answer to the stream it belongs to; never blocks.
     fn deliver(&self, from: NodeId, session: u64, msg: Inbound) {
-        let routes = lock(&self.routes);
+        let routes = self.routes.lock();
         match routes.get(&session) {
             Some(route) if route.target == from => {
                 // Full only if the follower answers more than was sent: the stream then sees a
@@ -721,7 +716,7 @@ struct FollowerSessions {
 impl FollowerSessions {
     /// Ends every stream at once; their answers are no longer wanted.
     fn abort_all(&self) {
-        for (_, s) in lock(&self.by_leader).drain() {
+        for (_, s) in self.by_leader.lock().drain() {
             s.task.abort();
         }
     }
@@ -729,11 +724,7 @@ impl FollowerSessions {
 
 impl Drop for FollowerSessions {
     fn drop(&mut self) {
-        let sessions = self
-            .by_leader
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (_, s) in sessions.drain() {
+        for (_, s) in self.by_leader.get_mut().drain() {
             s.task.abort();
         }
     }
@@ -815,7 +806,7 @@ impl SessionCtx {
         let Some(sessions) = self.sessions.upgrade() else {
             return;
         };
-        let mut by_leader = lock(&sessions.by_leader);
+        let mut by_leader = sessions.by_leader.lock();
         if by_leader
             .get(&self.leader)
             .is_some_and(|s| s.generation == self.generation)
@@ -930,7 +921,7 @@ impl RaftHandler {
         req: AppendEntriesRequest<C>,
     ) {
         let opened = self.open_session(from, session, reply_to, req);
-        if let Some(old) = lock(&self.sessions.by_leader).insert(from, opened) {
+        if let Some(old) = self.sessions.by_leader.lock().insert(from, opened) {
             old.task.abort();
         }
         tracing::debug!(leader = from, session, "replication stream accepted");
@@ -940,7 +931,7 @@ impl RaftHandler {
     /// else the stream is dropped and the leader told.
     fn on_append(&self, from: NodeId, session: u64, seq: u64, req: AppendEntriesRequest<C>) {
         let reset = {
-            let mut by_leader = lock(&self.sessions.by_leader);
+            let mut by_leader = self.sessions.by_leader.lock();
             let fed = match by_leader.get_mut(&from) {
                 Some(s) if s.session == session => Some(s.feed(seq, req)),
                 _ => None,
@@ -1002,7 +993,7 @@ impl RaftHandler {
     /// The leader dropped its stream: close its input, so openraft answers what it already has
     /// and the stream's task ends.
     fn on_close(&self, from: NodeId, session: u64) {
-        let mut by_leader = lock(&self.sessions.by_leader);
+        let mut by_leader = self.sessions.by_leader.lock();
         if by_leader.get(&from).is_some_and(|s| s.session == session) {
             by_leader.remove(&from);
         }
@@ -1113,7 +1104,7 @@ mod tests {
             };
             match self.follower {
                 Follower::AfterBurst(n) => {
-                    let mut held = lock(&self.held);
+                    let mut held = self.held.lock();
                     held.push(seq);
                     if held.len() == n {
                         for s in held.drain(..) {
@@ -1145,7 +1136,7 @@ mod tests {
             match decode_frame(&frame) {
                 Ok(StreamFrame::Open { session, .. }) => self.answer(to, session, 0),
                 Ok(StreamFrame::Append { session, seq, .. }) => self.answer(to, session, seq),
-                Ok(StreamFrame::Close { session }) => lock(&self.closed).push(session),
+                Ok(StreamFrame::Close { session }) => self.closed.lock().push(session),
                 _ => {}
             }
             Ok(())
@@ -1209,11 +1200,11 @@ mod tests {
         assert_eq!(out.len(), 8);
         assert!(out.iter().all(|r| matches!(r, Ok(Ok(None)))));
         assert_eq!(
-            lock(&transport.closed).len(),
+            transport.closed.lock().len(),
             1,
             "a finished stream is closed"
         );
-        assert!(lock(&client.routes.routes).is_empty(), "its route is gone");
+        assert!(client.routes.routes.lock().is_empty(), "its route is gone");
     }
 
     #[tokio::test]
