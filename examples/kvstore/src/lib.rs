@@ -161,3 +161,29 @@ pub async fn start_local_cluster(
     }
     Ok(out)
 }
+
+/// Process setup shared by the kvstore binaries: the allocator setting for nodes
+/// ([`consensus_api::release_large_buffers`]) and logging (`RUST_LOG`, else `default_filter`).
+pub fn init_process(default_filter: &str) {
+    consensus_api::release_large_buffers();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .init();
+}
+
+/// The exit code of a binary's run: success, or the error printed behind `prefix` and failure.
+pub fn exit_code<E: std::fmt::Display>(
+    outcome: Result<(), E>,
+    prefix: &str,
+) -> std::process::ExitCode {
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prefix}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

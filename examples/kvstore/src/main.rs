@@ -65,13 +65,7 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    consensus_api::release_large_buffers();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .init();
+    kvstore::init_process("warn,openraft=error");
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -79,13 +73,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kvstore::exit_code(run(args).await, "error")
 }
 
 async fn run(args: Args) -> Result<(), ConsensusError> {

@@ -557,22 +557,10 @@ async fn run(args: Args) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    consensus_api::release_large_buffers();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    kvstore::init_process("error");
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some("--serve-node") {
-        return match serve_node(&raw[1..]).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("node: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return kvstore::exit_code(serve_node(&raw[1..]).await, "node");
     }
     let args = match parse_args() {
         Ok(a) => a,
@@ -581,11 +569,5 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kvstore::exit_code(run(args).await, "error")
 }
