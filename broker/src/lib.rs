@@ -1,9 +1,8 @@
 //! # broker: a KRaft-like metadata plane on the consensus contract
 //!
-//! The metadata library depends only on `consensus-api`: no engine or transport type appears in
-//! it. [`wiring`] is the one module that names them (behind this crate's cargo features, see
-//! its docs); the `broker` binary turns `--backend` / `--transport` into a running node with
-//! it.
+//! The metadata library depends only on `consensus-api`: no engine, transport or CLI crate
+//! appears in its dependencies. The node binary (`broker-node`: wiring, `serve`, `dev`, `demo`
+//! and the admin CLI) is a separate crate, the one place that names engines and transports.
 //!
 //! - [`MetadataMachine`]: the replicated image (brokers, topics, partitions with replicas,
 //!   leader, ISR, leader and partition epochs) and a bounded feed of changes by log offset.
@@ -18,12 +17,10 @@
 
 pub mod admin;
 mod controller;
-pub mod http;
 mod machine;
 pub mod model;
 mod placement;
 pub mod server;
-pub mod wiring;
 
 pub use controller::{BrokerAgent, Controller, ControllerError, LivenessConfig, MetadataNode};
 pub use machine::{FeedGap, MetadataMachine};

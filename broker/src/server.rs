@@ -50,6 +50,19 @@ impl NodeSpec {
     }
 }
 
+/// The broker-side settings of a node, beside its consensus configuration.
+#[derive(Clone)]
+pub struct NodeParts {
+    /// Admin HTTP address (port 0: any).
+    pub admin: SocketAddr,
+    /// Broker liveness settings.
+    pub liveness: LivenessConfig,
+    /// Rack of this node's broker.
+    pub rack: Option<String>,
+    /// Where `/metrics` reads from, if metrics are installed.
+    pub metrics: Option<PrometheusHandle>,
+}
+
 /// A running node.
 pub struct BrokerNode {
     /// Node id.
@@ -93,39 +106,52 @@ impl BrokerNode {
         transport: Arc<dyn Transport>,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, String> {
+        let parts = NodeParts {
+            admin: spec.admin,
+            liveness: spec.liveness.clone(),
+            rack: spec.rack.clone(),
+            metrics,
+        };
+        Self::start_with_config(spec.config(), parts, backend, transport).await
+    }
+
+    /// Like [`start`](Self::start), from a consensus configuration built elsewhere (a test or
+    /// demo harness) plus the broker's own settings.
+    pub async fn start_with_config(
+        config: NodeConfig,
+        parts: NodeParts,
+        backend: &dyn Backend,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, String> {
+        let id = config.id;
         let raft_addr = transport.local_addr();
-        let admin = tokio::net::TcpListener::bind(spec.admin)
+        let admin = tokio::net::TcpListener::bind(parts.admin)
             .await
-            .map_err(|e| format!("node {}: admin address {}: {e}", spec.id, spec.admin))?;
+            .map_err(|e| format!("node {id}: admin address {}: {e}", parts.admin))?;
         let admin_addr = admin
             .local_addr()
             .map_err(|e| format!("admin address: {e}"))?;
-        let node = Consensus::start(
-            backend,
-            spec.config(),
-            MetadataMachine::default(),
-            transport,
-        )
-        .await
-        .map_err(|e| format!("node {}: {e}", spec.id))?;
-        let controller = Controller::start(node, spec.liveness.clone());
-        let broker_id = u32::try_from(spec.id)
-            .map_err(|_| format!("node id {} does not fit a broker id", spec.id))?;
+        let node = Consensus::start(backend, config, MetadataMachine::default(), transport)
+            .await
+            .map_err(|e| format!("node {id}: {e}"))?;
+        let controller = Controller::start(node, parts.liveness);
+        let broker_id =
+            u32::try_from(id).map_err(|_| format!("node id {id} does not fit a broker id"))?;
         let agent = BrokerAgent::start(
             controller.clone(),
             broker_id,
             rand::random(),
             vec![admin_addr.to_string()],
-            spec.rack.clone(),
+            parts.rack,
         );
-        let app = admin::router(controller.clone(), metrics);
+        let app = admin::router(controller.clone(), parts.metrics);
         let admin_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, app).await {
                 tracing::error!("admin server stopped: {e}");
             }
         });
         Ok(Self {
-            id: spec.id,
+            id,
             controller,
             agent,
             admin_addr,

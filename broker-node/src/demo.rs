@@ -1,5 +1,5 @@
-//! A local cluster in one process (each node on its own runtime, so killing one is abrupt) and
-//! the scripted demo built on it.
+//! A local cluster of broker nodes in one process (on `consensus-harness`: each node on its own
+//! runtime, so killing one is abrupt) and the scripted demo built on it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,38 +7,74 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::http;
-use broker::server::{bind, BrokerNode, NodeSpec};
-use broker::{wiring, Controller, LivenessConfig, MetadataImage};
-use consensus_api::{Backend, NodeId, TlsConfig, TransportFactory};
+use async_trait::async_trait;
+use broker::server::{BrokerNode, NodeParts};
+use broker::{Controller, LivenessConfig, MetadataImage};
+use consensus_api::{
+    Backend, ConsensusError, NodeConfig, NodeId, Status, Transport, TransportFactory,
+};
+use consensus_harness::{ClusterOptions, Combo, NodeKind};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::runtime::Runtime;
+use parking_lot::Mutex;
 
-struct Member {
-    spec: NodeSpec,
-    runtime: Option<Runtime>,
-    node: Option<BrokerNode>,
-}
+use crate::{http, wiring};
 
-/// Nodes of one cluster running in this process.
-pub struct LocalCluster {
-    backend: Arc<dyn Backend>,
-    factory: Arc<dyn TransportFactory>,
+/// What runs on each node: a combined-mode broker node. Remembers each node's admin address so
+/// a restarted node serves on the one it had.
+struct BrokerNodes {
+    liveness: LivenessConfig,
     metrics: Option<PrometheusHandle>,
-    members: BTreeMap<NodeId, Member>,
+    admin: Mutex<BTreeMap<NodeId, SocketAddr>>,
 }
 
-fn runtime(id: NodeId) -> Result<Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(format!("node-{id}"))
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime for node {id}: {e}"))
+#[async_trait]
+impl NodeKind for BrokerNodes {
+    type Node = Arc<BrokerNode>;
+
+    async fn start(
+        &self,
+        backend: Arc<dyn Backend>,
+        config: NodeConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<BrokerNode>, ConsensusError> {
+        let id = config.id;
+        let admin = self
+            .admin
+            .lock()
+            .get(&id)
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let parts = NodeParts {
+            admin,
+            liveness: self.liveness.clone(),
+            rack: Some(format!("rack-{}", (id.saturating_sub(1)) % 3)),
+            metrics: self.metrics.clone(),
+        };
+        let node = BrokerNode::start_with_config(config, parts, &*backend, transport)
+            .await
+            .map_err(ConsensusError::Internal)?;
+        self.admin.lock().insert(id, node.admin_addr);
+        Ok(Arc::new(node))
+    }
+
+    fn status(node: &Arc<BrokerNode>) -> Status {
+        node.controller.node().status()
+    }
+
+    async fn shutdown(node: &Arc<BrokerNode>) -> Result<(), ConsensusError> {
+        node.agent.kill();
+        node.controller.node().shutdown().await
+    }
+}
+
+/// Broker nodes of one cluster running in this process.
+pub struct LocalCluster {
+    nodes: consensus_harness::LocalCluster<BrokerNodes>,
 }
 
 impl LocalCluster {
-    /// Binds every node (port 0), then starts them as one new cluster.
+    /// Binds every node (port 0), then starts them as one new cluster with data dirs and
+    /// development certificates under `root`.
     pub async fn start(
         backend: Arc<dyn Backend>,
         factory: Arc<dyn TransportFactory>,
@@ -47,217 +83,89 @@ impl LocalCluster {
         liveness: LivenessConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, String> {
-        let tls = if factory.supports_insecure() {
-            TlsConfig::Insecure
-        } else {
-            TlsConfig::DevCerts {
-                dir: root.join("certs"),
-            }
-        };
-        let mut specs = Vec::new();
-        let mut bound = Vec::new();
-        for id in 1..=nodes {
-            let spec = NodeSpec {
-                id,
-                cluster_id: "broker-dev".into(),
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-                peers: BTreeMap::new(),
-                data_dir: root.join(format!("node-{id}")),
-                tls: tls.clone(),
-                liveness: liveness.clone(),
-                rack: Some(format!("rack-{}", (id - 1) % 3)),
-            };
-            let rt = runtime(id)?;
-            let f = factory.clone();
-            let s = spec.clone();
-            let t = rt
-                .spawn(async move { bind(&s, &*f).await })
-                .await
-                .map_err(|e| e.to_string())??;
-            bound.push((rt, t));
-            specs.push(spec);
-        }
-        let peers: BTreeMap<NodeId, String> = specs
-            .iter()
-            .zip(&bound)
-            .map(|(s, (_, t))| (s.id, t.local_addr().to_string()))
-            .collect();
-        let mut members = BTreeMap::new();
-        for (mut spec, (rt, transport)) in specs.into_iter().zip(bound) {
-            spec.peers = peers.clone();
-            spec.listen = transport.local_addr();
-            let (b, s, m) = (backend.clone(), spec.clone(), metrics.clone());
-            let node = rt
-                .spawn(async move { BrokerNode::start(s, &*b, transport, m).await })
-                .await
-                .map_err(|e| e.to_string())??;
-            spec.admin = node.admin_addr;
-            members.insert(
-                spec.id,
-                Member {
-                    spec,
-                    runtime: Some(rt),
-                    node: Some(node),
-                },
-            );
-        }
-        Ok(Self {
-            backend,
-            factory,
+        let mut options = ClusterOptions::new("broker-dev");
+        options.root = Some(root.to_path_buf());
+        let kind = BrokerNodes {
+            liveness,
             metrics,
-            members,
-        })
+            admin: Mutex::new(BTreeMap::new()),
+        };
+        let nodes = consensus_harness::LocalCluster::launch(
+            &Combo::from_parts(backend, factory),
+            kind,
+            options,
+            nodes,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(Self { nodes })
     }
 
     /// Admin addresses of the running nodes.
     pub fn admin_addrs(&self) -> Vec<(NodeId, SocketAddr)> {
-        self.members
-            .iter()
-            .filter(|(_, m)| m.node.is_some())
-            .map(|(id, m)| (*id, m.spec.admin))
+        self.nodes
+            .live()
+            .into_iter()
+            .filter_map(|id| self.nodes.handle(id).map(|n| (id, n.admin_addr)))
             .collect()
     }
 
     /// The controller of a running node.
     pub fn controller(&self, id: NodeId) -> Option<Controller> {
-        self.members
-            .get(&id)
-            .and_then(|m| m.node.as_ref())
-            .map(|n| n.controller.clone())
+        self.nodes.handle(id).map(|n| n.controller.clone())
     }
 
     /// A running node's controller, any.
     pub fn any_controller(&self) -> Option<Controller> {
-        self.members
-            .values()
-            .find_map(|m| m.node.as_ref().map(|n| n.controller.clone()))
+        self.nodes
+            .live()
+            .into_iter()
+            .find_map(|id| self.controller(id))
     }
 
     /// The leader the running nodes agree on, waiting up to `timeout`.
     pub async fn leader(&self, timeout: Duration) -> Result<NodeId, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let views: Vec<Option<NodeId>> = self
-                .members
-                .values()
-                .filter_map(|m| m.node.as_ref())
-                .map(|n| n.controller.node().status().leader)
-                .collect();
-            if let Some(Some(l)) = views.first() {
-                let alive = self.members.get(l).is_some_and(|m| m.node.is_some());
-                if alive && views.iter().all(|v| *v == Some(*l)) {
-                    return Ok(*l);
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no agreed leader within {timeout:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let live = self.nodes.live();
+        self.nodes
+            .try_wait_leader_among(&live, timeout)
+            .await
+            .map_err(|_| format!("no agreed leader within {timeout:?}"))
     }
 
     /// Kills a node abruptly: its runtime, tasks, sockets and broker half vanish at once.
     pub fn kill(&mut self, id: NodeId) {
-        if let Some(m) = self.members.get_mut(&id) {
-            let node = m.node.take();
-            if let Some(rt) = m.runtime.take() {
-                rt.shutdown_background();
-            }
-            drop(node);
-        }
+        self.nodes.crash(id);
     }
 
     /// Restarts a killed node on its data dir and addresses.
     pub async fn restart(&mut self, id: NodeId) -> Result<(), String> {
-        let spec = self
-            .members
-            .get(&id)
-            .map(|m| m.spec.clone())
-            .ok_or_else(|| format!("no node {id}"))?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let rt = runtime(id)?;
-            let (b, f, s, m) = (
-                self.backend.clone(),
-                self.factory.clone(),
-                spec.clone(),
-                self.metrics.clone(),
-            );
-            let started = rt
-                .spawn(async move {
-                    let t = bind(&s, &*f).await?;
-                    BrokerNode::start(s, &*b, t, m).await
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            match started {
-                Ok(node) => {
-                    if let Some(m) = self.members.get_mut(&id) {
-                        m.node = Some(node);
-                        m.runtime = Some(rt);
-                    }
-                    return Ok(());
-                }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!("restart of node {id} retried: {e}");
-                    rt.shutdown_background();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    rt.shutdown_background();
-                    return Err(e);
-                }
-            }
-        }
+        self.nodes.try_restart(id).await.map_err(|e| e.to_string())
     }
 
     /// Stops every node gracefully: every broker half first (while there is a quorum to record
     /// their controlled shutdowns), then the consensus nodes.
     pub async fn stop_all(mut self) {
-        for m in self.members.values() {
-            if let (Some(node), Some(rt)) = (&m.node, &m.runtime) {
-                node.agent.kill();
-                let ctl = node.controller.clone();
-                let id = node.id;
-                let epoch = node.agent.epoch();
-                let _ = rt
-                    .spawn(async move {
-                        if let (Some(epoch), Ok(broker_id)) = (epoch, u32::try_from(id)) {
-                            let _ = ctl
-                                .submit(broker::MetadataCommand::BeginControlledShutdown {
-                                    broker_id,
-                                    epoch,
-                                })
-                                .await;
-                        }
-                    })
-                    .await;
-            }
+        for id in self.nodes.live() {
+            let _ = self
+                .nodes
+                .on(id, |node| async move {
+                    node.agent.kill();
+                    if let (Some(epoch), Ok(broker_id)) =
+                        (node.agent.epoch(), u32::try_from(node.id))
+                    {
+                        let _ = node
+                            .controller
+                            .submit(broker::MetadataCommand::BeginControlledShutdown {
+                                broker_id,
+                                epoch,
+                            })
+                            .await;
+                    }
+                    Ok(())
+                })
+                .await;
         }
-        for m in self.members.values_mut() {
-            if let (Some(node), Some(rt)) = (m.node.take(), m.runtime.take()) {
-                let ctl = node.controller.clone();
-                let _ = rt
-                    .spawn(async move {
-                        let _ = ctl.node().shutdown().await;
-                    })
-                    .await;
-                drop(node);
-                rt.shutdown_background();
-            }
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        for m in self.members.values_mut() {
-            drop(m.node.take());
-            if let Some(rt) = m.runtime.take() {
-                rt.shutdown_background();
-            }
-        }
+        self.nodes.stop_all().await;
     }
 }
 

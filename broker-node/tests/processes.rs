@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::http;
+use broker_node::http;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);

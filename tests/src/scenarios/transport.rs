@@ -13,6 +13,23 @@ use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+/// The transport family, declared once: the suite macros run every scenario in it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __transport_family {
+    ($make:ident) => {
+        $crate::__tests!($make, transport;
+            one_way_frames_arrive_in_order,
+            a_call_fails_at_its_deadline,
+            oversized_frames_are_refused,
+            a_peer_from_another_cluster_is_refused,
+            a_peer_with_the_wrong_certificate_is_refused,
+            garbage_on_the_socket_is_survived,
+            a_restarted_peer_is_reconnected
+        );
+    };
+}
+
 /// Records one-way frames; answers calls by echoing, or sleeps when asked to.
 #[derive(Default)]
 struct Recorder {
@@ -44,9 +61,9 @@ async fn pair(
     Arc<Recorder>,
     tempfile::TempDir,
 ) {
-    crate::cluster::init_logging();
+    crate::init_logging();
     let dir = tempfile::tempdir().expect("temp dir");
-    let tls = crate::cluster::test_tls(dir.path());
+    let tls = crate::test_tls(dir.path());
     let mut a = NodeConfig::new(1, clusters.0, dir.path());
     a.transport.max_frame_bytes = limits.0;
     a.transport.tls = tls.clone();
@@ -269,7 +286,7 @@ pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>)
     // Same certificates (same cluster CA) as before the restart.
     let mut cfg = NodeConfig::new(2, "c", dir.path());
     cfg.transport.listen_addr = addr;
-    cfg.transport.tls = crate::cluster::test_tls(dir.path());
+    cfg.transport.tls = crate::test_tls(dir.path());
     let deadline = Instant::now() + 10 * SECOND;
     let b2 = loop {
         match factory.bind(&cfg).await {

@@ -12,8 +12,24 @@ use broker::{
 use consensus_api::NodeId;
 use tokio::time::Instant;
 
-use crate::cluster::{Combo, SmCluster};
-use crate::scenarios::{ELECTION, SETTLE};
+use super::{ELECTION, SETTLE};
+use crate::{Combo, SmCluster};
+
+/// The broker family, declared once: the suite macros run every scenario in it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __broker_family {
+    ($make:ident) => {
+        $crate::__tests!($make, broker;
+            broker_registration_and_fencing,
+            broker_topic_creation_has_a_valid_assignment,
+            broker_partition_leader_fails_over,
+            broker_metadata_survives_consensus_leader_failover,
+            broker_stale_epochs_are_refused,
+            broker_metadata_feed_is_ordered
+        );
+    };
+}
 
 type Metadata = SmCluster<MetadataMachine>;
 

@@ -11,17 +11,15 @@
 //! broker cluster status --admin ADDR
 //! ```
 
-mod demo;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use broker::http;
 use broker::server::{bind, BrokerNode, NodeSpec};
-use broker::{wiring, LivenessConfig};
+use broker::LivenessConfig;
+use broker_node::{demo, http, wiring};
 use clap::{Args, Parser, Subcommand};
 use consensus_api::{NodeId, TlsConfig};
 

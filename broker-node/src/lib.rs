@@ -1,0 +1,12 @@
+//! # broker-node: the `broker` binary's library
+//!
+//! The one crate that names engines and transports ([`wiring`], behind cargo features), the
+//! scripted demo and the local development cluster ([`demo`], on `consensus-harness`), and the
+//! admin HTTP client the CLI uses ([`http`]). The metadata plane itself is the `broker` crate,
+//! which depends only on `consensus-api`.
+
+#![warn(missing_docs)]
+
+pub mod demo;
+pub mod http;
+pub mod wiring;

@@ -1,0 +1,748 @@
+//! [`LocalCluster`]: nodes of one cluster in this process, on real transports (127.0.0.1, port
+//! 0) and real data directories. With [`Runtimes::PerNode`] (the default) each node has its own
+//! tokio runtime, so a crash is simulated by killing that runtime: every task, connection and
+//! timer of the node dies at once, nothing is flushed or shut down politely.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use consensus_api::{ConsensusError, NodeConfig, NodeId, Role, StateMachine, Status, TlsConfig};
+use tokio::runtime::Runtime;
+use tokio::time::Instant;
+
+use crate::fault::{Faults, FaultyTransport};
+use crate::kv::KvMachine;
+use crate::node::{Machines, NodeKind};
+use crate::run::{init_logging, seed};
+use crate::Combo;
+
+/// How long a restarting node may wait for its old port and data-dir lock to be released.
+const RESTART_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often the `wait_*` helpers look at the nodes' statuses.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Pause between attempts to bind an address or take a data-dir lock a killed node still holds.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// Where the nodes of a cluster run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Runtimes {
+    /// Each node on its own single-worker runtime: [`LocalCluster::crash`] kills it abruptly.
+    #[default]
+    PerNode,
+    /// Every node on the caller's runtime (benchmarks: no extra threads). Nodes can be stopped
+    /// and restarted but not crashed.
+    Caller,
+}
+
+/// The transport security of a cluster's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TlsChoice {
+    /// Mutual TLS with a development CA and node certificates generated once under
+    /// `root/certs`, for every transport (what production runs).
+    #[default]
+    DevCerts,
+    /// Plaintext where the transport allows it, development certificates where it does not
+    /// (QUIC). For side-by-side benchmarks against plaintext systems only.
+    InsecureWhereSupported,
+}
+
+/// How a [`LocalCluster`] is set up.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    /// The cluster id every node is configured with.
+    pub cluster_id: String,
+    /// Where nodes run.
+    pub runtimes: Runtimes,
+    /// Transport security.
+    pub tls: TlsChoice,
+    /// Whether each node's transport is wrapped in a [`FaultyTransport`] obeying
+    /// [`LocalCluster::faults`]. Without it the plan has no effect.
+    pub fault_injection: bool,
+    /// Seed of the fault plan's random choices.
+    pub seed: u64,
+    /// Data directories (`node-<id>`) and certificates (`certs`) go here; `None`: a temporary
+    /// directory removed with the cluster.
+    pub root: Option<PathBuf>,
+    /// A change applied to every node's configuration.
+    pub tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
+}
+
+impl ClusterOptions {
+    /// Options for a program's local cluster: per-node runtimes, development certificates, no
+    /// fault injection, a temporary root.
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        Self {
+            cluster_id: cluster_id.into(),
+            runtimes: Runtimes::PerNode,
+            tls: TlsChoice::DevCerts,
+            fault_injection: false,
+            seed: 0,
+            root: None,
+            tweak: Arc::new(|_| {}),
+        }
+    }
+
+    /// Options for a test: the seed of this run (printed, `CONFORMANCE_SEED` replays), a cluster
+    /// id naming the combination and the seed, fault injection on, logs through the test
+    /// capture.
+    pub fn for_test(combo: &Combo, test: &str) -> Self {
+        init_logging();
+        let seed = seed(test);
+        Self {
+            fault_injection: true,
+            seed,
+            ..Self::new(format!("test-{}-{seed}", combo.name()))
+        }
+    }
+}
+
+enum Root {
+    Temp(tempfile::TempDir),
+    Dir(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Dir(p) => p,
+        }
+    }
+}
+
+struct Member<N> {
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    initial: BTreeMap<NodeId, String>,
+    runtime: Option<Runtime>,
+    node: Option<N>,
+}
+
+/// Nodes of one cluster running `K`'s program. Dropping it kills every node.
+pub struct LocalCluster<K: NodeKind> {
+    kind: Arc<K>,
+    combo: Combo,
+    /// The fault plan every node's transport obeys (with [`ClusterOptions::fault_injection`]).
+    pub faults: Faults,
+    options: ClusterOptions,
+    root: Root,
+    members: BTreeMap<NodeId, Member<K::Node>>,
+}
+
+fn internal(e: impl std::fmt::Display) -> ConsensusError {
+    ConsensusError::Internal(e.to_string())
+}
+
+impl<K: NodeKind + Default> LocalCluster<K> {
+    /// Starts `n` voters (ids 1..=n) of a fresh test cluster; panics if they cannot start.
+    pub async fn start(combo: &Combo, test: &str, n: u64) -> Self {
+        Self::start_with(combo, test, n, |_| {}).await
+    }
+
+    /// Like [`start`](Self::start), with a change applied to every node's config.
+    pub async fn start_with(
+        combo: &Combo,
+        test: &str,
+        n: u64,
+        tweak: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    ) -> Self {
+        let mut options = ClusterOptions::for_test(combo, test);
+        options.tweak = Arc::new(tweak);
+        Self::launch(combo, K::default(), options, n)
+            .await
+            .unwrap_or_else(|e| panic!("cluster did not start: {e}"))
+    }
+
+    /// Plans `n` voters (ids 1..=n) of a fresh test cluster, with reserved addresses, but
+    /// starts none of them: start each with [`start_node`](Self::start_node), in any order.
+    pub async fn planned(combo: &Combo, test: &str, n: u64) -> Self {
+        let options = ClusterOptions::for_test(combo, test);
+        let mut cluster = Self::empty(combo, K::default(), options)
+            .unwrap_or_else(|e| panic!("cluster root: {e}"));
+        let bound = cluster.bind_all(n).await.unwrap_or_else(|e| panic!("{e}"));
+        let initial = Self::initial(&bound);
+        for (id, rt, transport) in bound {
+            let addr = transport.local_addr();
+            // Release the port: the node binds it again when it starts.
+            match rt {
+                Some(rt) => {
+                    let _ = rt.spawn(async move { transport.shutdown().await }).await;
+                    rt.shutdown_background();
+                }
+                None => transport.shutdown().await,
+            }
+            let data_dir = cluster.data_dir(id);
+            cluster.members.insert(
+                id,
+                Member {
+                    addr,
+                    data_dir,
+                    initial: initial.clone(),
+                    runtime: None,
+                    node: None,
+                },
+            );
+        }
+        cluster
+    }
+}
+
+type Bound = (NodeId, Option<Runtime>, Arc<dyn consensus_api::Transport>);
+
+impl<K: NodeKind> LocalCluster<K> {
+    /// Starts `n` voters (ids 1..=n) that bootstrap a fresh cluster together: every transport
+    /// is bound first, so the initial members know the real ports.
+    pub async fn launch(
+        combo: &Combo,
+        kind: K,
+        options: ClusterOptions,
+        n: u64,
+    ) -> Result<Self, ConsensusError> {
+        let mut cluster = Self::empty(combo, kind, options)?;
+        let bound = cluster.bind_all(n).await?;
+        let initial = Self::initial(&bound);
+        let mut starting = Vec::new();
+        for (id, rt, transport) in bound {
+            let addr = transport.local_addr();
+            let data_dir = cluster.data_dir(id);
+            let config = cluster.config(id, addr, &data_dir, initial.clone());
+            let start = cluster.start_fn(config, transport);
+            let task = match &rt {
+                Some(rt) => rt.spawn(start),
+                None => tokio::spawn(start),
+            };
+            cluster.members.insert(
+                id,
+                Member {
+                    addr,
+                    data_dir,
+                    initial: initial.clone(),
+                    runtime: rt,
+                    node: None,
+                },
+            );
+            starting.push((id, task));
+        }
+        for (id, task) in starting {
+            let node = task
+                .await
+                .map_err(internal)?
+                .map_err(|e| ConsensusError::Internal(format!("node {id} failed to start: {e}")))?;
+            cluster.member(id)?.node = Some(node);
+        }
+        Ok(cluster)
+    }
+
+    fn empty(combo: &Combo, kind: K, options: ClusterOptions) -> Result<Self, ConsensusError> {
+        let root = match &options.root {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    ConsensusError::Storage(format!("creating {}: {e}", dir.display()))
+                })?;
+                Root::Dir(dir.clone())
+            }
+            None => Root::Temp(
+                tempfile::tempdir()
+                    .map_err(|e| ConsensusError::Storage(format!("temporary directory: {e}")))?,
+            ),
+        };
+        Ok(LocalCluster {
+            kind: Arc::new(kind),
+            combo: combo.clone(),
+            faults: Faults::new(options.seed),
+            options,
+            root,
+            members: BTreeMap::new(),
+        })
+    }
+
+    async fn bind_all(&self, n: u64) -> Result<Vec<Bound>, ConsensusError> {
+        let mut bound = Vec::new();
+        for id in 1..=n {
+            let (rt, transport) = self.bind(id, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            bound.push((id, rt, transport));
+        }
+        Ok(bound)
+    }
+
+    fn initial(bound: &[Bound]) -> BTreeMap<NodeId, String> {
+        bound
+            .iter()
+            .map(|(id, _, t)| (*id, t.local_addr().to_string()))
+            .collect()
+    }
+
+    fn start_fn(
+        &self,
+        config: NodeConfig,
+        transport: Arc<dyn consensus_api::Transport>,
+    ) -> impl Future<Output = Result<K::Node, ConsensusError>> + Send + 'static {
+        let kind = self.kind.clone();
+        let backend = self.combo.backend.clone();
+        async move { kind.start(backend, config, transport).await }
+    }
+
+    /// The directory data dirs and certificates are under.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The combination this cluster runs.
+    pub fn combo(&self) -> &Combo {
+        &self.combo
+    }
+
+    fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.root.path().join(format!("node-{id}"))
+    }
+
+    fn tls(&self) -> TlsConfig {
+        let dev = TlsConfig::DevCerts {
+            dir: self.root.path().join("certs"),
+        };
+        match self.options.tls {
+            TlsChoice::InsecureWhereSupported if self.combo.transport.supports_insecure() => {
+                TlsConfig::Insecure
+            }
+            _ => dev,
+        }
+    }
+
+    fn config(
+        &self,
+        id: NodeId,
+        addr: SocketAddr,
+        data_dir: &Path,
+        initial: BTreeMap<NodeId, String>,
+    ) -> NodeConfig {
+        let mut c = NodeConfig::new(id, self.options.cluster_id.clone(), data_dir);
+        c.initial_members = initial;
+        c.transport.listen_addr = addr;
+        c.transport.tls = self.tls();
+        (self.options.tweak)(&mut c);
+        c
+    }
+
+    fn member(&mut self, id: NodeId) -> Result<&mut Member<K::Node>, ConsensusError> {
+        self.members
+            .get_mut(&id)
+            .ok_or_else(|| ConsensusError::InvalidRequest(format!("no node {id} in this cluster")))
+    }
+
+    fn runtime(&self, id: NodeId) -> Result<Option<Runtime>, ConsensusError> {
+        match self.options.runtimes {
+            Runtimes::Caller => Ok(None),
+            Runtimes::PerNode => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("node-{id}"))
+                .enable_all()
+                .build()
+                .map(Some)
+                .map_err(|e| internal(format!("runtime for node {id}: {e}"))),
+        }
+    }
+
+    /// Creates a node runtime and binds its transport (wrapped in the fault layer when enabled),
+    /// retrying while the address is still held by a node that was just killed.
+    async fn bind(
+        &self,
+        id: NodeId,
+        addr: SocketAddr,
+    ) -> Result<(Option<Runtime>, Arc<dyn consensus_api::Transport>), ConsensusError> {
+        let rt = self.runtime(id)?;
+        let mut config = NodeConfig::new(id, self.options.cluster_id.clone(), self.root.path());
+        config.transport.listen_addr = addr;
+        config.transport.tls = self.tls();
+        (self.options.tweak)(&mut config);
+        let deadline = Instant::now() + RESTART_DEADLINE;
+        loop {
+            let factory = self.combo.transport.clone();
+            let cfg = config.clone();
+            let bind = async move { factory.bind(&cfg).await };
+            let bound = match &rt {
+                Some(rt) => rt.spawn(bind).await.map_err(internal)?,
+                None => bind.await,
+            };
+            match bound {
+                Ok(t) if self.options.fault_injection => {
+                    return Ok((rt, FaultyTransport::wrap(t, self.faults.clone())))
+                }
+                Ok(t) => return Ok((rt, t)),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(id, "bind {addr} failed, retrying: {e}");
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(e) => {
+                    return Err(ConsensusError::Transport(format!(
+                        "node {id} could not bind {addr}: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Ids of the nodes currently running.
+    pub fn live(&self) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.node.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Ids of every node of the cluster, running or not.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.members.keys().copied().collect()
+    }
+
+    /// The handle of node `id`, if it is running.
+    pub fn handle(&self, id: NodeId) -> Option<&K::Node> {
+        self.members.get(&id).and_then(|m| m.node.as_ref())
+    }
+
+    /// The address node `id` listens on; panics for an unknown node.
+    pub fn addr(&self, id: NodeId) -> SocketAddr {
+        self.members[&id].addr
+    }
+
+    /// Statuses of the running nodes.
+    pub fn statuses(&self) -> BTreeMap<NodeId, Status> {
+        self.members
+            .iter()
+            .filter_map(|(id, m)| m.node.as_ref().map(|n| (*id, K::status(n))))
+            .collect()
+    }
+
+    /// Waits until the running nodes among `among` agree on one leader that claims the role.
+    pub async fn try_wait_leader_among(
+        &self,
+        among: &[NodeId],
+        timeout: Duration,
+    ) -> Result<NodeId, ConsensusError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.statuses();
+            let view: Vec<&Status> = among.iter().filter_map(|id| st.get(id)).collect();
+            if let Some(leader) = view.first().and_then(|s| s.leader) {
+                let agreed = view.iter().all(|s| s.leader == Some(leader));
+                let claims = st.get(&leader).is_some_and(|s| s.role == Role::Leader);
+                if agreed && claims && among.contains(&leader) {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ConsensusError::Timeout(format!(
+                    "an agreed leader among {among:?} within {timeout:?}: {st:#?}"
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the running nodes among `among` agree on one leader; panics at the timeout.
+    pub async fn wait_leader_among(&self, among: &[NodeId], timeout: Duration) -> NodeId {
+        self.try_wait_leader_among(among, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits until every running node agrees on a leader; panics at the timeout.
+    pub async fn wait_leader(&self, timeout: Duration) -> NodeId {
+        let live = self.live();
+        self.wait_leader_among(&live, timeout).await
+    }
+
+    /// Waits until every node in `ids` has applied at least `index`; panics at the timeout.
+    pub async fn wait_applied(&self, ids: &[NodeId], index: u64, timeout: Duration) {
+        self.wait_statuses(timeout, |st| {
+            ids.iter()
+                .all(|id| st.get(id).is_some_and(|s| s.applied_index >= index))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("nodes {ids:?} did not apply index {index}: {e}"));
+    }
+
+    /// Waits until `pred` holds for the statuses of the running nodes.
+    pub async fn wait_statuses(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&BTreeMap<NodeId, Status>) -> bool,
+    ) -> Result<BTreeMap<NodeId, Status>, ConsensusError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.statuses();
+            if pred(&st) {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                return Err(ConsensusError::Timeout(format!(
+                    "a cluster condition within {timeout:?}: {st:#?}"
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The running nodes other than `id`.
+    pub fn others(&self, id: NodeId) -> Vec<NodeId> {
+        self.live().into_iter().filter(|i| *i != id).collect()
+    }
+
+    /// Some running node other than `leader`; panics when there is none.
+    pub fn follower_of(&self, leader: NodeId) -> NodeId {
+        self.others(leader)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no running node besides {leader}"))
+    }
+
+    /// Waits until every node in `voters` sees exactly `voters` and `learners` as the
+    /// membership; panics at the timeout.
+    pub async fn wait_members(
+        &self,
+        voters: &BTreeSet<NodeId>,
+        learners: &BTreeSet<NodeId>,
+        timeout: Duration,
+    ) {
+        self.wait_statuses(timeout, |st| {
+            voters.iter().all(|id| {
+                st.get(id)
+                    .is_some_and(|s| &s.voters == voters && &s.learners == learners)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("membership did not converge to {voters:?}: {e}"));
+    }
+
+    /// Kills node `id` without any shutdown: its runtime, tasks and sockets vanish at once.
+    /// Needs [`Runtimes::PerNode`].
+    pub fn crash(&mut self, id: NodeId) {
+        assert_eq!(
+            self.options.runtimes,
+            Runtimes::PerNode,
+            "crash needs a runtime per node"
+        );
+        if let Ok(m) = self.member(id) {
+            m.node = None;
+            if let Some(rt) = m.runtime.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
+
+    /// Shuts node `id` down gracefully (flushes storage, closes the transport), then ends its
+    /// runtime.
+    pub async fn stop(&mut self, id: NodeId) {
+        let Ok(m) = self.member(id) else { return };
+        let (node, rt) = (m.node.take(), m.runtime.take());
+        if let Some(node) = node {
+            let result = match &rt {
+                Some(rt) => {
+                    let node = Arc::new(node);
+                    let n = node.clone();
+                    rt.spawn(async move { K::shutdown(&n).await })
+                        .await
+                        .unwrap_or(Err(ConsensusError::ShuttingDown))
+                }
+                None => K::shutdown(&node).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(id, "graceful shutdown reported: {e}");
+            }
+        }
+        if let Some(rt) = rt {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Restarts node `id` on its data dir and address, as a new process would; panics if it
+    /// cannot start.
+    pub async fn restart(&mut self, id: NodeId) {
+        self.try_restart(id)
+            .await
+            .unwrap_or_else(|e| panic!("node {id} failed to restart: {e}"))
+    }
+
+    /// Starts a planned (or stopped) node on its address and data dir; panics if it cannot.
+    pub async fn start_node(&mut self, id: NodeId) {
+        self.restart(id).await
+    }
+
+    /// Restarts node `id` on its data dir and address, as a new process would.
+    pub async fn try_restart(&mut self, id: NodeId) -> Result<(), ConsensusError> {
+        let (addr, data_dir, initial) = {
+            let m = self.member(id)?;
+            if m.node.is_some() {
+                return Err(ConsensusError::InvalidRequest(format!(
+                    "node {id} is still running"
+                )));
+            }
+            (m.addr, m.data_dir.clone(), m.initial.clone())
+        };
+        let (rt, node, _) = self.start_on(id, addr, &data_dir, initial).await?;
+        let m = self.member(id)?;
+        m.node = Some(node);
+        m.runtime = rt;
+        Ok(())
+    }
+
+    /// Starts a brand-new node `id` with an empty data dir that joins later (no bootstrap);
+    /// returns its address for `add_learner`.
+    pub async fn add_fresh_node(&mut self, id: NodeId) -> SocketAddr {
+        assert!(!self.members.contains_key(&id), "node {id} exists");
+        let data_dir = self.data_dir(id);
+        let (rt, node, addr) = self
+            .start_on(
+                id,
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &data_dir,
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("node {id} failed to start: {e}"));
+        self.members.insert(
+            id,
+            Member {
+                addr,
+                data_dir,
+                initial: BTreeMap::new(),
+                runtime: rt,
+                node: Some(node),
+            },
+        );
+        addr
+    }
+
+    async fn start_on(
+        &self,
+        id: NodeId,
+        addr: SocketAddr,
+        data_dir: &Path,
+        initial: BTreeMap<NodeId, String>,
+    ) -> Result<(Option<Runtime>, K::Node, SocketAddr), ConsensusError> {
+        let deadline = Instant::now() + RESTART_DEADLINE;
+        loop {
+            let (rt, transport) = self.bind(id, addr).await?;
+            let bound = transport.local_addr();
+            let config = self.config(id, bound, data_dir, initial.clone());
+            let start = self.start_fn(config, transport.clone());
+            let started = match &rt {
+                Some(rt) => rt.spawn(start).await.map_err(internal)?,
+                None => start.await,
+            };
+            match started {
+                Ok(node) => return Ok((rt, node, bound)),
+                // The killed incarnation may still hold the data-dir lock for a moment.
+                Err(e) if Instant::now() < deadline && e.to_string().contains("in use") => {
+                    match rt {
+                        Some(rt) => {
+                            rt.spawn(async move { transport.shutdown().await });
+                            rt.shutdown_background();
+                        }
+                        None => transport.shutdown().await,
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Shuts every running node down gracefully.
+    pub async fn stop_all(&mut self) {
+        for id in self.live() {
+            self.stop(id).await;
+        }
+    }
+}
+
+impl<K: NodeKind> LocalCluster<K>
+where
+    K::Node: Clone,
+{
+    /// The handle of a running node; panics if it is not running.
+    pub fn node(&self, id: NodeId) -> K::Node {
+        self.handle(id)
+            .cloned()
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+    }
+
+    /// Runs `f` on node `id`'s own runtime (where its tasks and connections live).
+    pub async fn on<F, Fut, R>(&self, id: NodeId, f: F) -> Result<R, ConsensusError>
+    where
+        F: FnOnce(K::Node) -> Fut,
+        Fut: Future<Output = Result<R, ConsensusError>> + Send + 'static,
+        R: Send + 'static,
+    {
+        let Some(m) = self.members.get(&id) else {
+            return Err(ConsensusError::InvalidRequest(format!("no node {id}")));
+        };
+        let Some(node) = &m.node else {
+            return Err(ConsensusError::ShuttingDown);
+        };
+        let fut = f(node.clone());
+        match &m.runtime {
+            Some(rt) => rt.spawn(fut).await,
+            None => tokio::spawn(fut).await,
+        }
+        .unwrap_or(Err(ConsensusError::ShuttingDown))
+    }
+}
+
+impl<SM: StateMachine + Default> LocalCluster<Machines<SM>> {
+    /// Proposes `command` through node `id`, on its runtime.
+    pub async fn propose(
+        &self,
+        id: NodeId,
+        command: SM::Command,
+    ) -> Result<SM::Response, ConsensusError> {
+        self.on(id, move |n| async move { n.propose(command).await })
+            .await
+    }
+
+    /// The state machine of node `id`, read locally (no barrier).
+    pub fn machine(&self, id: NodeId) -> SM
+    where
+        SM: Clone,
+    {
+        self.node(id).read_local(|sm| sm.clone())
+    }
+}
+
+impl LocalCluster<Machines<KvMachine>> {
+    /// Proposes a `Put` through node `id`.
+    pub async fn put(&self, id: NodeId, key: &str, value: &str) -> Result<(), ConsensusError> {
+        self.propose(id, crate::kv::put(key, value))
+            .await
+            .map(|_| ())
+    }
+
+    /// A linearizable read of `key` through node `id`.
+    pub async fn get(&self, id: NodeId, key: &str) -> Result<Option<String>, ConsensusError> {
+        let key = key.to_string();
+        self.on(
+            id,
+            move |n| async move { n.read(move |sm| sm.get(&key)).await },
+        )
+        .await
+    }
+}
+
+impl<K: NodeKind> Drop for LocalCluster<K> {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            m.node = None;
+            if let Some(rt) = m.runtime.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
+}

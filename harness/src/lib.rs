@@ -1,0 +1,37 @@
+//! # consensus-harness: local clusters of real nodes
+//!
+//! The one harness the conformance suite, the broker demo and the kvstore example start their
+//! clusters with (the idea of raft-rs's `harness` crate). Nodes are real: real transports on
+//! 127.0.0.1 with port 0, real data dirs with fsync. By default each node runs on its own tokio
+//! runtime, so [`LocalCluster::crash`] kills every task, connection and timer of a node at once.
+//!
+//! - [`Combo`]: a backend and a transport, what a cluster runs.
+//! - [`NodeKind`]: what runs on each node: a plain [`Consensus`](consensus_api::Consensus) handle
+//!   ([`Machines`]) or a program's own node (the broker's combined-mode node).
+//! - [`LocalCluster`]: start, crash, stop, restart, add nodes, wait for leaders and indexes.
+//! - [`fault`]: a [`Transport`](consensus_api::Transport) wrapper for partitions, loss and delay,
+//!   driven by a seed.
+//! - [`kv`]: the key-value state machine the scenarios replicate.
+
+#![warn(missing_docs)]
+
+mod cluster;
+mod combo;
+pub mod fault;
+pub mod kv;
+mod node;
+mod run;
+
+pub use cluster::{ClusterOptions, LocalCluster, Runtimes, TlsChoice};
+pub use combo::Combo;
+pub use node::{Machines, NodeKind};
+pub use run::{init_logging, seed};
+
+/// A cluster of plain consensus nodes replicating `SM`.
+pub type SmCluster<SM> = LocalCluster<Machines<SM>>;
+
+/// A cluster of the key-value test machine, what most scenarios use.
+pub type Cluster = SmCluster<kv::KvMachine>;
+
+/// The node handle the key-value scenarios use.
+pub type Node = consensus_api::Consensus<kv::KvMachine>;

@@ -1,0 +1,211 @@
+//! Durability: acknowledged writes survive crashes and full restarts from disk; snapshots compact
+//! the log and bring lagging nodes back. Raft paper §5.1 (persistent state, Figure 2) and §7 (log
+//! compaction).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{ELECTION, FAILOVER_LIMIT, SETTLE};
+use crate::{Cluster, Combo};
+
+/// The durability family, declared once: [`conformance_suite!`](crate::conformance_suite) runs
+/// every scenario in it for each combination.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __durability_family {
+    ($make:ident) => {
+        $crate::__tests!($make, durability;
+            acknowledged_write_survives_leader_crash,
+            full_cluster_restart_recovers_state_from_disk,
+            snapshot_compacts_and_restart_restores_from_it,
+            lagging_node_catches_up_by_snapshot
+        );
+    };
+}
+
+/// Kill the leader without shutdown: a new leader within the failover limit, every
+/// acknowledged write still there, and the killed node catches up after restart.
+pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
+    let mut c = Cluster::start(&combo, "acknowledged_write_survives_leader_crash", 3).await;
+    let old = c.wait_leader(ELECTION).await;
+    let mut acked = Vec::new();
+    for i in 0..30u64 {
+        let via = 1 + i % 3;
+        let key = format!("k{i}");
+        c.put(via, &key, &format!("v{i}"))
+            .await
+            .expect("write before the crash");
+        acked.push((key, format!("v{i}")));
+    }
+    let crashed_at = Instant::now();
+    c.crash(old);
+    let survivors = c.live();
+    let new = c.wait_leader_among(&survivors, ELECTION).await;
+    let failover = crashed_at.elapsed();
+    println!("{}: failover took {failover:?}", combo.name());
+    assert_ne!(new, old);
+    assert!(
+        failover <= FAILOVER_LIMIT,
+        "failover took {failover:?}, the promise is {FAILOVER_LIMIT:?}"
+    );
+    for (k, v) in &acked {
+        for id in &survivors {
+            assert_eq!(
+                c.get(*id, k).await.expect("read after failover"),
+                Some(v.clone())
+            );
+        }
+    }
+    c.put(survivors[0], "after", "crash")
+        .await
+        .expect("write after failover");
+    c.restart(old).await;
+    let commit = c.statuses()[&new].commit_index;
+    c.wait_applied(&[old], commit, SETTLE).await;
+    let m = c.machine(old);
+    for (k, v) in &acked {
+        assert_eq!(m.get(k).as_ref(), Some(v), "restarted node lost {k}");
+    }
+}
+
+/// All nodes killed at once and restarted from their data dirs keep every write, the term never
+/// goes back, and the cluster works again.
+pub async fn full_cluster_restart_recovers_state_from_disk(combo: Combo) {
+    let mut c = Cluster::start(&combo, "full_cluster_restart_recovers_state_from_disk", 3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..20 {
+        c.put(1 + i % 3, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write");
+    }
+    let term_before = c.statuses()[&leader].term;
+    for id in c.live() {
+        c.crash(id);
+    }
+    for id in 1..=3 {
+        c.restart(id).await;
+    }
+    let leader = c.wait_leader(ELECTION).await;
+    assert!(
+        c.statuses()[&leader].term >= term_before,
+        "term went back after restart"
+    );
+    for i in 0..20 {
+        for id in 1..=3 {
+            assert_eq!(
+                c.get(id, &format!("k{i}"))
+                    .await
+                    .expect("read after restart"),
+                Some(format!("v{i}"))
+            );
+        }
+    }
+    c.put(leader, "after", "restart")
+        .await
+        .expect("write after restart");
+}
+
+/// A snapshot taken on demand compacts the log and a restarted node recovers from it.
+pub async fn snapshot_compacts_and_restart_restores_from_it(combo: Combo) {
+    let mut c = Cluster::start_with(
+        &combo,
+        "snapshot_compacts_and_restart_restores_from_it",
+        3,
+        |cfg| cfg.keep_logs_after_snapshot = 0,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..50 {
+        c.put(leader, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write");
+    }
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&c.live(), commit, SETTLE).await;
+    let follower = c.follower_of(leader);
+    let index = c
+        .on(follower, |n| async move { n.snapshot_now().await })
+        .await
+        .expect("snapshot");
+    assert!(
+        index >= commit,
+        "snapshot at {index} does not cover applied {commit}"
+    );
+    c.crash(follower);
+    c.restart(follower).await;
+    c.on(follower, move |n| async move {
+        n.wait_status(SETTLE, |s| {
+            s.snapshot_index >= commit && s.applied_index >= commit
+        })
+        .await
+    })
+    .await
+    .expect("restart loads the snapshot");
+    assert_eq!(c.machine(follower).get("k49"), Some("v49".into()));
+    assert_eq!(
+        c.get(follower, "k0").await.expect("read"),
+        Some("v0".into())
+    );
+}
+
+/// A node that was down while the leader compacted its log past the node's position catches up
+/// by installing the leader's snapshot.
+pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
+    let mut c = Cluster::start_with(&combo, "lagging_node_catches_up_by_snapshot", 3, |cfg| {
+        cfg.keep_logs_after_snapshot = 0
+    })
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    c.put(leader, "early", "1").await.expect("write");
+    let lagging = c.follower_of(leader);
+    let early = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[lagging], early, SETTLE).await;
+    c.crash(lagging);
+    for i in 0..100 {
+        c.put(leader, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write while lagging");
+    }
+    // Compact the leader's log past the lagging node's position. An engine may postpone the
+    // purge while it still retries the dead follower, so ask again until it has happened.
+    let deadline = Instant::now() + SETTLE;
+    let snap = loop {
+        let snap = c
+            .on(leader, |n| async move { n.snapshot_now().await })
+            .await
+            .expect("leader snapshot");
+        if c.statuses()[&leader].purged_index > early {
+            break snap;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader never compacted its log: {:#?}",
+            c.statuses()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        snap >= early + 100,
+        "snapshot at {snap} does not cover the writes"
+    );
+    c.restart(lagging).await;
+    let leader_status = c.statuses()[&leader].clone();
+    c.on(lagging, move |n| async move {
+        n.wait_status(SETTLE, |s| {
+            s.snapshot_index >= snap && s.applied_index >= leader_status.commit_index
+        })
+        .await
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the lagging node did not install the snapshot and catch up ({e}): {:#?}",
+            c.statuses()
+        )
+    });
+    assert_eq!(c.machine(lagging), c.machine(leader));
+    c.put(lagging, "after", "catch-up")
+        .await
+        .expect("write through the caught-up node");
+}

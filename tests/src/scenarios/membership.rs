@@ -1,0 +1,110 @@
+//! Membership and leadership: learners join and are promoted, voters are removed, leadership moves
+//! on request. Raft paper §6 (cluster membership changes); leadership transfer: Ongaro's thesis
+//! §3.10.
+
+use std::collections::BTreeSet;
+
+use consensus_api::{ErrorKind, NodeId};
+
+use super::{ELECTION, SETTLE};
+use crate::{Cluster, Combo};
+
+/// The membership family, declared once: [`conformance_suite!`](crate::conformance_suite) runs
+/// every scenario in it for each combination.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __membership_family {
+    ($make:ident) => {
+        $crate::__tests!($make, membership;
+            add_learner_promote_it_and_remove_a_voter,
+            leadership_transfers_to_the_named_node
+        );
+    };
+}
+
+/// A fresh node joins as a learner, is promoted to voter, and a voter is removed; the cluster
+/// keeps committing through the new configuration.
+pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
+    let mut c = Cluster::start(&combo, "add_learner_promote_it_and_remove_a_voter", 3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..10 {
+        c.put(leader, &format!("k{i}"), "v").await.expect("write");
+    }
+    let addr = c.add_fresh_node(4).await;
+    let via = c
+        .live()
+        .into_iter()
+        .find(|i| *i != leader && *i != 4)
+        .expect("follower");
+    c.on(via, move |n| async move {
+        n.add_learner(4, addr.to_string()).await
+    })
+    .await
+    .expect("add learner through a follower");
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[4], commit, SETTLE).await;
+    assert_eq!(
+        c.machine(4).get("k9"),
+        Some("v".into()),
+        "learner caught up"
+    );
+    assert!(c.statuses()[&leader].learners.contains(&4));
+
+    let all = BTreeSet::from([1, 2, 3, 4]);
+    let voters = all.clone();
+    c.on(
+        leader,
+        move |n| async move { n.change_voters(voters).await },
+    )
+    .await
+    .expect("promote the learner");
+    c.wait_members(&all, &BTreeSet::new(), SETTLE).await;
+
+    let removed = *[1u64, 2, 3]
+        .iter()
+        .find(|i| **i != leader && **i != via)
+        .unwrap_or(&via);
+    let remaining: BTreeSet<NodeId> = all.iter().copied().filter(|i| *i != removed).collect();
+    let voters = remaining.clone();
+    c.on(4, move |n| async move {
+        n.change_voters(voters).await?;
+        n.remove_node(removed).await
+    })
+    .await
+    .expect("remove a voter");
+    let leader = c
+        .wait_leader_among(&remaining.iter().copied().collect::<Vec<_>>(), ELECTION)
+        .await;
+    c.wait_statuses(SETTLE, |st| {
+        remaining
+            .iter()
+            .all(|id| st[id].voters == remaining && !st[id].learners.contains(&removed))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("membership did not converge: {e}"));
+    c.put(4, "after", "change")
+        .await
+        .expect("write through the promoted node");
+    assert_eq!(
+        c.get(leader, "after").await.expect("read"),
+        Some("change".into())
+    );
+}
+
+/// Leadership moves to the node named in a transfer request, and it commits.
+pub async fn leadership_transfers_to_the_named_node(combo: Combo) {
+    let c = Cluster::start(&combo, "leadership_transfers_to_the_named_node", 3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    let others: Vec<NodeId> = c.others(leader);
+    let (target, via) = (others[0], others[1]);
+    c.on(via, move |n| async move { n.transfer_leader(target).await })
+        .await
+        .expect("transfer through a follower");
+    assert_eq!(c.wait_leader(ELECTION).await, target);
+    c.put(target, "t", "1").await.expect("new leader commits");
+    let bad = c
+        .on(target, |n| async move { n.transfer_leader(99).await })
+        .await
+        .expect_err("transfer to a non-member");
+    assert_eq!(bad.kind(), ErrorKind::InvalidRequest, "{bad}");
+}

@@ -1,0 +1,91 @@
+//! Log replication: proposals through any node are applied in one order everywhere, with the state
+//! machine's answers. Raft paper §5.3 (log matching) and §8 (client interaction).
+
+use std::sync::Arc;
+
+use super::{ELECTION, SETTLE};
+use crate::kv::{put, KvCommand, KvResponse};
+use crate::{Cluster, Combo};
+
+/// The replication family, declared once: [`conformance_suite!`](crate::conformance_suite) runs
+/// every scenario in it for each combination.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __replication_family {
+    ($make:ident) => {
+        $crate::__tests!($make, replication;
+            replicated_proposals_apply_in_the_same_order_everywhere,
+            propose_and_read_through_a_follower
+        );
+    };
+}
+
+/// 1,000 proposals from concurrent clients through every node are applied in the same order
+/// on every node: identical state-machine snapshots, history hash included.
+pub async fn replicated_proposals_apply_in_the_same_order_everywhere(combo: Combo) {
+    let c = Arc::new(
+        Cluster::start(
+            &combo,
+            "replicated_proposals_apply_in_the_same_order_everywhere",
+            3,
+        )
+        .await,
+    );
+    c.wait_leader(ELECTION).await;
+    let clients = 10u64;
+    let per_client = 100u64;
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let via = 1 + (client + i) % 3;
+                let cmd = if i % 2 == 0 {
+                    put(format!("c{client}-{i}"), format!("{i}"))
+                } else {
+                    KvCommand::Append {
+                        key: "shared".into(),
+                        suffix: format!("{client}.{i};"),
+                    }
+                };
+                c.on(via, move |n| async move { n.propose(cmd).await })
+                    .await
+                    .unwrap_or_else(|e| panic!("proposal {client}/{i} via node {via}: {e}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let leader = c.wait_leader(ELECTION).await;
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&c.live(), commit, SETTLE).await;
+    let reference = c.machine(leader);
+    assert_eq!(reference.applied, clients * per_client);
+    for id in c.live() {
+        assert_eq!(
+            c.machine(id),
+            reference,
+            "node {id} diverged from the leader"
+        );
+    }
+}
+
+/// A proposal and a linearizable read sent to a follower are served by the leader.
+pub async fn propose_and_read_through_a_follower(combo: Combo) {
+    let c = Cluster::start(&combo, "propose_and_read_through_a_follower", 3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    let follower = c
+        .live()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let answer = c
+        .on(follower, |n| async move { n.propose(put("f", "1")).await })
+        .await
+        .expect("proposal through a follower");
+    assert_eq!(answer, KvResponse::Previous(None));
+    assert_eq!(c.get(follower, "f").await.expect("read"), Some("1".into()));
+    // The write was applied on the follower before its read returned, without waiting.
+    assert_eq!(c.machine(follower).get("f"), Some("1".into()));
+}
