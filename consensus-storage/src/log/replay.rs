@@ -1,0 +1,237 @@
+//! Reading the log file back on open.
+//!
+//! [`scan`] is the decision, on bytes alone: which records are valid, whether what follows them
+//! is a clean end, a torn write or corruption. [`replay`] reads the file, runs the scan and acts
+//! on its answer (truncates a torn tail, refuses corruption). The rules:
+//!
+//! - the records are applied in file order to an [`Index`]; records that contradict each other
+//!   (an entry that leaves a gap) are corruption at that record;
+//! - the end of the bytes, or nothing but zeros, is the clean end: zeros are preallocated space
+//!   that was never written;
+//! - a damaged record with no valid record anywhere after it is a write torn by a crash: the
+//!   write was never acknowledged (its sync never completed), so it is dropped and the file is
+//!   truncated before it;
+//! - a damaged record followed by a valid one cannot be a torn write, since writes only ever
+//!   go at the end: that is corruption, and the log refuses to open instead of losing the
+//!   acknowledged records after it.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use super::index::Index;
+use crate::record::{parse_at, valid_record_after, Parsed};
+use crate::{Result, StorageError};
+
+/// What [`scan`] found in a log file's bytes that it could open from.
+#[derive(Debug)]
+pub(crate) struct Scan {
+    /// The log rebuilt from the valid records.
+    pub(crate) index: Index,
+    /// End of the last valid record: where the next write goes.
+    pub(crate) valid_len: u64,
+    /// Why the bytes after `valid_len` are a torn write, when they are one; `None` when they
+    /// are a clean end (nothing, or zeros).
+    pub(crate) torn: Option<String>,
+}
+
+/// Damage before the tail of the file (see the module doc).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Corruption {
+    /// Byte offset of the bad record.
+    pub(crate) offset: u64,
+    /// What is wrong with it.
+    pub(crate) reason: String,
+}
+
+/// Checks every record of `buf` and rebuilds the log from them.
+pub(crate) fn scan(buf: &[u8]) -> std::result::Result<Scan, Corruption> {
+    let mut index = Index::default();
+    let mut pos = 0usize;
+    let torn = loop {
+        match parse_at(buf, pos) {
+            Parsed::Ok(record, next) => {
+                index.apply(record).map_err(|reason| Corruption {
+                    offset: pos as u64,
+                    reason,
+                })?;
+                pos = next;
+            }
+            Parsed::End => break None,
+            // Preallocated space that was never written: the clean end of the log.
+            Parsed::Bad { .. } if buf[pos..].iter().all(|b| *b == 0) => break None,
+            Parsed::Bad { reason, next } => {
+                if valid_record_after(buf, next.unwrap_or(pos + 1)) {
+                    return Err(Corruption {
+                        offset: pos as u64,
+                        reason,
+                    });
+                }
+                break Some(reason);
+            }
+        }
+    };
+    Ok(Scan {
+        index,
+        valid_len: pos as u64,
+        torn,
+    })
+}
+
+/// Reads and checks every record of the log at `path`; truncates a torn tail; refuses mid-file
+/// corruption. Returns the rebuilt log and the end of its valid records.
+pub(crate) fn replay(path: &Path) -> Result<(Index, u64)> {
+    let buf = std::fs::read(path).map_err(|e| StorageError::io("read", path, e))?;
+    let scan = scan(&buf).map_err(|c| StorageError::Corrupt {
+        path: path.display().to_string(),
+        offset: c.offset,
+        reason: c.reason,
+    })?;
+    if let Some(reason) = scan.torn {
+        tracing::warn!(
+            path = %path.display(),
+            offset = scan.valid_len,
+            dropped = buf.len() as u64 - scan.valid_len,
+            "torn write at the log tail ({reason}); truncating it"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| StorageError::io("open", path, e))?;
+        f.set_len(scan.valid_len)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| StorageError::io("truncate torn tail of", path, e))?;
+    }
+    Ok((scan.index, scan.valid_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::record::Record;
+
+    fn entry(index: u64, data: &'static [u8]) -> Record {
+        Record::Entry {
+            index,
+            term: 1,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    /// The encoding of `records` and where each one starts.
+    fn file(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for r in records {
+            starts.push(buf.len());
+            r.encode_into(&mut buf);
+        }
+        (buf, starts)
+    }
+
+    fn last_index(s: &Scan) -> Option<u64> {
+        s.index.last_index()
+    }
+
+    #[test]
+    fn valid_records_end_cleanly_at_the_end_of_the_bytes() {
+        let (buf, _) = file(&[entry(1, b"a"), entry(2, b"b")]);
+        let s = scan(&buf).unwrap();
+        assert_eq!(last_index(&s), Some(2));
+        assert_eq!(s.valid_len, buf.len() as u64);
+        assert_eq!(s.torn, None);
+    }
+
+    #[test]
+    fn an_empty_file_is_an_empty_log() {
+        let s = scan(&[]).unwrap();
+        assert_eq!(last_index(&s), None);
+        assert_eq!((s.valid_len, s.torn), (0, None));
+    }
+
+    #[test]
+    fn a_zeroed_tail_is_the_clean_end_not_a_torn_write() {
+        let (mut buf, _) = file(&[entry(1, b"a")]);
+        let end = buf.len();
+        buf.resize(end + 4096, 0);
+        let s = scan(&buf).unwrap();
+        assert_eq!(last_index(&s), Some(1));
+        assert_eq!(s.valid_len, end as u64);
+        assert_eq!(s.torn, None);
+    }
+
+    #[test]
+    fn a_cut_off_last_record_is_a_torn_tail() {
+        let (buf, starts) = file(&[entry(1, b"a"), entry(2, b"b")]);
+        let s = scan(&buf[..buf.len() - 3]).unwrap();
+        assert_eq!(last_index(&s), Some(1));
+        assert_eq!(s.valid_len, starts[1] as u64);
+        assert!(s.torn.is_some());
+    }
+
+    #[test]
+    fn a_last_record_ending_in_zeros_inside_preallocated_space_is_torn() {
+        let (mut buf, starts) = file(&[entry(1, b"a"), entry(2, b"bbbb")]);
+        let end = buf.len();
+        buf[end - 3..].fill(0);
+        buf.resize(end + 1024, 0);
+        let s = scan(&buf).unwrap();
+        assert_eq!(last_index(&s), Some(1));
+        assert_eq!(s.valid_len, starts[1] as u64);
+        assert!(s.torn.is_some());
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_a_torn_tail() {
+        let (mut buf, _) = file(&[entry(1, b"a")]);
+        let end = buf.len();
+        buf.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+        let s = scan(&buf).unwrap();
+        assert_eq!(s.valid_len, end as u64);
+        assert!(s.torn.is_some());
+    }
+
+    #[test]
+    fn a_bad_record_followed_by_a_valid_one_is_corruption_at_the_bad_one() {
+        let (mut buf, starts) = file(&[entry(1, b"payload"), entry(2, b"payload"), entry(3, b"x")]);
+        buf[starts[1] + 12] ^= 0xff;
+        let c = scan(&buf).unwrap_err();
+        assert_eq!(c.offset, starts[1] as u64);
+        assert_eq!(c.reason, "checksum mismatch");
+    }
+
+    #[test]
+    fn records_that_leave_a_gap_are_corruption_at_the_gap() {
+        let (buf, starts) = file(&[entry(1, b"a"), entry(5, b"e")]);
+        let c = scan(&buf).unwrap_err();
+        assert_eq!(c.offset, starts[1] as u64);
+    }
+
+    #[test]
+    fn truncate_purge_and_meta_records_replay_in_file_order() {
+        let (buf, _) = file(&[
+            entry(1, b"a"),
+            entry(2, b"b"),
+            entry(3, b"c"),
+            Record::Truncate { index: 3 },
+            Record::Purge {
+                index: 1,
+                term: 1,
+                data: Bytes::from_static(b"n"),
+            },
+            Record::Meta {
+                key: 4,
+                data: Bytes::from_static(b"v1"),
+            },
+            Record::Meta {
+                key: 4,
+                data: Bytes::from_static(b"v2"),
+            },
+        ]);
+        let s = scan(&buf).unwrap();
+        assert_eq!(s.index.first_index(), Some(2));
+        assert_eq!(s.index.last_index(), Some(2));
+        assert_eq!(s.index.meta(4), Some(&Bytes::from_static(b"v2")));
+    }
+}
