@@ -54,6 +54,7 @@ mod pacer;
 mod state_machine;
 mod transport;
 mod types;
+mod wiring;
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig};
 pub use engine::{Backend, Engine, EngineContext};
@@ -64,3 +65,4 @@ pub use pacer::SnapshotPacer;
 pub use state_machine::{ByteStateMachine, StateMachine};
 pub use transport::{InboundHandler, Mux, Transport, TransportFactory};
 pub use types::{NodeId, Role, Status};
+pub use wiring::Wiring;

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use consensus_api::{
-    codec, Backend, Consensus, ConsensusError, NodeConfig, StateMachine, TlsConfig,
-    TransportFactory,
+    codec, Backend, ConsensusError, NodeConfig, StateMachine, TlsConfig, TransportFactory, Wiring,
 };
+use consensus_harness::{ClusterOptions, Combo, Machines, Runtimes, SmCluster, TlsChoice};
 use serde::{Deserialize, Serialize};
 
 /// A command of the store.
@@ -76,49 +76,28 @@ impl StateMachine for Store {
     }
 }
 
-/// What the wiring offers: the compiled-in backends and transports.
-pub type Choices = (Vec<Arc<dyn Backend>>, Vec<Arc<dyn TransportFactory>>);
-
 /// The wiring: the one place backends and transports are named. Each is one line behind its
 /// cargo feature; the first of each list is the default.
-pub fn wiring() -> Choices {
-    let backends: Vec<Arc<dyn Backend>> = vec![
-        #[cfg(feature = "openraft")]
-        Arc::new(backend_openraft::OpenraftBackend),
-        #[cfg(feature = "tikv")]
-        Arc::new(backend_tikv::TikvBackend),
-    ];
-    let transports: Vec<Arc<dyn TransportFactory>> = vec![
-        #[cfg(feature = "grpc")]
-        Arc::new(transport_grpc::GrpcTransportFactory),
-        #[cfg(feature = "quic")]
-        Arc::new(transport_quic::QuicTransportFactory),
-    ];
-    (backends, transports)
-}
-
-/// Picks `wanted` (or the first) among the compiled-in choices by name.
-pub fn choose<T: ?Sized>(
-    what: &str,
-    all: Vec<Arc<T>>,
-    wanted: Option<&str>,
-    name: impl Fn(&T) -> &'static str,
-) -> Result<Arc<T>, ConsensusError> {
-    let names: Vec<&str> = all.iter().map(|x| name(x)).collect();
-    let found = match wanted {
-        None => all.into_iter().next(),
-        Some(w) => all.into_iter().find(|x| name(x) == w),
-    };
-    found.ok_or_else(|| {
-        ConsensusError::InvalidRequest(format!(
-            "{what} {:?} is not compiled in (available: {names:?}; enable it with a cargo feature)",
-            wanted.unwrap_or("any")
-        ))
-    })
+pub fn wiring() -> Wiring {
+    Wiring::new(
+        vec![
+            #[cfg(feature = "openraft")]
+            Arc::new(backend_openraft::OpenraftBackend),
+            #[cfg(feature = "tikv")]
+            Arc::new(backend_tikv::TikvBackend),
+        ],
+        vec![
+            #[cfg(feature = "grpc")]
+            Arc::new(transport_grpc::GrpcTransportFactory),
+            #[cfg(feature = "quic")]
+            Arc::new(transport_quic::QuicTransportFactory),
+        ],
+    )
 }
 
 /// The configuration of local node `id` under `root`: its data dir, and development
-/// certificates in `root/certs` when the transport needs TLS.
+/// certificates in `root/certs` when the transport needs TLS (the same layout as
+/// [`start_local_cluster`]'s).
 pub fn local_config(
     id: u64,
     cluster_id: &str,
@@ -134,32 +113,31 @@ pub fn local_config(
     config
 }
 
-/// Starts `nodes` local nodes (ids 1..=nodes, port 0) as one new cluster: every transport is
-/// bound first so the initial members know the real addresses.
+/// A local cluster of the store.
+pub type LocalCluster = SmCluster<Store>;
+
+/// Starts `nodes` local nodes (ids 1..=nodes, port 0) as one new cluster under `root`, with the
+/// shared harness: every transport is bound first so the initial members know the real
+/// addresses. Plaintext where the transport allows it (a local, side-by-side setup).
 pub async fn start_local_cluster(
-    backend: &dyn Backend,
-    factory: &dyn TransportFactory,
+    backend: Arc<dyn Backend>,
+    factory: Arc<dyn TransportFactory>,
     cluster_id: &str,
     nodes: u64,
     root: &std::path::Path,
-) -> Result<Vec<Consensus<Store>>, ConsensusError> {
-    let mut configs = Vec::new();
-    let mut bound = Vec::new();
-    for id in 1..=nodes {
-        let config = local_config(id, cluster_id, factory, root);
-        bound.push(factory.bind(&config).await?);
-        configs.push(config);
-    }
-    let members: BTreeMap<u64, String> = bound
-        .iter()
-        .map(|t| (t.local_id(), t.local_addr().to_string()))
-        .collect();
-    let mut out = Vec::new();
-    for (mut config, transport) in configs.into_iter().zip(bound) {
-        config.initial_members = members.clone();
-        out.push(Consensus::start(backend, config, Store::default(), transport).await?);
-    }
-    Ok(out)
+    runtimes: Runtimes,
+) -> Result<LocalCluster, ConsensusError> {
+    let mut options = ClusterOptions::new(cluster_id);
+    options.runtimes = runtimes;
+    options.tls = TlsChoice::InsecureWhereSupported;
+    options.root = Some(root.to_path_buf());
+    LocalCluster::launch(
+        &Combo::from_parts(backend, factory),
+        Machines::default(),
+        options,
+        nodes,
+    )
+    .await
 }
 
 /// Process setup shared by the kvstore binaries: the allocator setting for nodes

@@ -15,73 +15,43 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use consensus_api::{Consensus, ConsensusError};
+use consensus_harness::Runtimes;
 use kvstore::{Command, Store};
 
+/// A local cluster of the replicated key-value store: bootstrap, writes through every node,
+/// linearizable reads, the leader stopped, failover, more writes.
+#[derive(Parser)]
+#[command(name = "kvstore", version)]
 struct Args {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
+    /// Number of writes before the failover.
+    #[arg(long, default_value_t = 30)]
     writes: u64,
+    /// Where the data dirs go (default: a temporary directory, removed at exit).
+    #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Consensus engine among those compiled in (default: the first).
+    #[arg(long)]
     backend: Option<String>,
+    /// Transport among those compiled in (default: the first).
+    #[arg(long)]
     transport: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        nodes: 3,
-        writes: 30,
-        data_dir: None,
-        backend: None,
-        transport: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--nodes" => {
-                args.nodes = value("--nodes")?
-                    .parse()
-                    .map_err(|e| format!("--nodes: {e}"))?;
-                if !(1..=9).contains(&args.nodes) {
-                    return Err("--nodes must be between 1 and 9".into());
-                }
-            }
-            "--writes" => {
-                args.writes = value("--writes")?
-                    .parse()
-                    .map_err(|e| format!("--writes: {e}"))?
-            }
-            "--data-dir" => args.data_dir = Some(PathBuf::from(value("--data-dir")?)),
-            "--backend" => args.backend = Some(value("--backend")?),
-            "--transport" => args.transport = Some(value("--transport")?),
-            "-h" | "--help" => {
-                return Err("usage: kvstore [--nodes N] [--writes N] [--data-dir PATH] [--backend openraft|tikv] [--transport grpc|quic]".into())
-            }
-            other => return Err(format!("unknown argument {other:?}; see --help")),
-        }
-    }
-    Ok(args)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     kvstore::init_process("warn,openraft=error");
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    kvstore::exit_code(run(args).await, "error")
+    kvstore::exit_code(run(Args::parse()).await, "error")
 }
 
 async fn run(args: Args) -> Result<(), ConsensusError> {
-    let (backends, factories) = kvstore::wiring();
-    let backend = kvstore::choose("backend", backends, args.backend.as_deref(), |b| b.name())?;
-    let transports = kvstore::choose("transport", factories, args.transport.as_deref(), |t| {
-        t.name()
-    })?;
+    let wiring = kvstore::wiring();
+    let backend = wiring.backend(args.backend.as_deref())?;
+    let transports = wiring.transport(args.transport.as_deref())?;
     let tmp;
     let root = match &args.data_dir {
         Some(d) => d.clone(),
@@ -100,12 +70,18 @@ async fn run(args: Args) -> Result<(), ConsensusError> {
         root.display()
     ));
 
-    let started =
-        kvstore::start_local_cluster(&*backend, &*transports, "kvstore-demo", args.nodes, &root)
-            .await?;
+    let cluster = kvstore::start_local_cluster(
+        backend.clone(),
+        transports.clone(),
+        "kvstore-demo",
+        args.nodes,
+        &root,
+        Runtimes::Caller,
+    )
+    .await?;
     let mut nodes = BTreeMap::new();
-    for node in started {
-        let id = node.status().id;
+    for id in cluster.live() {
+        let node = cluster.node(id);
         say(format!("node {id} listening on {}", node.local_addr()));
         nodes.insert(id, node);
     }

@@ -26,72 +26,44 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use consensus_api::{Backend, Consensus, ConsensusError, NodeConfig, TransportFactory};
+use consensus_harness::Runtimes;
 use kvstore::{Command, Store};
 
+/// Closed-loop put benchmark of every compiled-in backend x transport combination: a cluster
+/// per combination on 127.0.0.1 with fsync on, clients putting values through the leader.
+#[derive(Parser)]
+#[command(name = "bench", version)]
 struct Args {
+    /// Combinations to run (`all`, or `backend_transport` names such as `tikv_quic`).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
     combos: Vec<String>,
-    clients: Vec<usize>,
+    /// Client counts; one run per count.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    clients: Vec<u64>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     secs: u64,
+    /// Size of each put's value.
+    #[arg(long, default_value_t = 256)]
     value_bytes: usize,
+    /// Cluster size.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// Data directories go here (default: a temporary directory).
+    #[arg(long)]
     dir: Option<PathBuf>,
+    /// Each node in its own process (node 1 in this one); `rss_mib` is then per node.
+    #[arg(long)]
     processes: bool,
-}
-
-const USAGE: &str = "usage: bench [--combos all|a_b,...] [--clients 1,16,64,256] [--secs N] \
-                     [--value-bytes N] [--nodes N] [--json PATH] [--dir PATH] [--processes]";
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        combos: vec!["all".into()],
-        clients: vec![1, 16, 64, 256],
-        secs: 5,
-        value_bytes: 256,
-        nodes: 3,
-        json: None,
-        dir: None,
-        processes: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        let num = |v: String, name: &str| -> Result<u64, String> {
-            v.parse().map_err(|e| format!("{name}: {e}"))
-        };
-        match flag.as_str() {
-            "--combos" => {
-                a.combos = value("--combos")?
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .collect()
-            }
-            "--clients" => {
-                a.clients = value("--clients")?
-                    .split(',')
-                    .map(|s| s.trim().parse().map_err(|e| format!("--clients: {e}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "--secs" => a.secs = num(value("--secs")?, "--secs")?,
-            "--value-bytes" => {
-                a.value_bytes = num(value("--value-bytes")?, "--value-bytes")? as usize
-            }
-            "--nodes" => a.nodes = num(value("--nodes")?, "--nodes")?,
-            "--json" => a.json = Some(PathBuf::from(value("--json")?)),
-            "--dir" => a.dir = Some(PathBuf::from(value("--dir")?)),
-            "--processes" => a.processes = true,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    if a.clients.is_empty() || a.clients.contains(&0) {
-        return Err("--clients needs positive counts".into());
-    }
-    if a.secs == 0 || !(1..=9).contains(&a.nodes) {
-        return Err("--secs must be > 0 and --nodes between 1 and 9".into());
-    }
-    Ok(a)
+    /// Internal: run one node of `--processes` (ID BACKEND TRANSPORT ROOT) until stdin closes.
+    #[arg(long, num_args = 4, hide = true, value_names = ["ID", "BACKEND", "TRANSPORT", "ROOT"])]
+    serve_node: Option<Vec<String>>,
 }
 
 /// One measured run.
@@ -329,10 +301,10 @@ async fn serve_node(args: &[String]) -> Result<(), String> {
         return Err("--serve-node ID BACKEND TRANSPORT ROOT".into());
     };
     let id: u64 = id.parse().map_err(|e| format!("id: {e}"))?;
-    let (backends, factories) = kvstore::wiring();
-    let backend = kvstore::choose("backend", backends, Some(backend), |b| b.name())
-        .map_err(|e| e.to_string())?;
-    let factory = kvstore::choose("transport", factories, Some(transport), |t| t.name())
+    let wiring = kvstore::wiring();
+    let backend = wiring.backend(Some(backend)).map_err(|e| e.to_string())?;
+    let factory = wiring
+        .transport(Some(transport))
         .map_err(|e| e.to_string())?;
     let mut config = node_config(id, &*factory, Path::new(root));
     let t = factory.bind(&config).await.map_err(|e| e.to_string())?;
@@ -420,16 +392,26 @@ async fn bench_combo(
 ) -> Result<Vec<Row>, ConsensusError> {
     let combo = format!("{}_{}", backend.name(), factory.name());
     let dir = root.join(&combo);
+    // Kept until the end of the run: the in-process cluster's nodes live in it.
+    let mut cluster = None;
     let (nodes, children) = if args.processes {
         let (node, children) = start_processes(&*backend, &*factory, args.nodes, &dir)
             .await
             .map_err(ConsensusError::Internal)?;
         (vec![node], Some(children))
     } else {
-        (
-            kvstore::start_local_cluster(&*backend, &*factory, "bench", args.nodes, &dir).await?,
-            None,
+        let local = kvstore::start_local_cluster(
+            backend.clone(),
+            factory.clone(),
+            "bench",
+            args.nodes,
+            &dir,
+            Runtimes::Caller,
         )
+        .await?;
+        let nodes = local.live().into_iter().map(|id| local.node(id)).collect();
+        cluster = Some(local);
+        (nodes, None)
     };
     let leader_id = nodes[0].wait_for_leader(Duration::from_secs(10)).await?;
     let leader = nodes
@@ -440,7 +422,7 @@ async fn bench_combo(
     // Warm up connections and the log.
     let _ = closed_loop(&leader, 4, 1, args.value_bytes).await;
     let mut rows = Vec::new();
-    for &clients in &args.clients {
+    for clients in args.clients.iter().map(|&c| c as usize) {
         let (lat, errors, elapsed) =
             closed_loop(&leader, clients, args.secs, args.value_bytes).await;
         let ops = lat.len() as u64;
@@ -479,6 +461,7 @@ async fn bench_combo(
         let _ = n.shutdown().await;
     }
     drop(children);
+    drop(cluster);
     Ok(rows)
 }
 
@@ -514,10 +497,10 @@ async fn run(args: Args) -> Result<(), String> {
         "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9}",
         "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors", "floor_us"
     );
-    let (backends, factories) = kvstore::wiring();
+    let wiring = kvstore::wiring();
     let mut rows = Vec::new();
-    for b in &backends {
-        for f in &factories {
+    for b in wiring.backends() {
+        for f in wiring.transports() {
             let name = format!("{}_{}", b.name(), f.name());
             if !(args.combos.iter().any(|c| c == "all" || *c == name)) {
                 continue;
@@ -533,8 +516,8 @@ async fn run(args: Args) -> Result<(), String> {
         return Err(format!(
             "no combination matched {:?}; compiled in: {:?} x {:?}",
             args.combos,
-            backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
-            factories.iter().map(|f| f.name()).collect::<Vec<_>>()
+            wiring.backend_names(),
+            wiring.transport_names()
         ));
     }
     for r in rows.iter().filter(|r| r.clients == 1) {
@@ -558,16 +541,9 @@ async fn run(args: Args) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     kvstore::init_process("error");
-    let raw: Vec<String> = std::env::args().skip(1).collect();
-    if raw.first().map(String::as_str) == Some("--serve-node") {
-        return kvstore::exit_code(serve_node(&raw[1..]).await, "node");
+    let args = Args::parse();
+    if let Some(node) = &args.serve_node {
+        return kvstore::exit_code(serve_node(node).await, "node");
     }
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
     kvstore::exit_code(run(args).await, "error")
 }
