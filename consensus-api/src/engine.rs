@@ -17,12 +17,23 @@ pub struct EngineContext {
     pub config: NodeConfig,
     /// The user's state machine, behind the byte interface.
     pub state_machine: Arc<dyn ByteStateMachine>,
-    /// A transport channel reserved for the engine's own messages. It holds the handler the
-    /// engine installs weakly: the engine must keep that handler alive itself.
+    /// A transport channel reserved for the engine's own messages.
+    ///
+    /// **It holds the handler the engine installs weakly**: the engine must keep its
+    /// [`InboundHandler`](crate::InboundHandler) alive itself (for example in the `Arc` the
+    /// backend returns) for as long as it wants frames. A strong reference here would make a
+    /// cycle (handler -> engine -> transport -> handler) that keeps a crashed node's storage
+    /// open; a dropped handler means inbound engine frames are refused.
     pub transport: Arc<dyn Transport>,
 }
 
 /// Starts engines of one kind; what a program names once, at wiring time.
+///
+/// A backend's `start` must: open (or create) the node's durable state under
+/// `config.data_dir`, refusing a data dir another running node holds ("in use"); bootstrap
+/// `config.initial_members` exactly once, on a fresh data dir, and never again on restart;
+/// install its inbound handler on `ctx.transport` and keep it alive; map every
+/// [`NodeConfig`] setting onto its engine, or document per setting what it does instead.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Short name used in test names and logs (`tikv`, `openraft`).
@@ -33,29 +44,57 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// One running Raft node, driven by a backend. Every method maps engine outcomes onto
-/// [`ConsensusError`].
+/// [`ConsensusError`]; the conformance suite checks that both engines give the same kind in
+/// the same situation.
+///
+/// # Obligations of an implementation
+/// - **Leader-local.** Operations marked "leader only" answer `NotLeader { leader }` on any
+///   other node, with the leader this node believes in (or `None`), having changed nothing:
+///   the node handle forwards on exactly that error, so it must never mean "maybe applied".
+/// - **Error kinds.** `InvalidRequest`: refused before anything was appended (unknown member,
+///   a change while another is in progress, a command over the size limit). `Timeout`: the
+///   deadline passed; for `propose` and membership changes the outcome is **unknown** (the
+///   entry may still commit), as for a lost leadership after appending. `ShuttingDown`: the
+///   engine has stopped (every method after [`shutdown`](Self::shutdown) or a fatal engine
+///   error). `Storage`: the durable store failed; the node stops accepting writes.
+/// - **Durability.** Nothing is acknowledged (a proposal answered, a vote granted, an append
+///   acknowledged to the leader) before it is durable on this node's disk.
+/// - **Status before answers.** The [`status`](Self::status) watch is published before the
+///   answers of the same step are delivered: when `propose` returns, `status().applied_index`
+///   already covers the entry; when a membership change returns, the status shows it.
+/// - **Stopping.** When the engine stops (shutdown or a fatal error) its status watch stops
+///   changing (`changed()` fails once the sender is dropped) and every call fails.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
-    /// Replicates `command`; returns the state machine's encoded response once the entry is
-    /// committed and applied on this node. Not the leader: `NotLeader`.
+    /// Replicates `command` (leader only); returns the state machine's encoded response once
+    /// the entry is committed and applied on this node. `Timeout`: outcome unknown.
     async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ConsensusError>;
-    /// Confirms leadership with a quorum and returns the read index: once a node has applied
-    /// up to it, its state reflects every write committed before the call. Not the leader (or
-    /// deposed): an error, never a stale index.
+    /// Confirms leadership with a quorum and returns the read index (leader only): once a node
+    /// has applied up to it, its state reflects every write committed before the call. Not the
+    /// leader, deposed, or no quorum in time: `NotLeader` or `Timeout`, never a stale index.
     async fn read_index(&self) -> Result<u64, ConsensusError>;
-    /// Current status, updated on every change.
+    /// Current status, updated on every change (see the status-before-answers rule).
     fn status(&self) -> watch::Receiver<Status>;
-    /// Adds a non-voting member and starts replicating to it (leader only).
+    /// Adds a non-voting member and replicates to it (leader only). Returns once the learner
+    /// is in the committed membership and has caught up to the log index of that change (on
+    /// both engines), so a promotion right after it does not stall the cluster. An existing
+    /// learner with the same address: `Ok` without a change.
     async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError>;
-    /// Makes `voters` the voting set; current members not in it become learners, which
-    /// `remove_node` then drops (leader only).
+    /// Makes `voters` the voting set (leader only), through joint consensus where the engine
+    /// needs it; returns once the final configuration is committed. Current members not in it
+    /// become learners, which `remove_node` then drops. Ids that are not members:
+    /// `InvalidRequest`.
     async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError>;
-    /// Removes a member (voter or learner) from the cluster entirely (leader only).
+    /// Removes a member (voter or learner) from the cluster entirely (leader only); returns
+    /// once the configuration without it is committed.
     async fn remove_node(&self, id: NodeId) -> Result<(), ConsensusError>;
-    /// Hands leadership to `to` (leader only); returns once the request is made.
+    /// Hands leadership to `to` (leader only); returns once the request is made, not when `to`
+    /// leads (the node handle waits for that).
     async fn transfer_leader(&self, to: NodeId) -> Result<(), ConsensusError>;
-    /// Takes a snapshot now and compacts the log; returns the snapshot's last index.
+    /// Takes a snapshot of this node's applied state now and compacts the log behind it (on
+    /// any node); returns the snapshot's last index.
     async fn snapshot_now(&self) -> Result<u64, ConsensusError>;
-    /// Stops the engine and flushes its storage. Idempotent.
+    /// Stops the engine and flushes its storage. Idempotent; later calls of every other method
+    /// fail with `ShuttingDown`.
     async fn shutdown(&self) -> Result<(), ConsensusError>;
 }

@@ -90,12 +90,20 @@ impl From<TransportError> for ConsensusError {
 }
 
 /// Errors of the byte-level [`Transport`](crate::Transport).
+///
+/// Four variants promise that the frame was **not delivered** to the peer's handler
+/// ([`is_undelivered`](Self::is_undelivered)): `UnknownPeer`, `Unreachable`, `QueueFull` and
+/// `FrameTooLarge`. A transport returns them only when it knows that; any failure after the
+/// frame may have been handed to the peer is `Timeout` (or `Remote`, when the peer answered an
+/// error): the outcome of such a call is unknown.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
-    /// No address is known for the peer; add it with `set_peer` (membership changes do).
+    /// No address is known for the peer; add it with `set_peer` (membership changes do). Not
+    /// delivered.
     #[error("unknown peer {0}")]
     UnknownPeer(NodeId),
-    /// The peer could not be reached (connect failed, connection lost).
+    /// The request was not delivered: connecting failed, or the connection was lost before the
+    /// frame was handed to the peer. Never used once the frame may have reached the peer.
     #[error("peer {peer} unreachable: {reason}")]
     Unreachable {
         /// The peer.
@@ -103,10 +111,11 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
-    /// The peer did not answer within the deadline.
+    /// No answer within the deadline, or the connection failed after the request may have been
+    /// delivered: the outcome is unknown.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// The frame exceeds the configured size limit and was not sent.
+    /// The frame exceeds the configured size limit and was not sent. Not delivered.
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
     FrameTooLarge {
         /// Size of the refused frame.
@@ -114,7 +123,7 @@ pub enum TransportError {
         /// The configured limit (`TransportConfig::max_frame_bytes`).
         limit: usize,
     },
-    /// The per-peer send queue is full; the frame was dropped (Raft retransmits).
+    /// The per-peer send queue is full; the frame was dropped (Raft retransmits). Not delivered.
     #[error("send queue to peer {0} is full; frame dropped")]
     QueueFull(NodeId),
     /// The peer refused us (wrong cluster id, bad identity, malformed request).
@@ -132,6 +141,18 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Whether this failure proves the frame never reached the peer's handler, so that even a
+    /// non-idempotent request may be retried (see the type's docs).
+    pub fn is_undelivered(&self) -> bool {
+        matches!(
+            self,
+            TransportError::UnknownPeer(_)
+                | TransportError::Unreachable { .. }
+                | TransportError::QueueFull(_)
+                | TransportError::FrameTooLarge { .. }
+        )
+    }
+
     /// The send-side size check every transport makes before anything leaves:
     /// `FrameTooLarge` when `size` exceeds `limit`.
     pub fn check_frame(size: usize, limit: usize) -> Result<(), TransportError> {

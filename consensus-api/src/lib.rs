@@ -13,6 +13,15 @@
 //!                    └──────── Mux: channel 1 (forward) ────────┴── channel 0 (engine) ──> dyn Transport
 //! ```
 //!
+//! ## Who uses what
+//! | audience | items |
+//! |---|---|
+//! | embedder | [`Consensus`], [`StateMachine`], [`NodeConfig`], [`ConsensusError`] / [`ErrorKind`], [`Status`], [`Wiring`], [`process`] |
+//! | backend author | [`Backend`], [`Engine`], [`EngineContext`], [`ByteStateMachine`], [`backend_support`], [`codec`] |
+//! | transport author | [`Transport`], [`TransportFactory`], [`InboundHandler`], [`TransportError`], [`TransportLayer`] (wrappers) |
+//!
+//! Each trait states the obligations of an implementation on itself.
+//!
 //! ## Embedding
 //! ```text
 //! let transport = transport_grpc::GrpcFactory.bind(&config).await?;      // the wiring line
@@ -48,21 +57,29 @@ pub mod codec;
 mod config;
 mod engine;
 mod error;
-mod memory;
+mod layer;
+mod mux;
 mod node;
 mod pacer;
+pub mod process;
 mod state_machine;
 mod transport;
 mod types;
 mod wiring;
 
+/// Helpers for backend implementations; embedders never need this.
+pub mod backend_support {
+    pub use crate::pacer::SnapshotPacer;
+}
+
 pub use config::{NodeConfig, TlsConfig, TransportConfig};
 pub use engine::{Backend, Engine, EngineContext};
 pub use error::{ConsensusError, ErrorKind, TransportError};
-pub use memory::release_large_buffers;
-pub use node::{members, Consensus, ENGINE_CHANNEL, FORWARD_CHANNEL};
-pub use pacer::SnapshotPacer;
+pub use layer::TransportLayer;
+pub use node::{members, Consensus};
+#[doc(hidden)]
+pub use pacer::SnapshotPacer; // TEMP: until the backends import it from backend_support
 pub use state_machine::{ByteStateMachine, StateMachine};
-pub use transport::{InboundHandler, Mux, Transport, TransportFactory};
+pub use transport::{InboundHandler, Transport, TransportFactory};
 pub use types::{NodeId, Role, Status};
 pub use wiring::Wiring;

@@ -16,16 +16,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::mux::{Mux, ENGINE_CHANNEL, FORWARD_CHANNEL};
 use crate::state_machine::{ApplyOutcome, Shared};
 use crate::{
-    codec, Backend, ConsensusError, Engine, EngineContext, InboundHandler, Mux, NodeConfig, NodeId,
+    codec, Backend, ConsensusError, Engine, EngineContext, InboundHandler, NodeConfig, NodeId,
     StateMachine, Status, Transport, TransportError,
 };
-
-/// Channel tag of engine traffic on the shared transport.
-pub const ENGINE_CHANNEL: u8 = 0;
-/// Channel tag of forwarded client operations.
-pub const FORWARD_CHANNEL: u8 = 1;
 
 /// How long a follower waits between attempts while no leader is known.
 const LEADER_POLL: Duration = Duration::from_millis(20);
@@ -411,7 +407,7 @@ impl<SM: StateMachine> Consensus<SM> {
                     }
                 }
                 Err(e @ TransportError::FrameTooLarge { .. }) => return Err(e.into()),
-                Err(e) if undelivered(&e) || op.idempotent() => {
+                Err(e) if e.is_undelivered() || op.idempotent() => {
                     tracing::debug!(leader, "forwarding {name} failed, will retry: {e}");
                     last_hint = Some(e.into());
                     self.pause(deadline).await;
@@ -428,16 +424,6 @@ impl<SM: StateMachine> Consensus<SM> {
         let wait = LEADER_POLL.min(deadline.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(wait, rx.changed()).await;
     }
-}
-
-/// Whether a transport failure proves the request never reached the peer.
-fn undelivered(e: &TransportError) -> bool {
-    matches!(
-        e,
-        TransportError::UnknownPeer(_)
-            | TransportError::Unreachable { .. }
-            | TransportError::QueueFull(_)
-    )
 }
 
 fn unexpected(reply: Reply) -> ConsensusError {

@@ -6,14 +6,13 @@
 //! partition cuts both directions.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use consensus_api::{InboundHandler, NodeId, Transport, TransportError};
+use consensus_api::{NodeId, Transport, TransportError, TransportLayer};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -186,18 +185,9 @@ impl FaultyTransport {
 }
 
 #[async_trait]
-impl Transport for FaultyTransport {
-    fn local_id(&self) -> NodeId {
-        self.inner.local_id()
-    }
-    fn local_addr(&self) -> SocketAddr {
-        self.inner.local_addr()
-    }
-    fn set_peer(&self, id: NodeId, addr: String) {
-        self.inner.set_peer(id, addr)
-    }
-    fn remove_peer(&self, id: NodeId) {
-        self.inner.remove_peer(id)
+impl TransportLayer for FaultyTransport {
+    fn inner(&self) -> &Arc<dyn Transport> {
+        &self.inner
     }
 
     fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError> {
@@ -233,12 +223,5 @@ impl Transport for FaultyTransport {
                 }
             }
         }
-    }
-
-    fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
-        self.inner.set_handler(handler)
-    }
-    async fn shutdown(&self) {
-        self.inner.shutdown().await
     }
 }

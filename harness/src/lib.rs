@@ -20,9 +20,11 @@ mod combo;
 pub mod fault;
 pub mod kv;
 mod node;
+mod options;
 mod run;
 
-pub use cluster::{ClusterOptions, LocalCluster, Runtimes, TlsChoice};
+pub use cluster::LocalCluster;
+pub use options::{ClusterOptions, Runtimes, TlsChoice};
 pub use combo::Combo;
 pub use node::{Machines, NodeKind};
 pub use run::{init_logging, seed};

@@ -61,3 +61,43 @@ impl<SM: StateMachine + Default> NodeKind for Machines<SM> {
         node.shutdown().await
     }
 }
+
+impl<SM: StateMachine + Default> LocalCluster<Machines<SM>> {
+    /// Proposes `command` through node `id`, on its runtime.
+    pub async fn propose(
+        &self,
+        id: NodeId,
+        command: SM::Command,
+    ) -> Result<SM::Response, ConsensusError> {
+        self.on(id, move |n| async move { n.propose(command).await })
+            .await
+    }
+
+    /// The state machine of node `id`, read locally (no barrier).
+    pub fn machine(&self, id: NodeId) -> SM
+    where
+        SM: Clone,
+    {
+        self.node(id).read_local(|sm| sm.clone())
+    }
+}
+
+impl LocalCluster<Machines<KvMachine>> {
+    /// Proposes a `Put` through node `id`.
+    pub async fn put(&self, id: NodeId, key: &str, value: &str) -> Result<(), ConsensusError> {
+        self.propose(id, crate::kv::put(key, value))
+            .await
+            .map(|_| ())
+    }
+
+    /// A linearizable read of `key` through node `id`.
+    pub async fn get(&self, id: NodeId, key: &str) -> Result<Option<String>, ConsensusError> {
+        let key = key.to_string();
+        self.on(
+            id,
+            move |n| async move { n.read(move |sm| sm.get(&key)).await },
+        )
+        .await
+    }
+}
+

@@ -50,7 +50,7 @@ async fn main() -> Result<(), String> {
     let payload = Bytes::from(vec![7u8; bytes]);
     println!("transport  calls  bytes  p50_us  p90_us  p99_us");
     for factory in factories() {
-        let tls = conformance::cluster::test_tls(dir.path());
+        let tls = conformance::test_tls(dir.path());
         let mut a = NodeConfig::new(1, "rtt", dir.path());
         a.transport.tls = tls.clone();
         let mut b = NodeConfig::new(2, "rtt", dir.path());

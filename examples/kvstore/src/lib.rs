@@ -141,9 +141,9 @@ pub async fn start_local_cluster(
 }
 
 /// Process setup shared by the kvstore binaries: the allocator setting for nodes
-/// ([`consensus_api::release_large_buffers`]) and logging (`RUST_LOG`, else `default_filter`).
+/// ([`consensus_api::process::release_large_buffers`]) and logging (`RUST_LOG`, else `default_filter`).
 pub fn init_process(default_filter: &str) {
-    consensus_api::release_large_buffers();
+    consensus_api::process::release_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -25,7 +25,8 @@ macro_rules! __transport_family {
             a_peer_from_another_cluster_is_refused,
             a_peer_with_the_wrong_certificate_is_refused,
             garbage_on_the_socket_is_survived,
-            a_restarted_peer_is_reconnected
+            a_restarted_peer_is_reconnected,
+            a_failure_that_promises_non_delivery_was_not_delivered
         );
     };
 }
@@ -310,5 +311,56 @@ pub async fn a_restarted_peer_is_reconnected(factory: Arc<dyn TransportFactory>)
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// A failed call whose error promises non-delivery ([`TransportError::is_undelivered`]) was
+/// really not delivered, and a call that reached the peer's handler never fails with such an
+/// error, even when the peer goes away before answering: the node handle retries proposals
+/// only on the promise, so a broken one would duplicate them.
+pub async fn a_failure_that_promises_non_delivery_was_not_delivered(
+    factory: Arc<dyn TransportFactory>,
+) {
+    let (a, b, rec, _dir) = pair(&*factory, ("c", "c"), (1 << 20, 1 << 20)).await;
+    let unknown = a
+        .call(9, Bytes::from_static(b"hi"), SECOND)
+        .await
+        .expect_err("no such peer");
+    assert!(
+        matches!(unknown, TransportError::UnknownPeer(9)),
+        "{unknown}"
+    );
+    assert!(unknown.is_undelivered());
+    a.call(2, Bytes::from_static(b"hi"), 5 * SECOND)
+        .await
+        .expect("echo");
+    let before = *rec.calls.lock();
+    // Delivered, then the peer goes away before it answers.
+    let pending = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.call(2, Bytes::from_static(b"sleep"), 3 * SECOND)
+                .await
+        }
+    });
+    let deadline = Instant::now() + 5 * SECOND;
+    while *rec.calls.lock() == before {
+        assert!(Instant::now() < deadline, "the call never reached the peer");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.shutdown().await;
+    let outcome = pending.await.expect("call task");
+    if let Err(e) = &outcome {
+        assert!(
+            !e.is_undelivered(),
+            "a delivered call failed with an error that promises non-delivery: {e:?}"
+        );
+    }
+    // The peer is gone: whatever the error, if it promises non-delivery, nothing arrived.
+    let after_stop = *rec.calls.lock();
+    match a.call(2, Bytes::from_static(b"hi"), SECOND).await {
+        Err(e) if e.is_undelivered() => assert_eq!(*rec.calls.lock(), after_stop, "{e:?}"),
+        Err(_) => {}
+        Ok(_) => panic!("a stopped peer answered"),
     }
 }

@@ -1,4 +1,4 @@
-//! [`release_large_buffers`]: a process-wide allocator setting for nodes.
+//! Process-level settings for programs that run nodes (not engine- or transport-specific).
 
 /// Lets freed snapshot-sized buffers go back to the operating system. Call once, early in
 /// `main`, in a process that runs nodes; it does nothing where it does not apply.

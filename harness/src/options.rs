@@ -1,0 +1,99 @@
+//! How a [`LocalCluster`](crate::LocalCluster) is set up.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use consensus_api::NodeConfig;
+
+use crate::run::{init_logging, seed};
+use crate::Combo;
+
+/// Where the nodes of a cluster run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Runtimes {
+    /// Each node on its own single-worker runtime: [`LocalCluster::crash`] kills it abruptly.
+    #[default]
+    PerNode,
+    /// Every node on the caller's runtime (benchmarks: no extra threads). Nodes can be stopped
+    /// and restarted but not crashed.
+    Caller,
+}
+
+/// The transport security of a cluster's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TlsChoice {
+    /// Mutual TLS with a development CA and node certificates generated once under
+    /// `root/certs`, for every transport (what production runs).
+    #[default]
+    DevCerts,
+    /// Plaintext where the transport allows it, development certificates where it does not
+    /// (QUIC). For side-by-side benchmarks against plaintext systems only.
+    InsecureWhereSupported,
+}
+
+/// How a [`LocalCluster`] is set up.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    /// The cluster id every node is configured with.
+    pub cluster_id: String,
+    /// Where nodes run.
+    pub runtimes: Runtimes,
+    /// Transport security.
+    pub tls: TlsChoice,
+    /// Whether each node's transport is wrapped in a [`FaultyTransport`] obeying
+    /// [`LocalCluster::faults`]. Without it the plan has no effect.
+    pub fault_injection: bool,
+    /// Seed of the fault plan's random choices.
+    pub seed: u64,
+    /// Data directories (`node-<id>`) and certificates (`certs`) go here; `None`: a temporary
+    /// directory removed with the cluster.
+    pub root: Option<PathBuf>,
+    /// A change applied to every node's configuration.
+    pub tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
+}
+
+impl ClusterOptions {
+    /// Options for a program's local cluster: per-node runtimes, development certificates, no
+    /// fault injection, a temporary root.
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        Self {
+            cluster_id: cluster_id.into(),
+            runtimes: Runtimes::PerNode,
+            tls: TlsChoice::DevCerts,
+            fault_injection: false,
+            seed: 0,
+            root: None,
+            tweak: Arc::new(|_| {}),
+        }
+    }
+
+    /// Options for a test: the seed of this run (printed, `CONFORMANCE_SEED` replays), a cluster
+    /// id naming the combination and the seed, fault injection on, logs through the test
+    /// capture.
+    pub fn for_test(combo: &Combo, test: &str) -> Self {
+        init_logging();
+        let seed = seed(test);
+        Self {
+            fault_injection: true,
+            seed,
+            ..Self::new(format!("test-{}-{seed}", combo.name()))
+        }
+    }
+}
+
+pub(crate) enum Root {
+    Temp(tempfile::TempDir),
+    Dir(PathBuf),
+}
+
+impl Root {
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Dir(p) => p,
+        }
+    }
+}
+
