@@ -5,7 +5,7 @@
 //! admin HTTP client the CLI uses ([`http`]). The metadata plane itself is the `broker` crate,
 //! which depends only on `consensus-api`.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod demo;
 pub mod http;

@@ -13,7 +13,7 @@
 //! - [`BrokerAgent`]: what a broker process runs: register, heartbeat, re-register when its
 //!   epoch went stale, controlled shutdown.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod admin;
 mod controller;

@@ -51,7 +51,7 @@
 //! Errors: both engines' errors are mapped at the backend boundary to [`ConsensusError`], so the
 //! same scenario gives the same [`ErrorKind`] on either engine.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod codec;
 mod config;

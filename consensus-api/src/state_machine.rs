@@ -43,7 +43,7 @@ pub(crate) type ApplyOutcome<R> = Result<R, String>;
 
 /// A user's state machine shared between the engine (which applies) and the node handle (which
 /// reads after a barrier).
-pub struct Shared<SM>(pub(crate) Arc<RwLock<SM>>);
+pub(crate) struct Shared<SM>(pub(crate) Arc<RwLock<SM>>);
 
 impl<SM> Clone for Shared<SM> {
     fn clone(&self) -> Self {

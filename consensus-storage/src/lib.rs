@@ -16,7 +16,7 @@
 //!   refuses to start and says where;
 //! - snapshots and the rewritten log go through temp file, fsync, rename, fsync directory.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod file;
 mod log;

@@ -17,7 +17,7 @@
 //!
 //! The crate is transport-neutral: QUIC uses it today, the gRPC transport can adopt it unchanged.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod dev;
 

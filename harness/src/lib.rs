@@ -13,7 +13,7 @@
 //!   driven by a seed.
 //! - [`kv`]: the key-value state machine the scenarios replicate.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod cluster;
 mod combo;
@@ -24,9 +24,9 @@ mod options;
 mod run;
 
 pub use cluster::LocalCluster;
-pub use options::{ClusterOptions, Runtimes, TlsChoice};
 pub use combo::Combo;
 pub use node::{Machines, NodeKind};
+pub use options::{ClusterOptions, Runtimes, TlsChoice};
 pub use run::{init_logging, seed};
 
 /// A cluster of plain consensus nodes replicating `SM`.

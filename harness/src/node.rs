@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use consensus_api::{
-    Backend, Consensus, ConsensusError, NodeConfig, StateMachine, Status, Transport,
+    Backend, Consensus, ConsensusError, NodeConfig, NodeId, StateMachine, Status, Transport,
 };
+
+use crate::kv::KvMachine;
+use crate::LocalCluster;
 
 /// Starts, observes and stops the program that runs on one node: a plain consensus node, or a
 /// program built on one (the broker runs its controller and admin API beside it).
@@ -100,4 +103,3 @@ impl LocalCluster<Machines<KvMachine>> {
         .await
     }
 }
-

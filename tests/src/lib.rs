@@ -18,7 +18,7 @@
 //! ```
 //! One line per combination; `cargo test` then runs every scenario for it.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod scenarios;
 

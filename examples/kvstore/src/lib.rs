@@ -3,7 +3,7 @@
 //! The program implements one trait, [`StateMachine`]; everything else (engine, transport,
 //! durability, leader forwarding) comes from the consensus layer.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

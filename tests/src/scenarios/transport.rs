@@ -338,10 +338,7 @@ pub async fn a_failure_that_promises_non_delivery_was_not_delivered(
     // Delivered, then the peer goes away before it answers.
     let pending = tokio::spawn({
         let a = a.clone();
-        async move {
-            a.call(2, Bytes::from_static(b"sleep"), 3 * SECOND)
-                .await
-        }
+        async move { a.call(2, Bytes::from_static(b"sleep"), 3 * SECOND).await }
     });
     let deadline = Instant::now() + 5 * SECOND;
     while *rec.calls.lock() == before {
