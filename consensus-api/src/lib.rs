@@ -64,6 +64,7 @@ mod pacer;
 pub mod process;
 mod state_machine;
 mod transport;
+pub mod transport_support;
 mod types;
 mod wiring;
 

@@ -35,11 +35,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use consensus_api::transport_support::HandlerSlot;
 use consensus_api::{
     InboundHandler, NodeConfig, NodeId, TlsConfig, Transport, TransportConfig, TransportError,
     TransportFactory,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use peer::Peer;
 use server::Server;
@@ -111,7 +112,7 @@ fn pem(tls: &TlsConfig, id: NodeId) -> Result<Option<Pem>, TransportError> {
 pub struct GrpcTransport {
     me: Arc<Identity>,
     local_addr: SocketAddr,
-    handler: Arc<RwLock<Option<Arc<dyn InboundHandler>>>>,
+    handler: HandlerSlot,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
     server: Mutex<Option<Server>>,
     closed: AtomicBool,
@@ -138,7 +139,7 @@ impl GrpcTransport {
             config: config.clone(),
             tls: pem(&config.tls, id)?,
         });
-        let handler: Arc<RwLock<Option<Arc<dyn InboundHandler>>>> = Arc::default();
+        let handler = HandlerSlot::default();
         let server = Server::start(me.clone(), handler.clone()).await?;
         Ok(Arc::new(Self {
             me,
@@ -217,7 +218,7 @@ impl Transport for GrpcTransport {
     }
 
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
-        *self.handler.write() = Some(handler);
+        self.handler.set(handler);
     }
 
     async fn shutdown(&self) {
@@ -228,7 +229,7 @@ impl Transport for GrpcTransport {
         for p in peers {
             p.stop();
         }
-        *self.handler.write() = None;
+        self.handler.clear();
         let server = self.server.lock().take();
         if let Some(s) = server {
             s.stop().await;

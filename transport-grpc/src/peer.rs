@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use consensus_api::transport_support::Backoff;
 use consensus_api::{NodeId, TransportError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -116,8 +117,7 @@ async fn stream_loop(
     client: PeerClient<Channel>,
     mut queue: mpsc::Receiver<Bytes>,
 ) {
-    let cfg = &me.config;
-    let mut backoff = cfg.reconnect_backoff_min;
+    let mut backoff = Backoff::new(&me.config);
     loop {
         // Connect only when there is something to send: idle peers cost nothing.
         let Some(first) = queue.recv().await else {
@@ -151,9 +151,8 @@ async fn stream_loop(
             }
         }
         if opened.elapsed() >= HEALTHY_STREAM {
-            backoff = cfg.reconnect_backoff_min;
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(cfg.reconnect_backoff_max);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consensus_api::{InboundHandler, NodeId, TransportError};
-use parking_lot::RwLock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
@@ -23,7 +22,7 @@ const STOP_GRACE: Duration = Duration::from_millis(200);
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-type HandlerSlot = Arc<RwLock<Option<Arc<dyn InboundHandler>>>>;
+use consensus_api::transport_support::HandlerSlot;
 
 pub(crate) struct Server {
     pub(crate) local_addr: SocketAddr,
@@ -143,9 +142,8 @@ impl PeerService {
 
     fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
         self.handler
-            .read()
-            .clone()
-            .ok_or_else(|| Status::unavailable("node not ready: no handler installed"))
+            .get()
+            .ok_or_else(not_ready)
     }
 }
 
@@ -173,4 +171,17 @@ impl Peer for PeerService {
             Err(e) => Err(Status::aborted(e)),
         }
     }
+}
+
+/// The answer to a call that arrives before a handler is installed. It carries
+/// [`NOT_DELIVERED_HEADER`] so the caller knows structurally (not from the message) that the
+/// request never reached a handler and may be retried.
+fn not_ready() -> Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert(NOT_DELIVERED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    Status::with_metadata(
+        tonic::Code::Unavailable,
+        "node not ready: no handler installed",
+        md,
+    )
 }

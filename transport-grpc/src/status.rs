@@ -5,12 +5,19 @@ use std::time::Duration;
 use consensus_api::{NodeId, TransportError};
 use tonic::{Code, Status};
 
+use crate::NOT_DELIVERED_HEADER;
+
 /// Maps the status of a failed call. `Unreachable` is reserved for failures that prove the
-/// request was not delivered (connect failed, no handler yet), so callers may retry it safely.
+/// request was not delivered, so callers may retry it safely: our server marks "no handler
+/// yet" with [`NOT_DELIVERED_HEADER`]; a failed connect is recognised by tonic's
+/// `Unavailable` "error trying to connect" (tonic exposes no structured connect-error kind).
+/// Every other failure (a connection lost after the request went out included) is `Remote` or
+/// `Timeout`: outcome unknown.
 pub(crate) fn call_error(peer: NodeId, status: Status, timeout: Duration) -> TransportError {
     let msg = status.message().to_string();
+    let marked = status.metadata().get(NOT_DELIVERED_HEADER).is_some();
     match status.code() {
-        Code::Unavailable if msg.contains("connect") || msg.starts_with("node not ready") => {
+        Code::Unavailable if marked || msg.contains("error trying to connect") => {
             TransportError::Unreachable { peer, reason: msg }
         }
         Code::DeadlineExceeded => TransportError::Timeout(timeout),

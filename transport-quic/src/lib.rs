@@ -66,7 +66,7 @@ use consensus_api::{
     InboundHandler, NodeConfig, NodeId, Transport, TransportConfig, TransportError,
     TransportFactory,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -76,8 +76,7 @@ use peer::Peer;
 /// once rather than by idle timeout).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-/// The installed inbound handler, shared with the server tasks.
-pub(crate) type HandlerSlot = Arc<RwLock<Option<Arc<dyn InboundHandler>>>>;
+pub(crate) use consensus_api::transport_support::HandlerSlot;
 /// The known peers, shared with the server tasks (which report peer restarts to them).
 pub(crate) type PeerMap = Arc<Mutex<HashMap<NodeId, Arc<Peer>>>>;
 
@@ -210,7 +209,7 @@ impl QuicTransport {
         for p in peers {
             p.stop(TransportError::Closed);
         }
-        *self.handler.write() = None;
+        self.handler.clear();
         self.ctx.endpoint.close(wire::CLOSE_NORMAL, b"shutdown");
         true
     }
@@ -273,7 +272,7 @@ impl Transport for QuicTransport {
     }
 
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
-        *self.handler.write() = Some(handler);
+        self.handler.set(handler);
     }
 
     async fn shutdown(&self) {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use consensus_api::transport_support::Backoff;
 use consensus_api::{NodeId, TransportError};
 use quinn::{Connection, WriteError};
 use tokio::sync::{mpsc, watch, Notify};
@@ -150,8 +151,7 @@ impl Drop for Peer {
 impl PeerLink {
     /// The peer task: dial on demand, pump one-way frames, back off after failures.
     async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
-        let cfg = &self.ctx.config;
-        let mut backoff = cfg.reconnect_backoff_min;
+        let mut backoff = Backoff::new(&self.ctx.config);
         let mut pending: Option<Bytes> = None;
         loop {
             // Connect only when something needs the peer: idle peers cost nothing.
@@ -197,7 +197,7 @@ impl PeerLink {
             };
             tracing::debug!(peer = self.id, "connection lost: {reason}");
             if opened.elapsed() >= HEALTHY_CONNECTION {
-                backoff = cfg.reconnect_backoff_min;
+                backoff.reset();
                 self.state.send_replace(Link::Idle);
             } else {
                 let error = TransportError::Unreachable {
@@ -210,11 +210,10 @@ impl PeerLink {
     }
 
     /// Publishes `error` until the backoff elapses (calls fail fast meanwhile), then doubles it.
-    async fn back_off(&self, error: TransportError, backoff: &mut Duration) {
-        let until = Instant::now() + *backoff;
+    async fn back_off(&self, error: TransportError, backoff: &mut Backoff) {
+        let until = Instant::now() + backoff.next_delay();
         self.state.send_replace(Link::Down { error, until });
         tokio::time::sleep_until(until).await;
-        *backoff = (*backoff * 2).min(self.ctx.config.reconnect_backoff_max);
     }
 
     /// Feeds queued frames into one unidirectional stream at a time until the connection ends.

@@ -166,7 +166,7 @@ async fn one_way_lane(ctx: &Ctx, handler: &HandlerSlot, conn: &Connection, from:
         loop {
             match wire::read_frame(&mut recv, ctx.frame_limit).await {
                 Ok(Some(frame)) => {
-                    let handler = handler.read().clone();
+                    let handler = handler.get();
                     match handler {
                         Some(h) => h.on_message(from, frame),
                         None => tracing::trace!(from, "no handler yet; dropping a one-way frame"),
@@ -205,7 +205,7 @@ async fn serve_call(
     let limit = ctx.frame_limit;
     let (status, body) = match wire::read_frame(&mut recv, limit).await {
         Ok(Some(request)) => {
-            let handler = handler.read().clone();
+            let handler = handler.get();
             let Some(handler) = handler else {
                 return reply(
                     &mut send,
