@@ -14,9 +14,9 @@
 //!   its tag) and [`wire::CallError`], how a failed exchange maps onto openraft's errors;
 //! - `client.rs`: the leader-side client, [`NetworkFactory`] and its per-peer `PeerClient`
 //!   (openraft's `RaftNetworkV2`), with one generic call helper for every RPC;
-//! - `stream.rs`: the stream protocol as plain state machines, no I/O and no clock: the
-//!   leader's [`stream::LeaderStream`], the follower's [`stream::FollowerStream`] and
-//!   [`stream::FollowerAnswers`];
+//! - `stream/`: the stream protocol as plain state machines, no I/O and no clock: the
+//!   leader's [`stream::LeaderStream`] (`leader.rs`), the follower's [`stream::FollowerStream`]
+//!   and [`stream::FollowerAnswers`] (`follower.rs`);
 //! - `pipeline.rs`: [`pipeline::Pipeline`], the async driver of a `LeaderStream` over the
 //!   transport;
 //! - `routes.rs`: [`StreamRoutes`], which hands follower replies to the leader's open streams,
