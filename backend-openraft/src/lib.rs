@@ -15,7 +15,7 @@
 //!   leader transfer via `trigger().transfer_leader`;
 //! - every openraft error mapped onto [`consensus_api::ConsensusError`] in `mapping.rs`.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod engine;
 mod log_store;

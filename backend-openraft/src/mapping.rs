@@ -71,27 +71,26 @@ pub(crate) fn status(m: &RaftMetrics<C>) -> Status {
     let membership = m.membership_config.membership();
     let voters = membership.voter_ids().collect();
     let learners = membership.learner_ids().collect();
-    Status {
-        id: m.id,
-        role: match m.state {
-            ServerState::Leader => Role::Leader,
-            ServerState::Candidate => Role::Candidate,
-            ServerState::Follower => Role::Follower,
-            ServerState::Learner => Role::Learner,
-            ServerState::Shutdown => Role::Shutdown,
-        },
-        term: m.current_term,
-        leader: m.current_leader,
-        commit_index: m.local_committed.map(|l| l.index).unwrap_or(0),
-        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
-        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
-        voters,
-        learners,
-        addresses: membership
-            .nodes()
-            .map(|(id, node)| (*id, node.addr.clone()))
-            .collect(),
-    }
+    let mut status = Status::initial(m.id);
+    status.role = match m.state {
+        ServerState::Leader => Role::Leader,
+        ServerState::Candidate => Role::Candidate,
+        ServerState::Follower => Role::Follower,
+        ServerState::Learner => Role::Learner,
+        ServerState::Shutdown => Role::Shutdown,
+    };
+    status.term = m.current_term;
+    status.leader = m.current_leader;
+    status.commit_index = m.local_committed.map(|l| l.index).unwrap_or(0);
+    status.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+    status.last_log_index = m.last_log_index.unwrap_or(0);
+    status.snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
+    status.purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+    status.voters = voters;
+    status.learners = learners;
+    status.addresses = membership
+        .nodes()
+        .map(|(id, node)| (*id, node.addr.clone()))
+        .collect();
+    status
 }

@@ -4,7 +4,8 @@
 use std::io;
 use std::sync::Arc;
 
-use consensus_api::{codec, ByteStateMachine, NodeConfig, SnapshotPacer};
+use consensus_api::backend_support::SnapshotPacer;
+use consensus_api::{codec, ByteStateMachine, NodeConfig};
 use consensus_storage::SnapshotStore;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};

@@ -34,7 +34,7 @@ openraft::declare_raft_types!(
 );
 
 /// Short alias used throughout the crate.
-pub type C = TypeConfig;
+pub(crate) type C = TypeConfig;
 /// Snapshot payload: the state machine's bytes, shared (not copied) between the snapshot file
 /// writer, the current-snapshot slot and the transfers to followers.
-pub type SnapshotData = bytes::Bytes;
+pub(crate) type SnapshotData = bytes::Bytes;

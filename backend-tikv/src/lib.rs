@@ -18,7 +18,7 @@
 //! `snapshot_threshold` applied entries. New nodes (learners) start empty and catch up by
 //! snapshot, which also carries every member's address.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod driver;
 mod logger;

@@ -64,24 +64,23 @@ pub(crate) fn status(
         StateRole::Follower => Role::Learner,
     };
     let store = raw.store();
-    Status {
-        id,
-        role,
-        term: raft.term,
-        leader: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
-        commit_index: raft.raft_log.committed,
-        applied_index: applied,
-        last_log_index: raft.raft_log.last_index(),
-        snapshot_index: store.snapshot_position().0,
-        purged_index: store.purged_index(),
-        addresses: addresses
-            .iter()
-            .filter(|(i, _)| voters.contains(i) || learners.contains(i))
-            .map(|(i, a)| (*i, a.clone()))
-            .collect(),
-        voters,
-        learners,
-    }
+    let mut status = Status::initial(id);
+    status.role = role;
+    status.term = raft.term;
+    status.leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
+    status.commit_index = raft.raft_log.committed;
+    status.applied_index = applied;
+    status.last_log_index = raft.raft_log.last_index();
+    status.snapshot_index = store.snapshot_position().0;
+    status.purged_index = store.purged_index();
+    status.addresses = addresses
+        .iter()
+        .filter(|(i, _)| voters.contains(i) || learners.contains(i))
+        .map(|(i, a)| (*i, a.clone()))
+        .collect();
+    status.voters = voters;
+    status.learners = learners;
+    status
 }
 
 #[cfg(test)]

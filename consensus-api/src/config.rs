@@ -10,6 +10,7 @@ use crate::{ConsensusError, NodeId};
 /// Everything a node needs to start. Timing defaults suit a LAN / loopback cluster: a heartbeat
 /// every 100 ms, an election after 0.5-1 s of silence, so a failover takes about a second.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NodeConfig {
     /// This node's id; unique in the cluster, never reused for another machine.
     pub id: NodeId,
@@ -37,7 +38,10 @@ pub struct NodeConfig {
     pub snapshot_log_percent: u32,
     /// Entries kept in the log behind a snapshot, so slightly lagging followers avoid a snapshot.
     pub keep_logs_after_snapshot: u64,
-    /// Most entries sent in one replication message.
+    /// Most entries sent in one replication message. openraft: `max_payload_entries`. raft-rs
+    /// has no entry-count limit; it bounds a message by bytes instead (`max_size_per_msg`, a
+    /// quarter of `transport.max_frame_bytes`, clamped to 64 KiB..1 MiB), so this setting has no
+    /// effect on the raft-rs backend.
     pub max_entries_per_message: u64,
     /// Default deadline of a proposal, read or membership change, forwarding included.
     pub request_timeout: Duration,
@@ -95,6 +99,7 @@ impl NodeConfig {
 
 /// Transport settings shared by every transport implementation.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TransportConfig {
     /// Address to listen on; port 0 picks a free port (read it back with `local_addr`).
     pub listen_addr: SocketAddr,
@@ -128,6 +133,7 @@ impl Default for TransportConfig {
 
 /// How a transport secures its connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TlsConfig {
     /// Plaintext. Only for tests and trusted networks; must be chosen explicitly.
     Insecure,

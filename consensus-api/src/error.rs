@@ -7,6 +7,7 @@ use crate::NodeId;
 /// What went wrong with a consensus operation. Backends map their engine's errors onto these
 /// variants at their boundary; callers never see an engine type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum ConsensusError {
     /// This node is not the leader and the request could not be forwarded; retry on `leader`
     /// (when known) or later.
@@ -40,6 +41,7 @@ pub enum ConsensusError {
 
 /// The kind of a [`ConsensusError`], for matching without the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// See [`ConsensusError::NotLeader`].
     NotLeader,
@@ -97,6 +99,7 @@ impl From<TransportError> for ConsensusError {
 /// frame may have been handed to the peer is `Timeout` (or `Remote`, when the peer answered an
 /// error): the outcome of such a call is unknown.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// No address is known for the peer; add it with `set_peer` (membership changes do). Not
     /// delivered.

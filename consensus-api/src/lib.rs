@@ -78,8 +78,6 @@ pub use engine::{Backend, Engine, EngineContext};
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;
 pub use node::{members, Consensus};
-#[doc(hidden)]
-pub use pacer::SnapshotPacer; // TEMP: until the backends import it from backend_support
 pub use state_machine::{ByteStateMachine, StateMachine};
 pub use transport::{InboundHandler, Transport, TransportFactory};
 pub use types::{NodeId, Role, Status};

@@ -9,6 +9,7 @@ pub type NodeId = u64;
 
 /// The role a node currently plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Role {
     /// Accepts proposals and replicates them.
     Leader,
@@ -24,6 +25,7 @@ pub enum Role {
 
 /// A point-in-time view of one node, published on every change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Status {
     /// This node.
     pub id: NodeId,

@@ -95,6 +95,7 @@ pub fn load(tls: &TlsConfig, id: NodeId) -> Result<TlsMaterial, String> {
             let paths = dev::ensure(dir, id)?;
             load_files(&paths.ca_cert, &paths.node_cert, &paths.node_key)
         }
+        other => Err(format!("unsupported TLS setting {other:?}")),
     }
 }
 

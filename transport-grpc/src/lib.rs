@@ -15,7 +15,7 @@
 //!   client certificate from the cluster CA, and a request's `x-node-id` must be the node its
 //!   certificate names. `Insecure` is plaintext, for tests and trusted networks.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod peer;
 mod server;
@@ -49,6 +49,8 @@ use server::Server;
 pub const CLUSTER_HEADER: &str = "x-cluster-id";
 /// Metadata key carrying the sender's node id.
 pub const NODE_HEADER: &str = "x-node-id";
+/// Metadata key a server sets on a failed call that never reached its handler.
+pub(crate) const NOT_DELIVERED_HEADER: &str = "x-not-delivered";
 /// Room for protobuf framing on top of a payload of `max_frame_bytes`.
 const FRAMING_SLACK: usize = 64;
 
@@ -94,6 +96,11 @@ fn pem(tls: &TlsConfig, id: NodeId) -> Result<Option<Pem>, TransportError> {
         TlsConfig::DevCerts { dir } => {
             let p = consensus_tls::dev::ensure(dir, id).map_err(TransportError::Setup)?;
             (p.ca_cert, p.node_cert, p.node_key)
+        }
+        other => {
+            return Err(TransportError::Setup(format!(
+                "unsupported TLS setting {other:?}"
+            )))
         }
     };
     // Parse once with the shared loader so bad files fail here, with the path in the message.

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Ack, Frame};
-use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
+use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER, NOT_DELIVERED_HEADER};
 
 /// How long a graceful stop may wait for open streams before the server task is aborted.
 const STOP_GRACE: Duration = Duration::from_millis(200);
@@ -141,9 +141,7 @@ impl PeerService {
     }
 
     fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
-        self.handler
-            .get()
-            .ok_or_else(not_ready)
+        self.handler.get().ok_or_else(not_ready)
     }
 }
 
@@ -178,7 +176,10 @@ impl Peer for PeerService {
 /// request never reached a handler and may be retried.
 fn not_ready() -> Status {
     let mut md = tonic::metadata::MetadataMap::new();
-    md.insert(NOT_DELIVERED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    md.insert(
+        NOT_DELIVERED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     Status::with_metadata(
         tonic::Code::Unavailable,
         "node not ready: no handler installed",

@@ -46,7 +46,7 @@
 //! transport was bound on and ends when the transport shuts down or is dropped, or when that
 //! runtime goes away.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod errors;
 mod peer;
@@ -343,12 +343,11 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path) -> TransportConfig {
-        TransportConfig {
-            tls: TlsConfig::DevCerts {
-                dir: dir.to_path_buf(),
-            },
-            ..TransportConfig::default()
-        }
+        let mut config = TransportConfig::default();
+        config.tls = TlsConfig::DevCerts {
+            dir: dir.to_path_buf(),
+        };
+        config
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -206,10 +206,8 @@ pub async fn a_peer_with_the_wrong_certificate_is_refused(factory: Arc<dyn Trans
     let certs = dir.path().join("certs");
     let mut impostor = NodeConfig::new(1, "c", dir.path());
     impostor.transport.tls = consensus_api::TlsConfig::DevCerts { dir: certs.clone() };
-    let node3 = NodeConfig {
-        id: 3,
-        ..impostor.clone()
-    };
+    let mut node3 = impostor.clone();
+    node3.id = 3;
     drop(
         factory
             .bind(&node3)
