@@ -53,6 +53,7 @@ mod node;
 mod pacer;
 mod state_machine;
 mod transport;
+pub mod transport_support;
 mod types;
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig};

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use consensus_api::transport_support::HandlerSlot;
 use consensus_api::{InboundHandler, NodeId, TransportError};
-use parking_lot::RwLock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
@@ -22,8 +22,6 @@ const STOP_GRACE: Duration = Duration::from_millis(200);
 /// HTTP/2 keepalive: detects dead connections to crashed peers.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-type HandlerSlot = Arc<RwLock<Option<Arc<dyn InboundHandler>>>>;
 
 pub(crate) struct Server {
     pub(crate) local_addr: SocketAddr,
@@ -141,11 +139,10 @@ impl PeerService {
         Ok(from)
     }
 
+    /// The handler for a call; before one is installed the call is refused with a status
+    /// that tells the caller it reached no handler.
     fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
-        self.handler
-            .read()
-            .clone()
-            .ok_or_else(|| Status::unavailable("node not ready: no handler installed"))
+        self.handler.get().map_err(crate::status::not_delivered)
     }
 }
 
@@ -157,10 +154,7 @@ impl Peer for PeerService {
         let mut received = 0u64;
         while let Some(frame) = stream.message().await? {
             received += 1;
-            match self.handler() {
-                Ok(h) => h.on_message(from, frame.payload),
-                Err(_) => tracing::trace!(from, "no handler yet; dropping one-way frame"),
-            }
+            self.handler.deliver(from, frame.payload);
         }
         Ok(Response::new(Ack { received }))
     }
