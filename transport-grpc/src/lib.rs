@@ -9,6 +9,10 @@
 //! - Frames above `TransportConfig::max_frame_bytes` are refused before sending
 //!   ([`TransportError::FrameTooLarge`](consensus_api::TransportError)) and on receipt (tonic's
 //!   decode limit).
+//! - A failed call is `Unreachable` only when the request provably reached no handler: the
+//!   channel could not connect, or the server refused it before a handler was installed (a
+//!   status marked `x-not-delivered`). Once the request may have gone out, a failure is
+//!   `Timeout` or `Remote`, never `Unreachable`.
 //! - No `protoc` install is needed: `build.rs` uses the binary vendored by `protoc-bin-vendored`.
 //! - TLS: `TlsConfig::Files` or `TlsConfig::DevCerts` turn on mutual TLS (rustls with ring):
 //!   the client expects the server certificate to name `node-<peer>`, the server requires a
@@ -20,6 +24,8 @@
 mod peer;
 mod server;
 mod status;
+#[cfg(test)]
+mod tests;
 
 /// Generated protobuf and tonic code.
 #[allow(missing_docs, clippy::all)]
@@ -27,7 +33,6 @@ pub mod pb {
     tonic::include_proto!("peer");
 }
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,7 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use consensus_api::transport_support::HandlerSlot;
+use consensus_api::transport_support::{HandlerSlot, PeerTable};
 use consensus_api::{
     InboundHandler, NodeConfig, NodeId, TlsConfig, Transport, TransportConfig, TransportError,
     TransportFactory,
@@ -49,8 +54,6 @@ use server::Server;
 pub const CLUSTER_HEADER: &str = "x-cluster-id";
 /// Metadata key carrying the sender's node id.
 pub const NODE_HEADER: &str = "x-node-id";
-/// Metadata key a server sets on a failed call that never reached its handler.
-pub(crate) const NOT_DELIVERED_HEADER: &str = "x-not-delivered";
 /// Room for protobuf framing on top of a payload of `max_frame_bytes`.
 const FRAMING_SLACK: usize = 64;
 
@@ -120,7 +123,7 @@ pub struct GrpcTransport {
     me: Arc<Identity>,
     local_addr: SocketAddr,
     handler: HandlerSlot,
-    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    peers: PeerTable<Peer>,
     server: Mutex<Option<Server>>,
     closed: AtomicBool,
 }
@@ -146,13 +149,13 @@ impl GrpcTransport {
             config: config.clone(),
             tls: pem(&config.tls, id)?,
         });
-        let handler = HandlerSlot::default();
+        let handler = HandlerSlot::new();
         let server = Server::start(me.clone(), handler.clone()).await?;
         Ok(Arc::new(Self {
             me,
             local_addr: server.local_addr,
             handler,
-            peers: Mutex::new(HashMap::new()),
+            peers: PeerTable::new(),
             server: Mutex::new(Some(server)),
             closed: AtomicBool::new(false),
         }))
@@ -162,11 +165,7 @@ impl GrpcTransport {
         if self.closed.load(Ordering::SeqCst) {
             return Err(TransportError::Closed);
         }
-        self.peers
-            .lock()
-            .get(&to)
-            .cloned()
-            .ok_or(TransportError::UnknownPeer(to))
+        self.peers.get(to)
     }
 
     fn check_size(&self, frame: &Bytes) -> Result<(), TransportError> {
@@ -188,22 +187,18 @@ impl Transport for GrpcTransport {
         if id == self.me.id || self.closed.load(Ordering::SeqCst) {
             return;
         }
-        let mut peers = self.peers.lock();
-        if peers.get(&id).is_some_and(|p| p.addr == addr) {
-            return;
-        }
-        match Peer::start(self.me.clone(), id, addr.clone()) {
-            Ok(p) => {
-                if let Some(old) = peers.insert(id, Arc::new(p)) {
-                    old.stop();
-                }
-            }
-            Err(e) => tracing::warn!(peer = id, %addr, "cannot use peer address: {e}"),
+        let started = self.peers.set(id, addr, |addr| {
+            Peer::start(self.me.clone(), id, addr).map_err(|e| (addr.to_string(), e))
+        });
+        match started {
+            Ok(Some(old)) => old.stop(),
+            Ok(None) => {}
+            Err((addr, e)) => tracing::warn!(peer = id, %addr, "cannot use peer address: {e}"),
         }
     }
 
     fn remove_peer(&self, id: NodeId) {
-        if let Some(p) = self.peers.lock().remove(&id) {
+        if let Some(p) = self.peers.remove(id) {
             p.stop();
         }
     }
@@ -232,8 +227,7 @@ impl Transport for GrpcTransport {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let peers: Vec<_> = self.peers.lock().drain().map(|(_, p)| p).collect();
-        for p in peers {
+        for p in self.peers.drain() {
             p.stop();
         }
         self.handler.clear();
@@ -246,7 +240,7 @@ impl Transport for GrpcTransport {
 
 impl Drop for GrpcTransport {
     fn drop(&mut self) {
-        for (_, p) in self.peers.lock().drain() {
+        for p in self.peers.drain() {
             p.stop();
         }
         if let Some(s) = self.server.lock().take() {

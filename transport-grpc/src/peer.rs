@@ -23,11 +23,8 @@ use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
 
 /// Frames in flight inside one open stream (HTTP/2 flow control applies beyond it).
 const STREAM_BUFFER: usize = 256;
-/// A stream that lived this long counts as a success: the backoff starts over.
-const HEALTHY_STREAM: Duration = Duration::from_secs(1);
 
 pub(crate) struct Peer {
-    pub(crate) addr: String,
     id: NodeId,
     me: Arc<Identity>,
     client: PeerClient<Channel>,
@@ -37,7 +34,7 @@ pub(crate) struct Peer {
 
 impl Peer {
     /// Prepares the connection (made on first use) and the sending task.
-    pub(crate) fn start(me: Arc<Identity>, id: NodeId, addr: String) -> Result<Self, String> {
+    pub(crate) fn start(me: Arc<Identity>, id: NodeId, addr: &str) -> Result<Self, String> {
         tokio::runtime::Handle::try_current()
             .map_err(|_| "set_peer must be called inside a tokio runtime".to_string())?;
         let scheme = if me.tls.is_some() { "https" } else { "http" };
@@ -65,7 +62,6 @@ impl Peer {
         let (queue, rx) = mpsc::channel(me.config.peer_queue_capacity.max(1));
         let task = tokio::spawn(stream_loop(me.clone(), id, client.clone(), rx));
         Ok(Self {
-            addr,
             id,
             me,
             client,
@@ -117,7 +113,7 @@ async fn stream_loop(
     client: PeerClient<Channel>,
     mut queue: mpsc::Receiver<Bytes>,
 ) {
-    let mut backoff = Backoff::new(&me.config);
+    let mut backoff = Backoff::from_config(&me.config);
     loop {
         // Connect only when there is something to send: idle peers cost nothing.
         let Some(first) = queue.recv().await else {
@@ -150,9 +146,9 @@ async fn stream_loop(
                 tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message())
             }
         }
-        if opened.elapsed() >= HEALTHY_STREAM {
-            backoff.reset();
-        }
+        // A stream that lived long enough counts as a success; either way the next one waits
+        // out a delay, so a peer that keeps closing streams is not hammered.
+        backoff.reset_if_healthy(opened.elapsed());
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use consensus_api::transport_support::HandlerSlot;
 use consensus_api::{InboundHandler, NodeId, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -14,15 +15,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Ack, Frame};
-use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER, NOT_DELIVERED_HEADER};
+use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
 
 /// How long a graceful stop may wait for open streams before the server task is aborted.
 const STOP_GRACE: Duration = Duration::from_millis(200);
 /// HTTP/2 keepalive: detects dead connections to crashed peers.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-use consensus_api::transport_support::HandlerSlot;
 
 pub(crate) struct Server {
     pub(crate) local_addr: SocketAddr,
@@ -140,8 +139,10 @@ impl PeerService {
         Ok(from)
     }
 
+    /// The handler for a call; before one is installed the call is refused with a status
+    /// that tells the caller it reached no handler.
     fn handler(&self) -> Result<Arc<dyn InboundHandler>, Status> {
-        self.handler.get().ok_or_else(not_ready)
+        self.handler.get().map_err(crate::status::not_delivered)
     }
 }
 
@@ -153,10 +154,7 @@ impl Peer for PeerService {
         let mut received = 0u64;
         while let Some(frame) = stream.message().await? {
             received += 1;
-            match self.handler() {
-                Ok(h) => h.on_message(from, frame.payload),
-                Err(_) => tracing::trace!(from, "no handler yet; dropping one-way frame"),
-            }
+            self.handler.deliver(from, frame.payload);
         }
         Ok(Response::new(Ack { received }))
     }
@@ -169,20 +167,4 @@ impl Peer for PeerService {
             Err(e) => Err(Status::aborted(e)),
         }
     }
-}
-
-/// The answer to a call that arrives before a handler is installed. It carries
-/// [`NOT_DELIVERED_HEADER`] so the caller knows structurally (not from the message) that the
-/// request never reached a handler and may be retried.
-fn not_ready() -> Status {
-    let mut md = tonic::metadata::MetadataMap::new();
-    md.insert(
-        NOT_DELIVERED_HEADER,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    Status::with_metadata(
-        tonic::Code::Unavailable,
-        "node not ready: no handler installed",
-        md,
-    )
 }

@@ -54,7 +54,6 @@ mod server;
 mod setup;
 mod wire;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,6 +61,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use consensus_api::transport_support::{HandlerSlot, PeerTable};
 use consensus_api::{
     InboundHandler, NodeConfig, NodeId, Transport, TransportConfig, TransportError,
     TransportFactory,
@@ -76,9 +76,8 @@ use peer::Peer;
 /// once rather than by idle timeout).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-pub(crate) use consensus_api::transport_support::HandlerSlot;
 /// The known peers, shared with the server tasks (which report peer restarts to them).
-pub(crate) type PeerMap = Arc<Mutex<HashMap<NodeId, Arc<Peer>>>>;
+pub(crate) type PeerMap = Arc<PeerTable<Peer>>;
 
 /// Binds QUIC transports; the value a program names at wiring time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -188,11 +187,7 @@ impl QuicTransport {
         if self.ctx.is_closed() {
             return Err(TransportError::Closed);
         }
-        self.peers
-            .lock()
-            .get(&to)
-            .cloned()
-            .ok_or(TransportError::UnknownPeer(to))
+        self.peers.get(to)
     }
 
     fn check_size(&self, frame: &Bytes) -> Result<(), TransportError> {
@@ -205,8 +200,7 @@ impl QuicTransport {
         if self.ctx.closed.swap(true, Ordering::SeqCst) {
             return false;
         }
-        let peers: Vec<_> = self.peers.lock().drain().map(|(_, p)| p).collect();
-        for p in peers {
+        for p in self.peers.drain() {
             p.stop(TransportError::Closed);
         }
         self.handler.clear();
@@ -232,12 +226,10 @@ impl Transport for QuicTransport {
         if !looks_like_host_port(&addr) {
             tracing::warn!(peer = id, %addr, "peer address is not host:port; it will be unreachable");
         }
-        let mut peers = self.peers.lock();
-        if peers.get(&id).is_some_and(|p| p.addr == addr) {
-            return;
-        }
-        let peer = Arc::new(Peer::start(self.ctx.clone(), id, addr));
-        if let Some(old) = peers.insert(id, peer) {
+        let started = self.peers.set(id, addr, |addr| {
+            Ok::<_, std::convert::Infallible>(Peer::start(self.ctx.clone(), id, addr))
+        });
+        if let Ok(Some(old)) = started {
             old.stop(TransportError::Unreachable {
                 peer: id,
                 reason: "the peer's address changed".into(),
@@ -246,8 +238,7 @@ impl Transport for QuicTransport {
     }
 
     fn remove_peer(&self, id: NodeId) {
-        let removed = self.peers.lock().remove(&id);
-        if let Some(p) = removed {
+        if let Some(p) = self.peers.remove(id) {
             p.stop(TransportError::Unreachable {
                 peer: id,
                 reason: "the peer was removed".into(),
@@ -425,5 +416,80 @@ mod tests {
     #[test]
     fn incarnations_differ() {
         assert_ne!(random_u64(), random_u64());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_before_the_handler_is_installed_is_unreachable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = QuicTransport::bind(1, "c", &config(dir.path()))
+            .await
+            .expect("bind a");
+        let b = QuicTransport::bind(2, "c", &config(dir.path()))
+            .await
+            .expect("bind b");
+        a.set_peer(2, b.local_addr().to_string());
+        let err = a
+            .call(2, Bytes::from_static(b"early"), Duration::from_secs(5))
+            .await
+            .expect_err("no handler yet");
+        assert!(
+            matches!(err, TransportError::Unreachable { peer: 2, .. }),
+            "{err}"
+        );
+        b.set_handler(Arc::new(Echo::default()));
+        assert_eq!(
+            a.call(2, Bytes::from_static(b"now"), Duration::from_secs(5))
+                .await,
+            Ok(Bytes::from_static(b"now"))
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    /// Signals when a call reached it, then never answers.
+    struct Hang(tokio::sync::Notify);
+
+    #[async_trait]
+    impl InboundHandler for Hang {
+        fn on_message(&self, _from: NodeId, _frame: Bytes) {}
+        async fn on_call(&self, _from: NodeId, _frame: Bytes) -> Result<Bytes, String> {
+            self.0.notify_one();
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_lost_after_the_handler_got_the_call_is_not_unreachable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = QuicTransport::bind(1, "c", &config(dir.path()))
+            .await
+            .expect("bind a");
+        let b = QuicTransport::bind(2, "c", &config(dir.path()))
+            .await
+            .expect("bind b");
+        let hang = Arc::new(Hang(tokio::sync::Notify::new()));
+        b.set_handler(hang.clone());
+        a.set_peer(2, b.local_addr().to_string());
+        let call = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.call(2, Bytes::from_static(b"x"), Duration::from_secs(10))
+                    .await
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), hang.0.notified())
+            .await
+            .expect("the call reached the handler");
+        b.shutdown().await;
+        let err = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the call ends when the connection does")
+            .expect("call task")
+            .expect_err("no answer can come");
+        assert!(
+            matches!(err, TransportError::Remote(_)),
+            "the handler got the call, so the outcome is unknown: {err}"
+        );
+        a.shutdown().await;
     }
 }

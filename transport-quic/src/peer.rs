@@ -20,10 +20,6 @@ use tokio::time::Instant;
 use crate::wire::{self, Hello, SendError, Status, CLOSE_NORMAL, CLOSE_REFUSED, CLOSE_STALE};
 use crate::{errors, Ctx};
 
-/// A connection that lived this long counts as healthy: the backoff starts over and losing it
-/// leads to an immediate reconnect on the next demand.
-const HEALTHY_CONNECTION: Duration = Duration::from_secs(1);
-
 /// The connection state of one peer, published by its task.
 #[derive(Clone)]
 enum Link {
@@ -52,7 +48,6 @@ enum PumpEnd {
 
 /// A peer: its address, its queue of one-way frames, and the task that serves both.
 pub(crate) struct Peer {
-    pub(crate) addr: String,
     link: Arc<PeerLink>,
     queue: mpsc::Sender<Bytes>,
     task: JoinHandle<()>,
@@ -69,23 +64,18 @@ struct PeerLink {
 
 impl Peer {
     /// Starts the peer's task on the transport's runtime; nothing is dialed until needed.
-    pub(crate) fn start(ctx: Arc<Ctx>, id: NodeId, addr: String) -> Self {
+    pub(crate) fn start(ctx: Arc<Ctx>, id: NodeId, addr: &str) -> Self {
         let (queue, rx) = mpsc::channel(ctx.config.peer_queue_capacity.max(1));
         let runtime = ctx.runtime.clone();
         let link = Arc::new(PeerLink {
             ctx,
             id,
-            addr: addr.clone(),
+            addr: addr.to_string(),
             state: watch::Sender::new(Link::Idle),
             demand: Notify::new(),
         });
         let task = runtime.spawn(link.clone().run(rx));
-        Self {
-            addr,
-            link,
-            queue,
-            task,
-        }
+        Self { link, queue, task }
     }
 
     /// Queues a one-way frame (its size is already checked).
@@ -151,7 +141,7 @@ impl Drop for Peer {
 impl PeerLink {
     /// The peer task: dial on demand, pump one-way frames, back off after failures.
     async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
-        let mut backoff = Backoff::new(&self.ctx.config);
+        let mut backoff = Backoff::from_config(&self.ctx.config);
         let mut pending: Option<Bytes> = None;
         loop {
             // Connect only when something needs the peer: idle peers cost nothing.
@@ -196,8 +186,9 @@ impl PeerLink {
                 }
             };
             tracing::debug!(peer = self.id, "connection lost: {reason}");
-            if opened.elapsed() >= HEALTHY_CONNECTION {
-                backoff.reset();
+            // A healthy connection's loss reconnects at the next demand, with the backoff
+            // started over; one lost right after it was made waits out the backoff.
+            if backoff.reset_if_healthy(opened.elapsed()) {
                 self.state.send_replace(Link::Idle);
             } else {
                 let error = TransportError::Unreachable {
@@ -209,7 +200,7 @@ impl PeerLink {
         }
     }
 
-    /// Publishes `error` until the backoff elapses (calls fail fast meanwhile), then doubles it.
+    /// Publishes `error` until the backoff's next delay elapses (calls fail fast meanwhile).
     async fn back_off(&self, error: TransportError, backoff: &mut Backoff) {
         let until = Instant::now() + backoff.next_delay();
         self.state.send_replace(Link::Down { error, until });

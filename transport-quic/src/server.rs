@@ -10,18 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use consensus_api::transport_support::HandlerSlot;
 use consensus_api::NodeId;
 use quinn::{Connection, Incoming, ReadError, RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
 use tokio::task::JoinSet;
 
 use crate::wire::{self, FrameError, Hello, Status, CLOSE_REFUSED, STOP_MALFORMED, STOP_TOO_LARGE};
-use crate::{Ctx, HandlerSlot, PeerMap};
+use crate::{Ctx, PeerMap};
 
 /// How long a refusing server waits for the client to read why before closing the connection.
 const REFUSE_LINGER: Duration = Duration::from_millis(500);
-/// Answer to a call that arrives before a handler is installed.
-const NOT_READY: &[u8] = b"node not ready: no handler installed";
 
 /// Accepts connections until the endpoint closes.
 pub(crate) async fn accept_loop(ctx: Arc<Ctx>, handler: HandlerSlot, peers: PeerMap) {
@@ -58,8 +57,7 @@ async fn serve(ctx: Arc<Ctx>, handler: HandlerSlot, peers: PeerMap, incoming: In
     };
     let from = hello.node;
     tracing::debug!(%remote, from, "peer connected");
-    let peer = peers.lock().get(&from).cloned();
-    if let Some(peer) = peer {
+    if let Ok(peer) = peers.get(from) {
         peer.observe_incarnation(hello.incarnation);
     }
 
@@ -166,11 +164,7 @@ async fn one_way_lane(ctx: &Ctx, handler: &HandlerSlot, conn: &Connection, from:
         loop {
             match wire::read_frame(&mut recv, ctx.frame_limit).await {
                 Ok(Some(frame)) => {
-                    let handler = handler.get();
-                    match handler {
-                        Some(h) => h.on_message(from, frame),
-                        None => tracing::trace!(from, "no handler yet; dropping a one-way frame"),
-                    }
+                    handler.deliver(from, frame);
                 }
                 Ok(None) => break,
                 Err(FrameError::TooLarge { size, limit }) => {
@@ -205,15 +199,13 @@ async fn serve_call(
     let limit = ctx.frame_limit;
     let (status, body) = match wire::read_frame(&mut recv, limit).await {
         Ok(Some(request)) => {
-            let handler = handler.get();
-            let Some(handler) = handler else {
-                return reply(
-                    &mut send,
-                    from,
-                    Status::NotReady,
-                    Bytes::from_static(NOT_READY),
-                )
-                .await;
+            // Refused before any handler saw it: the caller reports `Unreachable`.
+            let handler = match handler.get() {
+                Ok(handler) => handler,
+                Err(not_ready) => {
+                    let body = Bytes::from(not_ready.to_string());
+                    return reply(&mut send, from, Status::NotReady, body).await;
+                }
             };
             // The caller gave up (deadline, cancellation): stop working on its behalf, as a
             // gRPC server drops a handler whose stream was reset.
