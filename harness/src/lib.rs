@@ -22,6 +22,7 @@ pub mod kv;
 mod node;
 mod options;
 mod run;
+mod waits;
 
 pub use cluster::LocalCluster;
 pub use combo::Combo;
