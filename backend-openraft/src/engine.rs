@@ -20,6 +20,10 @@ use crate::state_machine::StateMachineStore;
 use crate::types::Request;
 use crate::OpenRaft;
 
+/// Longest wait of a write's answer for the status watch to show it applied. openraft's
+/// metrics follow the apply within microseconds; this only bounds a stalled forwarder.
+const STATUS_PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn ms(d: std::time::Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
@@ -162,6 +166,18 @@ impl OpenraftEngine {
         }
     }
 
+    /// Waits until the status watch shows `index` applied: the contract publishes status
+    /// before answers, but openraft answers a write from its state-machine worker, a moment
+    /// before its metrics (and so our status) move.
+    async fn published(&self, index: u64) {
+        let mut rx = self.status.clone();
+        let _ = tokio::time::timeout(
+            STATUS_PUBLISH_WAIT,
+            rx.wait_for(|s| s.applied_index >= index),
+        )
+        .await;
+    }
+
     fn not_leader(&self) -> ConsensusError {
         ConsensusError::NotLeader {
             leader: self.status.borrow().leader.filter(|l| *l != self.id),
@@ -178,6 +194,7 @@ impl Engine for OpenraftEngine {
             .client_write(Request(command))
             .await
             .map_err(mapping::write)?;
+        self.published(resp.log_id.index()).await;
         Ok(resp.data.0)
     }
 
@@ -198,19 +215,23 @@ impl Engine for OpenraftEngine {
     async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError> {
         self.running()?;
         self.transport.set_peer(id, addr.clone());
-        self.raft
+        let resp = self
+            .raft
             .add_learner(id, BasicNode::new(addr), true)
             .await
             .map_err(mapping::write)?;
+        self.published(resp.log_id.index()).await;
         Ok(())
     }
 
     async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
         self.running()?;
-        self.raft
+        let resp = self
+            .raft
             .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
             .await
             .map_err(mapping::write)?;
+        self.published(resp.log_id.index()).await;
         Ok(())
     }
 
@@ -226,10 +247,12 @@ impl Engine for OpenraftEngine {
                 "node {id} is not a member"
             )));
         };
-        self.raft
+        let resp = self
+            .raft
             .change_membership(change, false)
             .await
             .map_err(mapping::write)?;
+        self.published(resp.log_id.index()).await;
         Ok(())
     }
 

@@ -43,6 +43,8 @@ pub struct KvMachine {
     pub applied: u64,
     /// FNV-1a over `(index, command)` of every applied command, in order.
     pub history: u64,
+    /// Log index of the last applied command.
+    pub last_index: u64,
 }
 
 impl KvMachine {
@@ -69,6 +71,7 @@ impl StateMachine for KvMachine {
 
     fn apply(&mut self, index: u64, command: KvCommand) -> KvResponse {
         self.applied += 1;
+        self.last_index = index;
         let mut bytes = index.to_le_bytes().to_vec();
         bytes.extend(codec::encode(&command).unwrap_or_default());
         self.history = fnv(self.history, &bytes);

@@ -15,7 +15,8 @@ macro_rules! __replication_family {
     ($make:ident) => {
         $crate::__tests!($make, replication;
             replicated_proposals_apply_in_the_same_order_everywhere,
-            propose_and_read_through_a_follower
+            propose_and_read_through_a_follower,
+            status_shows_a_write_applied_when_its_answer_arrives
         );
     };
 }
@@ -88,4 +89,37 @@ pub async fn propose_and_read_through_a_follower(combo: Combo) {
     assert_eq!(c.get(follower, "f").await.expect("read"), Some("1".into()));
     // The write was applied on the follower before its read returned, without waiting.
     assert_eq!(c.machine(follower).get("f"), Some("1".into()));
+}
+
+/// When a proposal's answer arrives, the node's status already shows the entry applied (the
+/// contract's status-before-answers rule, on which the read barrier and every waiter on the
+/// status rely).
+pub async fn status_shows_a_write_applied_when_its_answer_arrives(combo: Combo) {
+    let c = Cluster::start(
+        &combo,
+        "status_shows_a_write_applied_when_its_answer_arrives",
+        3,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    let late = c
+        .on(leader, |n| async move {
+            let mut late = Vec::new();
+            for i in 0..200 {
+                n.propose(put("k", i.to_string())).await?;
+                // One client, one write at a time: the machine's last index is this write's.
+                let index = n.read_local(|sm| sm.last_index);
+                let shown = n.status().applied_index;
+                if shown < index {
+                    late.push((index, shown));
+                }
+            }
+            Ok(late)
+        })
+        .await
+        .expect("proposals");
+    assert!(
+        late.is_empty(),
+        "answers arrived before the status showed their entry (index, shown): {late:?}"
+    );
 }
