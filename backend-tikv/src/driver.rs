@@ -17,7 +17,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::node::{Core, PersistEvents, Reply, SaveJob};
+use crate::core::{Core, PersistEvents, Reply, SaveJob};
 
 /// Requests from the engine handle.
 pub(crate) enum Command {

@@ -20,10 +20,10 @@
 
 #![warn(missing_docs)]
 
+mod core;
 mod driver;
 mod logger;
 mod mapping;
-mod node;
 mod storage;
 
 #[cfg(test)]
@@ -37,8 +37,8 @@ use async_trait::async_trait;
 use consensus_api::{Backend, ConsensusError, Engine, EngineContext, NodeId, Status};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::core::{Core, Reply};
 use crate::driver::{Command, Driver, RaftHandler};
-use crate::node::{Core, Reply};
 use crate::storage::DiskStorage;
 
 /// Requests queued for the driver before callers wait (back-pressure beyond that).

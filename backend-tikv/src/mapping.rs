@@ -1,7 +1,91 @@
-//! raft-rs outcomes mapped onto the shared [`ConsensusError`] at this crate's boundary, the same
-//! kinds the openraft backend gives for the same situations.
+//! Translations at this crate's boundary: the shared [`NodeConfig`] into raft-rs's `Config`,
+//! raft-rs state into the shared [`Status`], and raft-rs outcomes onto the shared
+//! [`ConsensusError`], the same kinds the openraft backend gives for the same situations.
 
-use consensus_api::{ConsensusError, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+
+use consensus_api::{ConsensusError, NodeConfig, NodeId, Role, Status};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+
+use crate::storage::DiskStorage;
+
+/// raft-rs settings from the shared configuration: one tick per heartbeat interval.
+///
+/// `max_entries_per_message` has no raft-rs counterpart (raft-rs bounds an append by bytes
+/// only), so it is not used here; `max_size_per_msg` is a quarter of the transport frame
+/// limit, kept between 64 KiB and 1 MiB.
+pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, ConsensusError> {
+    let hb = c.heartbeat_interval.as_micros().max(1);
+    let ticks = |d: std::time::Duration| d.as_micros().div_ceil(hb) as usize;
+    let election = ticks(c.election_timeout_min).max(3);
+    let cfg = raft::Config {
+        id: c.id,
+        heartbeat_tick: 1,
+        election_tick: election,
+        min_election_tick: election,
+        // Exclusive upper bound: timeouts are drawn from [min, max).
+        max_election_tick: ticks(c.election_timeout_max).max(election) + 1,
+        applied,
+        max_size_per_msg: (c.transport.max_frame_bytes as u64 / 4).clamp(64 << 10, 1 << 20),
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| ConsensusError::InvalidRequest(format!("raft-rs config: {e}")))?;
+    Ok(cfg)
+}
+
+/// The shared status of a node from its raft-rs state, the index its state machine has
+/// applied, and the addresses it knows (only members' are shown).
+pub(crate) fn status(
+    raw: &RawNode<DiskStorage>,
+    applied: u64,
+    addresses: &BTreeMap<NodeId, String>,
+) -> Status {
+    let raft = &raw.raft;
+    let id = raft.id;
+    let cs = raft.prs().conf().to_conf_state();
+    let voters: BTreeSet<NodeId> = cs
+        .voters
+        .iter()
+        .chain(&cs.voters_outgoing)
+        .copied()
+        .collect();
+    let learners: BTreeSet<NodeId> = cs
+        .learners
+        .iter()
+        .chain(&cs.learners_next)
+        .copied()
+        .collect();
+    let role = match raft.state {
+        StateRole::Leader => Role::Leader,
+        StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+        StateRole::Follower if voters.contains(&id) => Role::Follower,
+        StateRole::Follower => Role::Learner,
+    };
+    let store = raw.store();
+    Status {
+        id,
+        role,
+        term: raft.term,
+        leader: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
+        commit_index: raft.raft_log.committed,
+        applied_index: applied,
+        last_log_index: raft.raft_log.last_index(),
+        snapshot_index: store.snapshot_position().0,
+        purged_index: store.purged_index(),
+        addresses: addresses
+            .iter()
+            .filter(|(i, _)| voters.contains(i) || learners.contains(i))
+            .map(|(i, a)| (*i, a.clone()))
+            .collect(),
+        voters,
+        learners,
+    }
+}
 
 /// Maps a raft-rs error; `leader` is the hint for errors that mean "not (or no longer) the
 /// leader".
@@ -56,5 +140,27 @@ mod tests {
         for (e, kind) in cases {
             assert_eq!(raft(e, Some(2)).kind(), kind);
         }
+    }
+
+    #[test]
+    fn raft_config_ticks_once_per_heartbeat_and_bounds_messages_by_bytes() {
+        let c = NodeConfig::new(1, "unit", "/unused");
+        let cfg = raft_config(&c, 7).expect("valid");
+        assert_eq!(cfg.heartbeat_tick, 1);
+        // 500 ms / 100 ms and 1000 ms / 100 ms, the upper bound exclusive.
+        assert_eq!((cfg.min_election_tick, cfg.max_election_tick), (5, 11));
+        assert_eq!(cfg.applied, 7);
+        assert!(cfg.check_quorum && cfg.pre_vote);
+        // A 16 MiB frame limit gives 4 MiB, capped at 1 MiB.
+        assert_eq!(cfg.max_size_per_msg, 1 << 20);
+    }
+
+    #[test]
+    fn raft_config_keeps_the_election_timeout_above_the_heartbeat() {
+        let mut c = NodeConfig::new(1, "unit", "/unused");
+        c.election_timeout_min = c.heartbeat_interval;
+        c.election_timeout_max = c.heartbeat_interval;
+        let cfg = raft_config(&c, 0).expect("valid");
+        assert_eq!((cfg.election_tick, cfg.max_election_tick), (3, 4));
     }
 }

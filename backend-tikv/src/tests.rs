@@ -10,7 +10,7 @@ use raft::eraftpb::{ConfState, MessageType};
 use raft::Storage as _;
 use tokio::sync::oneshot;
 
-use crate::node::{voter_changes, Core, PersistEvents, Reply};
+use crate::core::{voter_changes, Core, PersistEvents, Reply};
 use crate::storage::DiskStorage;
 
 /// Appends every command; answers with the number applied so far.
