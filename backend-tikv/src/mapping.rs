@@ -1,50 +1,53 @@
-//! The mappings at this crate's boundary: [`NodeConfig`] onto raft-rs's `Config` and the core's
-//! [`Settings`], and raft-rs outcomes onto the shared [`ConsensusError`], the same kinds the
-//! openraft backend gives for the same situations.
+//! Translations at this crate's boundary: the shared [`NodeConfig`] into raft-rs's `Config`,
+//! raft-rs state into the shared [`Status`], and raft-rs outcomes onto the shared
+//! [`ConsensusError`], the same kinds the openraft backend gives for the same situations.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use consensus_api::{ConsensusError, NodeConfig, NodeId, Role, Status};
-use raft::eraftpb::ConfState;
-use raft::{RawNode, StateRole};
+use raft::{RawNode, ReadOnlyOption, StateRole};
 
 use crate::storage::DiskStorage;
-use raft::ReadOnlyOption;
 
-/// Maps a raft-rs error; `leader` is the hint for errors that mean "not (or no longer) the
-/// leader".
-pub(crate) fn raft(e: raft::Error, leader: Option<NodeId>) -> ConsensusError {
-    use raft::Error as E;
-    match e {
-        // Dropped before it entered the log (not the leader, a transfer in progress, the
-        // uncommitted-size limit): it cannot have taken effect, so a retry is safe.
-        E::ProposalDropped => ConsensusError::NotLeader { leader },
-        E::Store(s) => ConsensusError::Storage(s.to_string()),
-        E::Io(io) => ConsensusError::Storage(io.to_string()),
-        E::ConfChangeError(m) => {
-            ConsensusError::InvalidRequest(format!("membership change refused: {m}"))
-        }
-        e @ (E::Exists { .. } | E::NotExists { .. }) => {
-            ConsensusError::InvalidRequest(format!("membership change refused: {e}"))
-        }
-        E::ConfigInvalid(m) => ConsensusError::InvalidRequest(format!("raft-rs config: {m}")),
-        e @ (E::CodecError(_)
-        | E::StepLocalMsg
-        | E::StepPeerNotFound
-        | E::RequestSnapshotDropped) => ConsensusError::Internal(e.to_string()),
-    }
+/// raft-rs settings from the shared configuration: one tick per heartbeat interval.
+///
+/// `max_entries_per_message` has no raft-rs counterpart (raft-rs bounds an append by bytes
+/// only), so it is not used here; `max_size_per_msg` is a quarter of the transport frame
+/// limit, kept between 64 KiB and 1 MiB.
+pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, ConsensusError> {
+    let hb = c.heartbeat_interval.as_micros().max(1);
+    let ticks = |d: std::time::Duration| d.as_micros().div_ceil(hb) as usize;
+    let election = ticks(c.election_timeout_min).max(3);
+    let cfg = raft::Config {
+        id: c.id,
+        heartbeat_tick: 1,
+        election_tick: election,
+        min_election_tick: election,
+        // Exclusive upper bound: timeouts are drawn from [min, max).
+        max_election_tick: ticks(c.election_timeout_max).max(election) + 1,
+        applied,
+        max_size_per_msg: (c.transport.max_frame_bytes as u64 / 4).clamp(64 << 10, 1 << 20),
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| ConsensusError::InvalidRequest(format!("raft-rs config: {e}")))?;
+    Ok(cfg)
 }
 
-/// The shared [`Status`] of a node from raft-rs's state, the applied index and the address
-/// book (only members' addresses are shown).
+/// The shared status of a node from its raft-rs state, the index its state machine has
+/// applied, and the addresses it knows (only members' are shown).
 pub(crate) fn status(
-    id: NodeId,
     raw: &RawNode<DiskStorage>,
     applied: u64,
     addresses: &BTreeMap<NodeId, String>,
-    cs: &ConfState,
 ) -> Status {
     let raft = &raw.raft;
+    let id = raft.id;
+    let cs = raft.prs().conf().to_conf_state();
     let voters: BTreeSet<NodeId> = cs
         .voters
         .iter()
@@ -83,6 +86,30 @@ pub(crate) fn status(
     status
 }
 
+/// Maps a raft-rs error; `leader` is the hint for errors that mean "not (or no longer) the
+/// leader".
+pub(crate) fn raft(e: raft::Error, leader: Option<NodeId>) -> ConsensusError {
+    use raft::Error as E;
+    match e {
+        // Dropped before it entered the log (not the leader, a transfer in progress, the
+        // uncommitted-size limit): it cannot have taken effect, so a retry is safe.
+        E::ProposalDropped => ConsensusError::NotLeader { leader },
+        E::Store(s) => ConsensusError::Storage(s.to_string()),
+        E::Io(io) => ConsensusError::Storage(io.to_string()),
+        E::ConfChangeError(m) => {
+            ConsensusError::InvalidRequest(format!("membership change refused: {m}"))
+        }
+        e @ (E::Exists { .. } | E::NotExists { .. }) => {
+            ConsensusError::InvalidRequest(format!("membership change refused: {e}"))
+        }
+        E::ConfigInvalid(m) => ConsensusError::InvalidRequest(format!("raft-rs config: {m}")),
+        e @ (E::CodecError(_)
+        | E::StepLocalMsg
+        | E::StepPeerNotFound
+        | E::RequestSnapshotDropped) => ConsensusError::Internal(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,51 +140,26 @@ mod tests {
             assert_eq!(raft(e, Some(2)).kind(), kind);
         }
     }
-}
 
-/// Knobs of the core, derived from [`NodeConfig`].
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    /// Entries kept behind a snapshot.
-    pub(crate) keep_logs_after_snapshot: u64,
-    /// Largest command accepted (it must fit in one transport frame).
-    pub(crate) max_command_bytes: usize,
-    /// Re-issue a read-index request after this many ticks without an answer (raft-rs drops
-    /// one silently while a new leader has not committed in its term yet).
-    pub(crate) read_retry_ticks: u64,
-}
-
-impl Settings {
-    pub(crate) fn from_config(c: &NodeConfig) -> Self {
-        Self {
-            keep_logs_after_snapshot: c.keep_logs_after_snapshot,
-            max_command_bytes: c.transport.max_frame_bytes / 2,
-            read_retry_ticks: 3,
-        }
+    #[test]
+    fn raft_config_ticks_once_per_heartbeat_and_bounds_messages_by_bytes() {
+        let c = NodeConfig::new(1, "unit", "/unused");
+        let cfg = raft_config(&c, 7).expect("valid");
+        assert_eq!(cfg.heartbeat_tick, 1);
+        // 500 ms / 100 ms and 1000 ms / 100 ms, the upper bound exclusive.
+        assert_eq!((cfg.min_election_tick, cfg.max_election_tick), (5, 11));
+        assert_eq!(cfg.applied, 7);
+        assert!(cfg.check_quorum && cfg.pre_vote);
+        // A 16 MiB frame limit gives 4 MiB, capped at 1 MiB.
+        assert_eq!(cfg.max_size_per_msg, 1 << 20);
     }
-}
 
-/// raft-rs settings from the shared configuration: one tick per heartbeat interval.
-pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, ConsensusError> {
-    let hb = c.heartbeat_interval.as_micros().max(1);
-    let ticks = |d: std::time::Duration| d.as_micros().div_ceil(hb) as usize;
-    let election = ticks(c.election_timeout_min).max(3);
-    let cfg = raft::Config {
-        id: c.id,
-        heartbeat_tick: 1,
-        election_tick: election,
-        min_election_tick: election,
-        // Exclusive upper bound: timeouts are drawn from [min, max).
-        max_election_tick: ticks(c.election_timeout_max).max(election) + 1,
-        applied,
-        max_size_per_msg: (c.transport.max_frame_bytes as u64 / 4).clamp(64 << 10, 1 << 20),
-        max_inflight_msgs: 256,
-        check_quorum: true,
-        pre_vote: true,
-        read_only_option: ReadOnlyOption::Safe,
-        ..Default::default()
-    };
-    cfg.validate()
-        .map_err(|e| ConsensusError::InvalidRequest(format!("raft-rs config: {e}")))?;
-    Ok(cfg)
+    #[test]
+    fn raft_config_keeps_the_election_timeout_above_the_heartbeat() {
+        let mut c = NodeConfig::new(1, "unit", "/unused");
+        c.election_timeout_min = c.heartbeat_interval;
+        c.election_timeout_max = c.heartbeat_interval;
+        let cfg = raft_config(&c, 0).expect("valid");
+        assert_eq!((cfg.election_tick, cfg.max_election_tick), (3, 4));
+    }
 }

@@ -1,6 +1,6 @@
-//! Membership: `ConfChangeV2` requests (learners, voter sets through joint consensus, removal),
-//! applying committed changes, the wait until a new learner has caught up, and leaving a joint
-//! configuration a former leader entered.
+//! Membership: building `ConfChangeV2` proposals (joint consensus when several voters change),
+//! applying committed ones, leaving a joint configuration a previous leader entered, and the
+//! address book that rides along (in a change's context, in snapshots, and from peers).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,10 +10,11 @@ use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
 };
 
+use super::waiters::Reply;
+use super::Core;
 use crate::mapping;
 
-use super::*;
-
+/// Every member of `cs`: voters and learners, incoming and outgoing.
 pub(super) fn members(cs: &ConfState) -> BTreeSet<NodeId> {
     cs.voters
         .iter()
@@ -24,11 +25,12 @@ pub(super) fn members(cs: &ConfState) -> BTreeSet<NodeId> {
         .collect()
 }
 
+/// Whether `cs` is a joint configuration (old and new voters both decide).
 pub(super) fn is_joint(cs: &ConfState) -> bool {
     !cs.voters_outgoing.is_empty()
 }
 
-pub(super) fn single(id: NodeId, ty: ConfChangeType) -> ConfChangeSingle {
+fn single(id: NodeId, ty: ConfChangeType) -> ConfChangeSingle {
     let mut s = ConfChangeSingle {
         node_id: id,
         ..Default::default()
@@ -69,8 +71,79 @@ pub(crate) fn voter_changes(
     Ok(changes)
 }
 
+/// The member addresses this node knows, and the transport peer changes not yet taken.
+#[derive(Default)]
+pub(super) struct AddressBook {
+    known: BTreeMap<NodeId, String>,
+    /// Peers to add (`Some(addr)`) or forget (`None`) on the transport.
+    changes: Vec<(NodeId, Option<String>)>,
+}
+
+impl AddressBook {
+    /// The book restored from a snapshot at open: every address goes to the transport.
+    pub(super) fn restored(known: BTreeMap<NodeId, String>) -> Self {
+        let changes = known.iter().map(|(i, a)| (*i, Some(a.clone()))).collect();
+        Self { known, changes }
+    }
+
+    pub(super) fn known(&self) -> &BTreeMap<NodeId, String> {
+        &self.known
+    }
+
+    pub(super) fn take_changes(&mut self) -> Vec<(NodeId, Option<String>)> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Tells the transport about `id` without recording it (the change naming it has not
+    /// committed yet, but the leader must reach the learner to replicate it).
+    pub(super) fn announce(&mut self, id: NodeId, addr: String) {
+        self.changes.push((id, Some(addr)));
+    }
+
+    /// Records an address carried by the log: it overrides what was known.
+    pub(super) fn record(&mut self, id: NodeId, addr: String) {
+        self.changes.push((id, Some(addr.clone())));
+        self.known.insert(id, addr);
+    }
+
+    /// Records addresses from a peer, for members not known yet (known ones come from the log).
+    pub(super) fn learn(&mut self, me: NodeId, book: BTreeMap<NodeId, String>) {
+        for (id, addr) in book {
+            if id != me && !self.known.contains_key(&id) {
+                self.changes.push((id, Some(addr.clone())));
+                self.known.insert(id, addr);
+            }
+        }
+    }
+
+    /// Forgets every node but `me` that is not in `members`.
+    pub(super) fn retain_members(&mut self, me: NodeId, members: &BTreeSet<NodeId>) {
+        let gone: Vec<NodeId> = self
+            .known
+            .keys()
+            .filter(|i| !members.contains(i) && **i != me)
+            .copied()
+            .collect();
+        for i in gone {
+            self.known.remove(&i);
+            self.changes.push((i, None));
+        }
+    }
+
+    /// Replaces the book with an installed snapshot's.
+    pub(super) fn replace(&mut self, book: BTreeMap<NodeId, String>) {
+        for gone in self.known.keys().filter(|i| !book.contains_key(i)) {
+            self.changes.push((*gone, None));
+        }
+        for (i, a) in &book {
+            self.changes.push((*i, Some(a.clone())));
+        }
+        self.known = book;
+    }
+}
+
 impl Core {
-    pub(super) fn propose_conf(
+    fn propose_conf(
         &mut self,
         changes: Vec<ConfChangeSingle>,
         addresses: BTreeMap<NodeId, String>,
@@ -109,14 +182,7 @@ impl Core {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 let term = self.raw.raft.term;
-                self.pending.insert(
-                    index,
-                    Pending::Conf {
-                        term,
-                        reply,
-                        learner,
-                    },
-                );
+                self.waiters.conf_proposed(index, term, reply, learner);
             }
             Err(e) => {
                 let _ = reply.send(Err(mapping::raft(e, self.leader_hint())));
@@ -134,7 +200,7 @@ impl Core {
             return;
         }
         if self.is_leader() {
-            self.peer_changes.push((id, Some(addr.clone())));
+            self.book.announce(id, addr.clone());
         }
         let changes = vec![single(id, ConfChangeType::AddLearnerNode)];
         self.propose_conf(changes, BTreeMap::from([(id, addr)]), Some(id), reply);
@@ -191,6 +257,18 @@ impl Core {
         Ok(())
     }
 
+    /// Adds addresses a peer told us about for members we cannot reach yet (a node that joined
+    /// empty learns the cluster this way). Known addresses are never overridden: those come
+    /// from the log.
+    pub(crate) fn learn_addresses(&mut self, book: BTreeMap<NodeId, String>) {
+        self.book.learn(self.id, book);
+    }
+
+    /// The member addresses this node knows.
+    pub(crate) fn address_book(&self) -> BTreeMap<NodeId, String> {
+        self.book.known().clone()
+    }
+
     /// Applies a committed membership entry: records the addresses it carries, then lets
     /// raft-rs switch configuration. Every node reaches the same outcome.
     pub(super) fn apply_conf(&mut self, e: &Entry) -> Result<ConfState, ConsensusError> {
@@ -217,51 +295,23 @@ impl Core {
             match codec::decode::<BTreeMap<NodeId, String>>(&context) {
                 Ok(addrs) => {
                     for (i, a) in addrs {
-                        self.peer_changes.push((i, Some(a.clone())));
-                        self.addresses.insert(i, a);
+                        self.book.record(i, a);
                     }
                 }
                 Err(err) => tracing::warn!(index = e.index, "conf change context: {err}"),
             }
         }
-        let now = members(&cs);
-        let gone: Vec<NodeId> = self
-            .addresses
-            .keys()
-            .filter(|i| !now.contains(i) && **i != self.id)
-            .copied()
-            .collect();
-        for i in gone {
-            self.addresses.remove(&i);
-            self.peer_changes.push((i, None));
-        }
+        self.book.retain_members(self.id, &members(&cs));
         tracing::info!(id = self.id, index = e.index, conf = ?cs, "membership changed");
         Ok(cs)
     }
 
-    /// Housekeeping after anything moved: waiters that depend on the role, learner catch-up,
-    /// and leaving a joint configuration a previous leader entered.
-    pub(super) fn after_progress(&mut self) {
-        if !self.is_leader() {
-            let leader = self.leader_hint();
-            for (_, r) in std::mem::take(&mut self.reads) {
-                self.later(r.reply, Err(ConsensusError::NotLeader { leader }));
-            }
-            // The learner is a member (the change committed); catching up is the new
-            // leader's business.
-            for (_, _, r) in std::mem::take(&mut self.learner_waits) {
-                self.later(r, Ok(()));
-            }
-            return;
-        }
-        let mut waiting = Vec::new();
-        for (id, index, reply) in std::mem::take(&mut self.learner_waits) {
-            match self.raw.raft.prs().get(id) {
-                Some(p) if p.matched < index => waiting.push((id, index, reply)),
-                _ => self.later(reply, Ok(())),
-            }
-        }
-        self.learner_waits = waiting;
+    /// On the leader: completes learner waits that caught up, and leaves a joint configuration
+    /// that a previous leader entered.
+    pub(super) fn membership_progress(&mut self) {
+        let prs = self.raw.raft.prs();
+        self.waiters
+            .learners_progress(|id| prs.get(id).map(|p| p.matched));
         if is_joint(&self.conf_state()) && !self.raw.raft.has_pending_conf() {
             // raft-rs leaves a joint config automatically only if the leader that entered it
             // applied it; a later leader must propose the leave itself.

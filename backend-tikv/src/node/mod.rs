@@ -4,7 +4,39 @@
 //! against each other directly (the quinn-proto idea: a state machine you can test by calling
 //! it).
 //!
-//! One Ready cycle ([`Core::cycle`]) never waits for the disk (raft-rs's asynchronous
+//! # Inputs, outputs, and the order of calls
+//!
+//! [`Core`] has four kinds of methods, like quinn-proto's `Connection`:
+//! - **inputs** record something that happened, and never block: [`Core::step`] (a peer's
+//!   message), [`Core::tick`] (one heartbeat interval; time only ever enters as ticks),
+//!   [`Core::persisted`] (a durability notice from [`PersistEvents`]),
+//!   [`Core::snapshot_saved`] (a [`SaveJob`] finished), [`Core::report_unreachable`] and
+//!   [`Core::report_snapshot`] (send outcomes), [`Core::learn_addresses`] (a peer's address
+//!   book);
+//! - **requests** from the engine handle, each with a [`Reply`] answered now (refusals) or
+//!   later (through [`Core::deliver`]): [`Core::propose`], [`Core::read_index`],
+//!   [`Core::add_learner`], [`Core::change_voters`], [`Core::remove_node`],
+//!   [`Core::snapshot_now`]; [`Core::transfer_leader`] answers at once;
+//! - **the mutator** [`Core::cycle`]: handles one raft-rs `Ready`; call it until it returns
+//!   `false`;
+//! - **outputs**, drained by the caller: [`Core::take_peer_changes`] (transport peers to add or
+//!   forget), [`Core::take_outbox`] (messages, in order), [`Core::take_save_job`] (a snapshot
+//!   to write off the loop), [`Core::status`], and [`Core::deliver`] (the answers decided).
+//!
+//! After each batch of inputs and requests, the caller:
+//! 1. ships: `take_peer_changes` first (a peer is known before a message to it), then
+//!    `take_outbox` (messages released by durability notices come first);
+//! 2. runs `cycle` until it returns `false`, shipping after each one;
+//! 3. runs the `take_save_job` job, if any, off the loop and hands it back to
+//!    `snapshot_saved`;
+//! 4. publishes `status`, then calls `deliver`, so a client that sees its answer also sees the
+//!    status that reflects it.
+//!
+//! At shutdown, or when the log fails, [`Core::fail_all`] answers everything still waiting.
+//!
+//! # One Ready cycle
+//!
+//! A cycle ([`Core::cycle`], in `cycle.rs`) never waits for the disk (raft-rs's asynchronous
 //! persistence, as TiKV uses it):
 //! 1. take the messages that may leave before persisting (a leader's appends: replication runs
 //!    in parallel with the leader's own write); install a snapshot if any; apply the committed
@@ -21,19 +53,11 @@
 //! are persisted in order, so a Ready that writes nothing still waits behind the writes before
 //! it when any are in flight.
 //!
-//! The module, by concern: this file holds the Ready cycle and the apply loop at the centre;
-//! [`waiters`] the requests answered later; [`membership`] conf changes; [`snapshots`] taking,
-//! saving and installing snapshots. Configuration and status mapping live in
-//! [`crate::mapping`].
-//!
-//! Inputs (call in any order, between cycles): [`Core::tick`], [`Core::step`], the request
-//! methods (`propose`, `read_index`, `add_learner`, ...), [`Core::persisted`] (a durability
-//! notice), [`Core::snapshot_saved`], `report_unreachable` / `report_snapshot`. Then
-//! [`Core::cycle`] until it reports no progress. Outputs, after each cycle: `take_outbox`
-//! (messages to send), `take_peer_changes` (addresses to set or drop), `take_save_job` (a
-//! snapshot file to write), [`Core::status`] (publish it first), then [`Core::deliver`] (the
-//! answers).
+//! The other concerns live beside it: `waiters.rs` (which answer an event completes),
+//! `membership.rs` (conf changes and the address book), `snapshots.rs` (taking, saving,
+//! compacting, installing); raft-rs config and status mapping are in [`crate::mapping`].
 
+mod cycle;
 mod membership;
 mod snapshots;
 mod waiters;
@@ -43,33 +67,46 @@ use std::sync::Arc;
 
 use consensus_api::backend_support::SnapshotPacer;
 use consensus_api::{ByteStateMachine, ConsensusError, NodeConfig, NodeId, Status};
-use raft::eraftpb::{ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfState, Message};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::mpsc;
 
-use crate::mapping::{self, raft_config, Settings};
-use crate::storage::{DiskStorage, SnapshotData};
-
-use membership::is_joint;
+pub(crate) use cycle::{PersistEvents, Persisted};
 #[cfg(test)]
 pub(crate) use membership::voter_changes;
 pub(crate) use snapshots::SaveJob;
 pub(crate) use waiters::Reply;
-use waiters::{discarded, not_leader_hint, Pending, PendingRead};
+
+use crate::mapping;
+use crate::storage::{DiskStorage, SnapshotData};
+use membership::AddressBook;
+use waiters::Waiters;
 
 /// Entry context marking a user command (raft-rs's own entries have an empty context), so even
 /// a command that encodes to zero bytes is told apart from a new leader's empty entry.
 const COMMAND_CONTEXT: &[u8] = b"c";
 
-/// A Ready's writes became durable (or failed): what [`Core::persisted`] needs.
-pub(crate) struct Persisted {
-    number: u64,
-    messages: Vec<Message>,
-    outcome: Result<(), String>,
+/// Knobs of the core, derived from [`NodeConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Entries kept behind a snapshot.
+    pub(crate) keep_logs_after_snapshot: u64,
+    /// Largest command accepted (it must fit in one transport frame).
+    pub(crate) max_command_bytes: usize,
+    /// Re-issue a read-index request after this many ticks without an answer (raft-rs drops
+    /// one silently while a new leader has not committed in its term yet).
+    pub(crate) read_retry_ticks: u64,
 }
 
-/// Where durability notices arrive; the driver waits on it next to its other inputs.
-pub(crate) type PersistEvents = mpsc::UnboundedReceiver<Persisted>;
+impl Settings {
+    pub(crate) fn from_config(c: &NodeConfig) -> Self {
+        Self {
+            keep_logs_after_snapshot: c.keep_logs_after_snapshot,
+            max_command_bytes: c.transport.max_frame_bytes / 2,
+            read_retry_ticks: 3,
+        }
+    }
+}
 
 /// One node's raft-rs state plus the requests waiting on it.
 pub(crate) struct Core {
@@ -78,33 +115,26 @@ pub(crate) struct Core {
     sm: Arc<dyn ByteStateMachine>,
     settings: Settings,
     applied: u64,
-    addresses: BTreeMap<NodeId, String>,
-    /// Proposals by log index.
-    pending: BTreeMap<u64, Pending>,
-    /// Membership changes that entered a joint configuration, waiting for it to be left.
-    joint_waits: Vec<Reply<()>>,
-    /// Added learners the leader waits to see caught up to the change's index.
-    learner_waits: Vec<(NodeId, u64, Reply<()>)>,
-    reads: BTreeMap<u64, PendingRead>,
-    next_read: u64,
+    /// Member addresses, and the transport peer changes they imply.
+    book: AddressBook,
+    /// Requests waiting on the log, and answers not yet delivered.
+    waiters: Waiters,
     ticks: u64,
     outbox: Vec<Message>,
-    peer_changes: Vec<(NodeId, Option<String>)>,
-    /// Answers produced by a cycle, delivered by [`Core::deliver`] once the status that
-    /// reflects them is published (a client that sees its answer also sees the new status).
-    deferred: Vec<Box<dyn FnOnce() + Send>>,
     /// Index of the snapshot being written, if any.
     saving: Option<u64>,
     /// A snapshot taken and not yet handed to a writer.
     save_job: Option<SaveJob>,
-    /// `snapshot_now` callers: the applied index when they asked, and where the answer goes.
-    snapshot_waiters: Vec<(u64, Reply<u64>)>,
     /// Sends durability notices from the log writer to [`PersistEvents`].
     persist_tx: mpsc::UnboundedSender<Persisted>,
     /// Readies whose durability notice has not come back yet.
     in_flight: usize,
     /// When the next automatic snapshot is due.
     pacer: SnapshotPacer,
+}
+
+fn not_leader_hint(leader: u64, me: NodeId) -> Option<NodeId> {
+    (leader != raft::INVALID_ID && leader != me).then_some(leader)
 }
 
 impl Core {
@@ -133,12 +163,8 @@ impl Core {
             sm.restore(state)?;
             addresses = book;
         }
-        let cfg = raft_config(config, snap_index)?;
+        let cfg = mapping::raft_config(config, snap_index)?;
         let raw = RawNode::new(&cfg, storage, logger).map_err(|e| mapping::raft(e, None))?;
-        let peer_changes = addresses
-            .iter()
-            .map(|(i, a)| (*i, Some(a.clone())))
-            .collect();
         let (persist_tx, persist_events) = mpsc::unbounded_channel();
         let core = Self {
             id,
@@ -146,19 +172,12 @@ impl Core {
             sm,
             settings: Settings::from_config(config),
             applied: snap_index,
-            addresses,
-            pending: BTreeMap::new(),
-            joint_waits: Vec::new(),
-            learner_waits: Vec::new(),
-            reads: BTreeMap::new(),
-            next_read: 1,
+            book: AddressBook::restored(addresses),
+            waiters: Waiters::default(),
             ticks: 0,
             outbox: Vec::new(),
-            peer_changes,
-            deferred: Vec::new(),
             saving: None,
             save_job: None,
-            snapshot_waiters: Vec::new(),
             persist_tx,
             in_flight: 0,
             pacer,
@@ -188,11 +207,11 @@ impl Core {
         self.raw.raft.prs().conf().to_conf_state()
     }
 
+    // ---- outputs -------------------------------------------------------------------------
+
     /// Delivers the answers of the last cycles (call after publishing the status).
     pub(crate) fn deliver(&mut self) {
-        for f in self.deferred.drain(..) {
-            f();
-        }
+        self.waiters.deliver();
     }
 
     /// Messages to send, in order.
@@ -202,25 +221,15 @@ impl Core {
 
     /// Peers to add (`Some(addr)`) or forget (`None`) on the transport.
     pub(crate) fn take_peer_changes(&mut self) -> Vec<(NodeId, Option<String>)> {
-        std::mem::take(&mut self.peer_changes)
+        self.book.take_changes()
     }
 
-    /// Adds addresses a peer told us about for members we cannot reach yet (a node that joined
-    /// empty learns the cluster this way). Known addresses are never overridden: those come
-    /// from the log.
-    pub(crate) fn learn_addresses(&mut self, book: BTreeMap<NodeId, String>) {
-        for (id, addr) in book {
-            if id != self.id && !self.addresses.contains_key(&id) {
-                self.peer_changes.push((id, Some(addr.clone())));
-                self.addresses.insert(id, addr);
-            }
-        }
+    /// The shared status of this node.
+    pub(crate) fn status(&self) -> Status {
+        mapping::status(&self.raw, self.applied, self.book.known())
     }
 
-    /// The member addresses this node knows.
-    pub(crate) fn address_book(&self) -> BTreeMap<NodeId, String> {
-        self.addresses.clone()
-    }
+    // ---- inputs --------------------------------------------------------------------------
 
     /// One clock tick (a heartbeat interval).
     pub(crate) fn tick(&mut self) {
@@ -231,17 +240,8 @@ impl Core {
         }
         if self.is_leader() {
             let retry = self.settings.read_retry_ticks;
-            let due: Vec<u64> = self
-                .reads
-                .iter()
-                .filter(|(_, r)| self.ticks - r.issued_tick >= retry)
-                .map(|(c, _)| *c)
-                .collect();
-            for ctx in due {
-                self.raw.read_index(ctx.to_be_bytes().to_vec());
-                if let Some(r) = self.reads.get_mut(&ctx) {
-                    r.issued_tick = self.ticks;
-                }
+            for ctx in self.waiters.reads_to_retry(self.ticks, retry) {
+                self.raw.read_index(ctx);
             }
         }
         self.after_progress();
@@ -273,151 +273,50 @@ impl Core {
         self.raw.report_snapshot(to, status);
     }
 
-    /// Handles one Ready without waiting for the disk (see the module docs). `false`: there was
-    /// nothing to do.
-    pub(crate) fn cycle(&mut self) -> Result<bool, ConsensusError> {
-        if !self.raw.has_ready() {
-            return Ok(false);
-        }
-        let storage = |e: raft::Error| ConsensusError::Storage(e.to_string());
-        let mut rd = self.raw.ready();
-        self.outbox.extend(rd.take_messages());
-        if !rd.snapshot().is_empty() {
-            self.install_snapshot(rd.snapshot().clone())?;
-        }
-        self.apply(rd.take_committed_entries())?;
-        self.complete_reads(rd.take_read_states());
-        if !rd.entries().is_empty() {
-            self.raw.mut_store().append(rd.entries()).map_err(storage)?;
-        }
-        if let Some(hs) = rd.hs() {
-            self.raw.mut_store().set_hard_state(hs).map_err(storage)?;
-        }
-        // raft-rs: without new entries, a snapshot, or a new term or vote (a hard state that
-        // only moved the commit index), the write may complete asynchronously: it rides on the
-        // next sync instead of holding this Ready's messages back.
-        let wrote = rd.must_sync();
-        let number = rd.number();
-        let messages = rd.take_persisted_messages();
-        self.raw.advance_append_async(rd);
-        self.report_applied();
-        if wrote || self.in_flight > 0 {
-            let tx = self.persist_tx.clone();
-            self.raw
-                .store()
-                .on_durable(Box::new(move |outcome| {
-                    let _ = tx.send(Persisted {
-                        number,
-                        messages,
-                        outcome,
-                    });
-                }))
-                .map_err(storage)?;
-            self.in_flight += 1;
-        } else {
-            // Nothing written and nothing in flight: durable already.
-            self.outbox.extend(messages);
-            self.raw.on_persist_ready(number);
-        }
-        self.maybe_snapshot()?;
-        self.after_progress();
-        Ok(true)
-    }
+    // ---- requests ------------------------------------------------------------------------
 
-    /// Readies whose writes are not yet known durable.
-    #[cfg(test)]
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    /// A Ready's writes are durable: its persisted messages may leave, and raft-rs learns how
-    /// far the log is stable (for a leader, its own vote towards the commit index).
-    pub(crate) fn persisted(&mut self, p: Persisted) -> Result<(), ConsensusError> {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        p.outcome.map_err(ConsensusError::Storage)?;
-        self.outbox.extend(p.messages);
-        self.raw.on_persist_ready(p.number);
-        self.report_applied();
-        Ok(())
-    }
-
-    /// Tells raft-rs what the state machine has applied, as far as raft-rs allows: an installed
-    /// snapshot counts only once its Ready is persisted.
-    fn report_applied(&mut self) {
-        let log = &self.raw.raft.raft_log;
-        let to = self.applied.min(log.persisted).min(log.committed);
-        if to > log.applied {
-            self.raw.advance_apply_to(to);
+    /// Proposes a user command; `reply` gets the state machine's answer once it is applied.
+    pub(crate) fn propose(&mut self, command: Vec<u8>, reply: Reply<Vec<u8>>) {
+        if let Err(e) = self.check_leader() {
+            let _ = reply.send(Err(e));
+            return;
         }
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ConsensusError> {
-        for e in entries {
-            if e.index <= self.applied {
-                continue;
+        if command.len() > self.settings.max_command_bytes {
+            let _ = reply.send(Err(ConsensusError::InvalidRequest(format!(
+                "command of {} bytes exceeds the limit of {} (half the transport frame limit)",
+                command.len(),
+                self.settings.max_command_bytes
+            ))));
+            return;
+        }
+        match self.raw.propose(COMMAND_CONTEXT.to_vec(), command) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                let term = self.raw.raft.term;
+                self.waiters.command_proposed(index, term, reply);
             }
-            self.pacer.applied(e.data.len());
-            match e.get_entry_type() {
-                EntryType::EntryNormal => {
-                    let out = (e.context.as_ref() == COMMAND_CONTEXT)
-                        .then(|| self.sm.apply(e.index, &e.data));
-                    self.applied = e.index;
-                    match self.take_pending(e.index, e.term) {
-                        Some(Pending::Command { reply, .. }) => {
-                            self.later(reply, Ok(out.unwrap_or_default()))
-                        }
-                        Some(other) => self.fail_later(
-                            other,
-                            ConsensusError::Internal(
-                                "a membership change was answered by a command entry".into(),
-                            ),
-                        ),
-                        None => {}
-                    }
-                }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let outcome = self.apply_conf(&e);
-                    self.applied = e.index;
-                    let leader = self.is_leader();
-                    match (self.take_pending(e.index, e.term), &outcome) {
-                        (Some(Pending::Conf { reply, learner, .. }), Ok(cs)) => {
-                            if is_joint(cs) {
-                                self.joint_waits.push(reply);
-                            } else if let (Some(l), true) = (learner, leader) {
-                                self.learner_waits.push((l, e.index, reply));
-                            } else {
-                                self.later(reply, Ok(()));
-                            }
-                        }
-                        (Some(p), Err(err)) => self.fail_later(p, err.clone()),
-                        (Some(other), Ok(_)) => self.fail_later(
-                            other,
-                            ConsensusError::Internal(
-                                "a command was answered by a membership entry".into(),
-                            ),
-                        ),
-                        (None, _) => {}
-                    }
-                    if outcome.as_ref().is_ok_and(|cs| !is_joint(cs)) {
-                        for r in std::mem::take(&mut self.joint_waits) {
-                            self.later(r, Ok(()));
-                        }
-                    }
-                }
+            Err(e) => {
+                let _ = reply.send(Err(mapping::raft(e, self.leader_hint())));
             }
         }
-        Ok(())
     }
 
-    /// The shared status of this node.
-    pub(crate) fn status(&self) -> Status {
-        mapping::status(
-            self.id,
-            &self.raw,
-            self.applied,
-            &self.addresses,
-            &self.conf_state(),
-        )
+    /// Starts a linearizable read: `reply` gets the read index once a quorum confirmed this
+    /// node still leads.
+    pub(crate) fn read_index(&mut self, reply: Reply<u64>) {
+        if let Err(e) = self.check_leader() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let ctx = self.waiters.read_started(reply, self.ticks);
+        self.raw.read_index(ctx);
+    }
+
+    // ---- shutdown ------------------------------------------------------------------------
+
+    /// Fails every waiting request (the node is stopping or its storage failed).
+    pub(crate) fn fail_all(&mut self, e: &ConsensusError) {
+        self.waiters.fail_all(e);
     }
 
     /// The storage, to flush and close at shutdown.

@@ -1,14 +1,14 @@
-//! Snapshots: when to take one (the shared pacer, or raft-rs asking for a fresher one), the
-//! file write that runs off the Ready loop, compaction once it is durable, and installing a
-//! leader's snapshot.
+//! Snapshots: when to take one (the [`SnapshotPacer`](consensus_api::backend_support::SnapshotPacer), raft-rs
+//! asking for a fresher one to send, or `snapshot_now`), taking it between applies, writing it
+//! off the driver ([`SaveJob`]), compacting after it, and installing one a leader sent.
 
 use consensus_api::ConsensusError;
 use raft::eraftpb::Snapshot;
 
+use super::waiters::Reply;
+use super::Core;
 use crate::mapping;
 use crate::storage::{SnapshotData, SnapshotWriter};
-
-use super::*;
 
 /// A snapshot to make durable off the driver: run [`SaveJob::run`] anywhere, then hand the job
 /// back to [`Core::snapshot_saved`].
@@ -41,20 +41,27 @@ impl Core {
                 .compact(to)
                 .map(|()| snap_index)
                 .map_err(|e| mapping::raft(e, None));
-            self.later(reply, r);
+            self.waiters.later(reply, r);
             return;
         }
-        self.snapshot_waiters.push((self.applied, reply));
+        self.waiters.snapshot_requested(self.applied, reply);
         if let Err(e) = self.start_snapshot() {
-            for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
-                self.later(r, Err(e.clone()));
-            }
+            self.waiters.snapshots_failed(&e);
         }
+    }
+
+    /// Snapshots when the pacer says so, or when raft-rs asked for a fresher snapshot to send.
+    pub(super) fn maybe_snapshot(&mut self) -> Result<(), ConsensusError> {
+        let requested = self.raw.store().take_snapshot_request();
+        if requested || self.pacer.due() {
+            self.start_snapshot()?;
+        }
+        Ok(())
     }
 
     /// Takes the state machine's snapshot at the applied index (it must be consistent, so here,
     /// between applies) and hands writing it to [`Core::take_save_job`]'s taker; one at a time.
-    pub(super) fn start_snapshot(&mut self) -> Result<(), ConsensusError> {
+    fn start_snapshot(&mut self) -> Result<(), ConsensusError> {
         let (snap_index, _) = self.raw.store().snapshot_position();
         if self.saving.is_some() || self.applied <= snap_index {
             return Ok(());
@@ -66,7 +73,7 @@ impl Core {
             .raft_log
             .term(applied)
             .map_err(|e| mapping::raft(e, None))?;
-        let data = SnapshotData::encode(&self.addresses, &self.sm.snapshot()?)?;
+        let data = SnapshotData::encode(self.book.known(), &self.sm.snapshot()?)?;
         self.pacer.taken(data.len());
         let mut snap = Snapshot::default();
         snap.mut_metadata().set_conf_state(self.conf_state());
@@ -100,38 +107,19 @@ impl Core {
         });
         if let Err(e) = recorded {
             tracing::warn!(id = self.id, index, "snapshot not saved: {e}");
-            for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
-                self.later(r, Err(e.clone()));
-            }
+            self.waiters.snapshots_failed(&e);
             return;
         }
         tracing::debug!(id = self.id, index, "took a snapshot");
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.snapshot_waiters)
-            .into_iter()
-            .partition(|(min, _)| *min <= index);
-        for (_, r) in done {
-            self.later(r, Ok(index));
-        }
-        self.snapshot_waiters = waiting;
-        if !self.snapshot_waiters.is_empty() {
+        if self.waiters.snapshot_taken(index) {
             if let Err(e) = self.start_snapshot() {
-                for (_, r) in std::mem::take(&mut self.snapshot_waiters) {
-                    self.later(r, Err(e.clone()));
-                }
+                self.waiters.snapshots_failed(&e);
             }
         }
     }
 
-    /// Snapshots when the [`SnapshotPacer`] says so, or when raft-rs asked for a fresher
-    /// snapshot to send.
-    pub(super) fn maybe_snapshot(&mut self) -> Result<(), ConsensusError> {
-        let requested = self.raw.store().take_snapshot_request();
-        if requested || self.pacer.due() {
-            self.start_snapshot()?;
-        }
-        Ok(())
-    }
-
+    /// Installs a snapshot a leader sent (it arrived in a Ready): the state machine, the
+    /// storage and the address book take its contents; proposals it covers fail.
     pub(super) fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), ConsensusError> {
         let (index, term) = {
             let m = snap.get_metadata();
@@ -145,20 +133,8 @@ impl Core {
             .map_err(|e| ConsensusError::Storage(e.to_string()))?;
         tracing::info!(id = self.id, index, term, "installed a snapshot");
         self.applied = index;
-        for gone in self.addresses.keys().filter(|i| !book.contains_key(i)) {
-            self.peer_changes.push((*gone, None));
-        }
-        for (i, a) in &book {
-            self.peer_changes.push((*i, Some(a.clone())));
-        }
-        self.addresses = book;
-        while let Some(e) = self.pending.first_entry() {
-            if *e.key() > index {
-                break;
-            }
-            let p = e.remove();
-            self.fail_later(p, discarded());
-        }
+        self.book.replace(book);
+        self.waiters.discard_through(index);
         Ok(())
     }
 }
