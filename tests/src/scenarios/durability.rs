@@ -26,6 +26,8 @@ macro_rules! __durability_family {
 
 /// Kill the leader without shutdown: a new leader within the failover limit, every
 /// acknowledged write still there, and the killed node catches up after restart.
+///
+/// Reference: Raft paper §5.4 (Leader Completeness).
 pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
     let mut c = Cluster::start(&combo, "acknowledged_write_survives_leader_crash", 3).await;
     let old = c.wait_leader(ELECTION).await;
@@ -71,6 +73,8 @@ pub async fn acknowledged_write_survives_leader_crash(combo: Combo) {
 
 /// All nodes killed at once and restarted from their data dirs keep every write, the term never
 /// goes back, and the cluster works again.
+///
+/// Reference: Raft paper Figure 2 (persistent state on all servers).
 pub async fn full_cluster_restart_recovers_state_from_disk(combo: Combo) {
     let mut c = Cluster::start(&combo, "full_cluster_restart_recovers_state_from_disk", 3).await;
     let leader = c.wait_leader(ELECTION).await;
@@ -107,6 +111,8 @@ pub async fn full_cluster_restart_recovers_state_from_disk(combo: Combo) {
 }
 
 /// A snapshot taken on demand compacts the log and a restarted node recovers from it.
+///
+/// Reference: Raft paper §7 (log compaction).
 pub async fn snapshot_compacts_and_restart_restores_from_it(combo: Combo) {
     let mut c = Cluster::start_with(
         &combo,
@@ -151,6 +157,8 @@ pub async fn snapshot_compacts_and_restart_restores_from_it(combo: Combo) {
 
 /// A node that was down while the leader compacted its log past the node's position catches up
 /// by installing the leader's snapshot.
+///
+/// Reference: Raft paper §7 (InstallSnapshot).
 pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
     let mut c = Cluster::start_with(&combo, "lagging_node_catches_up_by_snapshot", 3, |cfg| {
         cfg.keep_logs_after_snapshot = 0

@@ -45,6 +45,8 @@ pub async fn single_node_bootstrap_and_propose(combo: Combo) {
 }
 
 /// Three nodes elect exactly one leader per term, and all agree on it.
+///
+/// Reference: Raft paper §5.2 (Election Safety: at most one leader per term).
 pub async fn three_nodes_elect_exactly_one_leader(combo: Combo) {
     let c = Cluster::start(&combo, "three_nodes_elect_exactly_one_leader", 3).await;
     let claims: Arc<Mutex<BTreeMap<u64, BTreeSet<NodeId>>>> = Arc::default();

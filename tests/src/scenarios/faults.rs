@@ -27,6 +27,8 @@ macro_rules! __faults_family {
 
 /// A leader cut off in a minority cannot commit; the majority elects and commits; after the
 /// partition heals every node converges on the majority's history.
+///
+/// Reference: Raft paper §5.3-5.4 (an entry commits only on a majority).
 pub async fn minority_leader_cannot_commit_and_heals(combo: Combo) {
     let c = Cluster::start(&combo, "minority_leader_cannot_commit_and_heals", 3).await;
     let old = c.wait_leader(ELECTION).await;
@@ -66,6 +68,8 @@ pub async fn minority_leader_cannot_commit_and_heals(combo: Combo) {
 
 /// A leader deposed by a partition never serves a stale linearizable read: it fails (or, after
 /// healing, returns the new value).
+///
+/// Reference: Raft paper §8 (read-only operations need a leadership check).
 pub async fn deposed_leader_never_serves_a_stale_read(combo: Combo) {
     let c = Cluster::start(&combo, "deposed_leader_never_serves_a_stale_read", 3).await;
     let old = c.wait_leader(ELECTION).await;

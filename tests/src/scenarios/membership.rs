@@ -24,6 +24,8 @@ macro_rules! __membership_family {
 
 /// A fresh node joins as a learner, is promoted to voter, and a voter is removed; the cluster
 /// keeps committing through the new configuration.
+///
+/// Reference: Raft paper §6 (joint consensus; new servers join as non-voting members first).
 pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
     let mut c = Cluster::start(&combo, "add_learner_promote_it_and_remove_a_voter", 3).await;
     let leader = c.wait_leader(ELECTION).await;
@@ -92,6 +94,8 @@ pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
 }
 
 /// Leadership moves to the node named in a transfer request, and it commits.
+///
+/// Reference: Ongaro, Consensus: Bridging Theory and Practice, §3.10 (leadership transfer).
 pub async fn leadership_transfers_to_the_named_node(combo: Combo) {
     let c = Cluster::start(&combo, "leadership_transfers_to_the_named_node", 3).await;
     let leader = c.wait_leader(ELECTION).await;

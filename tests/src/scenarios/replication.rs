@@ -23,6 +23,8 @@ macro_rules! __replication_family {
 
 /// 1,000 proposals from concurrent clients through every node are applied in the same order
 /// on every node: identical state-machine snapshots, history hash included.
+///
+/// Reference: Raft paper §5.3 (Log Matching) and §5.4.3 (State Machine Safety).
 pub async fn replicated_proposals_apply_in_the_same_order_everywhere(combo: Combo) {
     let c = Arc::new(
         Cluster::start(
@@ -73,6 +75,8 @@ pub async fn replicated_proposals_apply_in_the_same_order_everywhere(combo: Comb
 }
 
 /// A proposal and a linearizable read sent to a follower are served by the leader.
+///
+/// Reference: Raft paper §8 (clients talk to the leader; followers redirect).
 pub async fn propose_and_read_through_a_follower(combo: Combo) {
     let c = Cluster::start(&combo, "propose_and_read_through_a_follower", 3).await;
     let leader = c.wait_leader(ELECTION).await;
