@@ -34,7 +34,7 @@ pub(crate) enum Command {
 /// Most queued items taken per wake-up, so ticks are never starved.
 const MAX_BATCH: usize = 4096;
 /// Frame tag: a protobuf raft-rs `Message` follows.
-const FRAME_RAFT: u8 = 0;
+pub(crate) const FRAME_RAFT: u8 = 0;
 /// Frame tag: the sender's address book (codec-encoded `BTreeMap<NodeId, String>`) follows.
 const FRAME_ADDRESSES: u8 = 1;
 /// Ticks between address-book broadcasts.
@@ -60,7 +60,7 @@ pub(crate) struct Driver {
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) messages: mpsc::Receiver<Inbound>,
     pub(crate) persisted: PersistEvents,
-    pub(crate) status: watch::Sender<Status>,
+    pub(crate) status: Arc<watch::Sender<Status>>,
     pub(crate) tick: Duration,
     pub(crate) snapshot_timeout: Duration,
 }
@@ -81,6 +81,7 @@ impl Driver {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.ship(&report_tx);
         self.publish();
+        let mut failure = None;
         let stop = loop {
             let flow = tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -130,6 +131,7 @@ impl Driver {
                 Flow::Fail(e) => {
                     tracing::error!(id = self.status.borrow().id, "stopping the node: {e}");
                     self.core.fail_all(&e);
+                    failure = Some(e.to_string());
                     break None;
                 }
             }
@@ -148,7 +150,11 @@ impl Driver {
         self.transport.shutdown().await;
         let log = self.core.storage().log().clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
-        self.status.send_modify(|s| s.role = Role::Shutdown);
+        self.status.send_modify(|s| {
+            s.role = Role::Shutdown;
+            s.leader = None;
+            s.stopped = failure;
+        });
         if let Some(done) = stop {
             let _ = done.send(());
         }
@@ -290,6 +296,35 @@ impl Driver {
             changed
         });
     }
+}
+
+/// Watches the driver task. raft-rs treats some broken invariants as fatal and panics; the node
+/// then publishes a terminal status that says why (instead of freezing at its last one, say
+/// Leader), and every call fails with `ShuttingDown` since the command queue is gone.
+pub(crate) async fn supervise(
+    id: NodeId,
+    task: tokio::task::JoinHandle<()>,
+    status: Arc<watch::Sender<Status>>,
+) {
+    let Err(e) = task.await else { return };
+    if !e.is_panic() {
+        return;
+    }
+    let payload = e.into_panic();
+    let why = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    tracing::error!(
+        id,
+        "the raft-rs engine failed and the node is out of service: {why}"
+    );
+    status.send_modify(|s| {
+        s.role = Role::Shutdown;
+        s.leader = None;
+        s.stopped = Some(format!("the raft-rs engine panicked: {why}"));
+    });
 }
 
 /// Receives raft-rs messages from the transport and queues them for the driver.

@@ -95,17 +95,18 @@ impl TikvEngine {
         });
         transport.set_handler(handler.clone());
         let (status_tx, status) = watch::channel(core.status());
+        let status_tx = Arc::new(status_tx);
         let driver = Driver {
             core,
             transport,
             commands,
             messages,
             persisted,
-            status: status_tx,
+            status: status_tx.clone(),
             tick: config.heartbeat_interval,
             snapshot_timeout: config.rpc_timeout * 10,
         };
-        tokio::spawn(driver.run());
+        tokio::spawn(driver::supervise(id, tokio::spawn(driver.run()), status_tx));
         Ok(Self {
             commands: cmd_tx,
             status,

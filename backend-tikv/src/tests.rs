@@ -437,3 +437,87 @@ fn voter_changes_promote_learners_and_demote_voters() {
         .expect("no-op")
         .is_empty());
 }
+
+/// A transport that only keeps the handler the engine installs (the test plays every peer).
+#[derive(Default)]
+struct HandlerOnly(Mutex<Option<Arc<dyn consensus_api::InboundHandler>>>);
+
+#[async_trait::async_trait]
+impl consensus_api::Transport for HandlerOnly {
+    fn local_id(&self) -> NodeId {
+        1
+    }
+    fn local_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+    fn set_peer(&self, _id: NodeId, _addr: String) {}
+    fn remove_peer(&self, _id: NodeId) {}
+    fn send(&self, _to: NodeId, _frame: bytes::Bytes) -> Result<(), consensus_api::TransportError> {
+        Ok(())
+    }
+    async fn call(
+        &self,
+        to: NodeId,
+        _frame: bytes::Bytes,
+        _timeout: std::time::Duration,
+    ) -> Result<bytes::Bytes, consensus_api::TransportError> {
+        Err(consensus_api::TransportError::UnknownPeer(to))
+    }
+    fn set_handler(&self, handler: Arc<dyn consensus_api::InboundHandler>) {
+        *self.0.lock() = Some(handler);
+    }
+    async fn shutdown(&self) {}
+}
+
+/// An engine whose raft-rs panics (here: a heartbeat committing past the end of the local log,
+/// which raft-rs treats as fatal) publishes a terminal status that says why, and every call
+/// fails with `ShuttingDown`, instead of the status freezing at its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_engine_publishes_a_terminal_status_and_refuses_calls() {
+    use consensus_api::{Engine, EngineContext, Role};
+    use protobuf::Message as _;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = NodeConfig::new(1, "panic-test", dir.path());
+    config.initial_members = BTreeMap::from([(1, "127.0.0.1:1".to_string())]);
+    let transport = Arc::new(HandlerOnly::default());
+    let engine = crate::TikvEngine::start(EngineContext {
+        config,
+        state_machine: Arc::new(Journal::default()),
+        transport: transport.clone(),
+    })
+    .await
+    .expect("engine starts");
+    let mut status = engine.status();
+    let deadline = std::time::Duration::from_secs(10);
+    let st = tokio::time::timeout(deadline, status.wait_for(|s| s.role == Role::Leader))
+        .await
+        .expect("a single node elects itself")
+        .expect("status watch")
+        .clone();
+
+    let mut hb = raft::eraftpb::Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    hb.from = 2;
+    hb.to = 1;
+    hb.term = st.term + 1;
+    hb.commit = st.last_log_index + 1_000;
+    let mut frame = vec![crate::driver::FRAME_RAFT];
+    frame.extend(hb.write_to_bytes().expect("encode"));
+    let handler = transport.0.lock().clone().expect("handler installed");
+    handler.on_message(2, bytes::Bytes::from(frame));
+
+    let st = tokio::time::timeout(deadline, status.wait_for(|s| s.role == Role::Shutdown))
+        .await
+        .expect("the status must turn terminal, not stay frozen")
+        .expect("status watch")
+        .clone();
+    assert_eq!(st.leader, None);
+    let why = st.stopped.unwrap_or_default();
+    assert!(why.contains("panicked"), "the status says why: {why:?}");
+    let err = engine
+        .propose(b"x".to_vec())
+        .await
+        .expect_err("a dead engine");
+    assert_eq!(err.kind(), ErrorKind::ShuttingDown, "{err}");
+}

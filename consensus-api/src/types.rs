@@ -51,6 +51,9 @@ pub struct Status {
     pub learners: BTreeSet<NodeId>,
     /// The transport address of every member, as recorded in the membership.
     pub addresses: BTreeMap<NodeId, String>,
+    /// Once the engine has stopped (role `Shutdown`) because of a failure, what failed (a
+    /// storage error, an engine panic); `None` while running and after an orderly shutdown.
+    pub stopped: Option<String>,
 }
 
 impl Status {
@@ -69,6 +72,7 @@ impl Status {
             voters: BTreeSet::new(),
             learners: BTreeSet::new(),
             addresses: BTreeMap::new(),
+            stopped: None,
         }
     }
 
