@@ -92,5 +92,10 @@ pub(crate) fn status(m: &RaftMetrics<C>) -> Status {
         .nodes()
         .map(|(id, node)| (*id, node.addr.clone()))
         .collect();
+    // An orderly stop is `Fatal::Stopped`; anything else is the failure that stopped openraft.
+    status.stopped = match &m.running_state {
+        Ok(()) | Err(openraft::errors::Fatal::Stopped) => None,
+        Err(e) => Some(format!("the openraft engine stopped: {e}")),
+    };
     status
 }

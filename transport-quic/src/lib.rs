@@ -333,6 +333,18 @@ mod tests {
         }
     }
 
+    /// Nodes 1 and 2 of cluster `c`, bound on 127.0.0.1 with development certificates.
+    async fn pair() -> (Arc<QuicTransport>, Arc<QuicTransport>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = QuicTransport::bind(1, "c", &config(dir.path()))
+            .await
+            .expect("bind a");
+        let b = QuicTransport::bind(2, "c", &config(dir.path()))
+            .await
+            .expect("bind b");
+        (a, b, dir)
+    }
+
     fn config(dir: &std::path::Path) -> TransportConfig {
         let mut config = TransportConfig::default();
         config.tls = TlsConfig::DevCerts {
@@ -355,13 +367,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_and_one_way_frames_cross_a_real_connection() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let a = QuicTransport::bind(1, "c", &config(dir.path()))
-            .await
-            .expect("bind a");
-        let b = QuicTransport::bind(2, "c", &config(dir.path()))
-            .await
-            .expect("bind b");
+        let (a, b, _dir) = pair().await;
         let echo = Arc::new(Echo::default());
         b.set_handler(echo.clone());
         a.set_peer(2, b.local_addr().to_string());
@@ -420,13 +426,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_before_the_handler_is_installed_is_unreachable() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let a = QuicTransport::bind(1, "c", &config(dir.path()))
-            .await
-            .expect("bind a");
-        let b = QuicTransport::bind(2, "c", &config(dir.path()))
-            .await
-            .expect("bind b");
+        let (a, b, _dir) = pair().await;
         a.set_peer(2, b.local_addr().to_string());
         let err = a
             .call(2, Bytes::from_static(b"early"), Duration::from_secs(5))
@@ -460,13 +460,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_lost_after_the_handler_got_the_call_is_not_unreachable() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let a = QuicTransport::bind(1, "c", &config(dir.path()))
-            .await
-            .expect("bind a");
-        let b = QuicTransport::bind(2, "c", &config(dir.path()))
-            .await
-            .expect("bind b");
+        let (a, b, _dir) = pair().await;
         let hang = Arc::new(Hang(tokio::sync::Notify::new()));
         b.set_handler(hang.clone());
         a.set_peer(2, b.local_addr().to_string());
