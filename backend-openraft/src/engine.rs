@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use consensus_api::{ConsensusError, Engine, EngineContext, NodeId, Role, Status, Transport};
-use consensus_storage::{Log, SnapshotStore};
+use consensus_storage::Log;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, Raft, ReadPolicy, SnapshotPolicy};
 use tokio::sync::watch;
@@ -83,7 +83,9 @@ impl OpenraftEngine {
         let storage = |e: consensus_storage::StorageError| ConsensusError::Storage(e.to_string());
         let dir = config.data_dir.clone();
         let (log, snapshots) = tokio::task::spawn_blocking(move || {
-            Ok::<_, consensus_storage::StorageError>((Log::open(&dir)?, SnapshotStore::open(&dir)?))
+            let log = Log::open(&dir)?;
+            let snapshots = log.snapshot_store()?;
+            Ok::<_, consensus_storage::StorageError>((log, snapshots))
         })
         .await
         .map_err(|e| ConsensusError::Internal(e.to_string()))?

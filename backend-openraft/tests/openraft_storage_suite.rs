@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use backend_openraft::{LogStore, StateMachineStore, TypeConfig};
 use consensus_api::{ByteStateMachine, ConsensusError};
-use consensus_storage::{Log, SnapshotStore};
+use consensus_storage::Log;
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
 
@@ -34,7 +34,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = Log::open(dir.path()).expect("open log");
-        let snaps = SnapshotStore::open(dir.path()).expect("open snapshots");
+        let snaps = log.snapshot_store().expect("open snapshots");
         let sm = StateMachineStore::open(Arc::new(Echo::default()), snaps).expect("open sm");
         Ok((dir, LogStore::new(log), sm))
     }

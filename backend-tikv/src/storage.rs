@@ -115,7 +115,7 @@ impl DiskStorage {
     /// of the log (a crash between saving the snapshot and compacting the log).
     pub(crate) fn open(dir: &Path) -> raft::Result<Self> {
         let log = Log::open(dir).map_err(disk)?;
-        let snapshots = SnapshotStore::open(dir).map_err(disk)?;
+        let snapshots = log.snapshot_store().map_err(disk)?;
         let hard_state = match log.meta(META_HARD_STATE) {
             Some(b) => HardState::parse_from_bytes(&b).map_err(other)?,
             None => HardState::default(),

@@ -1,43 +1,66 @@
-//! File-system helpers that make creation, replacement and removal durable.
+//! Helpers over the [`FileSystem`](crate::fs::FileSystem) that make creation, replacement and
+//! removal durable.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
+use crate::fs::{FileSystem, OpenMode};
 use crate::{Result, StorageError};
 
 /// Fsyncs a directory so that entries created, renamed or removed in it survive a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub(crate) fn sync_dir(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
         .map_err(|e| StorageError::io("fsync directory", dir, e))
 }
 
+/// Where [`write_atomic_parts`] failed: before the rename (the old file is intact and still
+/// the one at `path`) or at or after it (the file at `path` is the new one, or may be).
+#[derive(Debug)]
+pub(crate) enum AtomicWriteError {
+    /// Nothing changed at `path`.
+    BeforeRename(StorageError),
+    /// `path` was (or may have been) replaced, but the replacement may not be durable.
+    AfterRename(StorageError),
+}
+
+impl AtomicWriteError {
+    pub(crate) fn into_inner(self) -> StorageError {
+        match self {
+            AtomicWriteError::BeforeRename(e) | AtomicWriteError::AfterRename(e) => e,
+        }
+    }
+}
+
 /// Replaces `path` with `bytes` atomically: temp file, fsync, rename, fsync directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_parts(path, &[bytes])
+pub(crate) fn write_atomic(
+    fs: &dyn FileSystem,
+    path: &Path,
+    bytes: &[u8],
+) -> std::result::Result<(), AtomicWriteError> {
+    write_atomic_parts(fs, path, &[bytes])
 }
 
 /// Like [`write_atomic`], with the content given as consecutive parts.
-pub(crate) fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
+pub(crate) fn write_atomic_parts(
+    fs: &dyn FileSystem,
+    path: &Path,
+    parts: &[&[u8]],
+) -> std::result::Result<(), AtomicWriteError> {
+    use AtomicWriteError::{AfterRename, BeforeRename};
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| StorageError::io("create", &tmp, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+    let f = fs
+        .open(&tmp, OpenMode::Truncate)
+        .map_err(|e| BeforeRename(StorageError::io("create", &tmp, e)))?;
+    let mut at = 0u64;
     for part in parts {
-        w.write_all(part)
-            .map_err(|e| StorageError::io("write", &tmp, e))?;
+        f.write_all_at(part, at)
+            .map_err(|e| BeforeRename(StorageError::io("write", &tmp, e)))?;
+        at += part.len() as u64;
     }
-    w.flush().map_err(|e| StorageError::io("write", &tmp, e))?;
-    drop(w);
     f.sync_all()
-        .map_err(|e| StorageError::io("fsync", &tmp, e))?;
+        .map_err(|e| BeforeRename(StorageError::io("fsync", &tmp, e)))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
-    sync_dir(dir)
+    fs.rename(&tmp, path)
+        .map_err(|e| BeforeRename(StorageError::io("rename", path, e)))?;
+    sync_dir(fs, dir).map_err(AfterRename)
 }

@@ -19,6 +19,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod file;
+pub mod fs;
 mod log;
 mod record;
 mod snapshot;

@@ -12,6 +12,7 @@ const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
 const KIND_PURGE: u8 = 3;
 const KIND_META: u8 = 4;
+const KIND_SYNCED: u8 = 5;
 
 /// One logical record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub(crate) enum Record {
     Purge { index: u64, term: u64, data: Bytes },
     /// Sets metadata `key` to `data` (latest wins).
     Meta { key: u8, data: Bytes },
+    /// A sync mark: written at `offset` (its own position) only after everything before it was
+    /// made durable, so damage before a valid mark is corruption, never a torn write.
+    Synced { offset: u64 },
 }
 
 impl Record {
@@ -53,6 +57,10 @@ impl Record {
                 out.put_u8(KIND_META);
                 out.put_u8(*key);
                 out.put_slice(data);
+            }
+            Record::Synced { offset } => {
+                out.put_u8(KIND_SYNCED);
+                out.put_u64_le(*offset);
             }
         }
         let body_len = out.len() - start - HEADER;
@@ -110,6 +118,12 @@ impl Record {
                     data: Bytes::copy_from_slice(b),
                 }
             }
+            KIND_SYNCED => {
+                need(b, 8)?;
+                Record::Synced {
+                    offset: b.get_u64_le(),
+                }
+            }
             other => return Err(format!("unknown record kind {other}")),
         })
     }
@@ -121,8 +135,8 @@ pub(crate) enum Parsed {
     Ok(Record, usize),
     /// Clean end of data.
     End,
-    /// A damaged record; `next` is where the next record would start if the length is trusted.
-    Bad { reason: String, next: Option<usize> },
+    /// A damaged record.
+    Bad { reason: String },
 }
 
 /// Parses the record at `pos` of `buf`.
@@ -133,7 +147,6 @@ pub(crate) fn parse_at(buf: &[u8], pos: usize) -> Parsed {
     if buf.len() - pos < HEADER {
         return Parsed::Bad {
             reason: "truncated header".into(),
-            next: None,
         };
     }
     let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
@@ -141,32 +154,30 @@ pub(crate) fn parse_at(buf: &[u8], pos: usize) -> Parsed {
     if len == 0 || len > MAX_BODY {
         return Parsed::Bad {
             reason: format!("implausible record length {len}"),
-            next: None,
         };
     }
     let body_start = pos + HEADER;
     let Some(body) = buf.get(body_start..body_start + len) else {
         return Parsed::Bad {
             reason: format!("record of {len} bytes runs past the end of the file"),
-            next: None,
         };
     };
     if crc32fast::hash(body) != crc {
         return Parsed::Bad {
             reason: "checksum mismatch".into(),
-            next: Some(body_start + len),
         };
     }
     match Record::decode_body(body) {
         Ok(r) => Parsed::Ok(r, body_start + len),
-        Err(reason) => Parsed::Bad {
-            reason,
-            next: Some(body_start + len),
-        },
+        Err(reason) => Parsed::Bad { reason },
     }
 }
 
-/// Whether any valid record starts at or after `from` (proof that damage is not a torn tail).
-pub(crate) fn valid_record_after(buf: &[u8], from: usize) -> bool {
-    (from..buf.len().saturating_sub(HEADER)).any(|p| matches!(parse_at(buf, p), Parsed::Ok(..)))
+/// Whether a valid sync mark ([`Record::Synced`] naming its own position) starts at or after
+/// `from`: proof that the bytes before it had been made durable, so damage there is not a torn
+/// write.
+pub(crate) fn sync_mark_after(buf: &[u8], from: usize) -> bool {
+    (from..buf.len().saturating_sub(HEADER)).any(|p| {
+        matches!(parse_at(buf, p), Parsed::Ok(Record::Synced { offset }, _) if offset == p as u64)
+    })
 }

@@ -3,28 +3,47 @@
 //! Layout: `MAGIC (8) | meta_len: u32 LE | crc32(meta ++ data): u32 LE | meta | data`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::file::{sync_dir, write_atomic_parts};
+use crate::file::write_atomic_parts;
+use crate::fs::FileSystem;
+use crate::log::DirLock;
 use crate::{Result, StorageError};
 
 const MAGIC: &[u8; 8] = b"CSNAP001";
 const FILE: &str = "snapshot.bin";
 
 /// Keeps the latest snapshot (the engine's metadata plus the state machine bytes).
-#[derive(Debug, Clone)]
+///
+/// Obtained from the data directory's [`Log`](crate::Log) ([`Log::snapshot_store`]
+/// (crate::Log::snapshot_store)), whose directory lock every clone shares: the lock is released
+/// only when the log has closed **and** no clone is left, so a save still running after its
+/// node stopped can never race a node restarted on the same directory.
+#[derive(Clone)]
 pub struct SnapshotStore {
+    fs: Arc<dyn FileSystem>,
     dir: PathBuf,
+    _lock: Arc<DirLock>,
+}
+
+impl std::fmt::Debug for SnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStore")
+            .field("dir", &self.dir)
+            .field("fs", &self.fs)
+            .finish()
+    }
 }
 
 impl SnapshotStore {
-    /// Uses `dir` (created if missing).
-    pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
-        Ok(Self {
+    pub(crate) fn new(fs: Arc<dyn FileSystem>, dir: &Path, lock: Arc<DirLock>) -> Self {
+        Self {
+            fs,
             dir: dir.to_path_buf(),
-        })
+            _lock: lock,
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -41,15 +60,15 @@ impl SnapshotStore {
         h.update(data);
         header.extend_from_slice(&h.finalize().to_le_bytes());
         // Written in parts: a large state is never copied into one more buffer.
-        write_atomic_parts(&self.path(), &[&header, meta, data])?;
-        sync_dir(&self.dir)
+        write_atomic_parts(&*self.fs, &self.path(), &[&header, meta, data])
+            .map_err(|e| e.into_inner())
     }
 
     /// The stored snapshot as `(meta, data)`, or `None` when there is none. A damaged file is an
     /// error: snapshots are written atomically, so damage is never a torn write.
     pub fn load(&self) -> Result<Option<(Bytes, Bytes)>> {
         let path = self.path();
-        let buf = match std::fs::read(&path) {
+        let buf = match self.fs.read(&path) {
             Ok(b) => Bytes::from(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StorageError::io("read", &path, e)),

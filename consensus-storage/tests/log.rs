@@ -3,7 +3,7 @@
 use std::io::{Seek, SeekFrom, Write};
 
 use bytes::Bytes;
-use consensus_storage::{Entry, Log, LogOptions, SnapshotStore, StorageError};
+use consensus_storage::{Entry, Log, LogOptions, StorageError};
 
 /// Plain appends: the file ends at the last record, as the torn-tail tests below assume.
 fn appending() -> LogOptions {
@@ -265,6 +265,10 @@ fn corruption_before_valid_records_refuses_to_start() {
         log.append((1..=5).map(|i| e(i, 1, "payload")).collect(), None)
             .unwrap();
         log.sync().unwrap();
+        // The next write after a sync carries the mark that proves the records before it were
+        // acknowledged as durable.
+        log.append(vec![e(6, 1, "payload")], None).unwrap();
+        log.sync().unwrap();
         path = log.path().to_path_buf();
     }
     // Flip a byte inside the second record's body.
@@ -314,7 +318,8 @@ fn rewrite_keeps_exactly_the_live_state() {
 #[test]
 fn snapshots_are_atomic_and_damage_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SnapshotStore::open(dir.path()).unwrap();
+    let log = Log::open(dir.path()).unwrap();
+    let store = log.snapshot_store().unwrap();
     assert!(store.load().unwrap().is_none());
     store.save(b"meta-1", b"data-1").unwrap();
     store.save(b"meta-2", b"data-2").unwrap();

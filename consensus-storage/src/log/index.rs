@@ -178,6 +178,7 @@ impl Index {
             Record::Truncate { index } => self.truncate_from(index),
             Record::Purge { index, term, data } => self.purge_upto(index, term, data),
             Record::Meta { key, data } => self.set_meta(key, data),
+            Record::Synced { .. } => {}
         }
         Ok(())
     }

@@ -33,18 +33,18 @@ mod index;
 mod replay;
 mod writer;
 
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::file::sync_dir;
+use crate::fs::{FileSystem, LockGuard, OpenMode};
 use crate::record::Record;
-use crate::{Result, StorageError};
+use crate::{Result, SnapshotStore, StorageError};
 use index::Index;
 use writer::{Op, Writer};
 
@@ -116,6 +116,10 @@ struct State {
 }
 
 struct Shared {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+    /// The directory lock, owned by the writer and by every [`SnapshotStore`] handed out.
+    lock: Weak<DirLock>,
     path: PathBuf,
     state: Arc<Mutex<State>>,
     tx: Mutex<Option<mpsc::Sender<Op>>>,
@@ -134,40 +138,47 @@ pub struct Log {
 }
 
 impl Log {
-    /// Opens (or creates) the log in `dir`, replaying and checking every record.
+    /// Opens (or creates) the log in `dir`, replaying and checking every record. The file
+    /// layer is the one serving `dir` ([`crate::fs::for_path`]: the real file system unless a
+    /// test mounted another).
     pub fn open(dir: &Path) -> Result<Log> {
         Self::open_with(dir, LogOptions::default())
     }
 
     /// Like [`Log::open`], with explicit [`LogOptions`].
     pub fn open_with(dir: &Path, options: LogOptions) -> Result<Log> {
-        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
-        let lock = lock_dir(dir)?;
+        Self::open_in(crate::fs::for_path(dir), dir, options)
+    }
+
+    /// Like [`Log::open_with`], on the file layer `fs`.
+    pub fn open_in(fs: Arc<dyn FileSystem>, dir: &Path, options: LogOptions) -> Result<Log> {
+        fs.create_dir_all(dir)
+            .map_err(|e| StorageError::io("create directory", dir, e))?;
+        let lock = Arc::new(lock_dir(&*fs, dir)?);
         let path = dir.join(LOG_FILE);
-        let existed = path.exists();
+        let existed = fs
+            .exists(&path)
+            .map_err(|e| StorageError::io("stat", &path, e))?;
         let (index, valid_len) = if existed {
-            replay::replay(&path)?
+            replay::replay(&*fs, &path)?
         } else {
             (Index::default(), 0)
         };
-        // Not `append`: records are written at the end of the valid data, which may lie inside
-        // zero-filled preallocated space (and `pwrite` ignores offsets on an `O_APPEND` file).
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
+        // Records are written at the end of the valid data, which may lie inside zero-filled
+        // preallocated space: explicit offsets, never an append mode.
+        let file = fs
+            .open(&path, OpenMode::Create)
             .map_err(|e| StorageError::io("open", &path, e))?;
         let allocated = file
-            .metadata()
+            .size()
             .map_err(|e| StorageError::io("stat", &path, e))?
-            .len()
             .max(valid_len);
+        // What replay read may still sit in the page cache only (the previous process died,
+        // the machine did not): make it durable before the writer treats it as synced.
+        file.sync_all()
+            .map_err(|e| StorageError::io("fsync", &path, e))?;
         if !existed {
-            file.sync_all()
-                .map_err(|e| StorageError::io("fsync", &path, e))?;
-            sync_dir(dir)?;
+            sync_dir(&*fs, dir)?;
         }
         let (tx, rx) = mpsc::channel();
         let state = Arc::new(Mutex::new(State {
@@ -175,19 +186,26 @@ impl Log {
             failed: None,
         }));
         let shared = Arc::new(Shared {
+            fs: fs.clone(),
+            dir: dir.to_path_buf(),
+            lock: Arc::downgrade(&lock),
             path: path.clone(),
             state: state.clone(),
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
         });
-        // The writer owns the directory lock and never holds `Shared`: the lock is released
-        // exactly when the writer has exited, and dropping the last handle joins it.
+        // The writer owns the directory lock (with the snapshot stores handed out) and never
+        // holds `Shared`: the lock is released once the writer has exited and no snapshot
+        // store is left, and dropping the last handle joins the writer.
         let writer = Writer {
             state,
             _lock: lock,
+            fs,
             path,
             file,
             len: valid_len,
+            synced: valid_len,
+            marked: None,
             allocated,
             options,
         };
@@ -330,6 +348,22 @@ impl Log {
         }
     }
 
+    /// The snapshot store of this log's data directory, on the same file layer. It shares the
+    /// directory lock: the lock outlives the log's writer until every store handed out is
+    /// dropped. Fails once the writer has exited.
+    pub fn snapshot_store(&self) -> Result<SnapshotStore> {
+        let lock = self
+            .shared
+            .lock
+            .upgrade()
+            .ok_or_else(|| StorageError::Stopped("log is closed".into()))?;
+        Ok(SnapshotStore::new(
+            self.shared.fs.clone(),
+            &self.shared.dir,
+            lock,
+        ))
+    }
+
     /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.shared.path
@@ -347,22 +381,19 @@ impl Log {
     }
 }
 
+/// A data directory's exclusive lock; released when the last owner drops it.
+pub(crate) struct DirLock {
+    _guard: Box<dyn LockGuard>,
+}
+
 /// Takes the data directory's lock so two processes (or a crashed and a restarted node in one
 /// process) never write the same log.
-fn lock_dir(dir: &Path) -> Result<File> {
+fn lock_dir(fs: &dyn FileSystem, dir: &Path) -> Result<DirLock> {
     let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| StorageError::io("open", &path, e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(StorageError::Locked(dir.display().to_string()))
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(StorageError::io("lock", &path, e)),
+    match fs.lock(&path) {
+        Ok(Some(guard)) => Ok(DirLock { _guard: guard }),
+        Ok(None) => Err(StorageError::Locked(dir.display().to_string())),
+        Err(e) => Err(StorageError::io("lock", &path, e)),
     }
 }
 

@@ -8,18 +8,24 @@
 //!   (an entry that leaves a gap) are corruption at that record;
 //! - the end of the bytes, or nothing but zeros, is the clean end: zeros are preallocated space
 //!   that was never written;
-//! - a damaged record with no valid record anywhere after it is a write torn by a crash: the
-//!   write was never acknowledged (its sync never completed), so it is dropped and the file is
-//!   truncated before it;
-//! - a damaged record followed by a valid one cannot be a torn write, since writes only ever
-//!   go at the end: that is corruption, and the log refuses to open instead of losing the
-//!   acknowledged records after it.
+//! - the writer puts a sync mark (a record naming its own offset) at the start of the first
+//!   write after each sync: everything before a mark had been made durable when it was written;
+//! - a damaged record with no valid sync mark after it lies past the last synced end: it is
+//!   part of a write torn by a crash, never acknowledged (its sync never completed), so it and
+//!   everything after it are dropped and the file is truncated there. That holds even when
+//!   valid records follow it: a power cut during one multi-page write may keep a later page
+//!   and lose an earlier one (or leave it zeroed in preallocated space);
+//! - a damaged record followed by a valid sync mark lies before a synced end: that is
+//!   corruption of acknowledged data, and the log refuses to open instead of losing it.
+//!
+//! What the rule cannot see: damage inside the last synced write when nothing was written
+//! after it (no mark follows yet) is indistinguishable from a torn write and is truncated.
 
-use std::fs::OpenOptions;
 use std::path::Path;
 
 use super::index::Index;
-use crate::record::{parse_at, valid_record_after, Parsed};
+use crate::fs::{FileSystem, OpenMode};
+use crate::record::{parse_at, sync_mark_after, Parsed};
 use crate::{Result, StorageError};
 
 /// What [`scan`] found in a log file's bytes that it could open from.
@@ -59,8 +65,8 @@ pub(crate) fn scan(buf: &[u8]) -> std::result::Result<Scan, Corruption> {
             Parsed::End => break None,
             // Preallocated space that was never written: the clean end of the log.
             Parsed::Bad { .. } if buf[pos..].iter().all(|b| *b == 0) => break None,
-            Parsed::Bad { reason, next } => {
-                if valid_record_after(buf, next.unwrap_or(pos + 1)) {
+            Parsed::Bad { reason, .. } => {
+                if sync_mark_after(buf, pos + 1) {
                     return Err(Corruption {
                         offset: pos as u64,
                         reason,
@@ -79,8 +85,10 @@ pub(crate) fn scan(buf: &[u8]) -> std::result::Result<Scan, Corruption> {
 
 /// Reads and checks every record of the log at `path`; truncates a torn tail; refuses mid-file
 /// corruption. Returns the rebuilt log and the end of its valid records.
-pub(crate) fn replay(path: &Path) -> Result<(Index, u64)> {
-    let buf = std::fs::read(path).map_err(|e| StorageError::io("read", path, e))?;
+pub(crate) fn replay(fs: &dyn FileSystem, path: &Path) -> Result<(Index, u64)> {
+    let buf = fs
+        .read(path)
+        .map_err(|e| StorageError::io("read", path, e))?;
     let scan = scan(&buf).map_err(|c| StorageError::Corrupt {
         path: path.display().to_string(),
         offset: c.offset,
@@ -93,9 +101,8 @@ pub(crate) fn replay(path: &Path) -> Result<(Index, u64)> {
             dropped = buf.len() as u64 - scan.valid_len,
             "torn write at the log tail ({reason}); truncating it"
         );
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
+        let f = fs
+            .open(path, OpenMode::Existing)
             .map_err(|e| StorageError::io("open", path, e))?;
         f.set_len(scan.valid_len)
             .and_then(|_| f.sync_all())
@@ -192,13 +199,71 @@ mod tests {
         assert!(s.torn.is_some());
     }
 
+    /// `records`, then a sync mark at its own offset, then `after`.
+    fn file_with_mark(records: &[Record], after: &[Record]) -> (Vec<u8>, Vec<usize>) {
+        let (mut buf, mut starts) = file(records);
+        let at = buf.len();
+        starts.push(at);
+        Record::Synced { offset: at as u64 }.encode_into(&mut buf);
+        for r in after {
+            starts.push(buf.len());
+            r.encode_into(&mut buf);
+        }
+        (buf, starts)
+    }
+
     #[test]
-    fn a_bad_record_followed_by_a_valid_one_is_corruption_at_the_bad_one() {
-        let (mut buf, starts) = file(&[entry(1, b"payload"), entry(2, b"payload"), entry(3, b"x")]);
+    fn a_bad_record_before_a_sync_mark_is_corruption_at_the_bad_one() {
+        let (mut buf, starts) = file_with_mark(
+            &[entry(1, b"payload"), entry(2, b"payload")],
+            &[entry(3, b"x")],
+        );
         buf[starts[1] + 12] ^= 0xff;
         let c = scan(&buf).unwrap_err();
         assert_eq!(c.offset, starts[1] as u64);
         assert_eq!(c.reason, "checksum mismatch");
+    }
+
+    #[test]
+    fn a_mark_that_names_another_offset_proves_nothing() {
+        let (mut buf, starts) = file(&[entry(1, b"payload"), entry(2, b"payload")]);
+        Record::Synced { offset: 3 }.encode_into(&mut buf);
+        buf[starts[1] + 12] ^= 0xff;
+        let s = scan(&buf).unwrap();
+        assert_eq!(s.valid_len, starts[1] as u64);
+        assert!(s.torn.is_some());
+    }
+
+    /// Defect 3: one unacknowledged multi-page write into preallocated zeros lost its first
+    /// page but kept a later one. Nothing after the damage was ever synced, so it is a torn
+    /// tail to repair, not corruption.
+    #[test]
+    fn a_zeroed_page_followed_by_valid_records_after_the_last_mark_is_a_torn_tail() {
+        let big = vec![7u8; 6000];
+        let mut records = vec![entry(1, b"a")];
+        let mut after = Vec::new();
+        for i in 2..6 {
+            after.push(Record::Entry {
+                index: i,
+                term: 1,
+                data: Bytes::from(big.clone()),
+            });
+        }
+        records.truncate(1);
+        let (mut buf, starts) = file_with_mark(&records, &after);
+        let mark = starts[1];
+        // The page holding the start of entry 2 was never written: zeros.
+        let lost = starts[2]..(starts[2] + 4096).min(buf.len());
+        buf[lost].fill(0);
+        buf.resize(buf.len() + 8192, 0);
+        let s = scan(&buf).unwrap();
+        assert_eq!(last_index(&s), Some(1));
+        assert_eq!(
+            s.valid_len, starts[2] as u64,
+            "cut after the mark, at the damage"
+        );
+        assert!(s.torn.is_some());
+        assert!(mark < starts[2]);
     }
 
     #[test]

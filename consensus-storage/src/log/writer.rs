@@ -3,12 +3,13 @@
 //! [`Log`](super::Log) queues each accepted write as an [`Op::Write`] of encoded records, in
 //! acceptance order. The writer takes everything queued at once, writes it as one `pwrite` and,
 //! if any of it has a callback, makes it durable with one `fdatasync` before running the
-//! callbacks (group commit: one sync covers every write before it). Between batches it rewrites
-//! the file once most of it is dead. After the first failed write it stops writing: every later
-//! callback gets that error, and the shared state records it so new writes are refused.
+//! callbacks (group commit: one sync covers every write before it). The first write after a sync
+//! starts with a sync mark ([`Record::Synced`]), which tells replay where acknowledged data ends.
+//! Between batches it rewrites the file once most of it is dead. After the first failed write it
+//! stops writing: every later callback gets that error, and the shared state records it so new
+//! writes are refused. A rewrite that fails after its rename stops the writer the same way: the
+//! file it holds open may no longer be the log's.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -16,9 +17,11 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
-use super::{LogOptions, State, SyncCallback};
-use crate::file::write_atomic;
-use crate::{Result, StorageError};
+use super::{DirLock, LogOptions, State, SyncCallback};
+use crate::file::{write_atomic, AtomicWriteError};
+use crate::fs::{FileHandle, FileSystem, OpenMode};
+use crate::record::Record;
+use crate::StorageError;
 
 /// What the log asks of its writer.
 pub(super) enum Op {
@@ -36,13 +39,17 @@ pub(super) struct Writer {
     /// The log's shared state: read for rewrites, and told of a failure.
     pub(super) state: Arc<Mutex<State>>,
     /// Exclusive lock on the data directory, held for as long as the writer runs.
-    pub(super) _lock: File,
+    pub(super) _lock: Arc<DirLock>,
+    pub(super) fs: Arc<dyn FileSystem>,
     pub(super) path: PathBuf,
-    /// Opened without `O_APPEND`: records go at `len`, which may lie inside preallocated space
-    /// (and `pwrite` ignores offsets on an `O_APPEND` file).
-    pub(super) file: File,
+    /// Records go at `len`, which may lie inside preallocated space: explicit offsets only.
+    pub(super) file: Box<dyn FileHandle>,
     /// End of the valid records: where the next write goes.
     pub(super) len: u64,
+    /// Everything before this offset is durable.
+    pub(super) synced: u64,
+    /// Offset of the last sync mark written.
+    pub(super) marked: Option<u64>,
     /// The file's size: zeros between `len` and here.
     pub(super) allocated: u64,
     pub(super) options: LogOptions,
@@ -61,52 +68,133 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut ops = vec![first];
             ops.extend(rx.try_iter());
-            let mut callbacks = Vec::with_capacity(ops.len());
-            let mut stop = None;
-            let mut buf = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Write(bytes, cb) => {
-                        if buf.is_empty() {
-                            buf = bytes;
-                        } else {
-                            buf.extend_from_slice(&bytes);
-                        }
-                        callbacks.extend(cb);
-                    }
-                    Op::Stop(done) => stop = Some(done),
-                }
-            }
-            // Nobody waits on a batch without callbacks: write it, and let the next sync (or
-            // the one at close) make it durable.
-            let sync = !callbacks.is_empty() || stop.is_some();
-            let result = match &failed {
-                Some(e) => Err(e.clone()),
-                None => self.write(&buf, sync),
-            };
-            if let Err(e) = &result {
-                if failed.is_none() {
-                    tracing::error!(path = %self.path.display(), "log write failed: {e}");
-                    failed = Some(e.clone());
-                    self.state.lock().failed = Some(e.clone());
-                }
-            }
-            for cb in callbacks {
-                cb(result.clone());
-            }
-            if let Some(done) = stop {
-                let _ = done.send(());
+            if self.flush(ops, &mut failed) {
                 return;
             }
-            if failed.is_none() {
-                if let Err(e) = self.maybe_rewrite() {
-                    tracing::warn!(path = %self.path.display(), "log rewrite failed, keeping the old file: {e}");
+            if failed.is_none() && self.rewrite_due() && self.rewrite(&rx, &mut failed) {
+                return;
+            }
+        }
+    }
+
+    /// Writes `ops` as one batch (synced when any of them waits), runs their callbacks, and
+    /// says whether one of them asked the writer to stop.
+    fn flush(&mut self, ops: Vec<Op>, failed: &mut Option<String>) -> bool {
+        let mut callbacks = Vec::with_capacity(ops.len());
+        let mut stop = None;
+        let mut buf = Vec::new();
+        for op in ops {
+            match op {
+                Op::Write(bytes, cb) => {
+                    if buf.is_empty() {
+                        buf = bytes;
+                    } else {
+                        buf.extend_from_slice(&bytes);
+                    }
+                    callbacks.extend(cb);
                 }
+                Op::Stop(done) => stop = Some(done),
+            }
+        }
+        // Nobody waits on a batch without callbacks: write it, and let the next sync (or the
+        // one at close) make it durable.
+        let sync = !callbacks.is_empty() || stop.is_some();
+        let result = match failed.as_ref() {
+            Some(e) => Err(e.clone()),
+            None => self.write(&buf, sync),
+        };
+        if let Err(e) = &result {
+            if failed.is_none() {
+                tracing::error!(path = %self.path.display(), "log write failed: {e}");
+                self.fail(failed, e.clone());
+            }
+        }
+        for cb in callbacks {
+            cb(result.clone());
+        }
+        match stop {
+            Some(done) => {
+                let _ = done.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn fail(&self, failed: &mut Option<String>, e: String) {
+        *failed = Some(e.clone());
+        self.state.lock().failed = Some(e);
+    }
+
+    /// Whether the file is large and mostly dead.
+    fn rewrite_due(&self) -> bool {
+        self.len >= self.options.rewrite_min_bytes
+            && self.state.lock().index.live_bytes() * 2 <= self.len
+    }
+
+    /// Replaces the file by the live records; says whether a queued op asked to stop.
+    ///
+    /// The new file is the index as it stands, which includes every write accepted so far,
+    /// also those still queued. So the queued writes are taken off the queue (under the state
+    /// lock, which every acceptance holds, so nothing slips in between) and not written at all:
+    /// the rewritten file holds their effect, and their callbacks run once it is durable.
+    /// (Writing their records after the rewritten state would replay them onto a state that
+    /// already has them, which is wrong for a queued append followed by a queued truncate.)
+    fn rewrite(&mut self, rx: &mpsc::Receiver<Op>, failed: &mut Option<String>) -> bool {
+        let state = self.state.clone();
+        let guard = state.lock();
+        let queued: Vec<Op> = rx.try_iter().collect();
+        let bytes = guard.index.encode_all();
+        let result = self.replace_file(&bytes);
+        drop(guard);
+        match result {
+            Ok(()) => {
+                tracing::info!(path = %self.path.display(), to = bytes.len(), "log rewritten");
+                let mut stop = false;
+                for op in queued {
+                    match op {
+                        Op::Write(_, cb) => cb.into_iter().for_each(|cb| cb(Ok(()))),
+                        Op::Stop(done) => {
+                            let _ = done.send(());
+                            stop = true;
+                        }
+                    }
+                }
+                stop
+            }
+            Err(AtomicWriteError::BeforeRename(e)) => {
+                tracing::warn!(path = %self.path.display(), "log rewrite failed, keeping the old file: {e}");
+                // The old file is intact: the queued writes go into it as usual.
+                !queued.is_empty() && self.flush(queued, failed)
+            }
+            Err(AtomicWriteError::AfterRename(e)) => {
+                // The file at the log's path is (or may durably be) the rewritten one, while
+                // this writer may hold the old one open: writing on would put acknowledged
+                // records where a restart never reads them.
+                let e = format!("log rewrite failed after replacing the file: {e}");
+                tracing::error!(path = %self.path.display(), "{e}; the log stops");
+                self.fail(failed, e);
+                !queued.is_empty() && self.flush(queued, failed)
             }
         }
     }
 
     fn write(&mut self, buf: &[u8], sync: bool) -> std::result::Result<(), String> {
+        let mut marked;
+        let buf = if !buf.is_empty()
+            && self.len > 0
+            && self.synced == self.len
+            && self.marked != Some(self.len)
+        {
+            // First write since everything was made durable: a mark says so to replay.
+            marked = Vec::with_capacity(buf.len() + 32);
+            Record::Synced { offset: self.len }.encode_into(&mut marked);
+            marked.extend_from_slice(buf);
+            self.marked = Some(self.len);
+            &marked[..]
+        } else {
+            buf
+        };
         if !buf.is_empty() {
             let end = self.len + buf.len() as u64;
             if end > self.allocated && self.options.preallocate_bytes > 0 {
@@ -129,7 +217,9 @@ impl Writer {
         }
         self.file
             .sync_data()
-            .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))
+            .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
+        self.synced = self.len;
+        Ok(())
     }
 
     fn zero_fill(&self, from: u64, to: u64) -> std::io::Result<()> {
@@ -142,26 +232,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Replaces the file by the live records when most of it is dead.
-    fn maybe_rewrite(&mut self) -> Result<()> {
-        if self.len < self.options.rewrite_min_bytes {
-            return Ok(());
-        }
-        let state = self.state.lock();
-        if state.index.live_bytes() * 2 > self.len {
-            return Ok(());
-        }
-        // Holding the state lock: writes queued but not yet written are already in the index,
-        // and replay treats their records as idempotent when they follow the rewritten file.
-        let bytes = state.index.encode_all();
-        write_atomic(&self.path, &bytes)?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| StorageError::io("reopen", &self.path, e))?;
-        tracing::info!(path = %self.path.display(), from = self.len, to = bytes.len(), "log rewritten");
+    /// Replaces the log file by `bytes` (the live records) and continues in the new one.
+    fn replace_file(&mut self, bytes: &[u8]) -> std::result::Result<(), AtomicWriteError> {
+        write_atomic(&*self.fs, &self.path, bytes)?;
+        self.file = self.fs.open(&self.path, OpenMode::Existing).map_err(|e| {
+            AtomicWriteError::AfterRename(StorageError::io("reopen", &self.path, e))
+        })?;
         self.len = bytes.len() as u64;
+        self.synced = self.len;
+        self.marked = None;
         self.allocated = self.len;
         Ok(())
     }
