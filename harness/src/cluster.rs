@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consensus_api::{ConsensusError, NodeConfig, NodeId, Status, TlsConfig};
+use consensus_storage::fs::{MountGuard, SimFs};
+use parking_lot::Mutex;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
 
 use crate::fault::{Faults, FaultyTransport};
 use crate::node::NodeKind;
-use crate::options::{ClusterOptions, Root, Runtimes, TlsChoice};
+use crate::options::{ClusterOptions, Root, Runtimes, StorageChoice, TlsChoice};
 use crate::Combo;
 
 /// How long a restarting node may wait for its old port and data-dir lock to be released.
@@ -42,6 +44,8 @@ pub struct LocalCluster<K: NodeKind> {
     options: ClusterOptions,
     root: Root,
     members: BTreeMap<NodeId, Member<K::Node>>,
+    /// With [`StorageChoice::PowerLoss`]: each node's disk, mounted at its data dir.
+    disks: Mutex<BTreeMap<NodeId, (SimFs, MountGuard)>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ConsensusError {
@@ -120,6 +124,7 @@ impl<K: NodeKind> LocalCluster<K> {
         for (id, rt, transport) in bound {
             let addr = transport.local_addr();
             let data_dir = cluster.data_dir(id);
+            cluster.mount_disk(id, &data_dir);
             let config = cluster.config(id, addr, &data_dir, initial.clone());
             let start = cluster.start_fn(config, transport);
             let task = match &rt {
@@ -168,6 +173,7 @@ impl<K: NodeKind> LocalCluster<K> {
             options,
             root,
             members: BTreeMap::new(),
+            disks: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -329,7 +335,9 @@ impl<K: NodeKind> LocalCluster<K> {
     }
 
     /// Kills node `id` without any shutdown: its runtime, tasks and sockets vanish at once.
-    /// Needs [`Runtimes::PerNode`].
+    /// With [`StorageChoice::PowerLoss`] its machine loses power too: whatever it had not made
+    /// durable is lost (or torn), and its threads that outlive the runtime (a log writer, a
+    /// snapshot save) can no longer touch its disk. Needs [`Runtimes::PerNode`].
     pub fn crash(&mut self, id: NodeId) {
         assert_eq!(
             self.options.runtimes,
@@ -342,6 +350,28 @@ impl<K: NodeKind> LocalCluster<K> {
                 rt.shutdown_background();
             }
         }
+        if let Some((disk, _)) = self.disks.lock().get(&id) {
+            let cut = disk.power_cut();
+            tracing::info!(id, ?cut, "node {id} lost power");
+        }
+    }
+
+    /// Node `id`'s simulated disk, with [`StorageChoice::PowerLoss`] once it has started.
+    pub fn disk(&self, id: NodeId) -> Option<SimFs> {
+        self.disks.lock().get(&id).map(|(d, _)| d.clone())
+    }
+
+    /// Gives node `id` its own simulated disk at `data_dir` (once), with
+    /// [`StorageChoice::PowerLoss`].
+    fn mount_disk(&self, id: NodeId, data_dir: &Path) {
+        if self.options.storage != StorageChoice::PowerLoss {
+            return;
+        }
+        self.disks.lock().entry(id).or_insert_with(|| {
+            let disk = SimFs::new(self.options.seed ^ id.rotate_left(32));
+            let guard = consensus_storage::fs::mount(data_dir, Arc::new(disk.clone()));
+            (disk, guard)
+        });
     }
 
     /// Shuts node `id` down gracefully (flushes storage, closes the transport), then ends its
@@ -434,6 +464,7 @@ impl<K: NodeKind> LocalCluster<K> {
         data_dir: &Path,
         initial: BTreeMap<NodeId, String>,
     ) -> Result<(Option<Runtime>, K::Node, SocketAddr), ConsensusError> {
+        self.mount_disk(id, data_dir);
         let deadline = Instant::now() + RESTART_DEADLINE;
         loop {
             let (rt, transport) = self.bind(id, addr).await?;

@@ -3,7 +3,10 @@
 //! The one harness the conformance suite, the broker demo and the kvstore example start their
 //! clusters with (the idea of raft-rs's `harness` crate). Nodes are real: real transports on
 //! 127.0.0.1 with port 0, real data dirs with fsync. By default each node runs on its own tokio
-//! runtime, so [`LocalCluster::crash`] kills every task, connection and timer of a node at once.
+//! runtime, so [`LocalCluster::crash`] kills every task, connection and timer of a node at once;
+//! tests ([`ClusterOptions::for_test`]) give each node a simulated disk
+//! ([`consensus_storage::fs::SimFs`], [`StorageChoice::PowerLoss`]) so a crash is also a power
+//! cut that loses whatever was not made durable.
 //!
 //! - [`Combo`]: a backend and a transport, what a cluster runs.
 //! - [`NodeKind`]: what runs on each node: a plain [`Consensus`](consensus_api::Consensus) handle
@@ -27,7 +30,7 @@ mod waits;
 pub use cluster::LocalCluster;
 pub use combo::Combo;
 pub use node::{Machines, NodeKind};
-pub use options::{ClusterOptions, Runtimes, TlsChoice};
+pub use options::{ClusterOptions, Runtimes, StorageChoice, TlsChoice};
 pub use run::{init_logging, seed};
 
 /// A cluster of plain consensus nodes replicating `SM`.

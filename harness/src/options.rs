@@ -33,6 +33,19 @@ pub enum TlsChoice {
     InsecureWhereSupported,
 }
 
+/// The disks under the nodes' data directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StorageChoice {
+    /// The real file system (what programs run).
+    #[default]
+    RealDisk,
+    /// One in-memory [`SimFs`](consensus_storage::fs::SimFs) disk per node, mounted at its data
+    /// dir: [`LocalCluster::crash`](crate::LocalCluster::crash) is a power cut that loses
+    /// everything the node had not made durable (what tests run).
+    PowerLoss,
+}
+
 /// How a [`LocalCluster`] is set up.
 #[derive(Clone)]
 pub struct ClusterOptions {
@@ -47,6 +60,8 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// Seed of the fault plan's random choices.
     pub seed: u64,
+    /// The disks of the data directories.
+    pub storage: StorageChoice,
     /// Data directories (`node-<id>`) and certificates (`certs`) go here; `None`: a temporary
     /// directory removed with the cluster.
     pub root: Option<PathBuf>,
@@ -64,20 +79,22 @@ impl ClusterOptions {
             tls: TlsChoice::DevCerts,
             fault_injection: false,
             seed: 0,
+            storage: StorageChoice::RealDisk,
             root: None,
             tweak: Arc::new(|_| {}),
         }
     }
 
     /// Options for a test: the seed of this run (printed, `CONFORMANCE_SEED` replays), a cluster
-    /// id naming the combination and the seed, fault injection on, logs through the test
-    /// capture.
+    /// id naming the combination and the seed, fault injection on, power-loss disks, logs
+    /// through the test capture.
     pub fn for_test(combo: &Combo, test: &str) -> Self {
         init_logging();
         let seed = seed(test);
         Self {
             fault_injection: true,
             seed,
+            storage: StorageChoice::PowerLoss,
             ..Self::new(format!("test-{}-{seed}", combo.name()))
         }
     }
