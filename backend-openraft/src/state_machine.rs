@@ -13,7 +13,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership,
 };
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use crate::types::{Response, SnapshotData, C};
 
@@ -25,8 +25,10 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 struct Applied {
     last_applied: Option<LogIdOf<C>>,
     last_membership: StoredMembershipOf<C>,
-    current: Option<(SnapshotMetaOf<C>, SnapshotData)>,
 }
+
+/// The snapshot the file holds, with its bytes (`None` before the first).
+type Current = Option<(SnapshotMetaOf<C>, SnapshotData)>;
 
 /// The state machine store openraft drives; clones share the same state.
 #[derive(Clone)]
@@ -36,8 +38,10 @@ pub struct StateMachineStore {
     /// Held while applying an entry and while capturing a snapshot, so a snapshot's bytes and
     /// its last log id always agree.
     applied: Arc<Mutex<Applied>>,
-    /// Serializes snapshot file writes.
-    save: Arc<Mutex<()>>,
+    /// Held from the check that a snapshot is newer than the current one until its file is
+    /// written: a build captured before an install finishes after it, and must not overwrite
+    /// the newer file that openraft has already purged the log up to. Taken before `applied`.
+    current: Arc<Mutex<Current>>,
     /// Set by [`StateMachineStore::paced`]: when automatic snapshots are due.
     pacing: Option<(Arc<SnapshotPacer>, Arc<Notify>)>,
     /// Size of the snapshot loaded at open (0 when none).
@@ -48,6 +52,7 @@ impl StateMachineStore {
     /// Restores the user's state machine from the stored snapshot, if any.
     pub fn open(sm: Arc<dyn ByteStateMachine>, snapshots: SnapshotStore) -> io::Result<Self> {
         let mut applied = Applied::default();
+        let mut current = None;
         let mut loaded_size = 0;
         if let Some((meta, data)) = snapshots.load().map_err(io_err)? {
             loaded_size = data.len() as u64;
@@ -55,13 +60,13 @@ impl StateMachineStore {
             sm.restore(&data).map_err(io_err)?;
             applied.last_applied = meta.last_log_id;
             applied.last_membership = meta.last_membership.clone();
-            applied.current = Some((meta, data));
+            current = Some((meta, data));
         }
         Ok(Self {
             sm,
             snapshots,
             applied: Arc::new(Mutex::new(applied)),
-            save: Arc::new(Mutex::new(())),
+            current: Arc::new(Mutex::new(current)),
             pacing: None,
             loaded_size,
         })
@@ -78,22 +83,73 @@ impl StateMachineStore {
 
     /// Whether a snapshot was loaded or installed (a data dir with one is not fresh).
     pub fn has_snapshot(&self) -> bool {
-        self.applied
-            .try_lock()
-            .map(|a| a.current.is_some())
-            .unwrap_or(true)
+        self.current.try_lock().map(|c| c.is_some()).unwrap_or(true)
     }
 
-    async fn persist(&self, meta: &SnapshotMetaOf<C>, data: &SnapshotData) -> io::Result<()> {
-        let _guard = self.save.lock().await;
+    /// Writes the snapshot file and makes `(meta, data)` current. The caller has checked, under
+    /// `current`, that they are not older; the guard moves into the write and is released only
+    /// when the write is done, even if the caller stops waiting (a started write runs to its end).
+    async fn replace(
+        &self,
+        mut current: OwnedMutexGuard<Current>,
+        meta: &SnapshotMetaOf<C>,
+        data: &SnapshotData,
+    ) -> io::Result<()> {
         let meta_bytes = codec::encode(meta).map_err(io_err)?;
         let store = self.snapshots.clone();
         // A reference count, not a copy of the state.
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || store.save(&meta_bytes, &data))
-            .await
-            .map_err(io_err)?
-            .map_err(io_err)
+        let (meta, data) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            store.save(&meta_bytes, &data).map_err(io_err)?;
+            *current = Some((meta, data));
+            Ok(())
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    /// Captures the user's state and its last log id under the applied lock.
+    async fn capture(&self) -> io::Result<(SnapshotMetaOf<C>, SnapshotData)> {
+        let applied = self.applied.lock().await;
+        let data = SnapshotData::from(self.sm.snapshot().map_err(io_err)?);
+        if let Some((pacer, _)) = &self.pacing {
+            pacer.taken(data.len());
+        }
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.last_membership.clone(),
+        };
+        Ok((meta, data))
+    }
+
+    /// Stores a captured snapshot if it is newer than the current one, and returns the snapshot
+    /// that is current afterwards. A build overtaken by an install (or by another build) is
+    /// dropped: openraft ignores a returned snapshot that is not newer than its own, so returning
+    /// the current one purges nothing the file does not cover.
+    async fn keep(
+        &self,
+        meta: SnapshotMetaOf<C>,
+        data: SnapshotData,
+    ) -> io::Result<SnapshotOf<C, SnapshotData>> {
+        let current = self.current.clone().lock_owned().await;
+        if let Some((cur, cur_data)) = current.as_ref() {
+            if meta.last_log_id <= cur.last_log_id {
+                tracing::info!(
+                    built = %meta,
+                    current = %cur,
+                    "dropping a built snapshot that is not newer than the current one"
+                );
+                return Ok(Snapshot {
+                    meta: cur.clone(),
+                    snapshot: cur_data.clone(),
+                });
+            }
+        }
+        self.replace(current, &meta, &data).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: data,
+        })
     }
 }
 
@@ -101,31 +157,8 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
-        let (meta, data) = {
-            let applied = self.applied.lock().await;
-            let data = SnapshotData::from(self.sm.snapshot().map_err(io_err)?);
-            if let Some((pacer, _)) = &self.pacing {
-                pacer.taken(data.len());
-            }
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.last_membership.clone(),
-            };
-            (meta, data)
-        };
-        self.persist(&meta, &data).await?;
-        let mut applied = self.applied.lock().await;
-        let newer = match (&applied.current, meta.last_log_id) {
-            (Some((cur, _)), Some(new)) => cur.last_log_id.is_none_or(|c| c <= new),
-            _ => true,
-        };
-        if newer {
-            applied.current = Some((meta.clone(), data.clone()));
-        }
-        Ok(Snapshot {
-            meta,
-            snapshot: data,
-        })
+        let (meta, data) = self.capture().await?;
+        self.keep(meta, data).await
     }
 }
 
@@ -180,23 +213,270 @@ impl RaftStateMachine<C> for StateMachineStore {
         meta: &SnapshotMetaOf<C>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        let current = self.current.clone().lock_owned().await;
+        if let Some((cur, _)) = current.as_ref() {
+            // openraft installs only snapshots past its committed index, so this is a broken
+            // promise; going back would lose the entries between the two, already purged.
+            if meta.last_log_id < cur.last_log_id {
+                return Err(io::Error::other(format!(
+                    "refusing to install snapshot {meta}: older than the current snapshot {cur}, \
+                     whose log may already be purged"
+                )));
+            }
+        }
         // Durable first: a crash after restoring memory but before saving would lose the state
         // the log no longer has.
-        self.persist(meta, &snapshot).await?;
+        self.replace(current, meta, &snapshot).await?;
         let mut a = self.applied.lock().await;
         self.sm.restore(&snapshot).map_err(io_err)?;
         a.last_applied = meta.last_log_id;
         a.last_membership = meta.last_membership.clone();
-        a.current = Some((meta.clone(), snapshot));
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<C, SnapshotData>>, io::Error> {
-        let a = self.applied.lock().await;
-        Ok(a.current
+        let current = self.current.lock().await;
+        Ok(current
             .clone()
             .map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use consensus_api::ConsensusError;
+    use openraft::entry::RaftEntry;
+    use openraft::type_config::alias::EntryOf;
+    use openraft::LogId;
+
+    use super::*;
+    use crate::types::Request;
+
+    /// Blocks the first `snapshot()` until released, to hold a build inside its capture.
+    struct Gate {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    /// Echoes commands and snapshots their concatenation.
+    #[derive(Default)]
+    struct Echo {
+        state: parking_lot::Mutex<Vec<u8>>,
+        gate: parking_lot::Mutex<Option<Gate>>,
+    }
+
+    impl ByteStateMachine for Echo {
+        fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+            self.state.lock().extend_from_slice(command);
+            command.to_vec()
+        }
+        fn snapshot(&self) -> Result<Vec<u8>, ConsensusError> {
+            let gate = self.gate.lock().take();
+            if let Some(g) = gate {
+                g.entered.send(()).expect("test waits for the build");
+                g.release.recv().expect("test releases the build");
+            }
+            Ok(self.state.lock().clone())
+        }
+        fn restore(&self, snapshot: &[u8]) -> Result<(), ConsensusError> {
+            *self.state.lock() = snapshot.to_vec();
+            Ok(())
+        }
+    }
+
+    fn log_id(index: u64) -> LogIdOf<C> {
+        LogId::new_term_index(1, index)
+    }
+
+    fn meta(index: u64) -> SnapshotMetaOf<C> {
+        SnapshotMeta {
+            last_log_id: Some(log_id(index)),
+            last_membership: StoredMembership::default(),
+        }
+    }
+
+    fn open(dir: &std::path::Path, sm: Arc<Echo>) -> StateMachineStore {
+        let snaps = SnapshotStore::open(dir).expect("open snapshots");
+        StateMachineStore::open(sm, snaps).expect("open state machine")
+    }
+
+    /// Applies the command `a` at index 1, `b` at 2, ..., over `indexes`.
+    async fn apply_at(store: &mut StateMachineStore, indexes: std::ops::RangeInclusive<u64>) {
+        let entries = indexes.map(|i| {
+            let cmd = vec![b'a' + (i - 1) as u8];
+            Ok((EntryOf::<C>::new_normal(log_id(i), Request(cmd)), None))
+        });
+        store
+            .apply(futures::stream::iter(entries))
+            .await
+            .expect("apply");
+    }
+
+    /// The stored file's last log id, read back through a fresh `SnapshotStore`.
+    fn stored_last_log_id(dir: &std::path::Path) -> Option<LogIdOf<C>> {
+        let (meta, _) = SnapshotStore::open(dir)
+            .expect("open snapshots")
+            .load()
+            .expect("load")
+            .expect("a stored snapshot");
+        let meta: SnapshotMetaOf<C> = codec::decode(&meta).expect("decode meta");
+        meta.last_log_id
+    }
+
+    async fn current_last_log_id(store: &mut StateMachineStore) -> Option<LogIdOf<C>> {
+        store
+            .get_current_snapshot()
+            .await
+            .expect("current snapshot")
+            .and_then(|s| s.meta.last_log_id)
+    }
+
+    /// A follower's own build captured at index 2 finishes after the leader's snapshot at index 5
+    /// was installed: the file and the current snapshot stay at 5, because openraft has already
+    /// purged the log up to 5 and a restart from 2 could not re-apply 3..=5.
+    #[tokio::test]
+    async fn a_build_finishing_after_a_newer_install_does_not_replace_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = open(dir.path(), Arc::new(Echo::default()));
+        apply_at(&mut store, 1..=2).await;
+
+        let builder = store.get_snapshot_builder().await;
+        let (built_meta, built_data) = builder.capture().await.expect("capture");
+        assert_eq!(built_meta.last_log_id, Some(log_id(2)));
+
+        store
+            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .await
+            .expect("install");
+        let returned = builder.keep(built_meta, built_data).await.expect("keep");
+
+        assert_eq!(
+            stored_last_log_id(dir.path()),
+            Some(log_id(5)),
+            "the stored snapshot went back to the older build"
+        );
+        assert_eq!(current_last_log_id(&mut store).await, Some(log_id(5)));
+        assert_eq!(
+            returned.meta.last_log_id,
+            Some(log_id(5)),
+            "a superseded build reports the current snapshot"
+        );
+        assert_eq!(&returned.snapshot[..], b"abcde");
+
+        let sm = Arc::new(Echo::default());
+        let (applied, _) = open(dir.path(), sm.clone())
+            .applied_state()
+            .await
+            .expect("applied state");
+        assert_eq!(
+            applied,
+            Some(log_id(5)),
+            "a restart resumes before the install"
+        );
+        assert_eq!(&sm.state.lock()[..], b"abcde");
+    }
+
+    /// The same race through openraft's own calls: the build is held inside its capture while the
+    /// install runs, in whatever order the two then reach the file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_racing_a_newer_install_leaves_the_install_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let sm = Arc::new(Echo::default());
+        let mut store = open(dir.path(), sm.clone());
+        apply_at(&mut store, 1..=2).await;
+        *sm.gate.lock() = Some(Gate {
+            entered: entered_tx,
+            release: release_rx,
+        });
+
+        let mut builder = store.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .expect("join")
+            .expect("build entered its capture");
+        let mut installer = store.clone();
+        let install = tokio::spawn(async move {
+            installer
+                .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+                .await
+        });
+        // Gives the install the time to reach the file (or its lock) before the build goes on.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        release.send(()).expect("release the build");
+        build.await.expect("join build").expect("build");
+        install.await.expect("join install").expect("install");
+
+        assert_eq!(stored_last_log_id(dir.path()), Some(log_id(5)));
+        assert_eq!(current_last_log_id(&mut store).await, Some(log_id(5)));
+        assert_eq!(&sm.state.lock()[..], b"abcde");
+    }
+
+    /// A build at the current snapshot's own log id succeeds and reports the current snapshot.
+    #[tokio::test]
+    async fn a_build_at_the_current_log_id_keeps_the_current_snapshot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = open(dir.path(), Arc::new(Echo::default()));
+        store
+            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .await
+            .expect("install");
+        let built = store
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        assert_eq!(built.meta.last_log_id, Some(log_id(5)));
+        assert_eq!(stored_last_log_id(dir.path()), Some(log_id(5)));
+    }
+
+    /// A newer build replaces the current snapshot, on disk and in memory.
+    #[tokio::test]
+    async fn a_newer_build_replaces_the_current_snapshot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = open(dir.path(), Arc::new(Echo::default()));
+        store
+            .install_snapshot(&meta(2), SnapshotData::from_static(b"ab"))
+            .await
+            .expect("install");
+        apply_at(&mut store, 3..=4).await;
+        let built = store
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        assert_eq!(built.meta.last_log_id, Some(log_id(4)));
+        assert_eq!(stored_last_log_id(dir.path()), Some(log_id(4)));
+        assert_eq!(current_last_log_id(&mut store).await, Some(log_id(4)));
+    }
+
+    /// Installing a snapshot older than the current one is refused and changes nothing: the log
+    /// may already be purged up to the current one.
+    #[tokio::test]
+    async fn installing_an_older_snapshot_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sm = Arc::new(Echo::default());
+        let mut store = open(dir.path(), sm.clone());
+        store
+            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .await
+            .expect("install");
+        let older = store
+            .install_snapshot(&meta(3), SnapshotData::from_static(b"abc"))
+            .await;
+        assert!(older.is_err(), "an older install was accepted");
+        assert_eq!(stored_last_log_id(dir.path()), Some(log_id(5)));
+        assert_eq!(current_last_log_id(&mut store).await, Some(log_id(5)));
+        assert_eq!(&sm.state.lock()[..], b"abcde");
+        let (applied, _) = store.applied_state().await.expect("applied state");
+        assert_eq!(applied, Some(log_id(5)));
     }
 }
