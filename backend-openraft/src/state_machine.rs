@@ -300,7 +300,8 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, sm: Arc<Echo>) -> StateMachineStore {
-        let snaps = SnapshotStore::open(dir).expect("open snapshots");
+        let log = consensus_storage::Log::open(dir).expect("open log");
+        let snaps = log.snapshot_store().expect("open snapshots");
         StateMachineStore::open(sm, snaps).expect("open state machine")
     }
 
@@ -318,9 +319,7 @@ mod tests {
 
     /// The stored file's last log id, read back through a fresh `SnapshotStore`.
     fn stored_last_log_id(dir: &std::path::Path) -> Option<LogIdOf<C>> {
-        let (meta, _) = SnapshotStore::open(dir)
-            .expect("open snapshots")
-            .load()
+        let (meta, _) = SnapshotStore::peek(dir)
             .expect("load")
             .expect("a stored snapshot");
         let meta: SnapshotMetaOf<C> = codec::decode(&meta).expect("decode meta");
@@ -367,6 +366,8 @@ mod tests {
         );
         assert_eq!(&returned.snapshot[..], b"abcde");
 
+        // A restart: the old node's store (and with it the data-dir lock) is gone first.
+        drop((store, builder));
         let sm = Arc::new(Echo::default());
         let (applied, _) = open(dir.path(), sm.clone())
             .applied_state()

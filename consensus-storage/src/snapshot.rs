@@ -67,8 +67,21 @@ impl SnapshotStore {
     /// The stored snapshot as `(meta, data)`, or `None` when there is none. A damaged file is an
     /// error: snapshots are written atomically, so damage is never a torn write.
     pub fn load(&self) -> Result<Option<(Bytes, Bytes)>> {
-        let path = self.path();
-        let buf = match self.fs.read(&path) {
+        load(&*self.fs, &self.path())
+    }
+
+    /// Reads the snapshot stored in data directory `dir` without taking its lock (for
+    /// inspection: offline dumps, tests). A node may be replacing it meanwhile; what is read is
+    /// then either the old or the new snapshot, never a mix.
+    pub fn peek(dir: &Path) -> Result<Option<(Bytes, Bytes)>> {
+        load(&*crate::fs::for_path(dir), &dir.join(FILE))
+    }
+}
+
+fn load(fs: &dyn FileSystem, path: &Path) -> Result<Option<(Bytes, Bytes)>> {
+    {
+        let path = path.to_path_buf();
+        let buf = match fs.read(&path) {
             Ok(b) => Bytes::from(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StorageError::io("read", &path, e)),
