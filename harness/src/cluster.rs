@@ -519,14 +519,47 @@ where
         Fut: Future<Output = Result<R, ConsensusError>> + Send + 'static,
         R: Send + 'static,
     {
-        let Some(m) = self.members.get(&id) else {
-            return Err(ConsensusError::InvalidRequest(format!("no node {id}")));
-        };
-        let Some(node) = &m.node else {
-            return Err(ConsensusError::ShuttingDown);
-        };
-        let fut = f(node.clone());
-        match &m.runtime {
+        match self.remote(id) {
+            Some(r) => r.run(f).await,
+            None if self.members.contains_key(&id) => Err(ConsensusError::ShuttingDown),
+            None => Err(ConsensusError::InvalidRequest(format!("no node {id}"))),
+        }
+    }
+
+    /// A handle that runs calls on node `id` (on its runtime) from any task, without holding
+    /// the cluster: for concurrent clients while the test crashes and restarts nodes. `None`
+    /// when the node is not running.
+    pub fn remote(&self, id: NodeId) -> Option<Remote<K::Node>> {
+        let m = self.members.get(&id)?;
+        Some(Remote {
+            id,
+            node: m.node.clone()?,
+            runtime: m.runtime.as_ref().map(|rt| rt.handle().clone()),
+        })
+    }
+}
+
+/// A running node's handle plus the runtime its calls must run on ([`LocalCluster::remote`]).
+/// Once the node crashes, its calls fail with `ShuttingDown`.
+#[derive(Clone)]
+pub struct Remote<N> {
+    /// The node's id.
+    pub id: NodeId,
+    /// The node's handle.
+    pub node: N,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl<N: Clone + Send + Sync + 'static> Remote<N> {
+    /// Runs `f` on the node's runtime; `ShuttingDown` when the runtime died meanwhile.
+    pub async fn run<F, Fut, R>(&self, f: F) -> Result<R, ConsensusError>
+    where
+        F: FnOnce(N) -> Fut,
+        Fut: Future<Output = Result<R, ConsensusError>> + Send + 'static,
+        R: Send + 'static,
+    {
+        let fut = f(self.node.clone());
+        match &self.runtime {
             Some(rt) => rt.spawn(fut).await,
             None => tokio::spawn(fut).await,
         }

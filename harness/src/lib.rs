@@ -27,7 +27,7 @@ mod options;
 mod run;
 mod waits;
 
-pub use cluster::LocalCluster;
+pub use cluster::{LocalCluster, Remote};
 pub use combo::Combo;
 pub use node::{Machines, NodeKind};
 pub use options::{ClusterOptions, Runtimes, StorageChoice, TlsChoice};

@@ -89,8 +89,12 @@ impl ClusterOptions {
     /// id naming the combination and the seed, fault injection on, power-loss disks, logs
     /// through the test capture.
     pub fn for_test(combo: &Combo, test: &str) -> Self {
+        Self::for_test_seeded(combo, seed(test))
+    }
+
+    /// Like [`for_test`](Self::for_test) with a given seed (a soak's, a replay's).
+    pub fn for_test_seeded(combo: &Combo, seed: u64) -> Self {
         init_logging();
-        let seed = seed(test);
         Self {
             fault_injection: true,
             seed,

@@ -51,6 +51,7 @@ macro_rules! conformance_suite {
             $crate::__membership_family!(combo);
             $crate::__errors_family!(combo);
             $crate::__broker_family!(combo);
+            $crate::__random_family!(combo);
         }
     };
 }

@@ -14,6 +14,7 @@ pub mod election;
 pub mod errors;
 pub mod faults;
 pub mod membership;
+pub mod random;
 pub mod replication;
 pub mod transport;
 
@@ -34,6 +35,7 @@ mod registration {
         (include_str!("errors.rs"), "errors"),
         (include_str!("faults.rs"), "faults"),
         (include_str!("membership.rs"), "membership"),
+        (include_str!("random.rs"), "random"),
         (include_str!("replication.rs"), "replication"),
         (include_str!("transport.rs"), "transport"),
     ];
