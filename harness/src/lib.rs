@@ -12,8 +12,9 @@
 //! - [`NodeKind`]: what runs on each node: a plain [`Consensus`](consensus_api::Consensus) handle
 //!   ([`Machines`]) or a program's own node (the broker's combined-mode node).
 //! - [`LocalCluster`]: start, crash, stop, restart, add nodes, wait for leaders and indexes.
-//! - [`fault`]: a [`Transport`](consensus_api::Transport) wrapper for partitions, loss and delay,
-//!   driven by a seed.
+//! - [`fault`]: a [`Transport`](consensus_api::Transport) wrapper for partitions, loss, delay,
+//!   call duplication and reordering, calls failed after delivery and node pauses, driven by a
+//!   seed and counted.
 //! - [`kv`]: the key-value state machine the scenarios replicate.
 
 #![warn(missing_docs, unreachable_pub)]
