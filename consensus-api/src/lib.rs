@@ -54,6 +54,17 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod codec;
+
+/// The channel tags of a node's shared transport: every frame a [`Consensus`] node sends
+/// starts with one byte naming who it is for, so wrappers below the node (fault injection,
+/// metrics) can tell engine traffic from forwarded client operations without decoding them.
+pub mod channel {
+    /// Engine traffic (Raft messages): engines tolerate its loss, delay and duplication.
+    pub const ENGINE: u8 = 0;
+    /// Forwarded client operations: each must be delivered at most once.
+    pub const FORWARD: u8 = 1;
+}
+
 mod config;
 mod engine;
 mod error;

@@ -11,10 +11,7 @@ use parking_lot::RwLock;
 
 use crate::{InboundHandler, NodeId, Transport, TransportError, TransportLayer};
 
-/// Channel tag of engine traffic on the shared transport.
-pub(crate) const ENGINE_CHANNEL: u8 = 0;
-/// Channel tag of forwarded client operations.
-pub(crate) const FORWARD_CHANNEL: u8 = 1;
+pub(crate) use crate::channel::{ENGINE as ENGINE_CHANNEL, FORWARD as FORWARD_CHANNEL};
 
 type Handlers = Arc<RwLock<HashMap<u8, Weak<dyn InboundHandler>>>>;
 

@@ -233,6 +233,12 @@ impl Faults {
         self.partition(&[vec![node], rest]);
     }
 
+    /// Cuts the link between `a` and `b` (both directions), leaving every other link up: with a
+    /// third node that sees both, a bridge partition.
+    pub fn cut(&self, a: NodeId, b: NodeId) {
+        self.partition(&[vec![a], vec![b]]);
+    }
+
     /// Clears every fault: restores every link, removes loss, delay, duplication, reordering
     /// and failures after delivery, and resumes every paused node (its held traffic leaves in
     /// order). Traffic already delayed still arrives late; the counts of
@@ -268,8 +274,8 @@ impl Faults {
     /// copy's answer. The copy goes even if a fault starts in between. One-way frames are never
     /// duplicated (the contract forbids it).
     ///
-    /// A duplicated forwarded proposal is applied twice unless the state machine deduplicates
-    /// commands: real transports deliver a call at most once, and the node handle relies on it.
+    /// Only engine calls (frames tagged [`consensus_api::channel::ENGINE`]) are duplicated: a forwarded client operation must be delivered
+    /// at most once, as real transports deliver calls, and the node handle relies on it.
     pub fn set_duplicate_rate(&self, rate: f64, max_lag: Duration) {
         self.state.lock().duplicate = Some(RateWithin {
             rate: probability(rate),

@@ -107,15 +107,36 @@ fn node(faults: &Faults) -> (Arc<Stub>, Arc<dyn Transport>) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn duplicated_call_is_delivered_twice_and_answered_once() {
+async fn duplicated_engine_call_is_delivered_twice_and_answered_once() {
     let faults = Faults::new(7);
     let (stub, t) = node(&faults);
     faults.set_duplicate_rate(1.0, ms(10));
-    let answer = t.call(2, frame("req"), ms(1000)).await;
-    assert_eq!(answer, Ok(answer_to(&frame("req"))));
+    let req = tagged(consensus_api::channel::ENGINE, "req");
+    let answer = t.call(2, req.clone(), ms(1000)).await;
+    assert_eq!(answer, Ok(answer_to(&req)));
     sleep(ms(20)).await;
-    assert_eq!(stub.calls(), vec![frame("req"), frame("req")]);
+    assert_eq!(stub.calls(), vec![req.clone(), req]);
     assert_eq!(faults.stats().duplicated, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_client_call_is_never_duplicated() {
+    let faults = Faults::new(7);
+    let (stub, t) = node(&faults);
+    faults.set_duplicate_rate(1.0, ms(10));
+    let req = tagged(consensus_api::channel::FORWARD, "propose");
+    let answer = t.call(2, req.clone(), ms(1000)).await;
+    assert_eq!(answer, Ok(answer_to(&req)));
+    sleep(ms(20)).await;
+    assert_eq!(stub.calls(), vec![req]);
+    assert_eq!(faults.stats().duplicated, 0);
+}
+
+/// A frame as the node's shared transport sends it: channel tag first.
+fn tagged(channel: u8, s: &str) -> Bytes {
+    let mut v = vec![channel];
+    v.extend_from_slice(s.as_bytes());
+    Bytes::from(v)
 }
 
 #[tokio::test(start_paused = true)]

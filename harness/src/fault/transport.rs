@@ -166,7 +166,10 @@ impl TransportLayer for FaultyTransport {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        if let Some(lag) = plan.duplicate_after {
+        // Only engine traffic: Raft messages are idempotent for the engines, while a forwarded
+        // client operation must be delivered at most once (as real transports do).
+        let engine_call = frame.first() == Some(&consensus_api::channel::ENGINE);
+        if let Some(lag) = plan.duplicate_after.filter(|_| engine_call) {
             self.faults.count(|s| s.duplicated += 1);
             let inner = self.inner.clone();
             let copy = frame.clone();

@@ -26,10 +26,10 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use super::{ELECTION, SETTLE};
-use consensus_harness::{ClusterOptions, Machines, Remote};
-use consensus_harness::history::{History, Op, Outcome};
 use crate::kv::{KvCommand, KvMachine, KvResponse};
 use crate::{Cluster, Combo, Node};
+use consensus_harness::history::{History, Op, Outcome};
+use consensus_harness::{ClusterOptions, Machines, Remote};
 
 /// The random family, declared once: [`conformance_suite!`](crate::conformance_suite) runs
 /// every scenario in it for each combination.
@@ -308,7 +308,13 @@ async fn client(
         let value = format!("c{me}.{n}");
         let roll = rng.gen_range(0..100);
         let failed = if roll < 40 {
-            let p = history.invoke(me, key, Op::Put { value: value.clone() });
+            let p = history.invoke(
+                me,
+                key,
+                Op::Put {
+                    value: value.clone(),
+                },
+            );
             let cmd = crate::kv::put(key, value.clone());
             let r = call(&remote, cmd).await;
             let o = write_outcome(r);
@@ -448,7 +454,10 @@ impl Nemesis {
                 tokio::time::sleep(lasts).await;
             }
             Fault::Loss(rate) => {
-                self.note(format!("lose {:.0}% of messages for {lasts:?}", rate * 100.0));
+                self.note(format!(
+                    "lose {:.0}% of messages for {lasts:?}",
+                    rate * 100.0
+                ));
                 faults.set_drop_rate(*rate);
                 tokio::time::sleep(lasts).await;
             }
@@ -458,13 +467,16 @@ impl Nemesis {
                 tokio::time::sleep(lasts).await;
             }
             Fault::Duplicate(p) => {
-                self.note(format!("duplicate {:.0}% of calls for {lasts:?}", p * 100.0));
-                faults.set_duplicate_rate(*p);
+                self.note(format!(
+                    "duplicate {:.0}% of calls for {lasts:?}",
+                    p * 100.0
+                ));
+                faults.set_duplicate_rate(*p, Duration::from_millis(50));
                 tokio::time::sleep(lasts).await;
             }
             Fault::Reorder(p) => {
                 self.note(format!("reorder {:.0}% of calls for {lasts:?}", p * 100.0));
-                faults.set_reorder_rate(*p);
+                faults.set_reorder_rate(*p, Duration::from_millis(200));
                 tokio::time::sleep(lasts).await;
             }
             Fault::DeliverThenFail(p) => {
@@ -472,7 +484,7 @@ impl Nemesis {
                     "deliver and then fail {:.0}% of calls for {lasts:?}",
                     p * 100.0
                 ));
-                faults.set_deliver_then_fail_rate(*p);
+                faults.set_fail_after_delivery_rate(*p);
                 tokio::time::sleep(lasts).await;
             }
             Fault::Crash(of_leader, n) => {
@@ -523,7 +535,9 @@ impl Nemesis {
 
     /// A fresh node joins as a learner, catches up, is promoted; the old one is removed.
     async fn replace(&mut self, n: usize) {
-        let Some(old) = self.pick(n, None) else { return };
+        let Some(old) = self.pick(n, None) else {
+            return;
+        };
         self.c.faults.heal();
         let new = self.next_id;
         self.next_id += 1;
@@ -563,7 +577,10 @@ impl Nemesis {
         }
         self.voters = voters;
         let r = self
-            .admin(deadline, move |node| async move { node.remove_node(old).await })
+            .admin(
+                deadline,
+                move |node| async move { node.remove_node(old).await },
+            )
             .await;
         self.note(step("remove old node", r));
         self.c.stop(old).await;
@@ -699,7 +716,10 @@ pub async fn random_faults_run(combo: Combo, cfg: RunConfig) -> RunReport {
             let k = key.to_string();
             match nemesis
                 .c
-                .on(l, move |n| async move { n.read(move |sm| sm.get(&k)).await })
+                .on(
+                    l,
+                    move |n| async move { n.read(move |sm| sm.get(&k)).await },
+                )
                 .await
             {
                 Ok(value) => p.complete(Outcome::Get { value }),
