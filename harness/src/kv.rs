@@ -23,6 +23,16 @@ pub enum KvCommand {
         /// What to append.
         suffix: String,
     },
+    /// Sets `key` to `new` only if its current value equals `expected` (`None`: the key is
+    /// absent); answers [`KvResponse::Swapped`].
+    Cas {
+        /// The key.
+        key: String,
+        /// The value `key` must hold for the swap to happen.
+        expected: Option<String>,
+        /// The value to set.
+        new: String,
+    },
 }
 
 /// What a [`KvCommand`] answers.
@@ -32,6 +42,13 @@ pub enum KvResponse {
     Previous(Option<String>),
     /// The value after an `Append`.
     Current(String),
+    /// What a `Cas` did.
+    Swapped {
+        /// Whether the key held the expected value, so it now holds the new one.
+        swapped: bool,
+        /// The value after the command: the new value if swapped, else the unchanged one.
+        current: Option<String>,
+    },
 }
 
 /// A replicated key-value map.
@@ -82,6 +99,19 @@ impl StateMachine for KvMachine {
                 v.push_str(&suffix);
                 KvResponse::Current(v.clone())
             }
+            KvCommand::Cas { key, expected, new } => {
+                let swapped = self.data.get(&key) == expected.as_ref();
+                if swapped {
+                    self.data.insert(key, new.clone());
+                    KvResponse::Swapped {
+                        swapped,
+                        current: Some(new),
+                    }
+                } else {
+                    let current = self.data.get(&key).cloned();
+                    KvResponse::Swapped { swapped, current }
+                }
+            }
         }
     }
 
@@ -100,5 +130,80 @@ pub fn put(key: impl Into<String>, value: impl Into<String>) -> KvCommand {
     KvCommand::Put {
         key: key.into(),
         value: value.into(),
+    }
+}
+
+/// A `Cas` command: sets `key` to `new` if it holds `expected` (`None`: absent).
+pub fn cas(key: impl Into<String>, expected: Option<&str>, new: impl Into<String>) -> KvCommand {
+    KvCommand::Cas {
+        key: key.into(),
+        expected: expected.map(str::to_owned),
+        new: new.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(m: &mut KvMachine, c: KvCommand) -> KvResponse {
+        let index = m.last_index + 1;
+        m.apply(index, c)
+    }
+
+    #[test]
+    fn cas_swaps_only_when_the_expected_value_holds() {
+        let mut m = KvMachine::default();
+        let absent = apply(&mut m, cas("k", Some("a"), "b"));
+        assert_eq!(
+            absent,
+            KvResponse::Swapped {
+                swapped: false,
+                current: None
+            }
+        );
+        assert_eq!(m.get("k"), None);
+        let created = apply(&mut m, cas("k", None, "a"));
+        assert_eq!(
+            created,
+            KvResponse::Swapped {
+                swapped: true,
+                current: Some("a".into())
+            }
+        );
+        let stale = apply(&mut m, cas("k", None, "x"));
+        assert_eq!(
+            stale,
+            KvResponse::Swapped {
+                swapped: false,
+                current: Some("a".into())
+            }
+        );
+        let swapped = apply(&mut m, cas("k", Some("a"), "b"));
+        assert_eq!(
+            swapped,
+            KvResponse::Swapped {
+                swapped: true,
+                current: Some("b".into())
+            }
+        );
+        assert_eq!(m.get("k").as_deref(), Some("b"));
+        assert_eq!(m.applied, 4, "a failed CAS is still an applied command");
+    }
+
+    #[test]
+    fn put_and_append_answer_as_before() {
+        let mut m = KvMachine::default();
+        assert_eq!(apply(&mut m, put("k", "a")), KvResponse::Previous(None));
+        assert_eq!(
+            apply(
+                &mut m,
+                KvCommand::Append {
+                    key: "k".into(),
+                    suffix: "b".into()
+                }
+            ),
+            KvResponse::Current("ab".into())
+        );
     }
 }

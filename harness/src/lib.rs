@@ -16,13 +16,19 @@
 //!   call duplication and reordering, calls failed after delivery and node pauses, driven by a
 //!   seed and counted.
 //! - [`kv`]: the key-value state machine the scenarios replicate.
+//! - [`history`]: a thread-safe record of what concurrent clients asked and learned, stamped by
+//!   one logical clock.
+//! - [`linearizability`]: judges such a history: is there one order of the operations, consistent
+//!   with real time, that a single register per key would have answered the same way?
 
 #![warn(missing_docs, unreachable_pub)]
 
 mod cluster;
 mod combo;
 pub mod fault;
+pub mod history;
 pub mod kv;
+pub mod linearizability;
 mod node;
 mod options;
 mod run;
