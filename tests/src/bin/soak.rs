@@ -51,8 +51,14 @@ fn combos() -> Vec<Combo> {
             backend_openraft::OpenraftBackend,
             transport_quic::QuicTransportFactory,
         ),
-        Combo::new(backend_tikv::TikvBackend, transport_grpc::GrpcTransportFactory),
-        Combo::new(backend_tikv::TikvBackend, transport_quic::QuicTransportFactory),
+        Combo::new(
+            backend_tikv::TikvBackend,
+            transport_grpc::GrpcTransportFactory,
+        ),
+        Combo::new(
+            backend_tikv::TikvBackend,
+            transport_quic::QuicTransportFactory,
+        ),
     ]
 }
 
@@ -62,6 +68,7 @@ struct Row {
     ops: usize,
     unknown: usize,
     faults: usize,
+    messages: u64,
     violations: usize,
     failing: Vec<u64>,
     elapsed: Duration,
@@ -86,7 +93,10 @@ async fn main() {
         .seeds
         .unwrap_or(if args.minutes.is_some() { u64::MAX } else { 3 });
     let budget = args.minutes.map(|m| Duration::from_secs(m * 60));
-    println!("soak: first seed {first}, {} s of faults per run", args.faults_secs);
+    println!(
+        "soak: first seed {first}, {} s of faults per run",
+        args.faults_secs
+    );
     let mut rows = Vec::new();
     for combo in &combos {
         let started = Instant::now();
@@ -105,14 +115,12 @@ async fn main() {
             row.ops += report.ops;
             row.unknown += report.unknown;
             row.faults += report.faults_total();
+            row.messages += report.network.total();
             println!(
-                "{} seed {seed}: {} ops ({} unknown), {} faults, {} violations, {:.0?}",
+                "{} {}, {} violations",
                 combo.name(),
-                report.ops,
-                report.unknown,
-                report.faults_total(),
-                report.violations.len(),
-                report.elapsed
+                report.summary(),
+                report.violations.len()
             );
             if !report.violations.is_empty() {
                 row.violations += report.violations.len();
@@ -124,14 +132,14 @@ async fn main() {
         rows.push((combo.name(), row));
     }
     println!();
-    println!("| combination | seeds | operations checked | unknown outcomes | faults injected | violations | failing seeds | time |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| combination | seeds | operations checked | unknown outcomes | fault steps | messages faulted | violations | failing seeds | time |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut bad = false;
     for (name, r) in &rows {
         bad |= r.violations > 0;
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {:?} | {:.0?} |",
-            r.seeds, r.ops, r.unknown, r.faults, r.violations, r.failing, r.elapsed
+            "| {name} | {} | {} | {} | {} | {} | {} | {:?} | {:.0?} |",
+            r.seeds, r.ops, r.unknown, r.faults, r.messages, r.violations, r.failing, r.elapsed
         );
     }
     std::process::exit(i32::from(bad));

@@ -90,8 +90,11 @@ pub struct RunReport {
     pub ok: usize,
     /// Operations whose outcome is unknown.
     pub unknown: usize,
-    /// Faults injected, by kind.
+    /// Fault steps of the schedule executed, by kind.
     pub faults: BTreeMap<&'static str, usize>,
+    /// Frames and calls the fault layer cut, dropped, delayed, duplicated, reordered, failed
+    /// after delivery or held.
+    pub network: consensus_harness::fault::FaultStats,
     /// The schedule as executed (one line per step).
     pub schedule: Vec<String>,
     /// What went wrong; empty when the run passed.
@@ -101,9 +104,28 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Faults injected, all kinds.
+    /// Fault steps executed, all kinds.
     pub fn faults_total(&self) -> usize {
         self.faults.values().sum()
+    }
+
+    /// One line: operations, outcomes, faults.
+    pub fn summary(&self) -> String {
+        format!(
+            "seed {}: {} ops ({} ok, {} unknown), {} fault steps ({}), messages: {}, {:.1?}",
+            self.seed,
+            self.ops,
+            self.ok,
+            self.unknown,
+            self.faults_total(),
+            self.faults
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.network,
+            self.elapsed
+        )
     }
 
     /// The failure report: seed, violations and the schedule.
@@ -334,7 +356,7 @@ async fn client(
                     new: value.clone(),
                 },
             );
-            let cmd = crate::kv::cas(key, expected, value.clone());
+            let cmd = crate::kv::cas(key, expected.as_deref(), value.clone());
             let o = write_outcome(call(&remote, cmd).await);
             if o == (Outcome::Cas { swapped: true }) {
                 seen.insert(key, Some(value));
@@ -740,6 +762,7 @@ pub async fn random_faults_run(combo: Combo, cfg: RunConfig) -> RunReport {
     let counts = history.counts();
     let elapsed = started.elapsed();
     let Nemesis { c, log, faults, .. } = nemesis;
+    let network = c.faults.stats();
     let mut c = c;
     c.stop_all().await;
     RunReport {
@@ -748,6 +771,7 @@ pub async fn random_faults_run(combo: Combo, cfg: RunConfig) -> RunReport {
         ok: counts.ok,
         unknown: counts.unknown,
         faults,
+        network,
         schedule: log,
         violations,
         elapsed,
@@ -790,7 +814,7 @@ async fn converge(nemesis: &Nemesis, violations: &mut Vec<String>) {
 
 /// Random faults in the middle of traffic leave a linearizable history, one leader per term, a
 /// commit index that never goes back, identical applied histories, and a cluster that commits
-/// again once the faults heal. Runs `RANDOM_FAULTS_RUNS` seeds (default 1) of
+/// again once the faults heal. Runs `RANDOM_FAULTS_RUNS` seeds (default 2) of
 /// `RANDOM_FAULTS_SECS` seconds of faults; the first seed is the test's (printed;
 /// `CONFORMANCE_SEED` replays it), the next ones follow from it.
 ///
@@ -800,19 +824,11 @@ pub async fn linearizable_under_random_faults(combo: Combo) {
     let runs: u64 = std::env::var("RANDOM_FAULTS_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(2);
     for i in 0..runs {
         let seed = first.wrapping_add(i);
         let report = random_faults_run(combo.clone(), RunConfig::for_test(seed)).await;
-        println!(
-            "{}: seed {seed}: {} ops ({} ok, {} unknown), {} faults, {:?}",
-            combo.name(),
-            report.ops,
-            report.ok,
-            report.unknown,
-            report.faults_total(),
-            report.elapsed
-        );
+        println!("{}: {}", combo.name(), report.summary());
         assert!(report.violations.is_empty(), "{}", report.explain());
     }
 }
