@@ -414,6 +414,7 @@ struct Nemesis {
     log: Vec<String>,
     faults: BTreeMap<&'static str, usize>,
     started: Instant,
+    violations: Vec<String>,
 }
 
 impl Nemesis {
@@ -523,7 +524,11 @@ impl Nemesis {
                     self.bump(v);
                     match self.c.try_restart(v).await {
                         Ok(()) => self.note(format!("node {v} restarted")),
-                        Err(e) => self.note(format!("node {v} failed to restart: {e}")),
+                        Err(e) => {
+                            self.note(format!("node {v} failed to restart: {e}"));
+                            self.violations
+                                .push(format!("node {v} failed to restart after a power cut: {e}"));
+                        }
                     }
                     refresh(&self.c, &self.targets);
                 }
@@ -693,13 +698,14 @@ pub async fn random_faults_run(combo: Combo, cfg: RunConfig) -> RunReport {
         log: Vec::new(),
         faults: BTreeMap::new(),
         started,
+        violations: Vec::new(),
     };
     for (fault, lasts) in schedule(cfg.seed, cfg.faults_for) {
         nemesis.run_step(&fault, lasts).await;
     }
     nemesis.c.faults.heal();
     nemesis.note("faults healed".into());
-    let mut violations = Vec::new();
+    let mut violations = std::mem::take(&mut nemesis.violations);
 
     // Progress: a write commits within the bound once everything healed.
     let progress_by = Instant::now() + PROGRESS_BOUND;
@@ -787,19 +793,11 @@ async fn converge(nemesis: &Nemesis, violations: &mut Vec<String>) {
             .filter_map(|id| nemesis.c.handle(*id))
             .map(|n| (n.id(), n.read_local(|sm| (sm.last_index, sm.history))))
             .collect();
-        let commit = nemesis
-            .voters
-            .iter()
-            .filter_map(|id| nemesis.c.statuses().get(id).map(|s| s.commit_index))
-            .max()
-            .unwrap_or(0);
         let distinct: std::collections::BTreeSet<_> = states.values().collect();
-        let caught_up = states.values().all(|(i, _)| {
-            // A node applies up to the commit index, and entries without a command (leader
-            // no-ops, membership) do not move `last_index`: equal histories suffice.
-            *i <= commit
-        });
-        if distinct.len() == 1 && caught_up {
+        let all_running = states.len() == nemesis.voters.len();
+        // Entries without a command (leader no-ops, membership) do not move `last_index`, so
+        // equal (last index, history hash) pairs are the test of one applied history.
+        if distinct.len() == 1 && all_running {
             return;
         }
         if Instant::now() >= deadline {
