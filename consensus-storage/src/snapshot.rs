@@ -17,8 +17,8 @@ const FILE: &str = "snapshot.bin";
 
 /// Keeps the latest snapshot (the engine's metadata plus the state machine bytes).
 ///
-/// Obtained from the data directory's [`Log`](crate::Log) ([`Log::snapshot_store`]
-/// (crate::Log::snapshot_store)), whose directory lock every clone shares: the lock is released
+/// Obtained from the data directory's log ([`Log::snapshot_store`](crate::Log::snapshot_store)),
+/// whose directory lock every clone shares: the lock is released
 /// only when the log has closed **and** no clone is left, so a save still running after its
 /// node stopped can never race a node restarted on the same directory.
 #[derive(Clone)]

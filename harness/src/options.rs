@@ -12,7 +12,7 @@ use crate::Combo;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Runtimes {
-    /// Each node on its own single-worker runtime: [`LocalCluster::crash`] kills it abruptly.
+    /// Each node on its own single-worker runtime: [`LocalCluster::crash`](crate::LocalCluster::crash) kills it abruptly.
     #[default]
     PerNode,
     /// Every node on the caller's runtime (benchmarks: no extra threads). Nodes can be stopped
@@ -46,7 +46,7 @@ pub enum StorageChoice {
     PowerLoss,
 }
 
-/// How a [`LocalCluster`] is set up.
+/// How a [`LocalCluster`](crate::LocalCluster) is set up.
 #[derive(Clone)]
 pub struct ClusterOptions {
     /// The cluster id every node is configured with.
@@ -55,8 +55,8 @@ pub struct ClusterOptions {
     pub runtimes: Runtimes,
     /// Transport security.
     pub tls: TlsChoice,
-    /// Whether each node's transport is wrapped in a [`FaultyTransport`] obeying
-    /// [`LocalCluster::faults`]. Without it the plan has no effect.
+    /// Whether each node's transport is wrapped in a [`FaultyTransport`](crate::fault::FaultyTransport) obeying
+    /// [`LocalCluster::faults`](crate::LocalCluster::faults). Without it the plan has no effect.
     pub fault_injection: bool,
     /// Seed of the fault plan's random choices.
     pub seed: u64,

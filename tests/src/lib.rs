@@ -20,6 +20,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod random_faults;
 pub mod scenarios;
 
 pub use consensus_harness::{fault, init_logging, kv, seed, Cluster, Combo, Node, SmCluster};

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use conformance::scenarios::random::{random_faults_run, RunConfig};
+use conformance::random_faults::{random_faults_run, RunConfig};
 use conformance::Combo;
 use tokio::time::Instant;
 
