@@ -9,6 +9,9 @@
 #
 # The scratch checkout (a detached git worktree) and its target dir are kept between runs under
 # $DEFECTS_DIR (default: /tmp/consensus-defects), so each defect rebuilds only what it touches.
+# Never point DEFECTS_TARGET at the target dir of another checkout of this workspace: cargo names
+# workspace artifacts by their path relative to the workspace root, so the defective builds
+# would replace that checkout's artifacts, and its next build may reuse them as up to date.
 # Exit status: 0 when every defect was caught, 1 otherwise. Not part of CI (it takes long).
 set -uo pipefail
 

@@ -42,6 +42,13 @@ pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, Conse
         max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
         purge_batch_size: 64,
         enable_pre_vote: Some(true),
+        // A restarted leader must win a new election, as in standard Raft. openraft's default
+        // lets it resume leading in its old term; after a power cut that lost the unsynced tail
+        // of its log (entries it had already sent, and a majority had committed), it then
+        // appends different entries at the same (index, term), and followers that match on
+        // the term keep the old ones: the state machines diverge. Found by
+        // `openraft_quic::linearizable_under_random_faults`, CONFORMANCE_SEED=3187594150413273320.
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
     .validate()

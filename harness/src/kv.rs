@@ -92,6 +92,7 @@ impl StateMachine for KvMachine {
         let mut bytes = index.to_le_bytes().to_vec();
         bytes.extend(codec::encode(&command).unwrap_or_default());
         self.history = fnv(self.history, &bytes);
+        tracing::trace!(target: "kv_apply", "{:?} apply {index} {command:?}", std::thread::current().name());
         match command {
             KvCommand::Put { key, value } => KvResponse::Previous(self.data.insert(key, value)),
             KvCommand::Append { key, suffix } => {
@@ -121,6 +122,7 @@ impl StateMachine for KvMachine {
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         *self = codec::decode(snapshot).map_err(|e| e.to_string())?;
+        tracing::trace!(target: "kv_apply", "{:?} restore at {}", std::thread::current().name(), self.last_index);
         Ok(())
     }
 }

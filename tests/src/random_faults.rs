@@ -233,6 +233,8 @@ struct Watch {
     commits: BTreeMap<(NodeId, u64), u64>,
     /// Applied index -> (history hash, node that had it first).
     applied: BTreeMap<u64, (u64, NodeId)>,
+    /// Node pairs already reported as diverged.
+    diverged: std::collections::BTreeSet<(NodeId, NodeId)>,
     violations: Vec<String>,
 }
 
@@ -242,10 +244,12 @@ impl Watch {
         let id = remote.id;
         if st.role == Role::Leader {
             match self.leaders.get(&st.term) {
-                Some(other) if *other != id => self.violations.push(format!(
-                    "two leaders in term {}: nodes {other} and {id}",
-                    st.term
-                )),
+                Some(other) if *other != id && self.diverged.insert((*other, id)) => {
+                    self.violations.push(format!(
+                        "two leaders in term {}: nodes {other} and {id}",
+                        st.term
+                    ))
+                }
                 Some(_) => {}
                 None => {
                     self.leaders.insert(st.term, id);
@@ -253,7 +257,7 @@ impl Watch {
             }
         }
         let seen = self.commits.entry((id, incarnation)).or_default();
-        if st.commit_index < *seen {
+        if st.commit_index < *seen && self.violations.len() < 100 {
             self.violations.push(format!(
                 "node {id} commit index went back from {seen} to {}",
                 st.commit_index
@@ -263,9 +267,12 @@ impl Watch {
         let (index, hash) = remote.node.read_local(|sm| (sm.last_index, sm.history));
         if index > 0 {
             match self.applied.get(&index) {
-                Some((h, other)) if *h != hash => self.violations.push(format!(
-                    "nodes {other} and {id} applied different histories up to index {index}"
-                )),
+                // Reported once per node pair: every later index differs too.
+                Some((h, other)) if *h != hash && self.diverged.insert((*other, id)) => {
+                    self.violations.push(format!(
+                        "nodes {other} and {id} applied different histories up to index {index}"
+                    ))
+                }
                 Some(_) => {}
                 None => {
                     self.applied.insert(index, (hash, id));
@@ -282,6 +289,7 @@ fn write_outcome(r: Result<KvResponse, ConsensusError>) -> Outcome {
         Ok(KvResponse::Current(_)) => Outcome::Unknown,
         // Refused before anything was appended.
         Err(e) if matches!(e.kind(), ErrorKind::InvalidRequest | ErrorKind::NotLeader) => {
+            tracing::debug!("write refused (recorded as failed): {e}");
             Outcome::Failed
         }
         // Timeouts, transport failures, a node dying under the call: it may still commit.
@@ -327,6 +335,7 @@ async fn client(
             );
             let cmd = crate::kv::put(key, value.clone());
             let r = call(&remote, cmd).await;
+            tracing::debug!(node = remote.id, "put {key}={value}: {r:?}");
             let o = write_outcome(r);
             let failed = o == Outcome::Failed || o == Outcome::Unknown;
             if !failed {
