@@ -235,6 +235,8 @@ struct Watch {
     applied: BTreeMap<u64, (u64, NodeId)>,
     /// Node pairs already reported as diverged.
     diverged: std::collections::BTreeSet<(NodeId, NodeId)>,
+    /// (term, second leader) already reported.
+    double_leaders: std::collections::BTreeSet<(u64, NodeId)>,
     violations: Vec<String>,
 }
 
@@ -244,7 +246,7 @@ impl Watch {
         let id = remote.id;
         if st.role == Role::Leader {
             match self.leaders.get(&st.term) {
-                Some(other) if *other != id && self.diverged.insert((*other, id)) => {
+                Some(other) if *other != id && self.double_leaders.insert((st.term, id)) => {
                     self.violations.push(format!(
                         "two leaders in term {}: nodes {other} and {id}",
                         st.term
