@@ -85,6 +85,7 @@ impl OpenraftEngine {
             config,
             state_machine,
             transport,
+            snapshot_transport: _,
         } = ctx;
         let id = config.id;
         let storage = |e: consensus_storage::StorageError| ConsensusError::Storage(e.to_string());
@@ -284,6 +285,10 @@ impl Engine for OpenraftEngine {
             .transfer_leader(to)
             .await
             .map_err(mapping::fatal)
+    }
+
+    fn snapshot_transfers(&self) -> Vec<consensus_api::TransferProgress> {
+        Vec::new()
     }
 
     async fn snapshot_now(&self) -> Result<u64, ConsensusError> {

@@ -76,6 +76,7 @@ impl TikvEngine {
             config,
             state_machine,
             transport,
+            snapshot_transport: _,
         } = ctx;
         config.validate()?;
         let id = config.id;
@@ -163,6 +164,10 @@ impl Engine for TikvEngine {
 
     async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
         self.request(Command::Snapshot).await
+    }
+
+    fn snapshot_transfers(&self) -> Vec<consensus_api::TransferProgress> {
+        Vec::new()
     }
 
     async fn shutdown(&self) -> Result<(), ConsensusError> {

@@ -485,6 +485,7 @@ async fn a_panicked_engine_publishes_a_terminal_status_and_refuses_calls() {
         config,
         state_machine: Arc::new(Journal::default()),
         transport: transport.clone(),
+        snapshot_transport: Arc::new(HandlerOnly::default()),
     })
     .await
     .expect("engine starts");

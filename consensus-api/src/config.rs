@@ -72,6 +72,22 @@ impl NodeConfig {
         }
     }
 
+    /// The longest command (encoded) a proposal may carry: `transport.max_frame_bytes` less
+    /// room for the envelope of one replication message (4 KiB, or half the frame limit when
+    /// that is smaller). Both engines refuse a longer one with `InvalidRequest` before
+    /// appending anything, on the leader and through a follower.
+    pub fn max_command_bytes(&self) -> usize {
+        let frame = self.transport.max_frame_bytes;
+        frame - (frame / 2).min(4096)
+    }
+
+    /// The size of one snapshot-transfer chunk: the frame limit less room for the chunk's
+    /// header, at most 1 MiB (bigger chunks do not go faster, they only hold more memory).
+    pub fn snapshot_chunk_bytes(&self) -> usize {
+        let frame = self.transport.max_frame_bytes;
+        (frame - (frame / 2).min(4096)).min(1 << 20)
+    }
+
     /// Checks the settings relate sensibly; returns what to fix otherwise.
     pub fn validate(&self) -> Result<(), ConsensusError> {
         let bad = |m: &str| Err(ConsensusError::InvalidRequest(format!("config: {m}")));

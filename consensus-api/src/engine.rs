@@ -9,7 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::{ByteStateMachine, ConsensusError, NodeConfig, NodeId, Status, Transport};
+use crate::{
+    ByteStateMachine, ConsensusError, NodeConfig, NodeId, Status, TransferProgress, Transport,
+};
 
 /// Everything an engine gets at start.
 pub struct EngineContext {
@@ -25,6 +27,11 @@ pub struct EngineContext {
     /// cycle (handler -> engine -> transport -> handler) that keeps a crashed node's storage
     /// open; a dropped handler means inbound engine frames are refused.
     pub transport: Arc<dyn Transport>,
+    /// A second channel of the same transport, for snapshot transfers
+    /// ([`channel::SNAPSHOT`](crate::channel::SNAPSHOT)): the chunks of a snapshot file travel
+    /// here, each a call within the frame limit, so a large transfer never holds up the
+    /// engine's own frames. Its handler is held weakly too.
+    pub snapshot_transport: Arc<dyn Transport>,
 }
 
 /// Starts engines of one kind; what a program names once, at wiring time.
@@ -62,6 +69,17 @@ pub trait Backend: Send + Sync + 'static {
 /// - **Status before answers.** The [`status`](Self::status) watch is published before the
 ///   answers of the same step are delivered: when `propose` returns, `status().applied_index`
 ///   already covers the entry; when a membership change returns, the status shows it.
+/// - **One size rule.** A command longer than
+///   [`NodeConfig::max_command_bytes`] is refused with `InvalidRequest` before anything is
+///   appended; replication messages stay within `transport.max_frame_bytes` however many entries
+///   are due (they are bounded by bytes as well as by count), so a run of commands each just
+///   under the limit replicates.
+/// - **Large state.** A snapshot never travels as one frame: the engine streams the snapshot
+///   file in chunks within the frame limit over `snapshot_transport`, the receiver writes them
+///   to a temporary file, checks its size and checksum, and installs it atomically (a partial
+///   transfer is never installed). Snapshots are written from a point-in-time
+///   [`ByteStateMachine::capture`] off the apply path and restored with
+///   [`ByteStateMachine::restore_from`], so neither side holds a whole extra copy in memory.
 /// - **Stopping.** When the engine stops (shutdown or a fatal error) its status watch stops
 ///   changing (`changed()` fails once the sender is dropped) and every call fails.
 #[async_trait]
@@ -94,6 +112,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Takes a snapshot of this node's applied state now and compacts the log behind it (on
     /// any node); returns the snapshot's last index.
     async fn snapshot_now(&self) -> Result<u64, ConsensusError>;
+    /// The snapshot transfers this node is running, sending or receiving, and the last one that
+    /// ended with each peer and direction (with its outcome).
+    fn snapshot_transfers(&self) -> Vec<TransferProgress>;
     /// Stops the engine and flushes its storage. Idempotent; later calls of every other method
     /// fail with `ShuttingDown`.
     async fn shutdown(&self) -> Result<(), ConsensusError>;

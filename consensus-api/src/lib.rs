@@ -63,6 +63,9 @@ pub mod channel {
     pub const ENGINE: u8 = 0;
     /// Forwarded client operations: each must be delivered at most once.
     pub const FORWARD: u8 = 1;
+    /// Snapshot transfers: chunks of snapshot files, sent as calls; idempotent (a chunk says
+    /// where it goes), so loss, delay and duplication only cost a retry.
+    pub const SNAPSHOT: u8 = 2;
 }
 
 mod config;
@@ -89,7 +92,7 @@ pub use engine::{Backend, Engine, EngineContext};
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;
 pub use node::{members, Consensus};
-pub use state_machine::{ByteStateMachine, StateMachine};
+pub use state_machine::{serialized_view, ByteStateMachine, SnapshotView, StateMachine};
 pub use transport::{InboundHandler, Transport, TransportFactory};
-pub use types::{NodeId, Role, Status};
+pub use types::{NodeId, Role, Status, TransferDirection, TransferProgress};
 pub use wiring::Wiring;

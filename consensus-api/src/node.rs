@@ -122,6 +122,7 @@ struct Inner {
     transport: Arc<dyn Transport>,
     status: watch::Receiver<Status>,
     request_timeout: Duration,
+    max_command_bytes: usize,
     stopped: AtomicBool,
 }
 
@@ -168,11 +169,13 @@ impl<SM: StateMachine> Consensus<SM> {
         let sm = Shared(Arc::new(RwLock::new(state_machine)));
         let id = config.id;
         let request_timeout = config.request_timeout;
+        let max_command_bytes = config.max_command_bytes();
         let engine = backend
             .start(EngineContext {
                 config,
                 state_machine: Arc::new(sm.clone()),
                 transport: mux.channel(ENGINE_CHANNEL),
+                snapshot_transport: mux.channel(crate::channel::SNAPSHOT),
             })
             .await?;
         let forward = mux.channel(FORWARD_CHANNEL);
@@ -191,6 +194,7 @@ impl<SM: StateMachine> Consensus<SM> {
                 transport,
                 status,
                 request_timeout,
+                max_command_bytes,
                 stopped: AtomicBool::new(false),
             }),
             sm,
@@ -251,6 +255,14 @@ impl<SM: StateMachine> Consensus<SM> {
     /// outcome is unknown.
     pub async fn propose(&self, command: SM::Command) -> Result<SM::Response, ConsensusError> {
         let bytes = codec::encode(&command)?;
+        if bytes.len() > self.inner.max_command_bytes {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "command of {} bytes exceeds the limit of {} bytes (max_command_bytes, from \
+                 transport.max_frame_bytes)",
+                bytes.len(),
+                self.inner.max_command_bytes
+            )));
+        }
         let deadline = Instant::now() + self.inner.request_timeout;
         match self.route(Forwarded::Propose(bytes), deadline).await? {
             Reply::Proposed(out) => codec::decode::<ApplyOutcome<SM::Response>>(&out)?
@@ -314,6 +326,12 @@ impl<SM: StateMachine> Consensus<SM> {
             .await
             .map(|_| ())
             .map_err(|_| ConsensusError::Timeout(format!("leadership to move to node {to}")))
+    }
+
+    /// The snapshot transfers this node runs or ran last with each peer (bytes, chunks,
+    /// elapsed time, outcome).
+    pub fn snapshot_transfers(&self) -> Vec<crate::TransferProgress> {
+        self.inner.engine.snapshot_transfers()
     }
 
     /// Takes a snapshot on this node now and compacts its log; returns the snapshot index.

@@ -1,5 +1,12 @@
 //! The replicated state machine: the one trait an embedder implements.
+//!
+//! Small states keep the simple form ([`StateMachine::snapshot`] / [`StateMachine::restore`]
+//! with one buffer). Large states override the streaming forms: [`StateMachine::snapshot_to`]
+//! and [`StateMachine::restore_from`] move the state through a sink and a source without a
+//! whole copy in memory, and [`StateMachine::snapshot_view`] hands the node a point-in-time view
+//! so that applies continue while the snapshot is written.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -25,6 +32,53 @@ pub trait StateMachine: Send + Sync + 'static {
 
     /// Replaces the whole state with a snapshot produced by [`StateMachine::snapshot`].
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+
+    /// Writes the whole state to `sink` (called between applies, so it is consistent). The
+    /// bytes must be what [`restore_from`](Self::restore_from) reads back. The default writes
+    /// [`snapshot`](Self::snapshot)'s buffer; override it to stream a large state.
+    fn snapshot_to(&self, sink: &mut dyn Write) -> Result<(), String> {
+        let bytes = self.snapshot()?;
+        sink.write_all(&bytes).map_err(|e| e.to_string())
+    }
+
+    /// Replaces the whole state with what [`snapshot_to`](Self::snapshot_to) (or a
+    /// [`SnapshotView`]) wrote, read from `source` to its end. On an error the state may be
+    /// partly replaced; the node then stops (it never applies on top of a failed restore). The
+    /// default reads everything into one buffer for [`restore`](Self::restore).
+    fn restore_from(&mut self, source: &mut dyn Read) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        source
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        self.restore(&bytes)
+    }
+
+    /// A point-in-time view of the state, taken between applies, that the node writes to the
+    /// snapshot file on another thread while applies continue (for example an `Arc` of an
+    /// immutable or persistent map: taking it must be cheap). `None` (the default): the node
+    /// serializes the state with [`snapshot_to`](Self::snapshot_to) into memory between
+    /// applies, which stops applies for that long and holds one more copy of the state.
+    fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
+        None
+    }
+}
+
+/// A point-in-time view of a state machine's state ([`StateMachine::snapshot_view`]).
+///
+/// It must describe the state exactly as it was when it was taken, whatever is applied after,
+/// and write the same bytes [`StateMachine::snapshot_to`] would have written then.
+pub trait SnapshotView: Send + 'static {
+    /// Writes the viewed state to `sink` (runs on a blocking thread, off the apply path).
+    fn write_to(self: Box<Self>, sink: &mut dyn Write) -> Result<(), String>;
+}
+
+/// A view over bytes already serialized (what the node uses when a state machine has no view).
+struct Serialized(Vec<u8>);
+
+impl SnapshotView for Serialized {
+    fn write_to(self: Box<Self>, sink: &mut dyn Write) -> Result<(), String> {
+        sink.write_all(&self.0).map_err(|e| e.to_string())
+    }
 }
 
 /// The byte-level view of a state machine that engines drive. Engines never see the user's types.
@@ -32,10 +86,26 @@ pub trait ByteStateMachine: Send + Sync + 'static {
     /// Applies an encoded command; returns the encoded outcome (the response, or a decode error
     /// that every node reaches identically).
     fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
-    /// Serializes the whole state.
+    /// Serializes the whole state into one buffer (small states, tests).
     fn snapshot(&self) -> Result<Vec<u8>, ConsensusError>;
-    /// Restores the whole state.
+    /// Restores the whole state from one buffer.
     fn restore(&self, snapshot: &[u8]) -> Result<(), ConsensusError>;
+    /// A point-in-time capture of the state, taken between applies (the engine holds off
+    /// applies for the call only), to be written on any thread while applies continue: the
+    /// state machine's own [`SnapshotView`], or its serialized bytes when it has none. The
+    /// default serializes with [`snapshot`](Self::snapshot).
+    fn capture(&self) -> Result<Box<dyn SnapshotView>, ConsensusError> {
+        Ok(serialized_view(self.snapshot()?))
+    }
+    /// Replaces the whole state with a snapshot read from `source` to its end. The default
+    /// reads it into one buffer for [`restore`](Self::restore).
+    fn restore_from(&self, source: &mut dyn Read) -> Result<(), ConsensusError> {
+        let mut bytes = Vec::new();
+        source
+            .read_to_end(&mut bytes)
+            .map_err(|e| ConsensusError::Storage(format!("reading the snapshot: {e}")))?;
+        self.restore(&bytes)
+    }
 }
 
 /// The outcome of applying one command, as carried back to the proposer.
@@ -76,4 +146,28 @@ impl<SM: StateMachine> ByteStateMachine for Shared<SM> {
             .restore(snapshot)
             .map_err(|e| ConsensusError::Storage(format!("state machine restore failed: {e}")))
     }
+
+    fn capture(&self) -> Result<Box<dyn SnapshotView>, ConsensusError> {
+        let sm = self.0.read();
+        if let Some(view) = sm.snapshot_view() {
+            return Ok(view);
+        }
+        let mut bytes = Vec::new();
+        sm.snapshot_to(&mut bytes)
+            .map_err(|e| ConsensusError::Internal(format!("state machine snapshot failed: {e}")))?;
+        Ok(Box::new(Serialized(bytes)))
+    }
+
+    fn restore_from(&self, source: &mut dyn Read) -> Result<(), ConsensusError> {
+        self.0
+            .write()
+            .restore_from(source)
+            .map_err(|e| ConsensusError::Storage(format!("state machine restore failed: {e}")))
+    }
+}
+
+/// A [`SnapshotView`] over bytes that are already serialized: what a [`ByteStateMachine`]
+/// without a view of its own returns from [`ByteStateMachine::capture`].
+pub fn serialized_view(bytes: Vec<u8>) -> Box<dyn SnapshotView> {
+    Box::new(Serialized(bytes))
 }

@@ -23,6 +23,58 @@ pub enum Role {
     Shutdown,
 }
 
+/// Which way a snapshot transfer goes, seen from the node that reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TransferDirection {
+    /// This node streams its snapshot file to the peer.
+    Sending,
+    /// This node receives a snapshot file from the peer.
+    Receiving,
+}
+
+/// Progress of one snapshot transfer (in flight, or the last one with a peer), as reported by
+/// [`Engine::snapshot_transfers`](crate::Engine::snapshot_transfers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TransferProgress {
+    /// The other node.
+    pub peer: NodeId,
+    /// Sending or receiving.
+    pub direction: TransferDirection,
+    /// Size of the snapshot file in bytes.
+    pub total_bytes: u64,
+    /// Bytes acknowledged (sending) or written (receiving) so far in this transfer.
+    pub bytes: u64,
+    /// Chunks acknowledged or written so far.
+    pub chunks: u64,
+    /// Bytes the receiver already had from an interrupted transfer of the same file, not sent
+    /// again (a resumed transfer).
+    pub resumed_bytes: u64,
+    /// Time since the transfer started, in milliseconds.
+    pub elapsed_ms: u64,
+    /// Whether it has ended (then `error` says how).
+    pub done: bool,
+    /// `None` while in flight or after success; what went wrong otherwise.
+    pub error: Option<String>,
+}
+
+impl TransferProgress {
+    /// A transfer that has just started: nothing moved yet.
+    pub fn new(peer: NodeId, direction: TransferDirection, total_bytes: u64) -> Self {
+        Self {
+            peer,
+            direction,
+            total_bytes,
+            bytes: 0,
+            chunks: 0,
+            resumed_bytes: 0,
+            elapsed_ms: 0,
+            done: false,
+            error: None,
+        }
+    }
+}
+
 /// A point-in-time view of one node, published on every change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -14,7 +14,9 @@
 //! - each record carries a CRC32; on open a bad record at the tail is a torn write and is
 //!   truncated (logged), while a bad record followed by a good one is corruption: [`Log::open`]
 //!   refuses to start and says where;
-//! - snapshots and the rewritten log go through temp file, fsync, rename, fsync directory.
+//! - snapshots and the rewritten log go through temp file, fsync, rename, fsync directory;
+//!   snapshots are written and read as streams ([`SnapshotSink`], [`SnapshotFile`]) and copied
+//!   to peers in chunks ([`transfer`]), so a large state is never whole in memory.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -23,9 +25,10 @@ pub mod fs;
 mod log;
 mod record;
 mod snapshot;
+pub mod transfer;
 
 pub use log::{Entry, Log, LogOptions, LogState, SyncCallback};
-pub use snapshot::SnapshotStore;
+pub use snapshot::{SnapshotFile, SnapshotReader, SnapshotSink, SnapshotStore};
 
 /// Errors of the store. Every one names the file and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,57 @@
-//! [`SnapshotStore`]: the latest snapshot of a node, one file written atomically.
+//! [`SnapshotStore`]: the latest snapshot of a node, one file replaced atomically, written and
+//! read as a stream ([`SnapshotSink`], [`SnapshotFile`]) so a large state never sits in memory
+//! whole.
 //!
-//! Layout: `MAGIC (8) | meta_len: u32 LE | crc32(meta ++ data): u32 LE | meta | data`.
+//! Layout: `MAGIC (8) | meta_len: u32 LE | crc32(meta ++ data): u32 LE | meta | data`. The
+//! engine's metadata (`meta`) is small; `data` is the state machine's snapshot, any size.
+//!
+//! A snapshot is built in a temporary file (`snapshot.<n>.tmp`), checksummed as it is written,
+//! synced, and only then installed as `snapshot.bin` by a rename and a directory sync. A
+//! snapshot received from a peer ([`crate::transfer`]) takes the same path: it is installed
+//! only once all of it is there and its checksum holds. Temporary files left by a crash are
+//! removed when the data directory's log opens.
 
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 
-use crate::file::write_atomic_parts;
-use crate::fs::FileSystem;
+use crate::file::{sync_dir, write_atomic_parts};
+use crate::fs::{FileHandle, FileSystem, OpenMode};
 use crate::log::DirLock;
 use crate::{Result, StorageError};
 
 const MAGIC: &[u8; 8] = b"CSNAP001";
 const FILE: &str = "snapshot.bin";
+const HEADER: usize = 16;
+/// Size of the buffered writes and reads of a snapshot file.
+const IO_BUF: usize = 256 << 10;
+
+/// Temporary snapshot files get distinct names in a process (a build and a receipt may run at
+/// once on one node, and the sim runs many nodes in one process).
+static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+
+/// Removes the temporary files a crash left in `dir` (a build or a receipt that never
+/// finished). Called with the directory lock held.
+pub(crate) fn remove_leftovers(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    let files = match fs.list_dir(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StorageError::io("list", dir, e)),
+    };
+    for f in files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("snapshot.") && name.ends_with(".tmp") {
+            tracing::debug!(file = %f.display(), "removing a leftover temporary snapshot file");
+            fs.remove_file(&f)
+                .map_err(|e| StorageError::io("remove", &f, e))?;
+        }
+    }
+    Ok(())
+}
 
 /// Keeps the latest snapshot (the engine's metadata plus the state machine bytes).
 ///
@@ -50,22 +88,32 @@ impl SnapshotStore {
         self.dir.join(FILE)
     }
 
-    /// Replaces the stored snapshot atomically; durable when it returns.
+    /// A fresh temporary path in the data directory.
+    pub(crate) fn temp_path(&self, what: &str) -> PathBuf {
+        let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("snapshot.{what}-{n}.tmp"))
+    }
+
+    /// The file layer the store runs on.
+    pub(crate) fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+
+    /// Replaces the stored snapshot atomically with one small enough to be in memory; durable
+    /// when it returns.
     pub fn save(&self, meta: &[u8], data: &[u8]) -> Result<()> {
-        let mut header = Vec::with_capacity(16);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(meta);
         h.update(data);
-        header.extend_from_slice(&h.finalize().to_le_bytes());
+        let header = header(meta.len(), h.finalize())?;
         // Written in parts: a large state is never copied into one more buffer.
         write_atomic_parts(&*self.fs, &self.path(), &[&header, meta, data])
             .map_err(|e| e.into_inner())
     }
 
-    /// The stored snapshot as `(meta, data)`, or `None` when there is none. A damaged file is an
-    /// error: snapshots are written atomically, so damage is never a torn write.
+    /// The stored snapshot as `(meta, data)` in memory, or `None` when there is none. A damaged
+    /// file is an error: snapshots are written atomically, so damage is never a torn write.
+    /// For small states; [`SnapshotStore::current`] streams instead.
     pub fn load(&self) -> Result<Option<(Bytes, Bytes)>> {
         load(&*self.fs, &self.path())
     }
@@ -76,35 +124,454 @@ impl SnapshotStore {
     pub fn peek(dir: &Path) -> Result<Option<(Bytes, Bytes)>> {
         load(&*crate::fs::for_path(dir), &dir.join(FILE))
     }
+
+    /// The stored snapshot, opened for streaming and checked (one pass over the file), or
+    /// `None` when there is none. The returned file stays readable after a newer snapshot
+    /// replaces it.
+    pub fn current(&self) -> Result<Option<SnapshotFile>> {
+        let path = self.path();
+        let handle = match self.fs.open(&path, OpenMode::Existing) {
+            Ok(h) => h,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io("open", &path, e)),
+        };
+        SnapshotFile::verify(handle, &path, None).map(Some)
+    }
+
+    /// Starts building a new snapshot with the engine's metadata `meta`: write the state
+    /// machine's bytes to the sink, then [`SnapshotSink::seal`] it and
+    /// [`install`](Self::install) what it returns.
+    pub fn create(&self, meta: &[u8]) -> Result<SnapshotSink> {
+        let path = self.temp_path("build");
+        let handle = self
+            .fs
+            .open(&path, OpenMode::Truncate)
+            .map_err(|e| StorageError::io("create", &path, e))?;
+        let mut sink = SnapshotSink {
+            handle: Some(handle),
+            fs: self.fs.clone(),
+            path,
+            buf: Vec::with_capacity(IO_BUF),
+            at: HEADER as u64,
+            hasher: crc32fast::Hasher::new(),
+            meta_len: meta.len(),
+            meta: Bytes::copy_from_slice(meta),
+        };
+        // Header goes last (it carries the checksum); the metadata starts the body.
+        sink.write_all(meta)
+            .map_err(|e| StorageError::io("write", &sink.path, e))?;
+        Ok(sink)
+    }
+
+    /// Makes `file` (sealed from a [`SnapshotSink`], or received from a peer) the stored
+    /// snapshot: rename over `snapshot.bin`, then sync the directory. Durable when it returns.
+    /// A file that is already installed is left as it is. The caller decides whether it is
+    /// newer than the current one.
+    pub fn install(&self, file: &SnapshotFile) -> Result<()> {
+        let mut pending = file.inner.pending.lock();
+        let Some(tmp) = pending.as_ref() else {
+            return Ok(());
+        };
+        let path = self.path();
+        self.fs
+            .rename(tmp, &path)
+            .map_err(|e| StorageError::io("rename", &path, e))?;
+        *pending = None;
+        sync_dir(&*self.fs, &self.dir)
+    }
+}
+
+fn header(meta_len: usize, crc: u32) -> Result<[u8; HEADER]> {
+    let meta_len = u32::try_from(meta_len)
+        .map_err(|_| StorageError::Invalid("snapshot metadata over 4 GiB".into()))?;
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&meta_len.to_le_bytes());
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    Ok(h)
 }
 
 fn load(fs: &dyn FileSystem, path: &Path) -> Result<Option<(Bytes, Bytes)>> {
-    {
-        let path = path.to_path_buf();
-        let buf = match fs.read(&path) {
-            Ok(b) => Bytes::from(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StorageError::io("read", &path, e)),
+    let buf = match fs.read(path) {
+        Ok(b) => Bytes::from(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StorageError::io("read", path, e)),
+    };
+    let corrupt = |reason: &str| corrupt(path, reason);
+    if buf.len() < HEADER || &buf[..8] != MAGIC {
+        return Err(corrupt("not a snapshot file (bad magic or too short)"));
+    }
+    let meta_len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+    if HEADER + meta_len > buf.len() {
+        return Err(corrupt("metadata length runs past the end"));
+    }
+    if crc32fast::hash(&buf[HEADER..]) != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(Some((
+        buf.slice(HEADER..HEADER + meta_len),
+        buf.slice(HEADER + meta_len..),
+    )))
+}
+
+fn corrupt(path: &Path, reason: &str) -> StorageError {
+    StorageError::Corrupt {
+        path: path.display().to_string(),
+        offset: 0,
+        reason: reason.to_string(),
+    }
+}
+
+/// A snapshot being written: the state machine's bytes go in through [`Write`], buffered and
+/// checksummed on the way; [`SnapshotSink::seal`] makes the file durable and checked. Dropped
+/// unsealed, its temporary file is removed.
+pub struct SnapshotSink {
+    handle: Option<Box<dyn FileHandle>>,
+    fs: Arc<dyn FileSystem>,
+    path: PathBuf,
+    buf: Vec<u8>,
+    at: u64,
+    hasher: crc32fast::Hasher,
+    meta_len: usize,
+    meta: Bytes,
+}
+
+impl SnapshotSink {
+    fn flush_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let handle = self
+            .handle
+            .as_ref()
+            .ok_or_else(|| io::Error::other("snapshot sink already sealed"))?;
+        handle.write_all_at(&self.buf, self.at)?;
+        self.at += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Bytes written so far (metadata and state, without the header).
+    pub fn written(&self) -> u64 {
+        self.at - HEADER as u64 + self.buf.len() as u64
+    }
+
+    /// Writes the header, syncs the file and returns it, checked but not yet installed (see
+    /// [`SnapshotStore::install`]).
+    pub fn seal(mut self) -> Result<SnapshotFile> {
+        let io = |op, path: &Path, e| StorageError::io(op, path, e);
+        self.flush_buf().map_err(|e| io("write", &self.path, e))?;
+        let crc = self.hasher.clone().finalize();
+        let header = header(self.meta_len, crc)?;
+        let Some(handle) = self.handle.take() else {
+            return Err(StorageError::Invalid("snapshot sink already sealed".into()));
         };
-        let corrupt = |reason: &str| StorageError::Corrupt {
-            path: path.display().to_string(),
-            offset: 0,
-            reason: reason.to_string(),
-        };
-        if buf.len() < 16 || &buf[..8] != MAGIC {
-            return Err(corrupt("not a snapshot file (bad magic or too short)"));
+        let path = self.path.clone();
+        handle
+            .write_all_at(&header, 0)
+            .map_err(|e| io("write", &path, e))?;
+        handle.sync_all().map_err(|e| io("fsync", &path, e))?;
+        let len = self.at;
+        Ok(SnapshotFile {
+            inner: Arc::new(FileInner {
+                handle,
+                meta: self.meta.clone(),
+                len,
+                crc,
+                pending: Mutex::new(Some(path)),
+            }),
+        })
+    }
+}
+
+impl Write for SnapshotSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hasher.update(data);
+        if self.buf.len() + data.len() > IO_BUF {
+            self.flush_buf()?;
         }
-        let meta_len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-        let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
-        if 16 + meta_len > buf.len() {
-            return Err(corrupt("metadata length runs past the end"));
+        if data.len() >= IO_BUF {
+            let handle = self
+                .handle
+                .as_ref()
+                .ok_or_else(|| io::Error::other("snapshot sink already sealed"))?;
+            handle.write_all_at(data, self.at)?;
+            self.at += data.len() as u64;
+        } else {
+            self.buf.extend_from_slice(data);
         }
-        if crc32fast::hash(&buf[16..]) != crc {
-            return Err(corrupt("checksum mismatch"));
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_buf()
+    }
+}
+
+impl Drop for SnapshotSink {
+    fn drop(&mut self) {
+        if self.handle.take().is_some() {
+            let _ = self.fs.remove_file(&self.path);
         }
-        Ok(Some((
-            buf.slice(16..16 + meta_len),
-            buf.slice(16 + meta_len..),
-        )))
+    }
+}
+
+struct FileInner {
+    handle: Box<dyn FileHandle>,
+    meta: Bytes,
+    len: u64,
+    crc: u32,
+    /// The temporary path while not yet installed.
+    pending: Mutex<Option<PathBuf>>,
+}
+
+/// A complete, checked snapshot file, read through an open handle: it stays readable (and the
+/// same) after a newer snapshot replaces it. Cheap to clone.
+#[derive(Clone)]
+pub struct SnapshotFile {
+    inner: Arc<FileInner>,
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotFile")
+            .field("len", &self.inner.len)
+            .field("crc", &self.inner.crc)
+            .field("installed", &self.is_installed())
+            .finish()
+    }
+}
+
+impl SnapshotFile {
+    /// Opens `handle` (the file at `path`) as a snapshot: checks the header and the checksum
+    /// of the whole body in one streaming pass.
+    pub(crate) fn verify(
+        handle: Box<dyn FileHandle>,
+        path: &Path,
+        pending: Option<PathBuf>,
+    ) -> Result<Self> {
+        let io = |e| StorageError::io("read", path, e);
+        let len = handle.size().map_err(io)?;
+        let mut head = [0u8; HEADER];
+        if len < HEADER as u64 || read_exact_at(&*handle, &mut head, 0).is_err() {
+            return Err(corrupt(path, "not a snapshot file (too short)"));
+        }
+        if &head[..8] != MAGIC {
+            return Err(corrupt(path, "not a snapshot file (bad magic)"));
+        }
+        let meta_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as u64;
+        let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+        if HEADER as u64 + meta_len > len {
+            return Err(corrupt(path, "metadata length runs past the end"));
+        }
+        let mut meta = vec![0u8; meta_len as usize];
+        read_exact_at(&*handle, &mut meta, HEADER as u64).map_err(io)?;
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; IO_BUF];
+        let mut at = HEADER as u64;
+        while at < len {
+            let n = handle.read_at(&mut buf, at).map_err(io)?;
+            if n == 0 {
+                return Err(corrupt(path, "file shorter than its size"));
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        if h.finalize() != crc {
+            return Err(corrupt(path, "checksum mismatch"));
+        }
+        Ok(Self {
+            inner: Arc::new(FileInner {
+                handle,
+                meta: Bytes::from(meta),
+                len,
+                crc,
+                pending: Mutex::new(pending),
+            }),
+        })
+    }
+
+    /// The engine's metadata.
+    pub fn meta(&self) -> &Bytes {
+        &self.inner.meta
+    }
+
+    /// Size of the whole file in bytes (what a transfer moves).
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    /// Whether the file holds no state bytes (only the header and metadata).
+    pub fn is_empty(&self) -> bool {
+        self.data_len() == 0
+    }
+
+    /// Size of the state machine's bytes.
+    pub fn data_len(&self) -> u64 {
+        self.inner.len - HEADER as u64 - self.inner.meta.len() as u64
+    }
+
+    /// The checksum of the file's body (metadata and state), from its header.
+    pub fn checksum(&self) -> u32 {
+        self.inner.crc
+    }
+
+    /// Whether this is the store's `snapshot.bin` (or was, before a newer one replaced it),
+    /// as opposed to a sealed or received file not yet installed.
+    pub fn is_installed(&self) -> bool {
+        self.inner.pending.lock().is_none()
+    }
+
+    /// Reads raw file bytes at `offset` (header included): what a transfer sends.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.handle.read_at(buf, offset)
+    }
+
+    /// A buffered reader over the state machine's bytes, from the first to the last.
+    pub fn data(&self) -> SnapshotReader {
+        SnapshotReader {
+            file: self.clone(),
+            at: HEADER as u64 + self.inner.meta.len() as u64,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The state machine's bytes in one buffer (small states, tests).
+    pub fn read_data(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.data_len() as usize);
+        self.data()
+            .read_to_end(&mut out)
+            .map_err(|e| StorageError::Io {
+                op: "read",
+                path: "snapshot".into(),
+                source: e,
+            })?;
+        Ok(out)
+    }
+}
+
+fn read_exact_at(handle: &dyn FileHandle, buf: &mut [u8], mut at: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = handle.read_at(&mut buf[done..], at)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "snapshot file ends early",
+            ));
+        }
+        done += n;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Streams a snapshot's state bytes ([`SnapshotFile::data`]).
+pub struct SnapshotReader {
+    file: SnapshotFile,
+    at: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for SnapshotReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            let left = self.file.inner.len.saturating_sub(self.at);
+            if left == 0 {
+                return Ok(0);
+            }
+            let want = (left as usize).min(IO_BUF);
+            self.buf.resize(want, 0);
+            let n = self.file.inner.handle.read_at(&mut self.buf, self.at)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot file ends early",
+                ));
+            }
+            self.buf.truncate(n);
+            self.at += n as u64;
+            self.pos = 0;
+        }
+        let n = (self.buf.len() - self.pos).min(out.len());
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::SimFs;
+    use crate::Log;
+
+    fn store(fs: &Arc<SimFs>) -> (Log, SnapshotStore) {
+        let dir = Path::new("/snap-test");
+        let log = Log::open_in(fs.clone(), dir, Default::default()).expect("open");
+        let s = log.snapshot_store().expect("store");
+        (log, s)
+    }
+
+    #[test]
+    fn a_streamed_snapshot_is_installed_only_when_told_and_reads_back() {
+        let fs = Arc::new(SimFs::new(7));
+        let (_log, s) = store(&fs);
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sink = s.create(b"meta").expect("create");
+        for part in data.chunks(70_001) {
+            sink.write_all(part).expect("write");
+        }
+        let file = sink.seal().expect("seal");
+        assert!(!file.is_installed());
+        assert!(s.current().expect("current").is_none(), "not installed yet");
+        s.install(&file).expect("install");
+        assert!(file.is_installed());
+        let cur = s.current().expect("current").expect("a snapshot");
+        assert_eq!(cur.meta().as_ref(), b"meta");
+        assert_eq!(cur.read_data().expect("data"), data);
+        assert_eq!(cur.checksum(), file.checksum());
+        let (meta, loaded) = s.load().expect("load").expect("some");
+        assert_eq!((meta.as_ref(), loaded.as_ref()), (&b"meta"[..], &data[..]));
+    }
+
+    #[test]
+    fn an_open_snapshot_stays_readable_after_a_newer_one_replaces_it() {
+        let fs = Arc::new(SimFs::new(8));
+        let (_log, s) = store(&fs);
+        s.save(b"old", b"old state").expect("save");
+        let old = s.current().expect("current").expect("some");
+        s.save(b"new", b"new state").expect("save");
+        assert_eq!(old.read_data().expect("data"), b"old state");
+        let new = s.current().expect("current").expect("some");
+        assert_eq!(new.read_data().expect("data"), b"new state");
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_leftover_temporaries_go_at_open() {
+        let fs = Arc::new(SimFs::new(9));
+        let dir = Path::new("/snap-test");
+        {
+            let (_log, s) = store(&fs);
+            s.save(b"m", &[7u8; 10_000]).expect("save");
+            let mut sink = s.create(b"x").expect("create");
+            sink.write_all(&[1u8; 1000]).expect("write");
+            let sealed = sink.seal().expect("seal");
+            std::mem::forget(sealed);
+        }
+        fs.flip_byte(&dir.join(FILE), 5_000).expect("flip");
+        let (_log, s) = store(&fs);
+        let leftovers = fs
+            .list_dir(dir)
+            .expect("list")
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0, "temporary files are removed at open");
+        let err = s.current().expect_err("damage is refused");
+        assert!(err.to_string().contains("checksum"), "{err}");
     }
 }

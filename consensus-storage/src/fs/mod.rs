@@ -71,6 +71,8 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileHandle>>;
     /// The whole content of the file at `path` (`NotFound` when it does not exist).
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The files directly inside directory `dir` (full paths, in no particular order).
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
     /// Whether a file exists at `path`.
     fn exists(&self, path: &Path) -> io::Result<bool>;
     /// Renames `from` to `to`, replacing `to` atomically.

@@ -68,6 +68,17 @@ impl FileSystem for OsFs {
         std::fs::read(path)
     }
 
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                out.push(e.path());
+            }
+        }
+        Ok(out)
+    }
+
     fn exists(&self, path: &Path) -> io::Result<bool> {
         path.try_exists()
     }

@@ -520,6 +520,19 @@ impl FileSystem for SimFs {
         Ok(d.inode(&path)?.data.clone())
     }
 
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let dir = normalize(dir);
+        let d = self.disk.lock();
+        if !d.dirs.contains(&dir) {
+            return Err(not_found(&dir));
+        }
+        Ok(d.entries
+            .keys()
+            .filter(|p| p.parent() == Some(dir.as_path()))
+            .cloned()
+            .collect())
+    }
+
     fn exists(&self, path: &Path) -> io::Result<bool> {
         let path = normalize(path);
         let d = self.disk.lock();

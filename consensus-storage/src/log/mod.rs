@@ -155,6 +155,9 @@ impl Log {
         fs.create_dir_all(dir)
             .map_err(|e| StorageError::io("create directory", dir, e))?;
         let lock = Arc::new(lock_dir(&*fs, dir)?);
+        // Nobody else writes here while we hold the lock: temporary files are leftovers of a
+        // crash (a snapshot being built or received) and are never read.
+        crate::snapshot::remove_leftovers(&*fs, dir)?;
         let path = dir.join(LOG_FILE);
         let existed = fs
             .exists(&path)

@@ -1,0 +1,596 @@
+//! Snapshot transfer: a [`SnapshotFile`] copied to a peer in chunks within the frame limit,
+//! over the node's snapshot channel ([`consensus_api::channel::SNAPSHOT`]), in bounded memory.
+//!
+//! Both backends use it the same way: the leader's engine calls [`SnapshotSender::send`] with
+//! its snapshot file and gets a [`Ticket`] naming the copy; it sends its own snapshot message
+//! (raft-rs `MsgSnapshot`, openraft's install-snapshot) carrying the ticket instead of the
+//! data; the follower's engine hands the message to its engine only once
+//! [`SnapshotReceiver::take`] gives it the complete, checked file for that ticket.
+//!
+//! # Protocol (every step one [`Transport::call`](consensus_api::Transport::call))
+//!
+//! - `Begin { id, len, crc, chunk }`: the receiver answers with a bitmap of the chunks it
+//!   already has: those of an interrupted transfer of the same file (same length, checksum and
+//!   chunk size) are kept, so the transfer **resumes**; anything else starts a new temporary file.
+//!   One incoming transfer per sender: a new `Begin` replaces the previous one.
+//! - `Chunk { id, index, bytes }`: written at `index * chunk`; chunks may arrive in any order
+//!   or twice (each says where it goes). At most [`WINDOW`] are in flight per transfer; a
+//!   failed chunk is retried a few times, then the transfer fails and the engine's next attempt
+//!   resumes it.
+//! - `Finish { id }`: the receiver checks that every chunk is there, syncs the file and verifies
+//!   its size and checksum; only then is it offered to [`SnapshotReceiver::take`]. A file that
+//!   fails the check is discarded, and the next attempt starts over. Nothing partial is ever
+//!   installed.
+//!
+//! Memory: the sender holds at most [`WINDOW`] chunks, the receiver at most what is in flight;
+//! neither ever holds the snapshot. Progress of each transfer is kept in [`Transfers`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use consensus_api::{
+    InboundHandler, NodeId, TransferDirection, TransferProgress, Transport, TransportError,
+};
+use parking_lot::Mutex;
+use tokio::task::JoinSet;
+
+use crate::fs::{FileHandle, OpenMode};
+use crate::snapshot::SnapshotFile;
+use crate::SnapshotStore;
+
+/// Chunks in flight per transfer.
+pub const WINDOW: usize = 4;
+/// Attempts per chunk before the transfer fails.
+const CHUNK_ATTEMPTS: u32 = 3;
+/// Largest snapshot file a receiver accepts (a guard against nonsense lengths, not a policy).
+const MAX_FILE: u64 = 1 << 46;
+
+const BEGIN: u8 = 1;
+const CHUNK: u8 = 2;
+const FINISH: u8 = 3;
+
+/// What a completed transfer is known by: the engine's snapshot message carries it, and the
+/// receiver gives the file back for it ([`SnapshotReceiver::take`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The transfer's id, unique per sender.
+    pub id: u64,
+    /// Size of the file.
+    pub len: u64,
+    /// The file's checksum.
+    pub crc: u32,
+}
+
+impl Ticket {
+    /// Encoded size.
+    pub const LEN: usize = 20;
+
+    /// The ticket as bytes (little-endian `id | len | crc`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::LEN);
+        b.extend_from_slice(&self.id.to_le_bytes());
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b.extend_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Reads a ticket written by [`Ticket::encode`]; `None` for anything else.
+    pub fn decode(mut b: &[u8]) -> Option<Self> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        Some(Self {
+            id: b.get_u64_le(),
+            len: b.get_u64_le(),
+            crc: b.get_u32_le(),
+        })
+    }
+}
+
+/// Progress of every transfer of a node, sending and receiving: those in flight and the last
+/// one that ended per peer and direction. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Transfers {
+    inner: Arc<Mutex<BTreeMap<(NodeId, u8), (TransferProgress, Instant)>>>,
+}
+
+fn key(peer: NodeId, d: TransferDirection) -> (NodeId, u8) {
+    (peer, d as u8)
+}
+
+impl Transfers {
+    fn start(&self, peer: NodeId, d: TransferDirection, total: u64, resumed: u64) {
+        let mut p = TransferProgress::new(peer, d, total);
+        p.resumed_bytes = resumed;
+        self.inner.lock().insert(key(peer, d), (p, Instant::now()));
+    }
+
+    fn advance(&self, peer: NodeId, d: TransferDirection, bytes: u64) {
+        if let Some((p, _)) = self.inner.lock().get_mut(&key(peer, d)) {
+            p.bytes += bytes;
+            p.chunks += 1;
+        }
+    }
+
+    fn end(&self, peer: NodeId, d: TransferDirection, error: Option<String>) {
+        if let Some((p, started)) = self.inner.lock().get_mut(&key(peer, d)) {
+            if !p.done {
+                p.done = true;
+                p.error = error;
+                p.elapsed_ms = started.elapsed().as_millis() as u64;
+            }
+        }
+    }
+
+    /// Every transfer known, with its elapsed time.
+    pub fn list(&self) -> Vec<TransferProgress> {
+        self.inner
+            .lock()
+            .values()
+            .map(|(p, started)| {
+                let mut p = p.clone();
+                if !p.done {
+                    p.elapsed_ms = started.elapsed().as_millis() as u64;
+                }
+                p
+            })
+            .collect()
+    }
+}
+
+/// Streams snapshot files to peers; one transfer per peer at a time.
+pub struct SnapshotSender {
+    transport: Arc<dyn Transport>,
+    transfers: Transfers,
+    chunk: usize,
+    timeout: Duration,
+    busy: Mutex<HashSet<NodeId>>,
+}
+
+/// Releases a peer's slot when its transfer ends.
+struct Busy<'a>(&'a SnapshotSender, NodeId);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.lock().remove(&self.1);
+    }
+}
+
+impl SnapshotSender {
+    /// A sender over `transport` (the snapshot channel) in chunks of `chunk` bytes
+    /// ([`NodeConfig::snapshot_chunk_bytes`](consensus_api::NodeConfig::snapshot_chunk_bytes)),
+    /// each call with deadline `timeout`.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        transfers: Transfers,
+        chunk: usize,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            transport,
+            transfers,
+            chunk: chunk.max(1),
+            timeout,
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Copies `file` to `to`; returns the ticket of the complete, checked copy. Fails if a
+    /// transfer to `to` is already running, or when the peer cannot be reached or refuses; a
+    /// later call for the same file resumes where this one stopped.
+    pub async fn send(&self, to: NodeId, file: &SnapshotFile) -> Result<Ticket, String> {
+        if !self.busy.lock().insert(to) {
+            return Err(format!(
+                "a snapshot transfer to node {to} is already running"
+            ));
+        }
+        let _busy = Busy(self, to);
+        let ticket = Ticket {
+            id: rand::random(),
+            len: file.len(),
+            crc: file.checksum(),
+        };
+        let outcome = self.run(to, file, ticket).await;
+        self.transfers.end(
+            to,
+            TransferDirection::Sending,
+            outcome.as_ref().err().cloned(),
+        );
+        match &outcome {
+            Ok(()) => tracing::info!(to, bytes = ticket.len, "snapshot file sent"),
+            Err(e) => tracing::warn!(to, "snapshot transfer failed: {e}"),
+        }
+        outcome.map(|()| ticket)
+    }
+
+    async fn call(&self, to: NodeId, frame: Bytes) -> Result<Bytes, TransportError> {
+        self.transport.call(to, frame, self.timeout).await
+    }
+
+    async fn run(&self, to: NodeId, file: &SnapshotFile, t: Ticket) -> Result<(), String> {
+        let chunks = chunk_count(t.len, self.chunk);
+        let mut begin = BytesMut::with_capacity(32);
+        begin.put_u8(BEGIN);
+        begin.put_u64_le(t.id);
+        begin.put_u64_le(t.len);
+        begin.put_u32_le(t.crc);
+        begin.put_u32_le(self.chunk as u32);
+        let have = self
+            .call(to, begin.freeze())
+            .await
+            .map_err(|e| format!("starting the transfer: {e}"))?;
+        let have = Bitmap::from_bytes(&have, chunks)
+            .ok_or_else(|| "the receiver's chunk map has the wrong size".to_string())?;
+        let missing: Vec<u64> = (0..chunks).filter(|i| !have.get(*i)).collect();
+        let resumed = (chunks - missing.len() as u64).min(chunks) * self.chunk as u64;
+        self.transfers
+            .start(to, TransferDirection::Sending, t.len, resumed.min(t.len));
+        let mut next = missing.into_iter();
+        let mut inflight: JoinSet<Result<u64, String>> = JoinSet::new();
+        loop {
+            while inflight.len() < WINDOW {
+                let Some(index) = next.next() else { break };
+                let (transport, file) = (self.transport.clone(), file.clone());
+                let (chunk, timeout) = (self.chunk, self.timeout);
+                inflight.spawn(async move {
+                    send_chunk(transport, to, file, t, chunk, index, timeout).await
+                });
+            }
+            let Some(done) = inflight.join_next().await else {
+                break;
+            };
+            let bytes = done.map_err(|e| format!("chunk task failed: {e}"))??;
+            self.transfers
+                .advance(to, TransferDirection::Sending, bytes);
+        }
+        let mut finish = BytesMut::with_capacity(9);
+        finish.put_u8(FINISH);
+        finish.put_u64_le(t.id);
+        self.call(to, finish.freeze())
+            .await
+            .map_err(|e| format!("finishing the transfer: {e}"))?;
+        Ok(())
+    }
+}
+
+fn chunk_count(len: u64, chunk: usize) -> u64 {
+    len.div_ceil(chunk as u64)
+}
+
+/// Reads chunk `index` from the file and sends it, retrying a failed call.
+async fn send_chunk(
+    transport: Arc<dyn Transport>,
+    to: NodeId,
+    file: SnapshotFile,
+    t: Ticket,
+    chunk: usize,
+    index: u64,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let at = index * chunk as u64;
+    let size = (t.len - at).min(chunk as u64) as usize;
+    let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(13 + size);
+        buf.put_u8(CHUNK);
+        buf.put_u64_le(t.id);
+        buf.put_u32_le(index as u32);
+        buf.resize(13 + size, 0);
+        let mut done = 0;
+        while done < size {
+            let n = file.read_at(&mut buf[13 + done..], at + done as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::other("snapshot file ends early"));
+            }
+            done += n;
+        }
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(|e| format!("reading chunk {index}: {e}"))?
+    .map_err(|e| format!("reading chunk {index}: {e}"))?;
+    let mut last = String::new();
+    for attempt in 0..CHUNK_ATTEMPTS {
+        match transport.call(to, frame.clone(), timeout).await {
+            Ok(_) => return Ok(size as u64),
+            // The receiver no longer knows this transfer (it restarted, or another began):
+            // retrying the chunk cannot help; the next attempt resumes from its map.
+            Err(TransportError::Remote(e)) => {
+                return Err(format!("chunk {index} refused: {e}"));
+            }
+            Err(e) => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+        }
+    }
+    Err(format!(
+        "chunk {index} not delivered after {CHUNK_ATTEMPTS} attempts: {last}"
+    ))
+}
+
+/// Which chunks are there.
+#[derive(Clone)]
+struct Bitmap {
+    bits: Vec<u8>,
+    count: u64,
+    set: u64,
+}
+
+impl Bitmap {
+    fn new(count: u64) -> Self {
+        Self {
+            bits: vec![0; count.div_ceil(8) as usize],
+            count,
+            set: 0,
+        }
+    }
+
+    fn from_bytes(b: &[u8], count: u64) -> Option<Self> {
+        if b.len() as u64 != count.div_ceil(8) {
+            return None;
+        }
+        let mut m = Self {
+            bits: b.to_vec(),
+            count,
+            set: 0,
+        };
+        m.set = (0..count).filter(|i| m.get(*i)).count() as u64;
+        Some(m)
+    }
+
+    fn get(&self, i: u64) -> bool {
+        i < self.count && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    fn set(&mut self, i: u64) {
+        if !self.get(i) {
+            self.bits[(i / 8) as usize] |= 1 << (i % 8);
+            self.set += 1;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.set == self.count
+    }
+}
+
+/// One sender's transfer being received.
+struct Incoming {
+    id: u64,
+    len: u64,
+    crc: u32,
+    chunk: u64,
+    path: PathBuf,
+    handle: Arc<dyn FileHandle>,
+    have: Bitmap,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    incoming: HashMap<NodeId, Incoming>,
+    /// Complete, checked files not yet taken, by sender: `(transfer id, file)`.
+    ready: HashMap<NodeId, (u64, SnapshotFile)>,
+}
+
+/// The receiving side: the handler of the snapshot channel. Keep the `Arc` alive as long as
+/// transfers should be accepted (the channel holds its handler weakly).
+pub struct SnapshotReceiver {
+    store: SnapshotStore,
+    transfers: Transfers,
+    state: Mutex<ReceiverState>,
+}
+
+impl SnapshotReceiver {
+    /// A receiver writing into `store`'s directory, installed as `transport`'s handler.
+    pub fn install(
+        transport: &Arc<dyn Transport>,
+        store: SnapshotStore,
+        transfers: Transfers,
+    ) -> Arc<Self> {
+        let r = Arc::new(Self {
+            store,
+            transfers,
+            state: Mutex::new(ReceiverState::default()),
+        });
+        transport.set_handler(r.clone());
+        r
+    }
+
+    /// The complete, checked file `from` sent under `ticket`, if it is here; it is then no
+    /// longer offered. The file is not installed: the engine installs it
+    /// ([`SnapshotStore::install`]) when it restores it.
+    pub fn take(&self, from: NodeId, ticket: &Ticket) -> Option<SnapshotFile> {
+        let mut st = self.state.lock();
+        match st.ready.get(&from) {
+            Some((id, f)) if *id == ticket.id && f.len() == ticket.len => {
+                let f = f.clone();
+                st.ready.remove(&from);
+                Some(f)
+            }
+            _ => None,
+        }
+    }
+
+    fn begin(&self, from: NodeId, mut b: &[u8]) -> Result<Bytes, String> {
+        if b.len() != 24 {
+            return Err("malformed transfer start".into());
+        }
+        let (id, len, crc, chunk) = (
+            b.get_u64_le(),
+            b.get_u64_le(),
+            b.get_u32_le(),
+            b.get_u32_le() as u64,
+        );
+        if chunk == 0 || len < 16 || len > MAX_FILE {
+            return Err(format!(
+                "refusing a snapshot transfer of {len} bytes in chunks of {chunk}"
+            ));
+        }
+        let mut st = self.state.lock();
+        if let Some(inc) = st.incoming.get_mut(&from) {
+            if inc.len == len && inc.crc == crc && inc.chunk == chunk {
+                inc.id = id;
+                let have = inc.have.bits.clone();
+                let resumed = inc.have.set * chunk;
+                drop(st);
+                self.transfers
+                    .start(from, TransferDirection::Receiving, len, resumed.min(len));
+                tracing::info!(from, len, resumed, "resuming a snapshot transfer");
+                return Ok(Bytes::from(have));
+            }
+        }
+        if let Some(old) = st.incoming.remove(&from) {
+            let _ = self.store.fs().remove_file(&old.path);
+        }
+        let path = self.store.temp_path(&format!("from-{from}"));
+        let handle: Arc<dyn FileHandle> = self
+            .store
+            .fs()
+            .open(&path, OpenMode::Truncate)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?
+            .into();
+        let have = Bitmap::new(chunk_count(len, chunk as usize));
+        let bits = Bytes::from(have.bits.clone());
+        st.incoming.insert(
+            from,
+            Incoming {
+                id,
+                len,
+                crc,
+                chunk,
+                path,
+                handle,
+                have,
+            },
+        );
+        drop(st);
+        self.transfers
+            .start(from, TransferDirection::Receiving, len, 0);
+        Ok(bits)
+    }
+
+    async fn chunk(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        if frame.len() < 12 {
+            return Err("malformed chunk".into());
+        }
+        let mut head = &frame[..12];
+        let (id, index) = (head.get_u64_le(), head.get_u32_le() as u64);
+        let data = frame.slice(12..);
+        let (handle, at) = {
+            let st = self.state.lock();
+            let inc = st
+                .incoming
+                .get(&from)
+                .filter(|i| i.id == id)
+                .ok_or_else(|| format!("no snapshot transfer {id:x} from node {from}"))?;
+            let at = index * inc.chunk;
+            let expected = inc.len.saturating_sub(at).min(inc.chunk);
+            if index >= inc.have.count || data.len() as u64 != expected {
+                return Err(format!(
+                    "chunk {index} of {} bytes does not fit the transfer",
+                    data.len()
+                ));
+            }
+            if inc.have.get(index) {
+                return Ok(Bytes::new());
+            }
+            (inc.handle.clone(), at)
+        };
+        let n = data.len() as u64;
+        tokio::task::spawn_blocking(move || handle.write_all_at(&data, at))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing chunk {index}: {e}"))?;
+        let mut st = self.state.lock();
+        if let Some(inc) = st.incoming.get_mut(&from).filter(|i| i.id == id) {
+            inc.have.set(index);
+            drop(st);
+            self.transfers
+                .advance(from, TransferDirection::Receiving, n);
+        }
+        Ok(Bytes::new())
+    }
+
+    async fn finish(&self, from: NodeId, mut b: &[u8]) -> Result<Bytes, String> {
+        if b.len() != 8 {
+            return Err("malformed transfer end".into());
+        }
+        let id = b.get_u64_le();
+        let inc = {
+            let mut st = self.state.lock();
+            match st.incoming.get(&from) {
+                Some(i) if i.id == id && i.have.full() => st.incoming.remove(&from),
+                Some(i) if i.id == id => {
+                    return Err(format!(
+                        "transfer {id:x} is missing {} chunks",
+                        i.have.count - i.have.set
+                    ))
+                }
+                _ => return Err(format!("no snapshot transfer {id:x} from node {from}")),
+            }
+        };
+        let Some(inc) = inc else {
+            return Err("transfer vanished".into());
+        };
+        let fs = self.store.fs().clone();
+        let (path, len, crc) = (inc.path.clone(), inc.len, inc.crc);
+        let received = inc.path.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            inc.handle
+                .sync_all()
+                .map_err(|e| format!("syncing the received snapshot: {e}"))?;
+            drop(inc.handle);
+            let handle = fs
+                .open(&path, OpenMode::Existing)
+                .map_err(|e| format!("reopening the received snapshot: {e}"))?;
+            let file = SnapshotFile::verify(handle, &path, Some(path.clone()))
+                .map_err(|e| format!("the received snapshot is damaged: {e}"))?;
+            if file.len() != len || file.checksum() != crc {
+                return Err(format!(
+                    "the received snapshot is not the one announced ({} bytes, crc {:08x}; \
+                     expected {len} bytes, crc {crc:08x})",
+                    file.len(),
+                    file.checksum()
+                ));
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match checked {
+            Ok(file) => {
+                self.transfers.end(from, TransferDirection::Receiving, None);
+                tracing::info!(from, bytes = len, "snapshot file received and checked");
+                self.state.lock().ready.insert(from, (id, file));
+                Ok(Bytes::new())
+            }
+            Err(e) => {
+                let _ = self.store.fs().remove_file(&received);
+                self.transfers
+                    .end(from, TransferDirection::Receiving, Some(e.clone()));
+                tracing::warn!(from, "{e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl InboundHandler for SnapshotReceiver {
+    fn on_message(&self, from: NodeId, _frame: Bytes) {
+        tracing::debug!(from, "unexpected one-way frame on the snapshot channel");
+    }
+
+    async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        match frame.first() {
+            Some(&BEGIN) => self.begin(from, &frame[1..]),
+            Some(&CHUNK) => self.chunk(from, frame.slice(1..)).await,
+            Some(&FINISH) => self.finish(from, &frame[1..]).await,
+            _ => Err(format!("unknown snapshot-transfer frame from node {from}")),
+        }
+    }
+}
