@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use consensus_api::{ConsensusError, InboundHandler, NodeId, Role, Status, Transport};
+use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Ticket};
+use consensus_storage::SnapshotFile;
 use protobuf::Message as _;
-use raft::eraftpb::{Message, MessageType};
+use raft::eraftpb::{Message, MessageType, SnapshotMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::node::{Core, PersistEvents, Reply, SaveJob};
@@ -43,6 +45,8 @@ const ADDRESS_BOOK_TICKS: u64 = 10;
 /// What arrives on the engine channel.
 pub(crate) enum Inbound {
     Raft(Message),
+    /// A `MsgSnapshot` with the file its transfer delivered (complete and checked).
+    Snapshot(Message, SnapshotFile),
     Addresses(BTreeMap<NodeId, String>),
 }
 
@@ -63,6 +67,8 @@ pub(crate) struct Driver {
     pub(crate) status: Arc<watch::Sender<Status>>,
     pub(crate) tick: Duration,
     pub(crate) snapshot_timeout: Duration,
+    /// Streams snapshot files to followers (one transfer per follower at a time).
+    pub(crate) snapshots: Arc<SnapshotSender>,
 }
 
 enum Flow {
@@ -135,7 +141,7 @@ impl Driver {
                     break None;
                 }
             }
-            if let Some(job) = self.core.take_save_job() {
+            if let Some(mut job) = self.core.take_save_job() {
                 // Writing and fsyncing a snapshot file must not stall the Ready loop.
                 let tx = saved_tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -189,6 +195,7 @@ impl Driver {
     fn inbound(&mut self, m: Inbound) {
         match m {
             Inbound::Raft(m) => self.core.step(m),
+            Inbound::Snapshot(m, file) => self.core.step_snapshot(m, file),
             Inbound::Addresses(book) => self.core.learn_addresses(book),
         }
     }
@@ -244,8 +251,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Applies peer changes to the transport, then sends the outbox. Snapshots go as calls so
-    /// their outcome can be reported to raft-rs.
+    /// Applies peer changes to the transport, then sends the outbox. A snapshot goes in two
+    /// steps off the driver: its file is streamed in chunks ([`SnapshotSender`]), then the
+    /// `MsgSnapshot` (metadata and the transfer's ticket instead of the data) as a call; the
+    /// outcome is reported to raft-rs.
     fn ship(&mut self, reports: &mpsc::UnboundedSender<(NodeId, bool)>) {
         for (id, addr) in self.core.take_peer_changes() {
             match addr {
@@ -259,6 +268,10 @@ impl Driver {
         }
         for msg in self.core.take_outbox() {
             let to = msg.to;
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(msg, reports);
+                continue;
+            }
             let frame = match raft_frame(&msg) {
                 Ok(b) => b,
                 Err(e) => {
@@ -266,24 +279,46 @@ impl Driver {
                     continue;
                 }
             };
-            if msg.get_msg_type() == MessageType::MsgSnapshot {
-                let transport = self.transport.clone();
-                let reports = reports.clone();
-                let timeout = self.snapshot_timeout;
-                tokio::spawn(async move {
-                    let outcome = transport.call(to, frame, timeout).await;
-                    if let Err(e) = &outcome {
-                        tracing::warn!(to, "snapshot not delivered: {e}");
-                    }
-                    let _ = reports.send((to, outcome.is_ok()));
-                });
-                continue;
-            }
             if let Err(e) = self.transport.send(to, frame) {
                 tracing::debug!(to, "raft message not sent: {e}");
                 self.core.report_unreachable(to);
             }
         }
+    }
+
+    /// Streams the snapshot file `msg` names, then sends `msg` with the transfer's ticket.
+    fn send_snapshot(&self, mut msg: Message, reports: &mpsc::UnboundedSender<(NodeId, bool)>) {
+        let to = msg.to;
+        let index = msg.get_snapshot().get_metadata().index;
+        let file = self
+            .core
+            .storage()
+            .snapshot_file()
+            .filter(|_| self.core.storage().snapshot_position().0 == index)
+            .cloned();
+        let Some(file) = file else {
+            tracing::warn!(to, index, "no snapshot file for a snapshot message");
+            let _ = reports.send((to, false));
+            return;
+        };
+        let (transport, sender) = (self.transport.clone(), self.snapshots.clone());
+        let (reports, timeout) = (reports.clone(), self.snapshot_timeout);
+        tokio::spawn(async move {
+            let outcome = async {
+                let ticket = sender.send(to, &file).await?;
+                msg.mut_snapshot().data = Bytes::from(ticket.encode());
+                let frame = raft_frame(&msg).map_err(|e| e.to_string())?;
+                transport
+                    .call(to, frame, timeout)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = &outcome {
+                tracing::warn!(to, index, "snapshot not delivered: {e}");
+            }
+            let _ = reports.send((to, outcome.is_ok()));
+        });
     }
 
     fn publish(&self) {
@@ -331,6 +366,8 @@ pub(crate) async fn supervise(
 pub(crate) struct RaftHandler {
     pub(crate) id: NodeId,
     pub(crate) messages: mpsc::Sender<Inbound>,
+    /// Where streamed snapshot files arrive; a `MsgSnapshot` is passed on only with its file.
+    pub(crate) snapshots: Arc<SnapshotReceiver>,
 }
 
 impl RaftHandler {
@@ -352,7 +389,34 @@ impl RaftHandler {
                 msg.from, msg.to, self.id
             ));
         }
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            return self.with_file(from, msg);
+        }
         Ok(Inbound::Raft(msg))
+    }
+
+    /// Pairs a `MsgSnapshot` with the file its ticket names; refused (the leader retries, and
+    /// the transfer resumes) when the file is not here or is not the snapshot named.
+    fn with_file(&self, from: NodeId, msg: Message) -> Result<Inbound, String> {
+        let snap = msg.get_snapshot();
+        let ticket = Ticket::decode(&snap.data)
+            .ok_or_else(|| format!("snapshot message from {from} without a transfer ticket"))?;
+        let file = self.snapshots.take(from, &ticket).ok_or_else(|| {
+            format!(
+                "the snapshot file of transfer {:x} from {from} has not arrived",
+                ticket.id
+            )
+        })?;
+        let meta = SnapshotMetadata::parse_from_bytes(file.meta())
+            .map_err(|e| format!("snapshot file from {from} has unreadable metadata: {e}"))?;
+        let named = snap.get_metadata();
+        if (meta.index, meta.term) != (named.index, named.term) {
+            return Err(format!(
+                "snapshot file from {from} is at {}/{} but the message names {}/{}",
+                meta.index, meta.term, named.index, named.term
+            ));
+        }
+        Ok(Inbound::Snapshot(msg, file))
     }
 }
 

@@ -37,6 +37,8 @@ use async_trait::async_trait;
 use consensus_api::{Backend, ConsensusError, Engine, EngineContext, NodeId, Status};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Transfers};
+
 use crate::driver::{Command, Driver, RaftHandler};
 use crate::node::{Core, Reply};
 use crate::storage::DiskStorage;
@@ -66,6 +68,9 @@ pub struct TikvEngine {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
     stopped: AtomicBool,
+    transfers: Transfers,
+    /// Kept alive here: the transport channels hold their handlers weakly (the snapshot
+    /// receiver is held by this handler).
     _handler: Arc<RaftHandler>,
 }
 
@@ -76,7 +81,7 @@ impl TikvEngine {
             config,
             state_machine,
             transport,
-            snapshot_transport: _,
+            snapshot_transport,
         } = ctx;
         config.validate()?;
         let id = config.id;
@@ -90,9 +95,22 @@ impl TikvEngine {
         .map_err(|e| ConsensusError::Internal(format!("opening the node: {e}")))??;
         let (cmd_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (msg_tx, messages) = mpsc::channel(MESSAGE_QUEUE);
+        let transfers = Transfers::default();
+        let receiver = SnapshotReceiver::install(
+            &snapshot_transport,
+            core.storage().snapshot_store(),
+            transfers.clone(),
+        );
+        let sender = Arc::new(SnapshotSender::new(
+            snapshot_transport,
+            transfers.clone(),
+            config.snapshot_chunk_bytes(),
+            config.rpc_timeout * 4,
+        ));
         let handler = Arc::new(RaftHandler {
             id,
             messages: msg_tx,
+            snapshots: receiver,
         });
         transport.set_handler(handler.clone());
         let (status_tx, status) = watch::channel(core.status());
@@ -106,12 +124,14 @@ impl TikvEngine {
             status: status_tx.clone(),
             tick: config.heartbeat_interval,
             snapshot_timeout: config.rpc_timeout * 10,
+            snapshots: sender,
         };
         tokio::spawn(driver::supervise(id, tokio::spawn(driver.run()), status_tx));
         Ok(Self {
             commands: cmd_tx,
             status,
             stopped: AtomicBool::new(false),
+            transfers,
             _handler: handler,
         })
     }
@@ -167,7 +187,7 @@ impl Engine for TikvEngine {
     }
 
     fn snapshot_transfers(&self) -> Vec<consensus_api::TransferProgress> {
-        Vec::new()
+        self.transfers.list()
     }
 
     async fn shutdown(&self) -> Result<(), ConsensusError> {

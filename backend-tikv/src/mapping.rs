@@ -12,8 +12,10 @@ use crate::storage::DiskStorage;
 /// raft-rs settings from the shared configuration: one tick per heartbeat interval.
 ///
 /// `max_entries_per_message` has no raft-rs counterpart (raft-rs bounds an append by bytes
-/// only), so it is not used here; `max_size_per_msg` is a quarter of the transport frame
-/// limit, kept between 64 KiB and 1 MiB.
+/// only), so it is not used here; `max_size_per_msg` is the command limit
+/// ([`NodeConfig::max_command_bytes`]), at most 1 MiB: raft-rs puts at least one entry in an
+/// append and then adds entries while the total stays within it, so every append fits in one
+/// frame with room for its envelope.
 pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, ConsensusError> {
     let hb = c.heartbeat_interval.as_micros().max(1);
     let ticks = |d: std::time::Duration| d.as_micros().div_ceil(hb) as usize;
@@ -26,7 +28,7 @@ pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, 
         // Exclusive upper bound: timeouts are drawn from [min, max).
         max_election_tick: ticks(c.election_timeout_max).max(election) + 1,
         applied,
-        max_size_per_msg: (c.transport.max_frame_bytes as u64 / 4).clamp(64 << 10, 1 << 20),
+        max_size_per_msg: (c.max_command_bytes() as u64).min(1 << 20),
         max_inflight_msgs: 256,
         check_quorum: true,
         pre_vote: true,
@@ -150,8 +152,12 @@ mod tests {
         assert_eq!((cfg.min_election_tick, cfg.max_election_tick), (5, 11));
         assert_eq!(cfg.applied, 7);
         assert!(cfg.check_quorum && cfg.pre_vote);
-        // A 16 MiB frame limit gives 4 MiB, capped at 1 MiB.
+        // A 16 MiB frame limit, capped at 1 MiB.
         assert_eq!(cfg.max_size_per_msg, 1 << 20);
+        let mut small = NodeConfig::new(1, "unit", "/unused");
+        small.transport.max_frame_bytes = 64 << 10;
+        let cfg = raft_config(&small, 0).expect("valid");
+        assert_eq!(cfg.max_size_per_msg, (60 << 10) as u64, "within the frame");
     }
 
     #[test]

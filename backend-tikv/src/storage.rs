@@ -9,6 +9,7 @@
 //! - Opening reconciles a crash between writing a snapshot and compacting the log.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use bytes::Bytes;
-use consensus_api::{codec, ConsensusError, NodeId};
-use consensus_storage::{Log, SnapshotStore, StorageError as DiskError};
+use consensus_api::{codec, ConsensusError, NodeId, SnapshotView};
+use consensus_storage::{Log, SnapshotFile, SnapshotStore, StorageError as DiskError};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
@@ -54,15 +55,45 @@ impl SnapshotData {
         Ok(out)
     }
 
-    /// Splits snapshot data into the addresses and the state machine's bytes.
-    pub(crate) fn decode(data: &[u8]) -> Result<(BTreeMap<NodeId, String>, &[u8]), ConsensusError> {
-        let bad = || ConsensusError::Storage("snapshot data is truncated".into());
-        let len = data.get(..4).ok_or_else(bad)?;
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let book = data.get(4..4 + len).ok_or_else(bad)?;
-        Ok((codec::decode(book)?, &data[4 + len..]))
+    /// Writes the addresses ahead of the state (which the caller streams after them).
+    pub(crate) fn write_book(
+        sink: &mut dyn Write,
+        addresses: &BTreeMap<NodeId, String>,
+    ) -> Result<(), ConsensusError> {
+        let book = codec::encode(addresses)?;
+        let len = u32::try_from(book.len())
+            .map_err(|_| ConsensusError::Internal("address book too large".into()))?;
+        let io = |e: std::io::Error| ConsensusError::Storage(format!("writing a snapshot: {e}"));
+        sink.write_all(&len.to_be_bytes()).map_err(io)?;
+        sink.write_all(&book).map_err(io)
+    }
+
+    /// Reads the addresses from the start of snapshot data; `source` is then at the state.
+    pub(crate) fn read_book(
+        source: &mut dyn Read,
+    ) -> Result<BTreeMap<NodeId, String>, ConsensusError> {
+        let bad = |e: std::io::Error| {
+            ConsensusError::Storage(format!("snapshot data is truncated or unreadable: {e}"))
+        };
+        let mut len = [0u8; 4];
+        source.read_exact(&mut len).map_err(bad)?;
+        let len = u32::from_be_bytes(len) as u64;
+        if len > MAX_BOOK_BYTES {
+            return Err(ConsensusError::Storage(format!(
+                "snapshot address book of {len} bytes is implausible; the snapshot is damaged"
+            )));
+        }
+        let mut book = Vec::with_capacity(len as usize);
+        source.take(len).read_to_end(&mut book).map_err(bad)?;
+        if book.len() as u64 != len {
+            return Err(ConsensusError::Storage("snapshot data is truncated".into()));
+        }
+        Ok(codec::decode(&book)?)
     }
 }
+
+/// Largest address book a snapshot may carry.
+const MAX_BOOK_BYTES: u64 = 64 << 20;
 
 /// Errors of the storage layer, as raft-rs wants them.
 fn other(e: impl std::fmt::Display) -> raft::Error {
@@ -84,8 +115,9 @@ pub(crate) struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Saves `snap` durably unless a newer snapshot was saved already; whether it was written.
-    pub(crate) fn save(&self, snap: &Snapshot) -> raft::Result<bool> {
+    /// Saves a small in-memory `snap` durably unless a newer snapshot was saved already (the
+    /// bootstrap snapshot); whether it was written.
+    fn save(&self, snap: &Snapshot) -> raft::Result<bool> {
         let mut newest = self.newest.lock();
         let index = snap.get_metadata().index;
         if index < *newest {
@@ -96,6 +128,36 @@ impl SnapshotWriter {
         *newest = index;
         Ok(true)
     }
+
+    /// Streams a snapshot file from `view` (blocking: run it off the driver): the metadata, the
+    /// address book, then the state. Returns the installed file, or `None` when a newer
+    /// snapshot was installed meanwhile (the built one is then dropped).
+    pub(crate) fn build(
+        &self,
+        meta: &SnapshotMetadata,
+        addresses: &BTreeMap<NodeId, String>,
+        view: Box<dyn SnapshotView>,
+    ) -> Result<Option<SnapshotFile>, String> {
+        let meta_bytes = meta.write_to_bytes().map_err(|e| e.to_string())?;
+        let mut sink = self.store.create(&meta_bytes).map_err(|e| e.to_string())?;
+        SnapshotData::write_book(&mut sink, addresses).map_err(|e| e.to_string())?;
+        view.write_to(&mut sink)
+            .map_err(|e| format!("state machine snapshot failed: {e}"))?;
+        let file = sink.seal().map_err(|e| e.to_string())?;
+        let kept = self.keep(meta.index, &file).map_err(|e| e.to_string())?;
+        Ok(kept.then_some(file))
+    }
+
+    /// Installs `file` (the snapshot at `index`) unless a newer one is installed; whether it was.
+    fn keep(&self, index: u64, file: &SnapshotFile) -> raft::Result<bool> {
+        let mut newest = self.newest.lock();
+        if index < *newest {
+            return Ok(false);
+        }
+        self.store.install(file).map_err(disk)?;
+        *newest = index;
+        Ok(true)
+    }
 }
 
 /// Durable raft-rs storage.
@@ -103,8 +165,11 @@ pub(crate) struct DiskStorage {
     log: Log,
     writer: SnapshotWriter,
     hard_state: HardState,
-    /// The latest snapshot (metadata and data); default (index 0) when there is none.
+    /// The latest snapshot's metadata (its data stays on disk, in `file`); default (index 0)
+    /// when there is none.
     snapshot: Snapshot,
+    /// The latest snapshot's file.
+    file: Option<SnapshotFile>,
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken
     /// before the receiving node joined): the core takes a fresh one and raft-rs asks again.
     wanted: AtomicBool,
@@ -120,15 +185,11 @@ impl DiskStorage {
             Some(b) => HardState::parse_from_bytes(&b).map_err(other)?,
             None => HardState::default(),
         };
-        let snapshot = match snapshots.load().map_err(disk)? {
-            Some((meta, data)) => {
-                let mut s = Snapshot::default();
-                s.set_metadata(SnapshotMetadata::parse_from_bytes(&meta).map_err(other)?);
-                s.data = data;
-                s
-            }
-            None => Snapshot::default(),
-        };
+        let file = snapshots.current().map_err(disk)?;
+        let mut snapshot = Snapshot::default();
+        if let Some(f) = &file {
+            snapshot.set_metadata(SnapshotMetadata::parse_from_bytes(f.meta()).map_err(other)?);
+        }
         let writer = SnapshotWriter {
             store: snapshots,
             newest: Arc::new(Mutex::new(snapshot.get_metadata().index)),
@@ -139,6 +200,7 @@ impl DiskStorage {
             writer,
             hard_state,
             snapshot,
+            file,
             wanted: AtomicBool::new(false),
         };
         me.reconcile()?;
@@ -215,9 +277,21 @@ impl DiskStorage {
         (m.index, m.term)
     }
 
-    /// The latest snapshot.
-    pub(crate) fn latest_snapshot(&self) -> &Snapshot {
-        &self.snapshot
+    /// The latest snapshot's file (`None` before the first).
+    pub(crate) fn snapshot_file(&self) -> Option<&SnapshotFile> {
+        self.file.as_ref()
+    }
+
+    /// Copies another store's snapshot file into this data dir, not yet installed (what a
+    /// transfer would have produced; for tests that move messages by hand).
+    #[cfg(test)]
+    pub(crate) fn import(&self, file: &SnapshotFile) -> raft::Result<SnapshotFile> {
+        self.writer.store.import(file).map_err(disk)
+    }
+
+    /// The snapshot store of the data dir.
+    pub(crate) fn snapshot_store(&self) -> SnapshotStore {
+        self.writer.store.clone()
     }
 
     /// The index of the last entry removed by compaction (0 if none).
@@ -248,15 +322,40 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Installs a snapshot received from the leader (or written at bootstrap): saves it with
-    /// fsync, then drops the log it covers.
-    pub(crate) fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
+    /// Installs a small in-memory snapshot (the bootstrap snapshot): saves it with fsync, then
+    /// drops the log it covers.
+    pub(crate) fn apply_snapshot(&mut self, mut snap: Snapshot) -> raft::Result<()> {
         self.writer.save(&snap)?;
+        let file = self.writer.store.current().map_err(disk)?;
+        snap.data = Bytes::new();
+        self.record(snap, file)
+    }
+
+    /// Installs a snapshot file received from the leader (checked, not yet installed):
+    /// renames it into place durably, then drops the log it covers.
+    pub(crate) fn install_file(
+        &mut self,
+        meta: SnapshotMetadata,
+        file: SnapshotFile,
+    ) -> raft::Result<()> {
+        if !self.writer.keep(meta.index, &file)? {
+            return Err(other(format!(
+                "refusing to install snapshot {}: a newer one is installed",
+                meta.index
+            )));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        self.record(snap, Some(file))
+    }
+
+    fn record(&mut self, snap: Snapshot, file: Option<SnapshotFile>) -> raft::Result<()> {
         let (index, term) = {
             let m = snap.get_metadata();
             (m.index, m.term)
         };
         self.snapshot = snap;
+        self.file = file;
         self.discard_log_through(index, term)
     }
 
@@ -265,14 +364,21 @@ impl DiskStorage {
         self.writer.clone()
     }
 
-    /// Records a snapshot this node took once its file is durable, then compacts the log up to
-    /// `compact_to` (at most the snapshot's index). An older one than the current is ignored.
-    pub(crate) fn snapshot_saved(&mut self, snap: Snapshot, compact_to: u64) -> raft::Result<()> {
-        let index = snap.get_metadata().index;
+    /// Records a snapshot this node took once its file is installed, then compacts the log up
+    /// to `compact_to` (at most the snapshot's index). An older one than the current is ignored.
+    pub(crate) fn snapshot_saved(
+        &mut self,
+        meta: SnapshotMetadata,
+        file: SnapshotFile,
+        compact_to: u64,
+    ) -> raft::Result<()> {
+        let index = meta.index;
         if index <= self.snapshot_position().0 {
             return Ok(());
         }
-        self.snapshot = snap;
+        self.snapshot = Snapshot::default();
+        self.snapshot.set_metadata(meta);
+        self.file = Some(file);
         self.compact(compact_to.min(index))
     }
 
@@ -394,6 +500,7 @@ impl Storage for DiskStorage {
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
+        // Metadata only: the driver streams the file and puts the transfer's ticket here.
         Ok(self.snapshot.clone())
     }
 }
@@ -446,7 +553,8 @@ mod tests {
             .entries(2, 4, None, GetEntriesContext::empty(false))
             .expect("entries");
         assert_eq!(got, vec![entry(2, 2), entry(3, 2)]);
-        assert_eq!(s.latest_snapshot().data.as_ref(), b"init");
+        let file = s.snapshot_file().expect("the bootstrap snapshot's file");
+        assert_eq!(file.read_data().expect("data"), b"init");
     }
 
     #[test]

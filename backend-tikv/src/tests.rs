@@ -122,7 +122,7 @@ impl Net {
             let mut mail = Vec::new();
             for (id, n) in self.nodes.iter_mut() {
                 moved |= n.run_cycles();
-                if let Some(job) = n.core.take_save_job() {
+                if let Some(mut job) = n.core.take_save_job() {
                     moved = true;
                     let outcome = job.run();
                     n.core.snapshot_saved(job, outcome);
@@ -139,8 +139,22 @@ impl Net {
                     continue;
                 }
                 let (to, snapshot) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
+                // What the transfer would deliver: a copy of the sender's snapshot file.
+                let file = if snapshot {
+                    self.nodes
+                        .get(&from)
+                        .and_then(|n| n.core.storage().snapshot_file().cloned())
+                } else {
+                    None
+                };
                 if let Some(n) = self.nodes.get_mut(&to) {
-                    n.core.step(m);
+                    match file {
+                        Some(f) => {
+                            let copy = n.core.storage().import(&f).expect("copy the snapshot");
+                            n.core.step_snapshot(m, copy);
+                        }
+                        None => n.core.step(m),
+                    }
                 }
                 if snapshot {
                     if let Some(n) = self.nodes.get_mut(&from) {

@@ -66,6 +66,12 @@ impl SnapshotPacer {
         self.bytes.load(Ordering::Relaxed) >= needed
     }
 
+    /// The snapshot counted by the last [`SnapshotPacer::taken`] turned out `size` bytes (for a
+    /// backend that learns the size only once the file is written).
+    pub fn sized(&self, size: u64) {
+        self.last_size.store(size, Ordering::Relaxed);
+    }
+
     /// A snapshot of `size` bytes was taken: counting starts again.
     pub fn taken(&self, size: usize) {
         self.entries.store(0, Ordering::Relaxed);

@@ -163,6 +163,32 @@ impl SnapshotStore {
         Ok(sink)
     }
 
+    /// Copies `file` (of another store: another node's, a backup) into a temporary file of this
+    /// store, synced and checked, not yet installed: what a transfer from a peer yields,
+    /// without the network (tests, offline restores).
+    pub fn import(&self, file: &SnapshotFile) -> Result<SnapshotFile> {
+        let path = self.temp_path("import");
+        let io = |op, e| StorageError::io(op, &path, e);
+        let handle = self
+            .fs
+            .open(&path, OpenMode::Truncate)
+            .map_err(|e| io("create", e))?;
+        let mut buf = vec![0u8; IO_BUF];
+        let mut at = 0u64;
+        while at < file.len() {
+            let n = file.read_at(&mut buf, at).map_err(|e| io("read", e))?;
+            if n == 0 {
+                return Err(corrupt(&path, "source snapshot ends early"));
+            }
+            handle
+                .write_all_at(&buf[..n], at)
+                .map_err(|e| io("write", e))?;
+            at += n as u64;
+        }
+        handle.sync_all().map_err(|e| io("fsync", e))?;
+        SnapshotFile::verify(handle, &path, Some(path.clone()))
+    }
+
     /// Makes `file` (sealed from a [`SnapshotSink`], or received from a peer) the stored
     /// snapshot: rename over `snapshot.bin`, then sync the directory. Durable when it returns.
     /// A file that is already installed is left as it is. The caller decides whether it is
@@ -172,6 +198,12 @@ impl SnapshotStore {
         let Some(tmp) = pending.as_ref() else {
             return Ok(());
         };
+        if tmp.parent() != Some(self.dir.as_path()) {
+            return Err(StorageError::Invalid(format!(
+                "snapshot file {} belongs to another data dir; import it first",
+                tmp.display()
+            )));
+        }
         let path = self.path();
         self.fs
             .rename(tmp, &path)

@@ -102,7 +102,7 @@ impl Settings {
     pub(crate) fn from_config(c: &NodeConfig) -> Self {
         Self {
             keep_logs_after_snapshot: c.keep_logs_after_snapshot,
-            max_command_bytes: c.transport.max_frame_bytes / 2,
+            max_command_bytes: c.max_command_bytes(),
             read_retry_ticks: 3,
         }
     }
@@ -125,6 +125,9 @@ pub(crate) struct Core {
     saving: Option<u64>,
     /// A snapshot taken and not yet handed to a writer.
     save_job: Option<SaveJob>,
+    /// The file of the last `MsgSnapshot` stepped (index, term, file), for the Ready that
+    /// installs it.
+    incoming: Option<(u64, u64, consensus_storage::SnapshotFile)>,
     /// Sends durability notices from the log writer to [`PersistEvents`].
     persist_tx: mpsc::UnboundedSender<Persisted>,
     /// Readies whose durability notice has not come back yet.
@@ -157,11 +160,18 @@ impl Core {
         }
         let (snap_index, _) = storage.snapshot_position();
         let mut addresses = BTreeMap::new();
-        let pacer = SnapshotPacer::new(config, storage.latest_snapshot().data.len() as u64);
+        let file = storage.snapshot_file().cloned();
+        let pacer = SnapshotPacer::new(config, file.as_ref().map(|f| f.data_len()).unwrap_or(0));
         if snap_index > 0 {
-            let (book, state) = SnapshotData::decode(&storage.latest_snapshot().data)?;
-            sm.restore(state)?;
-            addresses = book;
+            let file = file.ok_or_else(|| {
+                ConsensusError::Storage(format!(
+                    "the snapshot at index {snap_index} has no file in {}",
+                    config.data_dir.display()
+                ))
+            })?;
+            let mut source = file.data();
+            addresses = SnapshotData::read_book(&mut source)?;
+            sm.restore_from(&mut source)?;
         }
         let cfg = mapping::raft_config(config, snap_index)?;
         let raw = RawNode::new(&cfg, storage, logger).map_err(|e| mapping::raft(e, None))?;
@@ -178,6 +188,7 @@ impl Core {
             outbox: Vec::new(),
             saving: None,
             save_job: None,
+            incoming: None,
             persist_tx,
             in_flight: 0,
             pacer,

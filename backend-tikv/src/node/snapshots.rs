@@ -1,30 +1,40 @@
 //! Snapshots: when to take one (the [`SnapshotPacer`](consensus_api::backend_support::SnapshotPacer), raft-rs
-//! asking for a fresher one to send, or `snapshot_now`), taking it between applies, writing it
-//! off the driver ([`SaveJob`]), compacting after it, and installing one a leader sent.
+//! asking for a fresher one to send, or `snapshot_now`), capturing the state between applies
+//! (a point-in-time view: applies go on while it is written), writing the file off the driver
+//! ([`SaveJob`]), compacting after it, and installing a file a leader streamed to us.
 
-use consensus_api::ConsensusError;
-use raft::eraftpb::Snapshot;
+use std::collections::BTreeMap;
+
+use consensus_api::{ConsensusError, NodeId, SnapshotView};
+use consensus_storage::SnapshotFile;
+use raft::eraftpb::{Message, MessageType, Snapshot, SnapshotMetadata};
 
 use super::waiters::Reply;
 use super::Core;
 use crate::mapping;
 use crate::storage::{SnapshotData, SnapshotWriter};
 
-/// A snapshot to make durable off the driver: run [`SaveJob::run`] anywhere, then hand the job
-/// back to [`Core::snapshot_saved`].
+/// A snapshot to write off the driver: run [`SaveJob::run`] anywhere (it streams the captured
+/// state into the file and installs it), then hand the job back to [`Core::snapshot_saved`].
 pub(crate) struct SaveJob {
-    snap: Snapshot,
+    meta: SnapshotMetadata,
+    addresses: BTreeMap<NodeId, String>,
+    view: Option<Box<dyn SnapshotView>>,
     compact_to: u64,
     writer: SnapshotWriter,
+    /// The installed file, once run (`None` if a newer snapshot overtook it).
+    file: Option<SnapshotFile>,
 }
 
 impl SaveJob {
-    /// Writes the snapshot file with fsync (blocking).
-    pub(crate) fn run(&self) -> Result<(), String> {
-        self.writer
-            .save(&self.snap)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Writes and installs the snapshot file with fsync (blocking).
+    pub(crate) fn run(&mut self) -> Result<(), String> {
+        let view = self
+            .view
+            .take()
+            .ok_or_else(|| "snapshot job already run".to_string())?;
+        self.file = self.writer.build(&self.meta, &self.addresses, view)?;
+        Ok(())
     }
 }
 
@@ -73,18 +83,27 @@ impl Core {
             .raft_log
             .term(applied)
             .map_err(|e| mapping::raft(e, None))?;
-        let data = SnapshotData::encode(self.book.known(), &self.sm.snapshot()?)?;
-        self.pacer.taken(data.len());
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().set_conf_state(self.conf_state());
-        snap.mut_metadata().index = applied;
-        snap.mut_metadata().term = term;
-        snap.data = data.into();
+        // Cheap for a state machine with a view; a copy in memory for one without.
+        let view = self.sm.capture()?;
+        let last_size = self
+            .raw
+            .store()
+            .snapshot_file()
+            .map(|f| f.data_len())
+            .unwrap_or(0);
+        self.pacer.taken(last_size as usize);
+        let mut meta = SnapshotMetadata::default();
+        meta.set_conf_state(self.conf_state());
+        meta.index = applied;
+        meta.term = term;
         self.saving = Some(applied);
         self.save_job = Some(SaveJob {
-            snap,
+            meta,
+            addresses: self.book.known().clone(),
+            view: Some(view),
             compact_to: applied.saturating_sub(self.settings.keep_logs_after_snapshot),
             writer: self.raw.store().snapshot_writer(),
+            file: None,
         });
         Ok(())
     }
@@ -98,11 +117,16 @@ impl Core {
     /// covers, and start the next one if a waiter needs a newer snapshot.
     pub(crate) fn snapshot_saved(&mut self, job: SaveJob, outcome: Result<(), String>) {
         self.saving = None;
-        let index = job.snap.get_metadata().index;
+        let index = job.meta.index;
         let recorded = outcome.map_err(ConsensusError::Storage).and_then(|()| {
+            let Some(file) = job.file else {
+                // Overtaken by a newer snapshot (installed from the leader): nothing to record.
+                return Ok(());
+            };
+            self.pacer.sized(file.data_len());
             self.raw
                 .mut_store()
-                .snapshot_saved(job.snap, job.compact_to)
+                .snapshot_saved(job.meta, file, job.compact_to)
                 .map_err(|e| mapping::raft(e, None))
         });
         if let Err(e) = recorded {
@@ -118,20 +142,51 @@ impl Core {
         }
     }
 
-    /// Installs a snapshot a leader sent (it arrived in a Ready): the state machine, the
-    /// storage and the address book take its contents; proposals it covers fail.
+    /// Steps a leader's `MsgSnapshot` whose file has arrived complete and checked (`file`,
+    /// from the transfer): raft-rs decides whether to take it; if it does, the next Ready
+    /// installs this file.
+    pub(crate) fn step_snapshot(&mut self, msg: Message, file: SnapshotFile) {
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return self.step(msg);
+        }
+        let m = msg.get_snapshot().get_metadata();
+        self.incoming = Some((m.index, m.term, file));
+        self.step(msg);
+    }
+
+    /// Installs a snapshot a leader sent (it arrived in a Ready): the file received for it is
+    /// installed durably, then the state machine (streamed from the file), the storage and the
+    /// address book take its contents; proposals it covers fail.
     pub(super) fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), ConsensusError> {
         let (index, term) = {
             let m = snap.get_metadata();
             (m.index, m.term)
         };
-        let (book, state) = SnapshotData::decode(&snap.data)?;
-        self.sm.restore(state)?;
+        let file = match self.incoming.take() {
+            Some((i, t, f)) if (i, t) == (index, term) => f,
+            _ => {
+                return Err(ConsensusError::Storage(format!(
+                    "raft-rs installs snapshot {index} (term {term}) but its file never arrived"
+                )))
+            }
+        };
+        let mut meta = snap.get_metadata().clone();
+        meta.index = index;
         self.raw
             .mut_store()
-            .apply_snapshot(snap)
+            .install_file(meta, file.clone())
             .map_err(|e| ConsensusError::Storage(e.to_string()))?;
-        tracing::info!(id = self.id, index, term, "installed a snapshot");
+        let mut source = file.data();
+        let book = SnapshotData::read_book(&mut source)?;
+        self.sm.restore_from(&mut source)?;
+        self.pacer.taken(file.data_len() as usize);
+        tracing::info!(
+            id = self.id,
+            index,
+            term,
+            bytes = file.len(),
+            "installed a snapshot"
+        );
         self.applied = index;
         self.book.replace(book);
         self.waiters.discard_through(index);
