@@ -7,7 +7,7 @@
 //! |---|---|
 //! | no voters at bootstrap | a fresh initial member writes the initial `ConfState` (voters = `initial_members`) as a snapshot at index 1, durably, exactly once; a restarted node never re-initializes |
 //! | no Ready loop | [`TikvBackend::start`] spawns the driver: ticks every `heartbeat_interval`, runs every Ready cycle |
-//! | messages never sent | every `Ready` / `LightReady` message goes through the [`Transport`](consensus_api::Transport); persisted messages only after the fsync; snapshots as calls whose outcome is reported with `report_snapshot`; send failures with `report_unreachable` |
+//! | messages never sent | every `Ready` / `LightReady` message goes through the [`Transport`](consensus_api::Transport); persisted messages only after the fsync; a snapshot's file streamed in chunks within the frame limit ([`consensus_storage::transfer`]), then the `MsgSnapshot` (carrying the transfer's ticket, not the data) as a call whose outcome is reported with `report_snapshot`; send failures with `report_unreachable` |
 //! | proposals before a leader exists | a proposal on a non-leader answers `NotLeader { leader }` at once; the node handle forwards or retries until its deadline |
 //! | nodes that cannot start one after another | a node without quorum keeps ticking and campaigning (pre-vote) until peers appear; nothing exits |
 //! | logs only in `MemStorage` | [`consensus_storage::Log`]: CRC-checked records, group-committed `fdatasync` before anything is acknowledged, snapshots in an atomic file, restart rebuilds from disk |
@@ -17,6 +17,13 @@
 //! automatically), leader transfer by `transfer_leader`, log compaction after
 //! `snapshot_threshold` applied entries. New nodes (learners) start empty and catch up by
 //! snapshot, which also carries every member's address.
+//!
+//! Large state: a snapshot is written from the state machine's point-in-time view
+//! ([`ByteStateMachine::capture`](consensus_api::ByteStateMachine::capture)) off the driver,
+//! straight into the snapshot file; the leader's `Storage::snapshot` hands raft-rs only the
+//! metadata, and the follower steps a `MsgSnapshot` only once its file has arrived complete and
+//! checked, then restores the state machine streaming from that file. Appends are bounded by
+//! the command limit (`max_size_per_msg`), so every message fits in one frame.
 
 #![warn(missing_docs, unreachable_pub)]
 

@@ -46,7 +46,7 @@
 //! | [`Engine::snapshot_now`] | state machine snapshot at the applied index into the snapshot file, then compact the log | `raft.trigger().snapshot()` and wait for the snapshot metric; purge follows the snapshot policy |
 //! | [`Engine::shutdown`] | stop the driver loop, flush the log | `Raft::shutdown` |
 //! | pre-vote / check-quorum | `Config { pre_vote: true, check_quorum: true }` | `Config { enable_elect: true, ... }` leader lease + pre-vote of 0.10 |
-//! | transport | one-way [`Transport::send`] of protobuf `Message`s (snapshots as [`Transport::call`], outcome to `report_snapshot`); `report_unreachable` on send failures; a periodic address book lets an empty new node answer before its snapshot | replication pipelined over one-way [`Transport::send`] (sessions of sequenced AppendEntries fed in order to `Raft::stream_append`); [`Transport::call`] for vote, snapshot, heartbeats |
+//! | transport | one-way [`Transport::send`] of protobuf `Message`s (a snapshot: its file in chunks on the snapshot channel, then the `MsgSnapshot` with the transfer's ticket as a [`Transport::call`], outcome to `report_snapshot`); `report_unreachable` on send failures; a periodic address book lets an empty new node answer before its snapshot | replication pipelined over one-way [`Transport::send`] (sessions of sequenced AppendEntries fed in order to `Raft::stream_append`); [`Transport::call`] for vote, heartbeats, and the install-snapshot call that follows the file's chunked transfer |
 //!
 //! Errors: both engines' errors are mapped at the backend boundary to [`ConsensusError`], so the
 //! same scenario gives the same [`ErrorKind`] on either engine.

@@ -95,8 +95,11 @@ impl Ticket {
 /// one that ended per peer and direction. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Transfers {
-    inner: Arc<Mutex<BTreeMap<(NodeId, u8), (TransferProgress, Instant)>>>,
+    inner: Arc<Mutex<ByPeer>>,
 }
+
+/// Progress and start time per (peer, direction).
+type ByPeer = BTreeMap<(NodeId, u8), (TransferProgress, Instant)>;
 
 fn key(peer: NodeId, d: TransferDirection) -> (NodeId, u8) {
     (peer, d as u8)
@@ -207,8 +210,9 @@ impl SnapshotSender {
         outcome.map(|()| ticket)
     }
 
-    async fn call(&self, to: NodeId, frame: Bytes) -> Result<Bytes, TransportError> {
-        self.transport.call(to, frame, self.timeout).await
+    /// A control call (start, finish), retried like a chunk: both are idempotent.
+    async fn call(&self, to: NodeId, frame: Bytes) -> Result<Bytes, String> {
+        call_retrying(&*self.transport, to, frame, self.timeout).await
     }
 
     async fn run(&self, to: NodeId, file: &SnapshotFile, t: Ticket) -> Result<(), String> {
@@ -292,15 +296,26 @@ async fn send_chunk(
     .await
     .map_err(|e| format!("reading chunk {index}: {e}"))?
     .map_err(|e| format!("reading chunk {index}: {e}"))?;
+    call_retrying(&*transport, to, frame, timeout)
+        .await
+        .map(|_| size as u64)
+        .map_err(|e| format!("chunk {index}: {e}"))
+}
+
+/// Makes a call, retrying a few times when it was lost (every step of the protocol is
+/// idempotent). A refusal by the receiver is final: it no longer knows the transfer (it
+/// restarted, or another began), and the next attempt resumes from its map.
+async fn call_retrying(
+    transport: &dyn Transport,
+    to: NodeId,
+    frame: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, String> {
     let mut last = String::new();
     for attempt in 0..CHUNK_ATTEMPTS {
         match transport.call(to, frame.clone(), timeout).await {
-            Ok(_) => return Ok(size as u64),
-            // The receiver no longer knows this transfer (it restarted, or another began):
-            // retrying the chunk cannot help; the next attempt resumes from its map.
-            Err(TransportError::Remote(e)) => {
-                return Err(format!("chunk {index} refused: {e}"));
-            }
+            Ok(reply) => return Ok(reply),
+            Err(TransportError::Remote(e)) => return Err(format!("refused: {e}")),
             Err(e) => {
                 last = e.to_string();
                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
@@ -308,7 +323,7 @@ async fn send_chunk(
         }
     }
     Err(format!(
-        "chunk {index} not delivered after {CHUNK_ATTEMPTS} attempts: {last}"
+        "not delivered after {CHUNK_ATTEMPTS} attempts: {last}"
     ))
 }
 
@@ -425,7 +440,7 @@ impl SnapshotReceiver {
             b.get_u32_le(),
             b.get_u32_le() as u64,
         );
-        if chunk == 0 || len < 16 || len > MAX_FILE {
+        if chunk == 0 || !(16..=MAX_FILE).contains(&len) {
             return Err(format!(
                 "refusing a snapshot transfer of {len} bytes in chunks of {chunk}"
             ));
@@ -522,6 +537,10 @@ impl SnapshotReceiver {
         let id = b.get_u64_le();
         let inc = {
             let mut st = self.state.lock();
+            if st.ready.get(&from).is_some_and(|(ready, _)| *ready == id) {
+                // A repeated finish (the first answer was lost): already checked.
+                return Ok(Bytes::new());
+            }
             match st.incoming.get(&from) {
                 Some(i) if i.id == id && i.have.full() => st.incoming.remove(&from),
                 Some(i) if i.id == id => {
@@ -592,5 +611,267 @@ impl InboundHandler for SnapshotReceiver {
             Some(&FINISH) => self.finish(from, &frame[1..]).await,
             _ => Err(format!("unknown snapshot-transfer frame from node {from}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::fs::SimFs;
+    use crate::Log;
+
+    /// What the in-memory link does to the n-th call (counting from 0).
+    type Fault = dyn Fn(u64, &mut BytesMut) -> Option<TransportError> + Send + Sync;
+
+    /// An in-memory link from node 1 to a receiver (node 2): calls run the receiver's handler
+    /// directly, through `fault`. For the protocol's own tests; the conformance suite runs
+    /// transfers over the real transports.
+    struct Link {
+        handler: Mutex<Option<Arc<dyn InboundHandler>>>,
+        calls: AtomicU64,
+        fault: Box<Fault>,
+    }
+
+    impl Link {
+        fn new(
+            fault: impl Fn(u64, &mut BytesMut) -> Option<TransportError> + Send + Sync + 'static,
+        ) -> Arc<Self> {
+            Arc::new(Self {
+                handler: Mutex::new(None),
+                calls: AtomicU64::new(0),
+                fault: Box::new(fault),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Transport for Link {
+        fn local_id(&self) -> NodeId {
+            1
+        }
+        fn local_addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+        fn set_peer(&self, _id: NodeId, _addr: String) {}
+        fn remove_peer(&self, _id: NodeId) {}
+        fn send(&self, _to: NodeId, _frame: Bytes) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn call(
+            &self,
+            _to: NodeId,
+            frame: Bytes,
+            _timeout: Duration,
+        ) -> Result<Bytes, TransportError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut frame = BytesMut::from(&frame[..]);
+            if let Some(e) = (self.fault)(n, &mut frame) {
+                return Err(e);
+            }
+            let handler = self.handler.lock().clone().ok_or(TransportError::Closed)?;
+            handler
+                .on_call(1, frame.freeze())
+                .await
+                .map_err(TransportError::Remote)
+        }
+        fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
+            *self.handler.lock() = Some(handler);
+        }
+        async fn shutdown(&self) {}
+    }
+
+    struct Side {
+        _log: Log,
+        store: SnapshotStore,
+    }
+
+    fn side(fs: &Arc<SimFs>, dir: &str) -> Side {
+        let log = Log::open_in(fs.clone(), Path::new(dir), Default::default()).expect("open");
+        let store = log.snapshot_store().expect("store");
+        Side { _log: log, store }
+    }
+
+    /// A sealed snapshot of `len` state bytes in `side`'s store.
+    fn snapshot(side: &Side, len: usize) -> (SnapshotFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let mut sink = side.store.create(b"engine-meta").expect("create");
+        sink.write_all(&data).expect("write");
+        let file = sink.seal().expect("seal");
+        side.store.install(&file).expect("install");
+        (file, data)
+    }
+
+    const CHUNK_BYTES: usize = 64 << 10;
+
+    fn pair(
+        link: &Arc<Link>,
+        receiving: &Side,
+    ) -> (SnapshotSender, Arc<SnapshotReceiver>, Transfers, Transfers) {
+        let (sent, got) = (Transfers::default(), Transfers::default());
+        let t: Arc<dyn Transport> = link.clone();
+        let receiver = SnapshotReceiver::install(&t, receiving.store.clone(), got.clone());
+        let sender = SnapshotSender::new(t, sent.clone(), CHUNK_BYTES, Duration::from_secs(5));
+        (sender, receiver, sent, got)
+    }
+
+    #[tokio::test]
+    async fn a_file_many_chunks_long_arrives_whole_and_installs() {
+        let fs = Arc::new(SimFs::new(1));
+        let (a, b) = (side(&fs, "/t1/a"), side(&fs, "/t1/b"));
+        let (file, data) = snapshot(&a, 3 * CHUNK_BYTES * WINDOW + 12_345);
+        let link = Link::new(|_, _| None);
+        let (sender, receiver, sent, got) = pair(&link, &b);
+        let ticket = sender.send(2, &file).await.expect("sent");
+        let received = receiver.take(1, &ticket).expect("the file is there");
+        assert!(receiver.take(1, &ticket).is_none(), "taken once");
+        assert!(!received.is_installed());
+        assert!(
+            b.store.current().expect("current").is_none(),
+            "not installed by the transfer"
+        );
+        b.store.install(&received).expect("install");
+        let cur = b.store.current().expect("current").expect("installed");
+        assert_eq!(cur.read_data().expect("data"), data);
+        assert_eq!(cur.meta().as_ref(), b"engine-meta");
+        let s = &sent.list()[0];
+        assert!(s.done && s.error.is_none(), "{s:?}");
+        assert_eq!((s.bytes, s.total_bytes), (file.len(), file.len()));
+        assert_eq!(s.chunks, file.len().div_ceil(CHUNK_BYTES as u64));
+        let r = &got.list()[0];
+        assert!(
+            r.done && r.error.is_none() && r.bytes == file.len(),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn lost_chunks_are_retried_and_an_interrupted_transfer_resumes() {
+        let fs = Arc::new(SimFs::new(2));
+        let (a, b) = (side(&fs, "/t2/a"), side(&fs, "/t2/b"));
+        let (file, data) = snapshot(&a, 20 * CHUNK_BYTES);
+        // The first attempt of every call (start, each chunk, finish) is lost before delivery:
+        // retries absorb it.
+        let seen = Mutex::new(HashSet::new());
+        let lossy = Link::new(move |_, frame| {
+            seen.lock()
+                .insert(crc32fast::hash(frame))
+                .then(|| TransportError::Unreachable {
+                    peer: 2,
+                    reason: "lost".into(),
+                })
+        });
+        let (sender, receiver, _, _) = pair(&lossy, &b);
+        let ticket = sender.send(2, &file).await.expect("retries absorb losses");
+        assert!(receiver.take(1, &ticket).is_some());
+
+        // The link dies after 8 calls: the transfer fails, nothing is offered.
+        let c = side(&fs, "/t2/c");
+        let dying = Link::new(|n, _| (n >= 8).then_some(TransportError::Timeout(Duration::ZERO)));
+        let (sender, receiver, _, got) = pair(&dying, &c);
+        let err = sender.send(2, &file).await.expect_err("the link died");
+        assert!(err.contains("not delivered"), "{err}");
+        assert!(got.list()[0].bytes > 0 && !got.list()[0].done);
+        // A new link to the same receiver: the next send resumes from what arrived.
+        let healed = Link::new(|_, _| None);
+        healed.set_handler(receiver.clone());
+        let t: Arc<dyn Transport> = healed.clone();
+        let sent = Transfers::default();
+        let sender = SnapshotSender::new(t, sent.clone(), CHUNK_BYTES, Duration::from_secs(5));
+        let ticket = sender.send(2, &file).await.expect("resumed");
+        let s = &sent.list()[0];
+        assert!(s.resumed_bytes >= 6 * CHUNK_BYTES as u64, "resumed: {s:?}");
+        assert!(s.bytes < file.len(), "only the rest was sent: {s:?}");
+        let got = receiver.take(1, &ticket).expect("complete");
+        assert_eq!(got.read_data().expect("data"), data);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_chunk_fails_the_check_and_nothing_partial_is_offered() {
+        let fs = Arc::new(SimFs::new(3));
+        let (a, b) = (side(&fs, "/t3/a"), side(&fs, "/t3/b"));
+        let (file, data) = snapshot(&a, 5 * CHUNK_BYTES);
+        // Call 3 is the third chunk: flip one byte of its payload on the way.
+        let corrupting = Link::new(|n, frame| {
+            if n == 3 {
+                let at = frame.len() - 10;
+                frame[at] ^= 0x40;
+            }
+            None
+        });
+        let (sender, receiver, _, got) = pair(&corrupting, &b);
+        let err = sender.send(2, &file).await.expect_err("damage is caught");
+        assert!(err.contains("damaged") || err.contains("checksum"), "{err}");
+        assert!(got.list()[0].error.is_some());
+        let t = Ticket {
+            id: 0,
+            len: file.len(),
+            crc: file.checksum(),
+        };
+        assert!(receiver.take(1, &t).is_none());
+        // The next attempt starts over and succeeds.
+        let ticket = sender.send(2, &file).await.expect("second attempt");
+        let f = receiver.take(1, &ticket).expect("complete");
+        assert_eq!(f.read_data().expect("data"), data);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_foreign_frames_are_refused_without_changing_anything() {
+        let fs = Arc::new(SimFs::new(4));
+        let b = side(&fs, "/t4/b");
+        let receiver = SnapshotReceiver::install(
+            &(Link::new(|_, _| None) as Arc<dyn Transport>),
+            b.store.clone(),
+            Transfers::default(),
+        );
+        for frame in [
+            &b""[..],
+            &[9u8, 1, 2][..],
+            &[BEGIN, 1][..],
+            &[super::CHUNK, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3][..],
+            &[FINISH, 1, 2, 3, 4, 5, 6, 7, 8][..],
+        ] {
+            assert!(
+                receiver
+                    .on_call(5, Bytes::copy_from_slice(frame))
+                    .await
+                    .is_err(),
+                "{frame:?} refused"
+            );
+        }
+        // A start with an absurd length or a zero chunk size is refused.
+        let mut begin = BytesMut::new();
+        begin.put_u8(BEGIN);
+        begin.put_u64_le(1);
+        begin.put_u64_le(u64::MAX);
+        begin.put_u32_le(0);
+        begin.put_u32_le(0);
+        assert!(receiver.on_call(5, begin.freeze()).await.is_err());
+        // A chunk of the wrong size for a real transfer is refused.
+        let mut begin = BytesMut::new();
+        begin.put_u8(BEGIN);
+        begin.put_u64_le(7);
+        begin.put_u64_le(100);
+        begin.put_u32_le(0);
+        begin.put_u32_le(64);
+        receiver
+            .on_call(5, begin.freeze())
+            .await
+            .expect("a sane start");
+        let mut chunk = BytesMut::new();
+        chunk.put_u8(super::CHUNK);
+        chunk.put_u64_le(7);
+        chunk.put_u32_le(0);
+        chunk.put_slice(&[0u8; 10]);
+        let e = receiver
+            .on_call(5, chunk.freeze())
+            .await
+            .expect_err("wrong size");
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(b.store.current().expect("current").is_none());
     }
 }
