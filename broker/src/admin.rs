@@ -304,6 +304,35 @@ async fn render_metrics(State(app): State<App>) -> Response {
     } else {
         0.0
     });
+    metrics::gauge!("broker_consensus_snapshot_index", "node" => id.clone())
+        .set(st.snapshot_index as f64);
+    for t in app.ctl.node().snapshot_transfers() {
+        let direction = match t.direction {
+            consensus_api::TransferDirection::Sending => "sending",
+            consensus_api::TransferDirection::Receiving => "receiving",
+        };
+        let labels = [
+            ("node", id.clone()),
+            ("peer", t.peer.to_string()),
+            ("direction", direction.to_string()),
+        ];
+        metrics::gauge!("broker_consensus_snapshot_transfer_bytes", &labels).set(t.bytes as f64);
+        metrics::gauge!("broker_consensus_snapshot_transfer_total_bytes", &labels)
+            .set(t.total_bytes as f64);
+        metrics::gauge!("broker_consensus_snapshot_transfer_chunks", &labels).set(t.chunks as f64);
+        metrics::gauge!(
+            "broker_consensus_snapshot_transfer_elapsed_seconds",
+            &labels
+        )
+        .set(t.elapsed_ms as f64 / 1000.0);
+        metrics::gauge!("broker_consensus_snapshot_transfer_in_flight", &labels).set(if t.done {
+            0.0
+        } else {
+            1.0
+        });
+        metrics::gauge!("broker_consensus_snapshot_transfer_failed", &labels)
+            .set(if t.error.is_some() { 1.0 } else { 0.0 });
+    }
     let (brokers, unfenced, topics, partitions) = app.ctl.node().read_local(|m| {
         let img = m.image();
         (
