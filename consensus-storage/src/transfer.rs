@@ -91,11 +91,14 @@ impl Ticket {
     }
 }
 
+/// Each transfer's progress and start, by peer and direction.
+type ProgressMap = BTreeMap<(NodeId, u8), (TransferProgress, Instant)>;
+
 /// Progress of every transfer of a node, sending and receiving: those in flight and the last
 /// one that ended per peer and direction. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Transfers {
-    inner: Arc<Mutex<BTreeMap<(NodeId, u8), (TransferProgress, Instant)>>>,
+    inner: Arc<Mutex<ProgressMap>>,
 }
 
 fn key(peer: NodeId, d: TransferDirection) -> (NodeId, u8) {
@@ -151,11 +154,19 @@ pub struct SnapshotSender {
     busy: Mutex<HashSet<NodeId>>,
 }
 
-/// Releases a peer's slot when its transfer ends.
+/// Releases a peer's slot when its transfer ends, and marks the transfer ended when the
+/// caller stopped waiting for it (the engine cancelled it): otherwise [`Transfers::list`]
+/// would show it running forever.
 struct Busy<'a>(&'a SnapshotSender, NodeId);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
+        // A no-op when `send` already recorded the outcome.
+        self.0.transfers.end(
+            self.1,
+            TransferDirection::Sending,
+            Some("cancelled by the engine".into()),
+        );
         self.0.busy.lock().remove(&self.1);
     }
 }
@@ -425,7 +436,7 @@ impl SnapshotReceiver {
             b.get_u32_le(),
             b.get_u32_le() as u64,
         );
-        if chunk == 0 || len < 16 || len > MAX_FILE {
+        if chunk == 0 || !(16..=MAX_FILE).contains(&len) {
             return Err(format!(
                 "refusing a snapshot transfer of {len} bytes in chunks of {chunk}"
             ));
@@ -547,7 +558,7 @@ impl SnapshotReceiver {
             let handle = fs
                 .open(&path, OpenMode::Existing)
                 .map_err(|e| format!("reopening the received snapshot: {e}"))?;
-            let file = SnapshotFile::verify(handle, &path, Some(path.clone()))
+            let file = SnapshotFile::verify(fs, handle, &path, Some(path.clone()))
                 .map_err(|e| format!("the received snapshot is damaged: {e}"))?;
             if file.len() != len || file.checksum() != crc {
                 return Err(format!(
