@@ -6,6 +6,7 @@
 //! every frame, as the real transports do.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use backend_openraft::OpenraftBackend;
 use bytes::Bytes;
 use consensus_api::{
     Backend, ByteStateMachine, ConsensusError, Engine, EngineContext, ErrorKind, InboundHandler,
-    NodeConfig, NodeId, Status, TransferDirection, Transport, TransportError,
+    NodeConfig, NodeId, Status, TransferDirection, TransferProgress, Transport, TransportError,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -30,7 +31,17 @@ struct Net {
     queues: Mutex<HashMap<(NodeId, NodeId, u8), mpsc::UnboundedSender<Bytes>>>,
     /// The largest frame seen on each channel.
     largest: Mutex<HashMap<u8, usize>>,
+    /// Calls made on the snapshot channel.
+    snapshot_calls: AtomicUsize,
+    /// The snapshot channel goes down for [`OUTAGE`] at this call (`None`: never).
+    outage_at: Mutex<Option<usize>>,
+    /// Whether the snapshot channel is down.
+    snapshot_down: Arc<AtomicBool>,
 }
+
+/// How long the snapshot channel stays down: longer than a chunk's retries, so the transfer
+/// fails and openraft sends the snapshot again.
+const OUTAGE: Duration = Duration::from_millis(500);
 
 impl Net {
     fn handler(&self, to: NodeId, channel: u8) -> Result<Arc<dyn InboundHandler>, TransportError> {
@@ -92,6 +103,23 @@ impl Transport for Endpoint {
         timeout: Duration,
     ) -> Result<Bytes, TransportError> {
         self.net.check(self.channel, &frame)?;
+        if self.channel == SNAPSHOT {
+            let n = self.net.snapshot_calls.fetch_add(1, Ordering::SeqCst);
+            if *self.net.outage_at.lock() == Some(n) {
+                let down = self.net.snapshot_down.clone();
+                down.store(true, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    tokio::time::sleep(OUTAGE).await;
+                    down.store(false, Ordering::SeqCst);
+                });
+            }
+            if self.net.snapshot_down.load(Ordering::SeqCst) {
+                return Err(TransportError::Unreachable {
+                    peer: to,
+                    reason: "snapshot channel down".into(),
+                });
+            }
+        }
         let handler = self.net.handler(to, self.channel)?;
         let answer = tokio::time::timeout(timeout, handler.on_call(self.me, frame))
             .await
@@ -177,6 +205,45 @@ fn command(i: usize, len: usize) -> Vec<u8> {
     vec![i as u8; len]
 }
 
+fn max_command() -> usize {
+    let mut c = NodeConfig::new(1, "c", "/unused");
+    c.transport.max_frame_bytes = FRAME;
+    c.max_command_bytes()
+}
+
+/// A single-voter leader holding about 1.2 MiB of state in a snapshot, its log purged (openraft
+/// purges in batches of 64 entries); returns it, its state machine and the snapshot's index.
+async fn leader_with_a_large_snapshot(
+    net: &Arc<Net>,
+    dir: &std::path::Path,
+) -> (Arc<dyn Engine>, Arc<Concat>, u64) {
+    let (leader, leader_sm) = start(net, 1, dir, &[1]).await;
+    wait(&leader, "node 1 to lead", |s| s.is_leader()).await;
+    for i in 0..100 {
+        leader.propose(command(i, 12_000)).await.expect("propose");
+    }
+    let snap = leader.snapshot_now().await.expect("snapshot");
+    assert!(snap >= 100, "snapshot at {snap}");
+    wait(&leader, "the log to be purged", |s| s.purged_index >= 64).await;
+    (leader, leader_sm, snap)
+}
+
+/// The last transfer `engine` made with `peer` in `direction`.
+fn transfer(
+    engine: &Arc<dyn Engine>,
+    peer: NodeId,
+    direction: TransferDirection,
+) -> TransferProgress {
+    engine
+        .snapshot_transfers()
+        .into_iter()
+        .find(|t| t.peer == peer && t.direction == direction)
+        .unwrap_or_else(|| panic!("no {direction:?} transfer with node {peer}"))
+}
+
+/// A leader's snapshot of about 1.2 MiB reaches a new learner with 64 KiB frames, as a
+/// chunked transfer; commands just under the limit, many due at once, then replicate to it; a
+/// longer command is refused before anything is appended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_many_frames_large_reaches_a_new_learner_in_chunks_and_big_commands_replicate() {
     let net = Arc::new(Net::default());
@@ -184,13 +251,8 @@ async fn a_state_many_frames_large_reaches_a_new_learner_in_chunks_and_big_comma
         tempfile::tempdir().expect("temp dir"),
         tempfile::tempdir().expect("temp dir"),
     );
-    let (leader, leader_sm) = start(&net, 1, d1.path(), &[1]).await;
-    wait(&leader, "node 1 to lead", |s| s.is_leader()).await;
-    let max_command = {
-        let mut c = NodeConfig::new(1, "c", "/unused");
-        c.transport.max_frame_bytes = FRAME;
-        c.max_command_bytes()
-    };
+    let (leader, leader_sm, snap) = leader_with_a_large_snapshot(&net, d1.path()).await;
+    let max_command = max_command();
 
     // One size rule: refused before anything is appended.
     let before = leader.status().borrow().last_log_index;
@@ -200,15 +262,6 @@ async fn a_state_many_frames_large_reaches_a_new_learner_in_chunks_and_big_comma
         .expect_err("a command over the limit");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
     assert_eq!(leader.status().borrow().last_log_index, before);
-
-    // About 1.2 MiB of state, then a snapshot that purges the whole log (openraft purges in
-    // batches of 64 entries).
-    for i in 0..100 {
-        leader.propose(command(i, 12_000)).await.expect("propose");
-    }
-    let snap = leader.snapshot_now().await.expect("snapshot");
-    assert!(snap >= 100, "snapshot at {snap}");
-    wait(&leader, "the log to be purged", |s| s.purged_index >= 64).await;
 
     let (learner, learner_sm) = start(&net, 2, d2.path(), &[]).await;
     tokio::time::timeout(WAIT, leader.add_learner(2, "node-2".into()))
@@ -224,20 +277,11 @@ async fn a_state_many_frames_large_reaches_a_new_learner_in_chunks_and_big_comma
         *leader_sm.0.lock(),
         "the learner restored the leader's state"
     );
-
-    let sent = leader
-        .snapshot_transfers()
-        .into_iter()
-        .find(|t| t.peer == 2 && t.direction == TransferDirection::Sending)
-        .expect("a transfer to the learner");
+    let sent = transfer(&leader, 2, TransferDirection::Sending);
     assert!(sent.done && sent.error.is_none(), "{sent:?}");
     assert!(sent.total_bytes > 1 << 20, "{sent:?}");
     assert!(sent.chunks >= sent.total_bytes / FRAME as u64, "{sent:?}");
-    let received = learner
-        .snapshot_transfers()
-        .into_iter()
-        .find(|t| t.peer == 1 && t.direction == TransferDirection::Receiving)
-        .expect("a transfer from the leader");
+    let received = transfer(&learner, 1, TransferDirection::Receiving);
     assert!(received.done && received.error.is_none(), "{received:?}");
 
     // Commands each just under the limit, many due at once: each replication message is
@@ -258,6 +302,48 @@ async fn a_state_many_frames_large_reaches_a_new_learner_in_chunks_and_big_comma
     assert!(largest[&ENGINE] > max_command, "{largest:?}");
     assert!(largest[&SNAPSHOT] > FRAME / 2, "{largest:?}");
 
+    learner.shutdown().await.expect("shutdown");
+    leader.shutdown().await.expect("shutdown");
+}
+
+/// A transfer cut off halfway (the snapshot channel down for longer than a chunk's retries)
+/// fails; openraft sends the snapshot again and the transfer resumes from the chunks the
+/// learner already has, instead of starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_transfer_resumes_where_it_stopped() {
+    let net = Arc::new(Net::default());
+    let (d1, d2) = (
+        tempfile::tempdir().expect("temp dir"),
+        tempfile::tempdir().expect("temp dir"),
+    );
+    let (leader, leader_sm, snap) = leader_with_a_large_snapshot(&net, d1.path()).await;
+    // The transfer's start, then ten chunks, then the outage.
+    *net.outage_at.lock() = Some(net.snapshot_calls.load(Ordering::SeqCst) + 11);
+    let (learner, learner_sm) = start(&net, 2, d2.path(), &[]).await;
+    tokio::time::timeout(WAIT, leader.add_learner(2, "node-2".into()))
+        .await
+        .expect("add_learner in time")
+        .expect("add learner");
+    wait(&learner, "the learner to catch up", |s| {
+        s.applied_index >= snap
+    })
+    .await;
+    assert_eq!(*learner_sm.0.lock(), *leader_sm.0.lock());
+    let sent = transfer(&leader, 2, TransferDirection::Sending);
+    assert!(sent.done && sent.error.is_none(), "{sent:?}");
+    let chunk = {
+        let mut c = NodeConfig::new(1, "c", "/unused");
+        c.transport.max_frame_bytes = FRAME;
+        c.snapshot_chunk_bytes() as u64
+    };
+    assert!(
+        sent.resumed_bytes >= 10 * chunk,
+        "the second attempt resumed: {sent:?}"
+    );
+    assert!(
+        sent.bytes + sent.resumed_bytes >= sent.total_bytes,
+        "{sent:?}"
+    );
     learner.shutdown().await.expect("shutdown");
     leader.shutdown().await.expect("shutdown");
 }
