@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use consensus_api::{ConsensusError, Engine, EngineContext, NodeId, Role, Status, Transport};
+use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Transfers};
 use consensus_storage::Log;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, Raft, ReadPolicy, SnapshotPolicy};
@@ -23,6 +24,10 @@ use crate::OpenRaft;
 /// Longest wait of a write's answer for the status watch to show it applied. openraft's
 /// metrics follow the apply within microseconds; this only bounds a stalled forwarder.
 const STATUS_PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Deadline of one snapshot-chunk call, in multiples of `rpc_timeout`: a chunk (up to 1 MiB) is
+/// written on the receiver before it answers, and up to four are in flight.
+const SNAPSHOT_CHUNK_TIMEOUT_RPCS: u32 = 4;
 
 fn ms(d: std::time::Duration) -> u64 {
     d.as_millis().max(1) as u64
@@ -59,8 +64,13 @@ pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, Conse
 pub struct OpenraftEngine {
     id: NodeId,
     raft: OpenRaft,
-    /// Kept alive here: the transport channel holds it weakly.
-    _handler: Arc<RaftHandler>,
+    /// Kept alive here: the transport channel holds it weakly. It also keeps the snapshot
+    /// channel's receiver alive until shutdown.
+    handler: Arc<RaftHandler>,
+    /// Progress of the snapshot transfers, sending and receiving.
+    transfers: Transfers,
+    /// Longest command `propose` accepts ([`consensus_api::NodeConfig::max_command_bytes`]).
+    max_command_bytes: usize,
     log: Log,
     transport: Arc<dyn Transport>,
     status: watch::Receiver<Status>,
@@ -85,7 +95,7 @@ impl OpenraftEngine {
             config,
             state_machine,
             transport,
-            snapshot_transport: _,
+            snapshot_transport,
         } = ctx;
         let id = config.id;
         let storage = |e: consensus_storage::StorageError| ConsensusError::Storage(e.to_string());
@@ -98,19 +108,42 @@ impl OpenraftEngine {
         .await
         .map_err(|e| ConsensusError::Internal(e.to_string()))?
         .map_err(storage)?;
-        let log_store = LogStore::new(log.clone());
-        // Opening the state machine reads the snapshot once; freshness is derived from it.
-        let (sm, snapshot_due) = StateMachineStore::open(state_machine, snapshots)
-            .map_err(|e| ConsensusError::Storage(e.to_string()))?
-            .paced(&config);
+        let log_store = LogStore::new(log.clone(), config.max_command_bytes() as u64);
+        // Opening the state machine restores it from the snapshot file (streamed, possibly
+        // large: off the runtime); freshness is derived from it.
+        let (sm_snapshots, sm) = (snapshots.clone(), state_machine);
+        let (sm, snapshot_due) =
+            tokio::task::spawn_blocking(move || StateMachineStore::open(sm, sm_snapshots))
+                .await
+                .map_err(|e| ConsensusError::Internal(e.to_string()))?
+                .map_err(|e| ConsensusError::Storage(e.to_string()))?
+                .paced(&config);
         let fresh = log_store.is_fresh() && !sm.has_snapshot();
+        let transfers = Transfers::default();
+        let receiver = SnapshotReceiver::install(&snapshot_transport, snapshots, transfers.clone());
+        let sender = Arc::new(SnapshotSender::new(
+            snapshot_transport,
+            transfers.clone(),
+            config.snapshot_chunk_bytes(),
+            config.rpc_timeout * SNAPSHOT_CHUNK_TIMEOUT_RPCS,
+        ));
         let routes = StreamRoutes::new();
-        let network =
-            NetworkFactory::new(id, transport.clone(), config.rpc_timeout, routes.clone());
+        let network = NetworkFactory::new(
+            id,
+            transport.clone(),
+            config.rpc_timeout,
+            routes.clone(),
+            sender,
+        );
         let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store, sm)
             .await
             .map_err(mapping::fatal)?;
-        let handler = Arc::new(RaftHandler::new(raft.clone(), transport.clone(), routes));
+        let handler = Arc::new(RaftHandler::new(
+            raft.clone(),
+            transport.clone(),
+            routes,
+            receiver,
+        ));
         transport.set_handler(handler.clone());
 
         if fresh && config.initial_members.contains_key(&id) {
@@ -158,7 +191,9 @@ impl OpenraftEngine {
         Ok(Self {
             id,
             raft,
-            _handler: handler,
+            handler,
+            transfers,
+            max_command_bytes: config.max_command_bytes(),
             log,
             transport,
             status,
@@ -199,6 +234,15 @@ impl OpenraftEngine {
 impl Engine for OpenraftEngine {
     async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ConsensusError> {
         self.running()?;
+        // The one size rule: openraft would append it and then fail to replicate it.
+        if command.len() > self.max_command_bytes {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "command of {} bytes exceeds the limit of {} bytes (max_command_bytes, from \
+                 transport.max_frame_bytes)",
+                command.len(),
+                self.max_command_bytes
+            )));
+        }
         let resp = self
             .raft
             .client_write(Request(command))
@@ -288,7 +332,7 @@ impl Engine for OpenraftEngine {
     }
 
     fn snapshot_transfers(&self) -> Vec<consensus_api::TransferProgress> {
-        Vec::new()
+        self.transfers.list()
     }
 
     async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
@@ -315,8 +359,9 @@ impl Engine for OpenraftEngine {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        // Inbound replication streams first, so none feeds a stopping openraft.
-        self._handler.stop_streams();
+        // Inbound replication streams first, so none feeds a stopping openraft; inbound
+        // snapshot transfers too, so the receiver's hold on the data dir goes.
+        self.handler.stop();
         let result = self
             .raft
             .shutdown()

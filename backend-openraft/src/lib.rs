@@ -4,11 +4,20 @@
 //! has leader transfer and pre-vote, which 0.9 lacks) with:
 //! - storage v2 over `consensus-storage`: log entries, vote and committed id in one checksummed
 //!   append-only file, fsynced before openraft is told they are durable (`IOFlushed` is completed
-//!   by the log's writer thread after `fdatasync`); snapshots in an atomically replaced file;
+//!   by the log's writer thread after `fdatasync`); snapshots are files (openraft's
+//!   `SnapshotData` is a [`consensus_storage::SnapshotFile`]), written from a point-in-time
+//!   capture of the state machine off the apply path, installed atomically, restored as a stream:
+//!   the state is never whole in memory;
 //! - the network over any [`consensus_api::Transport`]: replication (`stream_append`) is
 //!   pipelined over ordered one-way frames, up to 64 AppendEntries in flight per follower, fed
-//!   in order to `Raft::stream_append` there; vote, pre-vote, full snapshot, transfer-leader and
-//!   heartbeats are one `Transport::call` each;
+//!   in order to `Raft::stream_append` there; vote, pre-vote, transfer-leader and heartbeats
+//!   are one `Transport::call` each; a full snapshot's file is streamed in chunks over the
+//!   snapshot channel (`consensus_storage::transfer`, resuming an interrupted transfer), then
+//!   one small call names it and the follower installs it;
+//! - one size rule: `propose` refuses a command over
+//!   [`NodeConfig::max_command_bytes`](consensus_api::NodeConfig::max_command_bytes) before
+//!   anything is appended, and each AppendEntries carries at most that many bytes of entries
+//!   (always at least one), so every message fits `transport.max_frame_bytes`;
 //! - bootstrap exactly once: `Raft::initialize` runs only on a data dir with no log, vote or
 //!   snapshot, and a marker records it; a restart never re-initializes;
 //! - pre-vote on (`enable_pre_vote`), leader lease reads via `ensure_linearizable(ReadIndex)`,

@@ -43,12 +43,21 @@ async fn durable(
 #[derive(Clone)]
 pub struct LogStore {
     log: Log,
+    /// Most bytes of encoded entries one replication read returns (at least one entry).
+    max_read_bytes: u64,
 }
 
 impl LogStore {
-    /// Wraps an open log.
-    pub fn new(log: Log) -> Self {
-        Self { log }
+    /// Wraps an open log. Replication reads
+    /// ([`limited_get_log_entries`](RaftLogReader::limited_get_log_entries)) return at most
+    /// `max_read_bytes` of encoded entries, and always at least one: pass
+    /// [`NodeConfig::max_command_bytes`](consensus_api::NodeConfig::max_command_bytes), so that
+    /// one AppendEntries message stays within the transport's frame limit.
+    pub fn new(log: Log, max_read_bytes: u64) -> Self {
+        Self {
+            log,
+            max_read_bytes,
+        }
     }
 
     /// Whether nothing was ever stored (fresh data dir).
@@ -82,6 +91,23 @@ impl RaftLogReader<C> for LogStore {
         };
         self.log
             .entries(lo, hi, None)
+            .iter()
+            .map(Self::decode_entry)
+            .collect()
+    }
+
+    /// A prefix of `[start, end)` of at most `max_read_bytes` encoded bytes, at least one entry
+    /// when the range holds any: what one AppendEntries message carries. The byte budget is on
+    /// the stored encoding, which is the entry's wire encoding too; the message's envelope fits
+    /// in the room [`NodeConfig::max_command_bytes`](consensus_api::NodeConfig::max_command_bytes)
+    /// leaves below the frame limit.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        self.log
+            .entries(start, end, Some(self.max_read_bytes))
             .iter()
             .map(Self::decode_entry)
             .collect()

@@ -1,11 +1,26 @@
-//! `RaftStateMachine` over the user's byte state machine, with snapshots in the shared
-//! snapshot store.
+//! `RaftStateMachine` over the user's byte state machine, with snapshots as files in the
+//! shared snapshot store ([`SnapshotStore`]).
+//!
+//! A snapshot is never whole in memory, on either side:
+//! - **Build.** Under the applied lock only [`ByteStateMachine::capture`] (a point-in-time view)
+//!   and the snapshot's metadata (last applied log id, membership) are taken. The view is then
+//!   written on a blocking thread into a [`SnapshotStore::create`] sink while applies go on,
+//!   sealed (synced and checked), and installed as the stored snapshot only if it is newer than
+//!   the current one.
+//! - **Install.** A snapshot received from the leader arrives as a complete, checked file
+//!   (streamed in chunks by `consensus_storage::transfer`, see `network`). An older one is
+//!   refused; otherwise the file is installed in the store (durable) first, then the state
+//!   machine is restored from it ([`ByteStateMachine::restore_from`]) under the applied lock.
+//! - **Current.** The current snapshot is kept as its metadata and an open
+//!   [`SnapshotFile`](consensus_storage::SnapshotFile), which is what openraft hands the
+//!   network to send to a lagging follower; it stays readable after a newer snapshot replaces
+//!   it.
 
 use std::io;
 use std::sync::Arc;
 
 use consensus_api::backend_support::SnapshotPacer;
-use consensus_api::{codec, ByteStateMachine, NodeConfig};
+use consensus_api::{codec, ByteStateMachine, NodeConfig, SnapshotView};
 use consensus_storage::SnapshotStore;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -21,13 +36,21 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Runs blocking work (snapshot file I/O, the user's capture and restore) off the async runtime.
+/// Once started it runs to its end even if the caller stops waiting.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io_err)?
+}
+
 #[derive(Default)]
 struct Applied {
     last_applied: Option<LogIdOf<C>>,
     last_membership: StoredMembershipOf<C>,
 }
 
-/// The snapshot the file holds, with its bytes (`None` before the first).
+/// The stored snapshot: its metadata and the open file (`None` before the first).
 type Current = Option<(SnapshotMetaOf<C>, SnapshotData)>;
 
 /// The state machine store openraft drives; clones share the same state.
@@ -35,32 +58,33 @@ type Current = Option<(SnapshotMetaOf<C>, SnapshotData)>;
 pub struct StateMachineStore {
     sm: Arc<dyn ByteStateMachine>,
     snapshots: SnapshotStore,
-    /// Held while applying an entry and while capturing a snapshot, so a snapshot's bytes and
-    /// its last log id always agree.
+    /// Held while applying an entry, while capturing a snapshot view and while restoring, so a
+    /// snapshot's state and its last log id always agree.
     applied: Arc<Mutex<Applied>>,
     /// Held from the check that a snapshot is newer than the current one until its file is
-    /// written: a build captured before an install finishes after it, and must not overwrite
+    /// installed: a build captured before an install finishes after it, and must not replace
     /// the newer file that openraft has already purged the log up to. Taken before `applied`.
     current: Arc<Mutex<Current>>,
     /// Set by [`StateMachineStore::paced`]: when automatic snapshots are due.
     pacing: Option<(Arc<SnapshotPacer>, Arc<Notify>)>,
-    /// Size of the snapshot loaded at open (0 when none).
+    /// Size of the state in the snapshot loaded at open (0 when none).
     loaded_size: u64,
 }
 
 impl StateMachineStore {
-    /// Restores the user's state machine from the stored snapshot, if any.
+    /// Restores the user's state machine from the stored snapshot, if any, streaming it from
+    /// the file. Blocking: call it off the async runtime for a large state.
     pub fn open(sm: Arc<dyn ByteStateMachine>, snapshots: SnapshotStore) -> io::Result<Self> {
         let mut applied = Applied::default();
         let mut current = None;
         let mut loaded_size = 0;
-        if let Some((meta, data)) = snapshots.load().map_err(io_err)? {
-            loaded_size = data.len() as u64;
-            let meta: SnapshotMetaOf<C> = codec::decode(&meta).map_err(io_err)?;
-            sm.restore(&data).map_err(io_err)?;
+        if let Some(file) = snapshots.current().map_err(io_err)? {
+            let meta: SnapshotMetaOf<C> = codec::decode(file.meta()).map_err(io_err)?;
+            sm.restore_from(&mut file.data()).map_err(io_err)?;
+            loaded_size = file.data_len();
             applied.last_applied = meta.last_log_id;
             applied.last_membership = meta.last_membership.clone();
-            current = Some((meta, data));
+            current = Some((meta, file));
         }
         Ok(Self {
             sm,
@@ -86,53 +110,71 @@ impl StateMachineStore {
         self.current.try_lock().map(|c| c.is_some()).unwrap_or(true)
     }
 
-    /// Writes the snapshot file and makes `(meta, data)` current. The caller has checked, under
-    /// `current`, that they are not older; the guard moves into the write and is released only
-    /// when the write is done, even if the caller stops waiting (a started write runs to its end).
+    /// Installs `file` as the stored snapshot and makes `(meta, file)` current. The caller has
+    /// checked, under `current`, that they are not older; the guard moves into the blocking
+    /// work and is released only when the file is installed, even if the caller stops waiting.
     async fn replace(
         &self,
         mut current: OwnedMutexGuard<Current>,
         meta: &SnapshotMetaOf<C>,
-        data: &SnapshotData,
+        file: &SnapshotData,
     ) -> io::Result<()> {
-        let meta_bytes = codec::encode(meta).map_err(io_err)?;
         let store = self.snapshots.clone();
-        // A reference count, not a copy of the state.
-        let (meta, data) = (meta.clone(), data.clone());
-        tokio::task::spawn_blocking(move || {
-            store.save(&meta_bytes, &data).map_err(io_err)?;
-            *current = Some((meta, data));
+        let (meta, file) = (meta.clone(), file.clone());
+        blocking(move || {
+            store.install(&file).map_err(io_err)?;
+            *current = Some((meta, file));
             Ok(())
         })
         .await
-        .map_err(io_err)?
     }
 
-    /// Captures the user's state and its last log id under the applied lock.
-    async fn capture(&self) -> io::Result<(SnapshotMetaOf<C>, SnapshotData)> {
+    /// Captures a point-in-time view of the user's state and its metadata under the applied
+    /// lock; nothing is written yet.
+    async fn capture(&self) -> io::Result<(SnapshotMetaOf<C>, Box<dyn SnapshotView>)> {
         let applied = self.applied.lock().await;
-        let data = SnapshotData::from(self.sm.snapshot().map_err(io_err)?);
-        if let Some((pacer, _)) = &self.pacing {
-            pacer.taken(data.len());
-        }
+        let sm = self.sm.clone();
+        // A state machine without a view serializes here, holding applies off meanwhile.
+        let view = blocking(move || sm.capture().map_err(io_err)).await?;
         let meta = SnapshotMeta {
             last_log_id: applied.last_applied,
             last_membership: applied.last_membership.clone(),
         };
-        Ok((meta, data))
+        Ok((meta, view))
     }
 
-    /// Stores a captured snapshot if it is newer than the current one, and returns the snapshot
+    /// Writes a captured view to a new snapshot file (synced and checked, not installed) on a
+    /// blocking thread, while applies go on.
+    async fn write(
+        &self,
+        meta: &SnapshotMetaOf<C>,
+        view: Box<dyn SnapshotView>,
+    ) -> io::Result<SnapshotData> {
+        let meta_bytes = codec::encode(meta).map_err(io_err)?;
+        let store = self.snapshots.clone();
+        let file = blocking(move || {
+            let mut sink = store.create(&meta_bytes).map_err(io_err)?;
+            view.write_to(&mut sink).map_err(io_err)?;
+            sink.seal().map_err(io_err)
+        })
+        .await?;
+        if let Some((pacer, _)) = &self.pacing {
+            pacer.taken(usize::try_from(file.data_len()).unwrap_or(usize::MAX));
+        }
+        Ok(file)
+    }
+
+    /// Installs a built snapshot if it is newer than the current one, and returns the snapshot
     /// that is current afterwards. A build overtaken by an install (or by another build) is
-    /// dropped: openraft ignores a returned snapshot that is not newer than its own, so returning
-    /// the current one purges nothing the file does not cover.
+    /// dropped, and its file with it: openraft ignores a returned snapshot that is not newer
+    /// than its own, so returning the current one purges nothing the file does not cover.
     async fn keep(
         &self,
         meta: SnapshotMetaOf<C>,
-        data: SnapshotData,
+        file: SnapshotData,
     ) -> io::Result<SnapshotOf<C, SnapshotData>> {
         let current = self.current.clone().lock_owned().await;
-        if let Some((cur, cur_data)) = current.as_ref() {
+        if let Some((cur, cur_file)) = current.as_ref() {
             if meta.last_log_id <= cur.last_log_id {
                 tracing::info!(
                     built = %meta,
@@ -141,15 +183,32 @@ impl StateMachineStore {
                 );
                 return Ok(Snapshot {
                     meta: cur.clone(),
-                    snapshot: cur_data.clone(),
+                    snapshot: cur_file.clone(),
                 });
             }
         }
-        self.replace(current, &meta, &data).await?;
+        self.replace(current, &meta, &file).await?;
         Ok(Snapshot {
             meta,
-            snapshot: data,
+            snapshot: file,
         })
+    }
+
+    /// `file` as a file this store can install: a received or sealed file waiting in this
+    /// store's directory is used as it is; one that is already some store's snapshot (handed
+    /// over in process, as openraft's storage suite does) is copied, because installing it
+    /// would leave this store's own file unchanged.
+    async fn adopt(&self, file: SnapshotData) -> io::Result<SnapshotData> {
+        if !file.is_installed() {
+            return Ok(file);
+        }
+        let store = self.snapshots.clone();
+        blocking(move || {
+            let mut sink = store.create(file.meta()).map_err(io_err)?;
+            io::copy(&mut file.data(), &mut sink)?;
+            sink.seal().map_err(io_err)
+        })
+        .await
     }
 }
 
@@ -157,8 +216,9 @@ impl RaftSnapshotBuilder<C> for StateMachineStore {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
-        let (meta, data) = self.capture().await?;
-        self.keep(meta, data).await
+        let (meta, view) = self.capture().await?;
+        let file = self.write(&meta, view).await?;
+        self.keep(meta, file).await
     }
 }
 
@@ -224,11 +284,20 @@ impl RaftStateMachine<C> for StateMachineStore {
                 )));
             }
         }
-        // Durable first: a crash after restoring memory but before saving would lose the state
-        // the log no longer has.
-        self.replace(current, meta, &snapshot).await?;
+        // The file carries the metadata a restart reads back: it must be the one installed.
+        let stored: SnapshotMetaOf<C> = codec::decode(snapshot.meta()).map_err(io_err)?;
+        if stored != *meta {
+            return Err(io::Error::other(format!(
+                "refusing to install snapshot {meta}: its file holds snapshot {stored}"
+            )));
+        }
+        let file = self.adopt(snapshot).await?;
+        // Durable first: a crash after restoring memory but before installing the file would
+        // lose the state the log no longer has.
+        self.replace(current, meta, &file).await?;
         let mut a = self.applied.lock().await;
-        self.sm.restore(&snapshot).map_err(io_err)?;
+        let sm = self.sm.clone();
+        blocking(move || sm.restore_from(&mut file.data()).map_err(io_err)).await?;
         a.last_applied = meta.last_log_id;
         a.last_membership = meta.last_membership.clone();
         Ok(())
@@ -246,6 +315,7 @@ impl RaftStateMachine<C> for StateMachineStore {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::sync::mpsc;
 
     use consensus_api::ConsensusError;
@@ -305,6 +375,15 @@ mod tests {
         StateMachineStore::open(sm, snaps).expect("open state machine")
     }
 
+    /// A snapshot file at `index` holding `state`, waiting in `store`'s directory as one
+    /// received from a leader does (complete and checked, not installed).
+    fn received(store: &StateMachineStore, index: u64, state: &[u8]) -> SnapshotData {
+        let meta = codec::encode(&meta(index)).expect("encode meta");
+        let mut sink = store.snapshots.create(&meta).expect("create");
+        sink.write_all(state).expect("write");
+        sink.seal().expect("seal")
+    }
+
     /// Applies the command `a` at index 1, `b` at 2, ..., over `indexes`.
     async fn apply_at(store: &mut StateMachineStore, indexes: std::ops::RangeInclusive<u64>) {
         let entries = indexes.map(|i| {
@@ -334,6 +413,15 @@ mod tests {
             .and_then(|s| s.meta.last_log_id)
     }
 
+    /// Temporary snapshot files left in `dir`.
+    fn temporaries(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("list")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
     /// A follower's own build captured at index 2 finishes after the leader's snapshot at index 5
     /// was installed: the file and the current snapshot stay at 5, because openraft has already
     /// purged the log up to 5 and a restart from 2 could not re-apply 3..=5.
@@ -344,14 +432,16 @@ mod tests {
         apply_at(&mut store, 1..=2).await;
 
         let builder = store.get_snapshot_builder().await;
-        let (built_meta, built_data) = builder.capture().await.expect("capture");
+        let (built_meta, view) = builder.capture().await.expect("capture");
         assert_eq!(built_meta.last_log_id, Some(log_id(2)));
 
+        let leader = received(&store, 5, b"abcde");
         store
-            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .install_snapshot(&meta(5), leader)
             .await
             .expect("install");
-        let returned = builder.keep(built_meta, built_data).await.expect("keep");
+        let built = builder.write(&built_meta, view).await.expect("write");
+        let returned = builder.keep(built_meta, built).await.expect("keep");
 
         assert_eq!(
             stored_last_log_id(dir.path()),
@@ -364,10 +454,15 @@ mod tests {
             Some(log_id(5)),
             "a superseded build reports the current snapshot"
         );
-        assert_eq!(&returned.snapshot[..], b"abcde");
+        assert_eq!(returned.snapshot.read_data().expect("read"), b"abcde");
+        assert_eq!(
+            temporaries(dir.path()),
+            Vec::<String>::new(),
+            "the dropped build's file is removed"
+        );
 
         // A restart: the old node's store (and with it the data-dir lock) is gone first.
-        drop((store, builder));
+        drop((store, builder, returned));
         let sm = Arc::new(Echo::default());
         let (applied, _) = open(dir.path(), sm.clone())
             .applied_state()
@@ -403,11 +498,9 @@ mod tests {
             .expect("join")
             .expect("build entered its capture");
         let mut installer = store.clone();
-        let install = tokio::spawn(async move {
-            installer
-                .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
-                .await
-        });
+        let leader = received(&store, 5, b"abcde");
+        let install =
+            tokio::spawn(async move { installer.install_snapshot(&meta(5), leader).await });
         // Gives the install the time to reach the file (or its lock) before the build goes on.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         release.send(()).expect("release the build");
@@ -424,8 +517,9 @@ mod tests {
     async fn a_build_at_the_current_log_id_keeps_the_current_snapshot() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = open(dir.path(), Arc::new(Echo::default()));
+        let leader = received(&store, 5, b"abcde");
         store
-            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .install_snapshot(&meta(5), leader)
             .await
             .expect("install");
         let built = store
@@ -438,13 +532,15 @@ mod tests {
         assert_eq!(stored_last_log_id(dir.path()), Some(log_id(5)));
     }
 
-    /// A newer build replaces the current snapshot, on disk and in memory.
+    /// A newer build replaces the current snapshot, on disk and in memory, and a restart
+    /// restores the state from it.
     #[tokio::test]
     async fn a_newer_build_replaces_the_current_snapshot() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = open(dir.path(), Arc::new(Echo::default()));
+        let leader = received(&store, 2, b"ab");
         store
-            .install_snapshot(&meta(2), SnapshotData::from_static(b"ab"))
+            .install_snapshot(&meta(2), leader)
             .await
             .expect("install");
         apply_at(&mut store, 3..=4).await;
@@ -455,8 +551,18 @@ mod tests {
             .await
             .expect("build");
         assert_eq!(built.meta.last_log_id, Some(log_id(4)));
+        assert_eq!(built.snapshot.read_data().expect("read"), b"abcd");
         assert_eq!(stored_last_log_id(dir.path()), Some(log_id(4)));
         assert_eq!(current_last_log_id(&mut store).await, Some(log_id(4)));
+
+        drop((store, built));
+        let sm = Arc::new(Echo::default());
+        let (applied, _) = open(dir.path(), sm.clone())
+            .applied_state()
+            .await
+            .expect("applied state");
+        assert_eq!(applied, Some(log_id(4)));
+        assert_eq!(&sm.state.lock()[..], b"abcd");
     }
 
     /// Installing a snapshot older than the current one is refused and changes nothing: the log
@@ -466,18 +572,65 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let sm = Arc::new(Echo::default());
         let mut store = open(dir.path(), sm.clone());
+        let newer = received(&store, 5, b"abcde");
         store
-            .install_snapshot(&meta(5), SnapshotData::from_static(b"abcde"))
+            .install_snapshot(&meta(5), newer)
             .await
             .expect("install");
-        let older = store
-            .install_snapshot(&meta(3), SnapshotData::from_static(b"abc"))
-            .await;
+        let older = received(&store, 3, b"abc");
+        let older = store.install_snapshot(&meta(3), older).await;
         assert!(older.is_err(), "an older install was accepted");
         assert_eq!(stored_last_log_id(dir.path()), Some(log_id(5)));
         assert_eq!(current_last_log_id(&mut store).await, Some(log_id(5)));
         assert_eq!(&sm.state.lock()[..], b"abcde");
         let (applied, _) = store.applied_state().await.expect("applied state");
         assert_eq!(applied, Some(log_id(5)));
+    }
+
+    /// A file whose own metadata is not the snapshot openraft installs is refused: a restart
+    /// would read the file's.
+    #[tokio::test]
+    async fn a_file_holding_another_snapshot_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sm = Arc::new(Echo::default());
+        let mut store = open(dir.path(), sm.clone());
+        let file = received(&store, 4, b"abcd");
+        assert!(store.install_snapshot(&meta(5), file).await.is_err());
+        assert!(store
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .is_none());
+        assert!(sm.state.lock().is_empty());
+    }
+
+    /// Another store's snapshot (handed over in process) is copied into this store, so a
+    /// restart finds it here.
+    #[tokio::test]
+    async fn a_snapshot_of_another_store_is_copied_into_this_one() {
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("temp dir"),
+            tempfile::tempdir().expect("temp dir"),
+        );
+        let mut a = open(dir_a.path(), Arc::new(Echo::default()));
+        apply_at(&mut a, 1..=3).await;
+        let built = a
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("build");
+        let mut b = open(dir_b.path(), Arc::new(Echo::default()));
+        b.install_snapshot(&built.meta, built.snapshot)
+            .await
+            .expect("install");
+        drop(b);
+        let sm = Arc::new(Echo::default());
+        let (applied, _) = open(dir_b.path(), sm.clone())
+            .applied_state()
+            .await
+            .expect("applied state");
+        assert_eq!(applied, Some(log_id(3)));
+        assert_eq!(&sm.state.lock()[..], b"abc");
     }
 }

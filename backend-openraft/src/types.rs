@@ -35,6 +35,7 @@ openraft::declare_raft_types!(
 
 /// Short alias used throughout the crate.
 pub(crate) type C = TypeConfig;
-/// Snapshot payload: the state machine's bytes, shared (not copied) between the snapshot file
-/// writer, the current-snapshot slot and the transfers to followers.
-pub(crate) type SnapshotData = bytes::Bytes;
+/// Snapshot payload: a complete, checked snapshot file (metadata and state), read through an
+/// open handle: the current snapshot, what a leader streams to followers in chunks, and what a
+/// follower receives and installs. Never the state bytes in memory.
+pub(crate) type SnapshotData = consensus_storage::SnapshotFile;

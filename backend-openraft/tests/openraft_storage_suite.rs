@@ -36,7 +36,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let log = Log::open(dir.path()).expect("open log");
         let snaps = log.snapshot_store().expect("open snapshots");
         let sm = StateMachineStore::open(Arc::new(Echo::default()), snaps).expect("open sm");
-        Ok((dir, LogStore::new(log), sm))
+        // A budget of a few entries, so the suite's bounded reads are bounded indeed.
+        Ok((dir, LogStore::new(log, 64), sm))
     }
 }
 

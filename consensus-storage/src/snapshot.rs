@@ -135,7 +135,7 @@ impl SnapshotStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StorageError::io("open", &path, e)),
         };
-        SnapshotFile::verify(handle, &path, None).map(Some)
+        SnapshotFile::verify(self.fs.clone(), handle, &path, None).map(Some)
     }
 
     /// Starts building a new snapshot with the engine's metadata `meta`: write the state
@@ -186,7 +186,7 @@ impl SnapshotStore {
             at += n as u64;
         }
         handle.sync_all().map_err(|e| io("fsync", e))?;
-        SnapshotFile::verify(handle, &path, Some(path.clone()))
+        SnapshotFile::verify(self.fs.clone(), handle, &path, Some(path.clone()))
     }
 
     /// Makes `file` (sealed from a [`SnapshotSink`], or received from a peer) the stored
@@ -307,6 +307,7 @@ impl SnapshotSink {
         let len = self.at;
         Ok(SnapshotFile {
             inner: Arc::new(FileInner {
+                fs: self.fs.clone(),
                 handle,
                 meta: self.meta.clone(),
                 len,
@@ -350,12 +351,25 @@ impl Drop for SnapshotSink {
 }
 
 struct FileInner {
+    fs: Arc<dyn FileSystem>,
     handle: Box<dyn FileHandle>,
     meta: Bytes,
     len: u64,
     crc: u32,
     /// The temporary path while not yet installed.
     pending: Mutex<Option<PathBuf>>,
+}
+
+impl Drop for FileInner {
+    /// A file never installed (a build overtaken by a newer snapshot, a received file the
+    /// engine did not install) is removed with its last handle, not left to the next open.
+    fn drop(&mut self) {
+        if let Some(tmp) = self.pending.get_mut().take() {
+            if let Err(e) = self.fs.remove_file(&tmp) {
+                tracing::debug!(file = %tmp.display(), "cannot remove an unused snapshot file: {e}");
+            }
+        }
+    }
 }
 
 /// A complete, checked snapshot file, read through an open handle: it stays readable (and the
@@ -376,9 +390,11 @@ impl std::fmt::Debug for SnapshotFile {
 }
 
 impl SnapshotFile {
-    /// Opens `handle` (the file at `path`) as a snapshot: checks the header and the checksum
-    /// of the whole body in one streaming pass.
+    /// Opens `handle` (the file at `path` on `fs`) as a snapshot: checks the header and the
+    /// checksum of the whole body in one streaming pass. `pending`: the temporary path of a
+    /// file not yet installed (removed if the file is dropped uninstalled).
     pub(crate) fn verify(
+        fs: Arc<dyn FileSystem>,
         handle: Box<dyn FileHandle>,
         path: &Path,
         pending: Option<PathBuf>,
@@ -415,6 +431,7 @@ impl SnapshotFile {
         }
         Ok(Self {
             inner: Arc::new(FileInner {
+                fs,
                 handle,
                 meta: Bytes::from(meta),
                 len,
@@ -580,6 +597,31 @@ mod tests {
         assert_eq!(old.read_data().expect("data"), b"old state");
         let new = s.current().expect("current").expect("some");
         assert_eq!(new.read_data().expect("data"), b"new state");
+    }
+
+    #[test]
+    fn a_snapshot_file_dropped_uninstalled_is_removed_and_an_installed_one_stays() {
+        let fs = Arc::new(SimFs::new(10));
+        let (_log, s) = store(&fs);
+        let temporaries = || {
+            fs.list_dir(Path::new("/snap-test"))
+                .expect("list")
+                .into_iter()
+                .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+                .count()
+        };
+        let unused = s.create(b"a").expect("create").seal().expect("seal");
+        assert_eq!(temporaries(), 1);
+        drop(unused);
+        assert_eq!(temporaries(), 0, "an unused sealed file is removed");
+        let kept = s.create(b"b").expect("create").seal().expect("seal");
+        s.install(&kept).expect("install");
+        drop(kept);
+        let cur = s
+            .current()
+            .expect("current")
+            .expect("the installed file stays");
+        assert_eq!(cur.meta().as_ref(), b"b");
     }
 
     #[test]

@@ -91,15 +91,15 @@ impl Ticket {
     }
 }
 
+/// Each transfer's progress and start, by peer and direction.
+type ProgressMap = BTreeMap<(NodeId, u8), (TransferProgress, Instant)>;
+
 /// Progress of every transfer of a node, sending and receiving: those in flight and the last
 /// one that ended per peer and direction. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Transfers {
-    inner: Arc<Mutex<ByPeer>>,
+    inner: Arc<Mutex<ProgressMap>>,
 }
-
-/// Progress and start time per (peer, direction).
-type ByPeer = BTreeMap<(NodeId, u8), (TransferProgress, Instant)>;
 
 fn key(peer: NodeId, d: TransferDirection) -> (NodeId, u8) {
     (peer, d as u8)
@@ -154,11 +154,19 @@ pub struct SnapshotSender {
     busy: Mutex<HashSet<NodeId>>,
 }
 
-/// Releases a peer's slot when its transfer ends.
+/// Releases a peer's slot when its transfer ends, and marks the transfer ended when the
+/// caller stopped waiting for it (the engine cancelled it): otherwise [`Transfers::list`]
+/// would show it running forever.
 struct Busy<'a>(&'a SnapshotSender, NodeId);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
+        // A no-op when `send` already recorded the outcome.
+        self.0.transfers.end(
+            self.1,
+            TransferDirection::Sending,
+            Some("cancelled by the engine".into()),
+        );
         self.0.busy.lock().remove(&self.1);
     }
 }
@@ -566,7 +574,7 @@ impl SnapshotReceiver {
             let handle = fs
                 .open(&path, OpenMode::Existing)
                 .map_err(|e| format!("reopening the received snapshot: {e}"))?;
-            let file = SnapshotFile::verify(handle, &path, Some(path.clone()))
+            let file = SnapshotFile::verify(fs, handle, &path, Some(path.clone()))
                 .map_err(|e| format!("the received snapshot is damaged: {e}"))?;
             if file.len() != len || file.checksum() != crc {
                 return Err(format!(

@@ -1,6 +1,8 @@
 //! The leader-side client: [`NetworkFactory`] makes a [`PeerClient`] per peer, which answers
 //! openraft's [`RaftNetworkV2`] with one [`Transport::call`] per RPC (through the one helper
-//! [`PeerClient::rpc`]) or, for replication, with a [`Pipeline`] over one-way frames.
+//! [`PeerClient::rpc`]), with a [`Pipeline`] over one-way frames for replication, and for a full
+//! snapshot with a chunked transfer of the snapshot file ([`SnapshotSender`]) followed by one
+//! small call naming the transferred file.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use consensus_api::{codec, NodeId, Transport};
+use consensus_storage::transfer::SnapshotSender;
 use futures::Stream;
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{RPCError, ReplicationClosed, StreamingError};
@@ -31,22 +34,27 @@ pub(crate) struct NetworkFactory {
     transport: Arc<dyn Transport>,
     rpc_timeout: Duration,
     routes: Arc<StreamRoutes>,
+    /// The node's one snapshot sender (one transfer per peer at a time), shared by every client.
+    snapshots: Arc<SnapshotSender>,
 }
 
 impl NetworkFactory {
-    /// A factory for node `me`: RPCs wait at most `rpc_timeout` (per request on a stream), and
-    /// streams register in `routes`, which the node's [`super::RaftHandler`] must share.
+    /// A factory for node `me`: RPCs wait at most `rpc_timeout` (per request on a stream),
+    /// streams register in `routes`, which the node's [`super::RaftHandler`] must share, and
+    /// snapshot files go to followers through `snapshots` (over the snapshot channel).
     pub(crate) fn new(
         me: NodeId,
         transport: Arc<dyn Transport>,
         rpc_timeout: Duration,
         routes: Arc<StreamRoutes>,
+        snapshots: Arc<SnapshotSender>,
     ) -> Self {
         Self {
             me,
             transport,
             rpc_timeout,
             routes,
+            snapshots,
         }
     }
 
@@ -60,6 +68,7 @@ impl NetworkFactory {
             self.routes.clone(),
             pipelined,
         )
+        .with_snapshots(self.snapshots.clone())
     }
 }
 
@@ -91,6 +100,8 @@ pub(crate) struct PeerClient {
     /// Whether `stream_append` pipelines over one-way frames (replication clients) or sends one
     /// call per request (heartbeat clients).
     pipelined: bool,
+    /// Streams snapshot files to the target; `None` in clients that never send one (tests).
+    snapshots: Option<Arc<SnapshotSender>>,
 }
 
 impl PeerClient {
@@ -111,7 +122,14 @@ impl PeerClient {
             rpc_timeout,
             routes,
             pipelined,
+            snapshots: None,
         }
+    }
+
+    /// The same client, sending full snapshots through `snapshots`.
+    pub(crate) fn with_snapshots(mut self, snapshots: Arc<SnapshotSender>) -> Self {
+        self.snapshots = Some(snapshots);
+        self
     }
 
     /// One RPC as one call: encodes `rpc`, waits at most `timeout` for the answer, and returns
@@ -204,6 +222,13 @@ impl RaftNetworkV2<C> for PeerClient {
             .await
     }
 
+    /// Streams the snapshot file to the target in chunks over the snapshot channel (resuming
+    /// an interrupted transfer of the same file), then sends one small `Rpc::Snapshot` naming
+    /// the transferred file by its ticket, which the target installs. Stops as soon as
+    /// `cancel` fires.
+    ///
+    /// A failed transfer is `Unreachable` (openraft backs off, then sends the snapshot again,
+    /// and the transfer resumes where it stopped); the final call fails as any RPC does.
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
@@ -211,15 +236,33 @@ impl RaftNetworkV2<C> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let rpc = Rpc::Snapshot {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
+        let (me, target) = (self.me, self.target);
+        let Some(sender) = self.snapshots.clone() else {
+            return Err(
+                CallError::Unreachable("this client sends no snapshots".into())
+                    .into_rpc(me, target, RPCTypes::InstallSnapshot)
+                    .into(),
+            );
         };
+        // Installing a large state on the target takes long: the answer gets openraft's own
+        // snapshot deadline.
         let timeout = option.hard_ttl().max(self.rpc_timeout);
+        let send = async {
+            let ticket =
+                sender.send(target, &snapshot.snapshot).await.map_err(|e| {
+                    CallError::Unreachable(format!("snapshot transfer to node {target}: {e}"))
+                        .into_rpc(me, target, RPCTypes::InstallSnapshot)
+                })?;
+            let rpc = Rpc::Snapshot {
+                vote,
+                meta: snapshot.meta,
+                ticket: ticket.encode(),
+            };
+            self.rpc(&rpc, timeout, RPCTypes::InstallSnapshot).await
+        };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            r = self.rpc(&rpc, timeout, RPCTypes::InstallSnapshot) => r.map_err(Into::into),
+            r = send => r.map_err(Into::into),
         }
     }
 

@@ -1,14 +1,18 @@
 //! The inbound handler: [`RaftHandler`] answers engine calls with the local `Raft` and routes
 //! one-way stream frames to the follower side ([`InboundStreams`]) or to this node's own leader
-//! streams ([`StreamRoutes`]).
+//! streams ([`StreamRoutes`]). A full snapshot's file arrives beforehand on the snapshot channel
+//! ([`SnapshotReceiver`]); the snapshot call only names it.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use consensus_api::{codec, InboundHandler, NodeId, Transport};
+use consensus_storage::transfer::{SnapshotReceiver, Ticket};
 use openraft::errors::RaftError;
+use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use openraft::Snapshot;
+use parking_lot::Mutex;
 
 use super::follower::InboundStreams;
 use super::routes::{Inbound, StreamRoutes};
@@ -23,6 +27,10 @@ pub(crate) struct RaftHandler {
     raft: OpenRaft,
     routes: Arc<StreamRoutes>,
     streams: InboundStreams,
+    /// The snapshot channel's handler, kept alive here (the channel holds it weakly) until
+    /// [`RaftHandler::stop`]: it holds the data dir's snapshot store, whose lock a node
+    /// restarted on the same directory needs.
+    snapshots: Mutex<Option<Arc<SnapshotReceiver>>>,
 }
 
 fn fatal<E: std::fmt::Display>(e: E) -> String {
@@ -31,29 +39,64 @@ fn fatal<E: std::fmt::Display>(e: E) -> String {
 
 impl RaftHandler {
     /// The handler of node `raft`, answering on `transport` (the engine channel the handler is
-    /// installed on) and sharing `routes` with the node's [`super::NetworkFactory`].
+    /// installed on), sharing `routes` with the node's [`super::NetworkFactory`], and taking
+    /// received snapshot files from `snapshots`.
     ///
     /// Must be called inside a tokio runtime: follower streams run on it.
     pub(crate) fn new(
         raft: OpenRaft,
         transport: Arc<dyn Transport>,
         routes: Arc<StreamRoutes>,
+        snapshots: Arc<SnapshotReceiver>,
     ) -> Self {
         routes.set_metrics(raft.metrics());
         Self {
             streams: InboundStreams::new(raft.clone(), transport),
             raft,
             routes,
+            snapshots: Mutex::new(Some(snapshots)),
         }
     }
 
-    /// Ends every follower stream now (engine shutdown); later frames open new ones only if
-    /// openraft still runs.
-    pub(crate) fn stop_streams(&self) {
+    /// Ends every follower stream now and stops accepting snapshot files (engine shutdown);
+    /// later frames open new streams only if openraft still runs.
+    pub(crate) fn stop(&self) {
         self.streams.stop_all();
+        self.snapshots.lock().take();
     }
 
-    async fn handle(&self, rpc: Rpc) -> Result<RpcReply, String> {
+    /// Installs the snapshot `meta` from the file `from` streamed under `ticket`. A file that is
+    /// not (or no longer) here is an error: the leader sends the snapshot again, resuming the
+    /// transfer.
+    async fn install_snapshot(
+        &self,
+        from: NodeId,
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
+        ticket: &[u8],
+    ) -> Result<RpcReply, String> {
+        let ticket = Ticket::decode(ticket)
+            .ok_or_else(|| format!("malformed snapshot ticket from node {from}"))?;
+        let receiver = self
+            .snapshots
+            .lock()
+            .clone()
+            .ok_or_else(|| "this node is shutting down".to_string())?;
+        let file = receiver.take(from, &ticket).ok_or_else(|| {
+            format!(
+                "snapshot transfer {:x} from node {from} is not complete here; send it again",
+                ticket.id
+            )
+        })?;
+        let snapshot = Snapshot {
+            meta,
+            snapshot: file,
+        };
+        let resp = self.raft.install_full_snapshot(vote, snapshot).await;
+        Ok(RpcReply::Snapshot(resp.map_err(fatal)?))
+    }
+
+    async fn handle(&self, from: NodeId, rpc: Rpc) -> Result<RpcReply, String> {
         Ok(match rpc {
             Rpc::Append(r) => RpcReply::Append(
                 self.raft
@@ -63,18 +106,9 @@ impl RaftHandler {
             ),
             Rpc::Vote(r) => RpcReply::Vote(self.raft.vote(r).await.map_err(fatal)?),
             Rpc::PreVote(r) => RpcReply::Vote(self.raft.pre_vote(r).await.map_err(fatal)?),
-            Rpc::Snapshot { vote, meta, data } => RpcReply::Snapshot(
-                self.raft
-                    .install_full_snapshot(
-                        vote,
-                        Snapshot {
-                            meta,
-                            snapshot: data,
-                        },
-                    )
-                    .await
-                    .map_err(fatal)?,
-            ),
+            Rpc::Snapshot { vote, meta, ticket } => {
+                return self.install_snapshot(from, vote, meta, &ticket).await
+            }
             Rpc::TransferLeader(r) => {
                 RpcReply::TransferLeader(self.raft.handle_transfer_leader(r).await.map_err(fatal)?)
             }
@@ -112,7 +146,7 @@ impl InboundHandler for RaftHandler {
 
     async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
         let reply = match codec::decode::<Rpc>(&frame) {
-            Ok(rpc) => self.handle(rpc).await,
+            Ok(rpc) => self.handle(from, rpc).await,
             Err(e) => {
                 tracing::warn!(from, "malformed engine RPC refused: {e}");
                 Err(format!("malformed engine RPC: {e}"))

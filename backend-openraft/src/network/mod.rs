@@ -3,17 +3,29 @@
 //! - **Replication** (`stream_append`) is pipelined over ordered one-way frames
 //!   ([`Transport::send`](consensus_api::Transport::send)): up to [`stream::MAX_IN_FLIGHT`]
 //!   AppendEntries requests are in flight to a follower at once, and the follower feeds them, in
-//!   order, to [`openraft::Raft::stream_append`].
-//! - **Everything else** (vote, pre-vote, full snapshot, transfer-leader, and the heartbeat
-//!   worker's single appends) is one [`Transport::call`](consensus_api::Transport::call),
-//!   answered by [`RaftHandler`]'s `on_call`.
+//!   order, to [`openraft::Raft::stream_append`]. Each AppendEntries is one frame; the log store bounds the entries it carries by bytes
+//!   ([`crate::LogStore::new`]), so a frame stays within the transport's limit.
+//! - **Full snapshots** go in two steps. The snapshot file is copied to the follower in
+//!   chunks over the node's snapshot channel (`EngineContext::snapshot_transport`) by the
+//!   engine's one [`SnapshotSender`](consensus_storage::transfer::SnapshotSender), a few
+//!   chunk calls in flight, each within the frame limit; an interrupted copy of the same file
+//!   resumes. The follower's [`SnapshotReceiver`](consensus_storage::transfer::SnapshotReceiver)
+//!   writes the chunks to a temporary file and checks its size and checksum. Then one small
+//!   `Rpc::Snapshot { vote, meta, ticket }` call names the copy; the handler takes the checked
+//!   file for that ticket and hands it to `Raft::install_full_snapshot` (the state machine
+//!   installs it, then restores from it). A ticket whose file is not there is an error:
+//!   openraft sends the snapshot again later. openraft's `cancel` stops the copy at once.
+//! - **Everything else** (vote, pre-vote, transfer-leader, and the heartbeat worker's single
+//!   appends) is one [`Transport::call`](consensus_api::Transport::call), answered by
+//!   [`RaftHandler`]'s `on_call`.
 //!
 //! # Files
 //!
 //! - `wire.rs`: the wire types ([`wire::Rpc`], [`wire::RpcReply`], [`wire::StreamFrame`] and
 //!   its tag) and [`wire::CallError`], how a failed exchange maps onto openraft's errors;
 //! - `client.rs`: the leader-side client, [`NetworkFactory`] and its per-peer `PeerClient`
-//!   (openraft's `RaftNetworkV2`), with one generic call helper for every RPC;
+//!   (openraft's `RaftNetworkV2`), with one generic call helper for every RPC and the snapshot
+//!   sender;
 //! - `stream/`: the stream protocol as plain state machines, no I/O and no clock: the
 //!   leader's [`stream::LeaderStream`] (`leader.rs`), the follower's [`stream::FollowerStream`]
 //!   and [`stream::FollowerAnswers`] (`follower.rs`);
@@ -23,7 +35,8 @@
 //!   and where a peer's address comes from when the transport lacks it;
 //! - `follower.rs`: the follower's streams (one per leader node) and the tasks that feed them
 //!   to openraft;
-//! - `handler.rs`: [`RaftHandler`], the transport's inbound handler.
+//! - `handler.rs`: [`RaftHandler`], the transport's inbound handler, which also keeps the
+//!   snapshot receiver.
 //!
 //! # The stream protocol
 //!

@@ -15,7 +15,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use openraft::RPCTypes;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{SnapshotData, C};
+use crate::types::C;
 
 /// First value of every stream frame: tells a replication frame from anything else that might
 /// arrive one-way on the engine channel (and versions the stream protocol).
@@ -27,10 +27,12 @@ pub(crate) enum Rpc {
     Append(AppendEntriesRequest<C>),
     Vote(VoteRequest<C>),
     PreVote(VoteRequest<C>),
+    /// Install the snapshot `meta`, whose file was streamed beforehand over the snapshot
+    /// channel; `ticket` is its encoded [`consensus_storage::transfer::Ticket`].
     Snapshot {
         vote: VoteOf<C>,
         meta: SnapshotMetaOf<C>,
-        data: SnapshotData,
+        ticket: Vec<u8>,
     },
     TransferLeader(TransferLeaderRequest<C>),
 }
@@ -172,7 +174,80 @@ impl CallError {
 
 #[cfg(test)]
 mod tests {
+    use consensus_api::NodeConfig;
+    use openraft::entry::RaftEntry;
+    use openraft::type_config::alias::EntryOf;
+    use openraft::{LogId, RaftLogReader, Vote};
+
     use super::*;
+    use crate::types::Request;
+    use crate::LogStore;
+
+    /// What one replication read gives for a log of `sizes`-byte commands, as the frames that
+    /// carry it: the stream's first frame (with the leader's address) and the heartbeat path's
+    /// call. Sizes of the encoded frames, plus the channel tag the mux adds.
+    async fn frames_for(config: &NodeConfig, sizes: &[usize]) -> (usize, Vec<usize>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = consensus_storage::Log::open(dir.path()).expect("open log");
+        let mut store = LogStore::new(log.clone(), config.max_command_bytes() as u64);
+        let last = sizes.len() as u64;
+        let entries = sizes.iter().enumerate().map(|(i, n)| {
+            let log_id = LogId::new_term_index(u64::MAX, i as u64 + 1);
+            EntryOf::<C>::new_normal(log_id, Request(vec![0xff; *n]))
+        });
+        let entries: Vec<_> = entries
+            .map(|e| consensus_storage::Entry {
+                index: e.log_id.index,
+                term: e.log_id.leader_id.term,
+                data: Bytes::from(codec::encode(&e).expect("encode")),
+            })
+            .collect();
+        log.append(entries, None).expect("append");
+        let batch = store
+            .limited_get_log_entries(1, last + 1)
+            .await
+            .expect("read");
+        let req = AppendEntriesRequest {
+            vote: Vote::new_committed(u64::MAX, u64::MAX),
+            prev_log_id: Some(LogId::new_term_index(u64::MAX, 0)),
+            leader_commit: Some(LogId::new_term_index(u64::MAX, last)),
+            entries: batch,
+        };
+        let n = req.entries.len();
+        let open = StreamFrame::Open {
+            session: u64::MAX,
+            reply_to: Some("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into()),
+            req: req.clone(),
+        };
+        let call = codec::encode(&Rpc::Append(req)).expect("encode");
+        let sizes = vec![
+            encode_frame(&open).expect("encode").len() + 1,
+            call.len() + 1,
+        ];
+        (n, sizes)
+    }
+
+    /// However many commands just under the size limit are due, one replication message carries
+    /// a prefix that fits the frame limit, and always at least one entry.
+    #[tokio::test]
+    async fn a_replication_message_stays_within_the_frame_limit() {
+        for frame in [1024, 5000, 64 << 10] {
+            let mut config = NodeConfig::new(1, "c", "/unused");
+            config.transport.max_frame_bytes = frame;
+            let max = config.max_command_bytes();
+            for sizes in [vec![max; 5], vec![max / 3; 10], vec![1; 3], vec![max, 1, 1]] {
+                let (n, frames) = frames_for(&config, &sizes).await;
+                assert!(n >= 1, "at least one entry");
+                assert!(
+                    frames.iter().all(|f| *f <= frame),
+                    "limit {frame}, commands {:?}: frames of {frames:?} bytes",
+                    &sizes[..n]
+                );
+            }
+            let (n, _) = frames_for(&config, &[1; 3]).await;
+            assert_eq!(n, 3, "small entries go together");
+        }
+    }
 
     #[test]
     fn stream_frames_round_trip_and_other_tags_are_refused() {
