@@ -45,7 +45,8 @@ pub struct NodeConfig {
     pub max_entries_per_message: u64,
     /// Default deadline of a proposal, read or membership change, forwarding included.
     pub request_timeout: Duration,
-    /// Deadline of one engine RPC to a peer (append, vote); snapshot transfers get 10x.
+    /// Deadline of one engine RPC to a peer (append, vote); each chunk of a snapshot transfer
+    /// gets 4x, the install call that follows it 10x.
     pub rpc_timeout: Duration,
     /// The transport settings of this node.
     pub transport: TransportConfig,

@@ -46,6 +46,9 @@ use crate::SnapshotStore;
 pub const WINDOW: usize = 4;
 /// Attempts per chunk before the transfer fails.
 const CHUNK_ATTEMPTS: u32 = 3;
+/// An incoming transfer without a chunk for this long is dropped at the next start of any
+/// transfer (its sender gave up).
+const ABANDONED_AFTER: Duration = Duration::from_secs(120);
 /// Largest snapshot file a receiver accepts (a guard against nonsense lengths, not a policy).
 const MAX_FILE: u64 = 1 << 46;
 
@@ -110,6 +113,12 @@ impl Transfers {
         let mut p = TransferProgress::new(peer, d, total);
         p.resumed_bytes = resumed;
         self.inner.lock().insert(key(peer, d), (p, Instant::now()));
+    }
+
+    fn resumed(&self, peer: NodeId, d: TransferDirection, bytes: u64) {
+        if let Some((p, _)) = self.inner.lock().get_mut(&key(peer, d)) {
+            p.resumed_bytes = bytes;
+        }
     }
 
     fn advance(&self, peer: NodeId, d: TransferDirection, bytes: u64) {
@@ -231,6 +240,8 @@ impl SnapshotSender {
         begin.put_u64_le(t.len);
         begin.put_u32_le(t.crc);
         begin.put_u32_le(self.chunk as u32);
+        self.transfers
+            .start(to, TransferDirection::Sending, t.len, 0);
         let have = self
             .call(to, begin.freeze())
             .await
@@ -240,7 +251,7 @@ impl SnapshotSender {
         let missing: Vec<u64> = (0..chunks).filter(|i| !have.get(*i)).collect();
         let resumed = (chunks - missing.len() as u64).min(chunks) * self.chunk as u64;
         self.transfers
-            .start(to, TransferDirection::Sending, t.len, resumed.min(t.len));
+            .resumed(to, TransferDirection::Sending, resumed.min(t.len));
         let mut next = missing.into_iter();
         let mut inflight: JoinSet<Result<u64, String>> = JoinSet::new();
         loop {
@@ -390,6 +401,8 @@ struct Incoming {
     path: PathBuf,
     handle: Arc<dyn FileHandle>,
     have: Bitmap,
+    /// When a chunk last arrived (or the transfer began).
+    last: Instant,
 }
 
 #[derive(Default)]
@@ -454,9 +467,26 @@ impl SnapshotReceiver {
             ));
         }
         let mut st = self.state.lock();
+        self.forget_abandoned(&mut st);
+        let count = chunk_count(len, chunk as usize);
+        if let Some((ready_id, file)) = st.ready.get_mut(&from) {
+            if file.len() == len && file.checksum() == crc {
+                // The file already arrived whole and checked (the engine's message after it
+                // was lost): nothing to send again.
+                *ready_id = id;
+                drop(st);
+                let mut all = Bitmap::new(count);
+                (0..count).for_each(|i| all.set(i));
+                self.transfers
+                    .start(from, TransferDirection::Receiving, len, len);
+                self.transfers.end(from, TransferDirection::Receiving, None);
+                return Ok(Bytes::from(all.bits));
+            }
+        }
         if let Some(inc) = st.incoming.get_mut(&from) {
             if inc.len == len && inc.crc == crc && inc.chunk == chunk {
                 inc.id = id;
+                inc.last = Instant::now();
                 let have = inc.have.bits.clone();
                 let resumed = inc.have.set * chunk;
                 drop(st);
@@ -476,7 +506,7 @@ impl SnapshotReceiver {
             .open(&path, OpenMode::Truncate)
             .map_err(|e| format!("creating {}: {e}", path.display()))?
             .into();
-        let have = Bitmap::new(chunk_count(len, chunk as usize));
+        let have = Bitmap::new(count);
         let bits = Bytes::from(have.bits.clone());
         st.incoming.insert(
             from,
@@ -488,12 +518,35 @@ impl SnapshotReceiver {
                 path,
                 handle,
                 have,
+                last: Instant::now(),
             },
         );
         drop(st);
         self.transfers
             .start(from, TransferDirection::Receiving, len, 0);
         Ok(bits)
+    }
+
+    /// Drops incoming transfers no chunk has reached for [`ABANDONED_AFTER`]: their sender
+    /// gave up (it lost leadership, or stopped), and their files would hold disk space.
+    fn forget_abandoned(&self, st: &mut ReceiverState) {
+        let stale: Vec<NodeId> = st
+            .incoming
+            .iter()
+            .filter(|(_, i)| i.last.elapsed() > ABANDONED_AFTER)
+            .map(|(from, _)| *from)
+            .collect();
+        for from in stale {
+            if let Some(old) = st.incoming.remove(&from) {
+                let _ = self.store.fs().remove_file(&old.path);
+                self.transfers.end(
+                    from,
+                    TransferDirection::Receiving,
+                    Some("abandoned by the sender".into()),
+                );
+                tracing::info!(from, "dropping an abandoned incoming snapshot transfer");
+            }
+        }
     }
 
     async fn chunk(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
@@ -531,6 +584,7 @@ impl SnapshotReceiver {
         let mut st = self.state.lock();
         if let Some(inc) = st.incoming.get_mut(&from).filter(|i| i.id == id) {
             inc.have.set(index);
+            inc.last = Instant::now();
             drop(st);
             self.transfers
                 .advance(from, TransferDirection::Receiving, n);
@@ -796,6 +850,34 @@ mod tests {
         assert!(s.bytes < file.len(), "only the rest was sent: {s:?}");
         let got = receiver.take(1, &ticket).expect("complete");
         assert_eq!(got.read_data().expect("data"), data);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_arrived_whole_is_not_sent_again_when_the_engine_retries() {
+        let fs = Arc::new(SimFs::new(5));
+        let (a, b) = (side(&fs, "/t5/a"), side(&fs, "/t5/b"));
+        let (file, data) = snapshot(&a, 6 * CHUNK_BYTES);
+        let link = Link::new(|_, _| None);
+        let (sender, receiver, sent, _) = pair(&link, &b);
+        let first = sender.send(2, &file).await.expect("sent");
+        // The engine's own message after the transfer was lost: it sends the file again.
+        let calls = link.calls.load(Ordering::SeqCst);
+        let second = sender.send(2, &file).await.expect("sent again");
+        assert_ne!(first.id, second.id);
+        assert_eq!(
+            link.calls.load(Ordering::SeqCst) - calls,
+            2,
+            "only start and finish"
+        );
+        assert_eq!(sent.list()[0].resumed_bytes, file.len());
+        assert!(
+            receiver.take(1, &first).is_none(),
+            "the old ticket no longer names it"
+        );
+        let f = receiver
+            .take(1, &second)
+            .expect("offered under the new ticket");
+        assert_eq!(f.read_data().expect("data"), data);
     }
 
     #[tokio::test]
