@@ -208,6 +208,12 @@ impl<K: NodeKind> LocalCluster<K> {
         self.root.path()
     }
 
+    /// The seed of this cluster's random choices (printed when a test cluster starts;
+    /// `CONFORMANCE_SEED` replays it): scenarios draw their own random data from it too.
+    pub fn seed(&self) -> u64 {
+        self.options.seed
+    }
+
     /// The combination this cluster runs.
     pub fn combo(&self) -> &Combo {
         &self.combo

@@ -15,7 +15,10 @@
 //! - [`fault`]: a [`Transport`](consensus_api::Transport) wrapper for partitions, loss, delay,
 //!   call duplication and reordering, calls failed after delivery and node pauses, driven by a
 //!   seed and counted.
-//! - [`kv`]: the key-value state machine the scenarios replicate.
+//! - [`kv`]: the key-value state machine the scenarios replicate (streamed snapshots, a
+//!   point-in-time view that costs one reference count).
+//! - [`large_state`]: a key-value state many frames large, the small-frame settings, commands
+//!   sized against the command limit, and waits on one state everywhere and chunked transfers.
 //! - [`history`]: a thread-safe record of what concurrent clients asked and learned, stamped by
 //!   one logical clock.
 //! - [`linearizability`]: judges such a history: is there one order of the operations, consistent
@@ -28,6 +31,7 @@ mod combo;
 pub mod fault;
 pub mod history;
 pub mod kv;
+pub mod large_state;
 pub mod linearizability;
 mod node;
 mod options;

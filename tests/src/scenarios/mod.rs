@@ -13,6 +13,7 @@ pub mod durability;
 pub mod election;
 pub mod errors;
 pub mod faults;
+pub mod large_state;
 pub mod membership;
 pub mod random;
 pub mod replication;
@@ -24,6 +25,9 @@ pub const ELECTION: Duration = Duration::from_secs(10);
 pub const FAILOVER_LIMIT: Duration = Duration::from_secs(3);
 /// Deadline for replication to settle.
 pub const SETTLE: Duration = Duration::from_secs(15);
+/// Deadline for a node to catch up on a large state (a snapshot of a few MiB sent in chunks, or
+/// a log of commands at the size limit); a working engine needs a few seconds.
+pub const CATCH_UP: Duration = Duration::from_secs(20);
 
 #[cfg(test)]
 mod registration {
@@ -34,6 +38,7 @@ mod registration {
         (include_str!("election.rs"), "election"),
         (include_str!("errors.rs"), "errors"),
         (include_str!("faults.rs"), "faults"),
+        (include_str!("large_state.rs"), "large_state"),
         (include_str!("membership.rs"), "membership"),
         (include_str!("random.rs"), "random"),
         (include_str!("replication.rs"), "replication"),
