@@ -2,11 +2,10 @@
 //! that lags behind a compacted log, a new learner and a replacement node (by a snapshot sent in
 //! chunks within the frame limit), and commands are held to the one command-size rule: one byte
 //! over is refused before anything is appended, commands at the limit replicate and reach a
-//! lagging node from the log. Every cluster here runs with
-//! [`SMALL_FRAME_BYTES`](consensus_harness::large_state::SMALL_FRAME_BYTES) frames; the state
-//! is [`LargeState::DEFAULT`] (1.25 MiB of values, twenty frames), drawn from the test's
-//! seed (printed). Raft paper §7 (log compaction, InstallSnapshot sent in chunks) and §6
-//! (new servers catch up as non-voting members).
+//! lagging node from the log. Every cluster here runs with [`SMALL_FRAME_BYTES`] frames; the
+//! state is [`LargeState::DEFAULT`] (1.25 MiB of values, twenty frames), drawn from the test's
+//! seed (printed). Raft paper §7 (log compaction, InstallSnapshot sent in chunks) and §6 (new
+//! servers catch up as non-voting members).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
