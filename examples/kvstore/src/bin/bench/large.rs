@@ -17,14 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus_api::{Backend, TransferDirection, TransferProgress, TransportFactory};
+use consensus_api::{
+    Backend, ConsensusError, TransferDirection, TransferProgress, TransportFactory,
+};
 use kvstore::Command;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::floor::Bandwidth;
 use crate::load::{closed_loop, Load};
-use crate::nodes::{start_processes, ChildNode, Node};
+use crate::nodes::{make_leader, start_processes, ChildNode, Node};
 use crate::stats::{median, peak_rss_mib, reset_peak_rss};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -34,6 +36,8 @@ const FILL_CLIENTS: u64 = 8;
 const FILL_ATTEMPTS: u32 = 5;
 /// Seconds of load before the baseline, to warm connections and the log.
 const WARMUP_SECS: u64 = 1;
+/// How long to wait for `add_learner`'s answer once the learner has caught up.
+const ADD_ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// How often the leader's transfer progress is sampled during the catch-up.
 const TRANSFER_POLL: Duration = Duration::from_millis(20);
 /// Catch-up deadline: this much, plus one second per [`CATCH_UP_MIB_PER_SEC_MIN`] MiB.
@@ -235,6 +239,9 @@ pub(crate) async fn bench_combo(
     for run in 1..=opts.runs {
         println!("{combo} run {run}/{}", opts.runs);
         let dir = root.join(format!("{combo}-large-{run}"));
+        // This bench's own scratch directory: a leftover of an interrupted run would be
+        // reopened as the cluster's state.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let outcome = one_run(&*backend, &*factory, opts, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -287,33 +294,47 @@ async fn measure(
     leader: &Node,
     floor: Bandwidth,
 ) -> Result<Figures, String> {
+    let progress = Progress(Instant::now());
+    progress.say("filling");
     let started = Instant::now();
     fill(leader, opts.state_mib << 20, opts.fill_value_bytes).await?;
     let fill_secs = started.elapsed().as_secs_f64();
     let (state_bytes, keys) = leader.read_local(|s| (s.data_bytes(), s.len()));
+    keep_leading(leader, &progress, "the fill").await?;
+    progress.say("filled; snapshot_now");
     leader
         .snapshot_now()
         .await
         .map_err(|e| format!("snapshot_now after the fill: {e}"))?;
 
+    progress.say("baseline");
     let _ = closed_loop(leader, opts.clients, WARMUP_SECS, opts.value_bytes).await;
     let baseline = closed_loop(leader, opts.clients, opts.secs, opts.value_bytes).await;
     let sender_fill_rss_mib = peak_rss_mib(None);
     reset_peak_rss()?;
 
+    keep_leading(leader, &progress, "the baseline").await?;
+    progress.say("adding the learner");
     let learner_id = opts.nodes + 1;
     let mut learner = ChildNode::spawn(learner_id, backend, factory, dir)?;
     learner.start(&Default::default())?;
     let load = Load::start(leader, opts.clients, opts.value_bytes);
     let added = Instant::now();
     let target = leader.status().applied_index;
-    leader
-        .add_learner(learner_id, learner.addr.clone())
-        .await
-        .map_err(|e| format!("add_learner: {e}"))?;
+    // Not awaited in line: an engine may answer only once the learner has caught up (raft-rs
+    // does), later than the request deadline for a large state. The learner's own reports say
+    // when it has.
+    let mut add = tokio::spawn({
+        let (leader, addr) = (leader.clone(), learner.addr.clone());
+        async move {
+            let outcome = leader.add_learner(learner_id, addr).await;
+            (outcome, added.elapsed())
+        }
+    });
     let timeout =
         CATCH_UP_BASE + Duration::from_secs(opts.state_mib / CATCH_UP_MIB_PER_SEC_MIN.max(1));
     let mut watch = TransferWatch::new(learner_id, added);
+    let mut add_answered = false;
     {
         let caught_up = learner.wait_applied(target, timeout);
         tokio::pin!(caught_up);
@@ -323,9 +344,30 @@ async fn measure(
                 r = &mut caught_up => { r?; break; }
                 _ = tick.tick() => watch.observe(&leader.snapshot_transfers()),
             }
+            if add.is_finished() && !add_answered {
+                add_answered = true;
+                let (outcome, took) = (&mut add).await.map_err(|e| format!("add_learner: {e}"))?;
+                progress.say(&format!(
+                    "add_learner answered after {took:.2?}: {outcome:?}"
+                ));
+                match outcome {
+                    // The outcome is unknown, the change may well be in: keep watching.
+                    Ok(()) | Err(ConsensusError::Timeout(_)) => {}
+                    Err(e) => return Err(format!("add_learner: {e}")),
+                }
+            }
         }
     }
     let catch_up = added.elapsed();
+    progress.say("the learner caught up");
+    if !add_answered {
+        // Engines that answer at the catch-up answer now; the figures do not depend on it.
+        if let Ok(Ok((outcome, took))) = tokio::time::timeout(ADD_ANSWER_GRACE, add).await {
+            progress.say(&format!(
+                "add_learner answered after {took:.2?}: {outcome:?}"
+            ));
+        }
+    }
     watch.observe(&leader.snapshot_transfers());
     let during = load.stop().await;
     let sender_rss_mib = peak_rss_mib(None);
@@ -383,6 +425,20 @@ async fn measure(
     })
 }
 
+/// Node 1 must lead when the learner is added (the sender's figures are its own): if
+/// leadership moved during `phase`, it is said and moved back.
+async fn keep_leading(leader: &Node, progress: &Progress, phase: &str) -> Result<(), String> {
+    let st = leader.status();
+    if !st.is_leader() {
+        progress.say(&format!(
+            "leadership moved to {:?} during {phase} (term {}); moving it back",
+            st.leader, st.term
+        ));
+        make_leader(leader).await?;
+    }
+    Ok(())
+}
+
 /// Puts `value_bytes` values under fresh keys through `leader` until the store holds
 /// `target_bytes`, with [`FILL_CLIENTS`] concurrent proposers.
 async fn fill(leader: &Node, target_bytes: u64, value_bytes: usize) -> Result<(), String> {
@@ -425,6 +481,15 @@ async fn fill(leader: &Node, target_bytes: u64, value_bytes: usize) -> Result<()
         t.await.map_err(|e| format!("a fill task failed: {e}"))??;
     }
     Ok(())
+}
+
+/// Progress lines on stderr (the report goes to stdout), with the time since the run began.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, what: &str) {
+        eprintln!("  [{:>7.2} s] {what}", self.0.elapsed().as_secs_f64());
+    }
 }
 
 /// The leader's progress of its snapshot transfers to the learner, sampled.

@@ -13,8 +13,11 @@ use crate::stats::percentile;
 
 /// Keys each client cycles through: the store stays small and the log keeps compacting.
 const KEYS_PER_CLIENT: u64 = 1024;
+/// Pause of a client after a failed proposal: a node that fails at once (stopped, no leader)
+/// must not turn the client into a loop that never yields.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
-/// Clients running against a node.
+/// Clients running against a node; dropping it stops them.
 pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     started: Instant,
@@ -58,7 +61,10 @@ impl Load {
                         let t = Instant::now();
                         match node.propose(cmd).await {
                             Ok(_) => lat.push(t.elapsed().as_micros() as u64),
-                            Err(_) => errors += 1,
+                            Err(_) => {
+                                errors += 1;
+                                tokio::time::sleep(ERROR_PAUSE).await;
+                            }
                         }
                         i += 1;
                     }
@@ -74,11 +80,11 @@ impl Load {
     }
 
     /// Stops the clients (each finishes its proposal in flight) and collects their samples.
-    pub(crate) async fn stop(self) -> Samples {
+    pub(crate) async fn stop(mut self) -> Samples {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         let mut errors = 0;
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             if let Ok((lat, e)) = t.await {
                 all.extend(lat);
                 errors += e;
@@ -90,6 +96,12 @@ impl Load {
             errors,
             elapsed: self.started.elapsed(),
         }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

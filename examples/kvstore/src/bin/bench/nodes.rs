@@ -226,14 +226,26 @@ pub(crate) async fn start_processes(
     let node = Consensus::start(backend, config, Store::default(), transport)
         .await
         .map_err(|e| e.to_string())?;
+    make_leader(&node).await?;
+    Ok((node, children))
+}
+
+/// Makes `node` the leader (once there is one) if it is not: the bench's clients and
+/// measurements run next to it.
+pub(crate) async fn make_leader(node: &Node) -> Result<(), String> {
     let leader = node
         .wait_for_leader(Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;
-    if leader != 1 {
-        node.transfer_leader(1).await.map_err(|e| e.to_string())?;
+    if leader != node.id() {
+        node.transfer_leader(node.id()).await.map_err(|e| {
+            format!(
+                "moving leadership from node {leader} back to node {}: {e}",
+                node.id()
+            )
+        })?;
     }
-    Ok((node, children))
+    Ok(())
 }
 
 /// The child side of `--processes`: run node `id` until stdin closes.
