@@ -27,7 +27,7 @@ use serde_json::Value;
 use crate::floor::Bandwidth;
 use crate::load::{closed_loop, Load};
 use crate::nodes::{make_leader, start_processes, ChildNode, Node};
-use crate::stats::{median, peak_rss_mib, reset_peak_rss};
+use crate::stats::{heap_free_mib, median, peak_rss_mib, reset_peak_rss, rss_mib};
 
 const MIB: f64 = (1u64 << 20) as f64;
 /// Concurrent proposers while filling (values are large: a few suffice to keep the log busy).
@@ -100,6 +100,8 @@ pub(crate) struct Figures {
     pub(crate) sender_rss_mib: f64,
     /// Peak RSS of this process during the fill and baseline.
     pub(crate) sender_fill_rss_mib: f64,
+    /// Free memory the allocator of this process held (resident, not returned) at the add.
+    pub(crate) sender_heap_free_mib: f64,
     pub(crate) learner_rss_mib: f64,
     pub(crate) during_p50_ms: f64,
     pub(crate) during_p99_ms: f64,
@@ -185,10 +187,12 @@ impl Figures {
             self.transfer_failures
         );
         println!(
-            "  catch-up {:.0} MiB/s = {:.0}% of floor; peak RSS sender {:.0} MiB, learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
+            "  catch-up {:.0} MiB/s = {:.0}% of floor; peak RSS sender {:.0} MiB ({:.0} MiB of it free heap \
+             the allocator kept from the fill), learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
             self.catch_up_mib_s,
             self.catch_up_pct_floor,
             self.sender_rss_mib,
+            self.sender_heap_free_mib,
             self.learner_rss_mib,
             targets::RSS_HEADROOM_MIB,
             self.rss_budget_mib()
@@ -311,6 +315,7 @@ async fn measure(
     let _ = closed_loop(leader, opts.clients, WARMUP_SECS, opts.value_bytes).await;
     let baseline = closed_loop(leader, opts.clients, opts.secs, opts.value_bytes).await;
     let sender_fill_rss_mib = peak_rss_mib(None);
+    let sender_heap_free_mib = heap_free_mib();
     reset_peak_rss()?;
 
     keep_leading(leader, &progress, "the baseline").await?;
@@ -416,6 +421,7 @@ async fn measure(
         transfer_failures: watch.failures.len() as f64,
         sender_rss_mib,
         sender_fill_rss_mib,
+        sender_heap_free_mib,
         learner_rss_mib,
         during_p50_ms: ms(during.p(0.5)),
         during_p99_ms: ms(during.p(0.99)),
@@ -488,7 +494,11 @@ struct Progress(Instant);
 
 impl Progress {
     fn say(&self, what: &str) {
-        eprintln!("  [{:>7.2} s] {what}", self.0.elapsed().as_secs_f64());
+        eprintln!(
+            "  [{:>7.2} s] {what} (RSS here {:.0} MiB)",
+            self.0.elapsed().as_secs_f64(),
+            rss_mib(None)
+        );
     }
 }
 

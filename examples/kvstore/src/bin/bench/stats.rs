@@ -27,6 +27,15 @@ pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
 /// Peak resident set size (`VmHWM`) of process `pid` (`None`: this one), in MiB; 0 when
 /// unknown.
 pub(crate) fn peak_rss_mib(pid: Option<u32>) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set size (`VmRSS`) of process `pid` (`None`: this one), in MiB; 0 when unknown.
+pub(crate) fn rss_mib(pid: Option<u32>) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+fn status_mib(pid: Option<u32>, field: &str) -> f64 {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_string(),
@@ -34,10 +43,25 @@ pub(crate) fn peak_rss_mib(pid: Option<u32>) -> f64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Free memory the allocator holds in its arenas (glibc `mallinfo2().fordblks`), in MiB:
+/// resident pages it has not returned to the system; 0 where unknown.
+pub(crate) fn heap_free_mib() -> f64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        info.fordblks as f64 / (1u64 << 20) as f64
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        0.0
+    }
 }
 
 /// Resets this process's peak RSS to its current RSS (Linux `clear_refs` 5), so that a later
