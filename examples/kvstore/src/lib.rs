@@ -1,80 +1,22 @@
 //! A replicated key-value store built only on `consensus-api`: the embedding guide in code.
 //!
-//! The program implements one trait, [`StateMachine`]; everything else (engine, transport,
-//! durability, leader forwarding) comes from the consensus layer.
+//! The program implements one trait, [`StateMachine`](consensus_api::StateMachine), in
+//! [`store`]; everything else (engine, transport, durability, leader forwarding, snapshot
+//! transfer) comes from the consensus layer. The store takes the form a large state needs: a
+//! persistent map whose point-in-time views cost nothing ([`Store`]), and snapshots streamed
+//! entry by entry ([`records`]).
 
 #![warn(missing_docs, unreachable_pub)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use consensus_api::{
-    codec, Backend, ConsensusError, NodeConfig, StateMachine, TlsConfig, TransportFactory, Wiring,
-};
+use consensus_api::{Backend, ConsensusError, NodeConfig, TlsConfig, TransportFactory, Wiring};
 use consensus_harness::{ClusterOptions, Combo, Machines, Runtimes, SmCluster, TlsChoice};
-use serde::{Deserialize, Serialize};
 
-/// A command of the store.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Command {
-    /// Sets a key.
-    Put {
-        /// The key.
-        key: String,
-        /// The value.
-        value: String,
-    },
-    /// Removes a key.
-    Delete {
-        /// The key.
-        key: String,
-    },
-}
+pub mod records;
+pub mod store;
 
-/// The store's state: deterministic, so every replica computes the same.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Store {
-    data: BTreeMap<String, String>,
-}
-
-impl Store {
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&String> {
-        self.data.get(key)
-    }
-
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// Whether the store is empty.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
-
-impl StateMachine for Store {
-    type Command = Command;
-    /// The previous value of the key.
-    type Response = Option<String>;
-
-    fn apply(&mut self, _index: u64, command: Command) -> Option<String> {
-        match command {
-            Command::Put { key, value } => self.data.insert(key, value),
-            Command::Delete { key } => self.data.remove(&key),
-        }
-    }
-
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        codec::encode(self).map_err(|e| e.to_string())
-    }
-
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        *self = codec::decode(snapshot).map_err(|e| e.to_string())?;
-        Ok(())
-    }
-}
+pub use store::{Command, Store};
 
 /// The wiring: the one place backends and transports are named. Each is one line behind its
 /// cargo feature; the first of each list is the default.

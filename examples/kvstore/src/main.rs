@@ -132,7 +132,9 @@ async fn run(args: Args) -> Result<(), ConsensusError> {
             value: "ok".into(),
         })
         .await?;
-        let value = any.read(|s| s.get("after-failover").cloned()).await?;
+        let value = any
+            .read(|s| s.get("after-failover").map(str::to_owned))
+            .await?;
         say(format!("write after failover read back: {value:?}"));
         print_status(&nodes);
     }

@@ -1,0 +1,334 @@
+//! `cargo run --release -p kvstore --bin bench`: throughput and latency of the replicated store
+//! per backend x transport combination, against the machine's floor measured in the same run.
+//!
+//! For each combination: a cluster of `--nodes` nodes on 127.0.0.1 with durable storage (fsync
+//! on) in a temporary directory, then for each client count a closed loop of `--secs` seconds in
+//! which every client puts a `--value-bytes` value through the leader and waits for the answer
+//! before the next. Printed per run: ops/s, p50/p99/p999 latency, and peak RSS.
+//!
+//! The floor: the p50 of a 4 KiB append + `fdatasync` in the data directory's file system and
+//! of a loopback TCP round trip, measured again right before each combination (the disk of a
+//! shared machine drifts within minutes, so each combination is compared with the floor of its
+//! own moment); single-client p50 is printed as a multiple of `fsync p50 + 2 x RTT p50` (a
+//! leader must make its entry durable and hear from a follower that did the same).
+//!
+//! Flags: `--combos all|tikv_quic,openraft_grpc,...`, `--clients 1,16,64,256`, `--secs 5`,
+//! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go),
+//! `--processes` (nodes 2..N run as child processes of this binary; node 1 runs here, next to
+//! the clients, and is made leader; `rss_mib_max` is then the largest child's peak RSS, i.e.
+//! per node).
+//!
+//! # Large state
+//!
+//! `--large-state-mib N` runs the large-state benchmark instead (always with `--processes`):
+//! per combination and run, the same-run floors (sequential disk writes of 512 MiB ending in an
+//! fsync, in the data dir's file system; one loopback TCP connection copying 2 GiB), a cluster
+//! filled with N MiB through the leader in values of `--fill-value-kib` (default 64) and
+//! compacted with `snapshot_now`, the baseline proposal latency of `--load-clients` (default 4)
+//! closed-loop clients putting `--value-bytes` for `--secs`, then a new learner (node
+//! `--nodes` + 1, its own process, empty data dir) added while those clients keep putting.
+//! Printed: fill time, catch-up time and its phases (the leader's snapshot for the learner, the
+//! copy, restore), catch-up MiB/s (snapshot file bytes / catch-up time) against the slower
+//! floor, the copy's own MiB/s, peak RSS of the sender (this process, holding node 1 only; its
+//! peak is reset just before the add) and of the learner against the state's size + 128 MiB,
+//! and proposal p50/p99 during the catch-up against the baseline. `--runs N` (default 3)
+//! repeats it and prints the median of each figure, every run's floors, and one PASS/FAIL line
+//! per target: catch-up >= 50% of the slower floor, both peak RSS <= state + 128 MiB, p99
+//! during the catch-up <= 3 x baseline. `--json PATH` writes the runs, medians and verdicts.
+//! Example: `bench --large-state-mib 1024 --combos tikv_quic,tikv_grpc`.
+
+mod floor;
+mod large;
+mod load;
+mod nodes;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use consensus_api::{Backend, ConsensusError, TransportFactory};
+use consensus_harness::Runtimes;
+
+use floor::Floor;
+use load::closed_loop;
+
+/// Closed-loop put benchmark of every compiled-in backend x transport combination: a cluster
+/// per combination on 127.0.0.1 with fsync on, clients putting values through the leader.
+#[derive(Parser)]
+#[command(name = "bench", version)]
+struct Args {
+    /// Combinations to run (`all`, or `backend_transport` names such as `tikv_quic`).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    combos: Vec<String>,
+    /// Client counts; one run per count.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    clients: Vec<u64>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    secs: u64,
+    /// Size of each put's value.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// Cluster size.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    nodes: u64,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Data directories go here (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Each node in its own process (node 1 in this one); `rss_mib` is then per node.
+    #[arg(long)]
+    processes: bool,
+    /// Run the large-state benchmark with this much state, in MiB (see the module docs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    large_state_mib: Option<u64>,
+    /// Large state: size of each value written by the fill, in KiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=8192))]
+    fill_value_kib: u64,
+    /// Large state: runs per combination (medians are printed).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Large state: closed-loop clients measuring proposal latency.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    load_clients: u64,
+    /// Internal: run one node of `--processes` (ID BACKEND TRANSPORT ROOT) until stdin closes.
+    #[arg(long, num_args = 4, hide = true, value_names = ["ID", "BACKEND", "TRANSPORT", "ROOT"])]
+    serve_node: Option<Vec<String>>,
+}
+
+/// One measured run.
+struct Row {
+    combo: String,
+    clients: usize,
+    ops: u64,
+    ops_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    rss_mib_max: f64,
+    errors: u64,
+    floor: Floor,
+}
+
+async fn bench_combo(
+    backend: Arc<dyn Backend>,
+    factory: Arc<dyn TransportFactory>,
+    args: &Args,
+    root: &Path,
+    floor: Floor,
+) -> Result<Vec<Row>, ConsensusError> {
+    let combo = format!("{}_{}", backend.name(), factory.name());
+    let dir = root.join(&combo);
+    // Kept until the end of the run: the in-process cluster's nodes live in it.
+    let mut cluster = None;
+    let (nodes, children) = if args.processes {
+        let (node, children) = nodes::start_processes(&*backend, &*factory, args.nodes, &dir)
+            .await
+            .map_err(ConsensusError::Internal)?;
+        (vec![node], Some(children))
+    } else {
+        let local = kvstore::start_local_cluster(
+            backend.clone(),
+            factory.clone(),
+            "bench",
+            args.nodes,
+            &dir,
+            Runtimes::Caller,
+        )
+        .await?;
+        let nodes = local.live().into_iter().map(|id| local.node(id)).collect();
+        cluster = Some(local);
+        (nodes, None)
+    };
+    let leader_id = nodes[0].wait_for_leader(Duration::from_secs(10)).await?;
+    let leader = nodes
+        .iter()
+        .find(|n| n.status().id == leader_id)
+        .cloned()
+        .ok_or_else(|| ConsensusError::Internal("leader handle missing".into()))?;
+    // Warm up connections and the log.
+    let _ = closed_loop(&leader, 4, 1, args.value_bytes).await;
+    let mut rows = Vec::new();
+    for clients in args.clients.iter().map(|&c| c as usize) {
+        let samples = closed_loop(&leader, clients, args.secs, args.value_bytes).await;
+        let row = Row {
+            combo: combo.clone(),
+            clients,
+            ops: samples.latencies_us.len() as u64,
+            ops_per_sec: samples.ops_per_sec(),
+            p50_us: samples.p(0.5),
+            p99_us: samples.p(0.99),
+            p999_us: samples.p(0.999),
+            // Processes: the largest pure node process (node 1 shares this process with the
+            // clients); in-process: the whole cluster's peak.
+            rss_mib_max: match &children {
+                Some(c) => c.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max),
+                None => stats::peak_rss_mib(None),
+            },
+            errors: samples.errors,
+            floor,
+        };
+        println!(
+            "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6} {:>9}",
+            row.combo,
+            row.clients,
+            row.ops_per_sec,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.rss_mib_max,
+            row.errors,
+            row.floor.total_us()
+        );
+        rows.push(row);
+    }
+    for n in nodes {
+        let _ = n.shutdown().await;
+    }
+    drop(children);
+    drop(cluster);
+    Ok(rows)
+}
+
+fn json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {}, \"rtt_p50_us\": {}, \"floor_us\": {}}}",
+                r.combo, r.clients, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.rss_mib_max, r.errors,
+                r.floor.fsync_us, r.floor.rtt_us, r.floor.total_us()
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", items.join(",\n"))
+}
+
+/// A backend x transport combination.
+type Pair = (Arc<dyn Backend>, Arc<dyn TransportFactory>);
+
+/// The selected combinations, in wiring order; an error names what is compiled in.
+fn selected(args: &Args) -> Result<Vec<Pair>, String> {
+    let wiring = kvstore::wiring();
+    let mut out = Vec::new();
+    for b in wiring.backends() {
+        for f in wiring.transports() {
+            let name = format!("{}_{}", b.name(), f.name());
+            if args.combos.iter().any(|c| c == "all" || *c == name) {
+                out.push((b.clone(), f.clone()));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "no combination matched {:?}; compiled in: {:?} x {:?}",
+            args.combos,
+            wiring.backend_names(),
+            wiring.transport_names()
+        ));
+    }
+    Ok(out)
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tmp;
+    let root = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if let Some(state_mib) = args.large_state_mib {
+        return run_large(&args, state_mib, &root).await;
+    }
+    println!(
+        "{} nodes, {} B values, {} s per run; floor = fsync(4 KiB append) p50 + 2 x loopback RTT p50, measured before each combination",
+        args.nodes, args.value_bytes, args.secs
+    );
+    println!(
+        "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9}",
+        "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors", "floor_us"
+    );
+    let mut rows = Vec::new();
+    for (b, f) in selected(&args)? {
+        let name = format!("{}_{}", b.name(), f.name());
+        let floor = Floor::measure(&root)?;
+        let r = bench_combo(b, f, &args, &root, floor)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        rows.extend(r);
+    }
+    for r in rows.iter().filter(|r| r.clients == 1) {
+        println!(
+            "{}: single-client p50 {} us = {:.2} x floor ({} us: fsync {} + 2 x RTT {})",
+            r.combo,
+            r.p50_us,
+            r.p50_us as f64 / r.floor.total_us().max(1) as f64,
+            r.floor.total_us(),
+            r.floor.fsync_us,
+            r.floor.rtt_us
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, json(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The large-state mode over every selected combination. A combination that fails is
+/// reported and the others still run; the exit code then says so.
+async fn run_large(args: &Args, state_mib: u64, root: &Path) -> Result<(), String> {
+    let opts = large::Options {
+        state_mib,
+        fill_value_bytes: (args.fill_value_kib as usize) << 10,
+        runs: args.runs,
+        clients: args.load_clients as usize,
+        secs: args.secs,
+        value_bytes: args.value_bytes,
+        nodes: args.nodes,
+    };
+    println!(
+        "large state: {state_mib} MiB in {} KiB values, {} nodes + a learner, {} load clients of {} B puts, \
+         {} s baseline, {} runs per combination",
+        args.fill_value_kib, args.nodes, args.load_clients, args.value_bytes, args.secs, args.runs
+    );
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for (b, f) in selected(args)? {
+        match large::bench_combo(b, f, &opts, root).await {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                println!("FAILED {e}");
+                failed.push(e);
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    match failed.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} combination(s) failed: {}", failed.join("; "))),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    kvstore::init_process("error");
+    let args = Args::parse();
+    if let Some(node) = &args.serve_node {
+        return kvstore::exit_code(nodes::serve_node(node).await, "node");
+    }
+    kvstore::exit_code(run(args).await, "error")
+}

@@ -1,0 +1,251 @@
+//! [`Store`]: the replicated state, in the form a large state takes.
+//!
+//! The map is persistent ([`imbl::OrdMap`]): cloning it is O(1) and the clone shares every node
+//! until one side changes, so a point-in-time view for a snapshot costs nothing to take and
+//! only the paths that later applies touch get copied. Keys and values are `Arc<str>`, so even
+//! a copied path copies pointers, never the text.
+//!
+//! Snapshots stream entry by entry in the format of [`crate::records`], from a view on the
+//! node's snapshot thread ([`StateMachine::snapshot_view`]) or from the live map between applies
+//! ([`StateMachine::snapshot_to`]); a restore reads them back the same way, never holding the
+//! snapshot in memory next to the state.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use consensus_api::{SnapshotView, StateMachine};
+use imbl::OrdMap;
+use serde::{Deserialize, Serialize};
+
+use crate::records;
+
+/// Text held by the store: shared, so a copied map node or a snapshot view never copies it.
+pub type Text = Arc<str>;
+
+/// A command of the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Removes a key.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// The store's state: deterministic, so every replica computes the same.
+#[derive(Default, Clone)]
+pub struct Store {
+    data: OrdMap<Text, Text>,
+    /// Bytes of all keys and values: the size of the state itself (what a snapshot carries,
+    /// less its framing).
+    bytes: u64,
+}
+
+impl fmt::Debug for Store {
+    // The entries could be gigabytes: show the shape only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("keys", &self.data.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Store {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.data.get(key).map(|v| &**v)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Bytes of all keys and values held (the state's own size, without the map's overhead).
+    pub fn data_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn put(&mut self, key: Text, value: Text) -> Option<Text> {
+        self.bytes += (key.len() + value.len()) as u64;
+        let key_len = key.len() as u64;
+        let old = self.data.insert(key, value);
+        if let Some(old) = &old {
+            self.bytes -= key_len + old.len() as u64;
+        }
+        old
+    }
+}
+
+impl StateMachine for Store {
+    type Command = Command;
+    /// The previous value of the key.
+    type Response = Option<String>;
+
+    fn apply(&mut self, _index: u64, command: Command) -> Option<String> {
+        let old = match command {
+            Command::Put { key, value } => self.put(key.into(), value.into()),
+            Command::Delete { key } => {
+                let old = self.data.remove(key.as_str());
+                if let Some(old) = &old {
+                    self.bytes -= (key.len() + old.len()) as u64;
+                }
+                old
+            }
+        };
+        old.map(|v| v.to_string())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        self.snapshot_to(&mut out)?;
+        Ok(out)
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.restore_from(&mut &snapshot[..])
+    }
+
+    fn snapshot_to(&self, sink: &mut dyn Write) -> Result<(), String> {
+        records::write(&self.data, sink)
+    }
+
+    /// Builds the new state aside and replaces the old one only once the whole snapshot has
+    /// been read and checked: a damaged snapshot leaves the store as it was.
+    fn restore_from(&mut self, source: &mut dyn Read) -> Result<(), String> {
+        let mut fresh = Store::default();
+        records::read(source, |key, value| {
+            fresh.put(key, value);
+        })?;
+        *self = fresh;
+        Ok(())
+    }
+
+    fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
+        Some(Box::new(View(self.data.clone())))
+    }
+}
+
+/// A point-in-time view of the store: a clone of the persistent map, which later applies do
+/// not change.
+struct View(OrdMap<Text, Text>);
+
+impl SnapshotView for View {
+    fn write_to(self: Box<Self>, sink: &mut dyn Write) -> Result<(), String> {
+        records::write(&self.0, sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(store: &mut Store, index: u64, key: &str, value: &str) -> Option<String> {
+        store.apply(
+            index,
+            Command::Put {
+                key: key.into(),
+                value: value.into(),
+            },
+        )
+    }
+
+    fn filled(n: u64) -> Store {
+        let mut s = Store::default();
+        for i in 0..n {
+            put(
+                &mut s,
+                i + 1,
+                &format!("key-{i:04}"),
+                &"v".repeat(i as usize % 7),
+            );
+        }
+        s
+    }
+
+    fn entries(s: &Store) -> Vec<(String, String)> {
+        s.data
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn restore_from_gives_back_the_state_snapshot_to_wrote() {
+        let s = filled(500);
+        let mut bytes = Vec::new();
+        s.snapshot_to(&mut bytes).unwrap();
+        let mut r = Store::default();
+        r.restore_from(&mut &bytes[..]).unwrap();
+        assert_eq!(entries(&r), entries(&s));
+        assert_eq!(r.data_bytes(), s.data_bytes());
+    }
+
+    #[test]
+    fn a_view_writes_the_state_as_it_was_when_taken() {
+        let mut s = filled(100);
+        let mut then = Vec::new();
+        s.snapshot_to(&mut then).unwrap();
+        let view = s.snapshot_view().unwrap();
+        put(&mut s, 101, "key-0001", "changed");
+        put(&mut s, 102, "zzz", "new");
+        s.apply(
+            103,
+            Command::Delete {
+                key: "key-0002".into(),
+            },
+        );
+        let mut written = Vec::new();
+        view.write_to(&mut written).unwrap();
+        assert_eq!(written, then);
+    }
+
+    #[test]
+    fn snapshot_and_restore_use_the_streamed_format() {
+        let s = filled(50);
+        let mut streamed = Vec::new();
+        s.snapshot_to(&mut streamed).unwrap();
+        assert_eq!(s.snapshot().unwrap(), streamed);
+        let mut r = Store::default();
+        r.restore(&streamed).unwrap();
+        assert_eq!(entries(&r), entries(&s));
+    }
+
+    #[test]
+    fn data_bytes_counts_keys_and_values_through_overwrites_and_deletes() {
+        let mut s = Store::default();
+        put(&mut s, 1, "ab", "cde");
+        assert_eq!(s.data_bytes(), 5);
+        assert_eq!(put(&mut s, 2, "ab", "x").as_deref(), Some("cde"));
+        assert_eq!(s.data_bytes(), 3);
+        s.apply(3, Command::Delete { key: "ab".into() });
+        assert_eq!(s.data_bytes(), 0);
+        s.apply(4, Command::Delete { key: "ab".into() });
+        assert_eq!(s.data_bytes(), 0);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_leaves_the_store_unchanged() {
+        let mut s = filled(10);
+        let before = entries(&s);
+        let mut bytes = Vec::new();
+        filled(20).snapshot_to(&mut bytes).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        assert!(s.restore_from(&mut &bytes[..]).is_err());
+        assert_eq!(entries(&s), before);
+    }
+}
