@@ -203,12 +203,7 @@ impl StateMachineStore {
             return Ok(file);
         }
         let store = self.snapshots.clone();
-        blocking(move || {
-            let mut sink = store.create(file.meta()).map_err(io_err)?;
-            io::copy(&mut file.data(), &mut sink)?;
-            sink.seal().map_err(io_err)
-        })
-        .await
+        blocking(move || store.import(&file).map_err(io_err)).await
     }
 }
 
