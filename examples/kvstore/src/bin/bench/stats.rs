@@ -49,19 +49,10 @@ fn status_mib(pid: Option<u32>, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Free memory the allocator holds in its arenas (glibc `mallinfo2().fordblks`), in MiB:
-/// resident pages it has not returned to the system; 0 where unknown.
+/// Free memory the allocator holds in its arenas, in MiB (see
+/// [`consensus_api::process::free_heap_bytes`]).
 pub(crate) fn heap_free_mib() -> f64 {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's statistics.
-        let info = unsafe { libc::mallinfo2() };
-        info.fordblks as f64 / (1u64 << 20) as f64
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        0.0
-    }
+    consensus_api::process::free_heap_bytes() as f64 / (1u64 << 20) as f64
 }
 
 /// Resets this process's peak RSS to its current RSS (Linux `clear_refs` 5), so that a later
