@@ -49,10 +49,12 @@ async fn exchange(
         .read_to_end(&mut buf)
         .await
         .map_err(|e| format!("read from {addr}: {e}"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
+    let at = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| format!("malformed response from {addr}"))?;
+    let head = String::from_utf8_lossy(&buf[..at]);
+    let rest = &buf[at + 4..];
     let status: u16 = head
         .split_whitespace()
         .nth(1)
@@ -65,22 +67,49 @@ async fn exchange(
     let body = if chunked {
         dechunk(rest)
     } else {
-        rest.to_string()
+        rest.to_vec()
     };
-    Ok((status, body))
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
+/// The body of a chunked response, on bytes (chunk sizes count bytes, which may split a
+/// multi-byte character); stops at the last chunk or at anything malformed.
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..eol]);
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
             break;
         };
+        let rest = &s[eol + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn chunks_that_split_a_character_are_joined_on_bytes() {
+        let text = "h\u{e9}llo w\u{f6}rld \u{1f600}";
+        let bytes = text.as_bytes();
+        // Chunks of 2 bytes cut every multi-byte character in half.
+        let mut wire = Vec::new();
+        for c in bytes.chunks(2) {
+            wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(String::from_utf8(dechunk(&wire)).as_deref(), Ok(text));
+        // Malformed sizes and short chunks end the body without a panic.
+        assert!(dechunk(b"zz\r\nabc").is_empty());
+        assert_eq!(dechunk(b"5\r\nab"), b"");
+    }
 }

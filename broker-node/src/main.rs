@@ -109,6 +109,10 @@ struct Serve {
     /// Generate (once) and use development certificates in this directory.
     #[arg(long, conflicts_with = "tls_ca")]
     dev_certs: Option<PathBuf>,
+    /// INSECURE, local experiments only: run the consensus transport without TLS (gRPC only).
+    /// Traffic is readable and anyone who reaches the port can claim to be any member.
+    #[arg(long, conflicts_with_all = ["tls_ca", "dev_certs"])]
+    insecure_plaintext: bool,
     /// Rack of this node's broker.
     #[arg(long)]
     rack: Option<String>,
@@ -243,12 +247,29 @@ async fn serve(s: Serve) -> Result<(), String> {
             node_key,
         },
         (_, _, _, Some(dir)) => TlsConfig::DevCerts { dir },
-        _ if factory.supports_insecure() => TlsConfig::Insecure,
-        _ => {
+        _ if s.insecure_plaintext && factory.supports_insecure() => {
+            eprintln!(
+                "WARNING: --insecure-plaintext: node {} runs its consensus transport WITHOUT TLS. \
+                 Traffic is readable and anyone who reaches {} can claim to be any member. \
+                 For local experiments only.",
+                s.id, s.listen
+            );
+            TlsConfig::InsecurePlaintext
+        }
+        _ if s.insecure_plaintext => {
             return Err(format!(
-                "the {} transport needs TLS: pass --tls-ca/--tls-cert/--tls-key or --dev-certs DIR",
+                "the {} transport always uses mutual TLS; --insecure-plaintext is for gRPC only",
                 factory.name()
             ))
+        }
+        _ => {
+            return Err(
+                "TLS is required: pass --tls-ca/--tls-cert/--tls-key (the cluster CA, this \
+                 node's certificate and key), or --dev-certs DIR for development certificates \
+                 (`broker dev` does this for you); --insecure-plaintext runs without TLS, for \
+                 local experiments only"
+                    .into(),
+            )
         }
     };
     if !s.peers.contains_key(&s.id) {

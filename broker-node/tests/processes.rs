@@ -273,3 +273,68 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     assert_eq!(status, 200);
     assert!(metrics.contains("broker_topics"), "{metrics}");
 }
+
+/// `serve` without TLS material refuses to start, says what to pass, and creates nothing; on a
+/// transport that has no plaintext mode, `--insecure-plaintext` is refused too.
+#[test]
+fn serve_without_tls_material_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node-1");
+    let base = |transport: &str| {
+        vec![
+            "serve".to_string(),
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            free_udp().to_string(),
+            "--admin".into(),
+            free_tcp().to_string(),
+            "--peers".into(),
+            "1=127.0.0.1:1".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--transport".into(),
+            transport.into(),
+        ]
+    };
+    // A node that does start is killed at the deadline and fails the test.
+    let run = |args: Vec<String>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run broker serve");
+        let deadline = Instant::now() + DEADLINE;
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("collect the output")
+    };
+    let compiled = [
+        ("grpc", cfg!(feature = "grpc")),
+        ("quic", cfg!(feature = "quic")),
+    ];
+    for (transport, _) in compiled.iter().filter(|(_, on)| *on) {
+        let out = run(base(transport));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{transport}: started without TLS");
+        assert!(err.contains("TLS is required"), "{transport}: {err}");
+        assert!(err.contains("--dev-certs"), "{transport}: {err}");
+        assert!(!data.exists(), "{transport}: created the data dir");
+    }
+    if !cfg!(feature = "quic") {
+        return;
+    }
+    let mut quic = base("quic");
+    quic.push("--insecure-plaintext".into());
+    let out = run(quic);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "quic started in plaintext");
+    assert!(err.contains("always uses mutual TLS"), "{err}");
+    assert!(!data.exists(), "created the data dir");
+}

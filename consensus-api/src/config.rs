@@ -130,6 +130,13 @@ pub struct TransportConfig {
     pub listen_addr: SocketAddr,
     /// Frames larger than this are refused on send and on receive.
     pub max_frame_bytes: usize,
+    /// Bytes of inbound calls one peer may have in this node's memory at once (being read or
+    /// waiting for their handler's answer); a call beyond it waits, unread, until earlier ones
+    /// are answered, so the peer is slowed by flow control instead of growing this node's
+    /// memory. At least one frame always fits (the effective budget is the larger of this and
+    /// `max_frame_bytes`). Default 64 MiB. Enforced by transport-quic per connection;
+    /// transport-grpc bounds a peer by its concurrent streams (256) times `max_frame_bytes`.
+    pub max_inflight_bytes_per_peer: usize,
     /// Bounded per-peer queue of one-way frames; when full, new frames are dropped.
     pub peer_queue_capacity: usize,
     /// Deadline to establish a connection.
@@ -147,21 +154,31 @@ impl Default for TransportConfig {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_frame_bytes: 16 << 20,
+            max_inflight_bytes_per_peer: 64 << 20,
             peer_queue_capacity: 4096,
             connect_timeout: Duration::from_secs(2),
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(2),
-            tls: TlsConfig::Insecure,
+            tls: TlsConfig::Unset,
         }
     }
 }
 
-/// How a transport secures its connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a transport secures its connections. Secure is the default: with nothing configured
+/// ([`TlsConfig::Unset`]) a transport refuses to start and says what to configure.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TlsConfig {
-    /// Plaintext. Only for tests and trusted networks; must be chosen explicitly.
-    Insecure,
+    /// Nothing configured (the default): starting a transport fails with an error naming the
+    /// choices. TLS is never off unless [`TlsConfig::InsecurePlaintext`] is chosen.
+    #[default]
+    Unset,
+    /// No TLS at all, for local experiments only: traffic is readable and unauthenticated, so
+    /// anyone who reaches the port can claim to be any member. A transport started with it logs
+    /// a warning saying so, and reports [`Transport::authenticates_peers`](crate::Transport)
+    /// `false`: identity claims are not trusted (forwarded membership changes are refused). QUIC
+    /// does not support it.
+    InsecurePlaintext,
     /// Mutual TLS with PEM files: the cluster CA, this node's certificate and key. A peer's
     /// certificate must be signed by the CA and name the node id it claims.
     Files {

@@ -43,6 +43,11 @@ pub trait TransportLayer: Send + Sync + 'static {
     async fn shutdown(&self) {
         self.inner().shutdown().await
     }
+
+    /// See [`Transport::authenticates_peers`].
+    fn authenticates_peers(&self) -> bool {
+        self.inner().authenticates_peers()
+    }
 }
 
 #[async_trait]
@@ -75,5 +80,8 @@ impl<L: TransportLayer> Transport for L {
     }
     async fn shutdown(&self) {
         TransportLayer::shutdown(self).await
+    }
+    fn authenticates_peers(&self) -> bool {
+        TransportLayer::authenticates_peers(self)
     }
 }

@@ -87,7 +87,7 @@ pub mod backend_support {
     pub use crate::pacer::SnapshotPacer;
 }
 
-pub use config::{MAX_SNAPSHOT_CHUNK_BYTES, NodeConfig, TlsConfig, TransportConfig};
+pub use config::{NodeConfig, TlsConfig, TransportConfig, MAX_SNAPSHOT_CHUNK_BYTES};
 pub use engine::{Backend, Engine, EngineContext};
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;

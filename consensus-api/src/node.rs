@@ -52,6 +52,10 @@ impl Forwarded {
             Forwarded::TransferLeader(_) => "transfer leader",
         }
     }
+    /// Whether it changes who the members or the leader are.
+    fn changes_membership(&self) -> bool {
+        !matches!(self, Forwarded::Propose(_) | Forwarded::ReadIndex)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,9 +88,51 @@ async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, Consensu
     })
 }
 
+/// Runs operations other nodes forward here. Who may forward what is checked against this
+/// node's view of the membership and the transport's proof of the sender's identity.
 struct ForwardHandler {
     engine: Arc<dyn Engine>,
+    status: watch::Receiver<Status>,
+    /// Whether `from` is proven ([`Transport::authenticates_peers`]).
+    authenticated: bool,
     timeout: Duration,
+}
+
+impl ForwardHandler {
+    /// Only members forward; membership changes and leader transfers come only from voters,
+    /// and only over a transport that proves who the sender is.
+    fn admit(&self, from: NodeId, op: &Forwarded) -> Result<(), ConsensusError> {
+        let (voter, learner) = {
+            let s = self.status.borrow();
+            (s.voters.contains(&from), s.learners.contains(&from))
+        };
+        let refuse = |why: String| {
+            tracing::warn!(from, op = op.name(), "forwarded request refused: {why}");
+            Err(ConsensusError::InvalidRequest(why))
+        };
+        if !voter && !learner {
+            return refuse(format!(
+                "node {from} is not a member of this cluster; only members may forward a {}",
+                op.name()
+            ));
+        }
+        if op.changes_membership() {
+            if !self.authenticated {
+                return refuse(format!(
+                    "a forwarded {} is refused: the transport does not authenticate its peers \
+                     (no TLS), so the sender's identity is unproven; run it on the leader",
+                    op.name()
+                ));
+            }
+            if !voter {
+                return refuse(format!(
+                    "node {from} is a learner; only voters may forward a {}",
+                    op.name()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -95,14 +141,17 @@ impl InboundHandler for ForwardHandler {
         tracing::debug!(from, "unexpected one-way frame on the forwarding channel");
     }
 
-    async fn on_call(&self, _from: NodeId, frame: Bytes) -> Result<Bytes, String> {
+    async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
         let result = match codec::decode::<Forwarded>(&frame) {
-            Ok(op) => {
-                let name = op.name();
-                tokio::time::timeout(self.timeout, run_local(&*self.engine, op))
-                    .await
-                    .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())))
-            }
+            Ok(op) => match self.admit(from, &op) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let name = op.name();
+                    tokio::time::timeout(self.timeout, run_local(&*self.engine, op))
+                        .await
+                        .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())))
+                }
+            },
             Err(e) => Err(ConsensusError::InvalidRequest(format!(
                 "malformed forwarded request: {e}"
             ))),
@@ -181,6 +230,8 @@ impl<SM: StateMachine> Consensus<SM> {
         let forward = mux.channel(FORWARD_CHANNEL);
         let forward_handler = Arc::new(ForwardHandler {
             engine: engine.clone(),
+            status: engine.status(),
+            authenticated: forward.authenticates_peers(),
             timeout: request_timeout,
         });
         forward.set_handler(forward_handler.clone());
@@ -455,4 +506,129 @@ where
     S: Into<String>,
 {
     pairs.into_iter().map(|(i, a)| (i, a.into())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// An engine that records what it was asked to run.
+    struct Recording {
+        status: watch::Sender<Status>,
+        ran: Mutex<Vec<&'static str>>,
+    }
+
+    impl Recording {
+        fn ran(&self, what: &'static str) {
+            self.ran.lock().push(what);
+        }
+    }
+
+    #[async_trait]
+    impl Engine for Recording {
+        async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ConsensusError> {
+            self.ran("propose");
+            Ok(command)
+        }
+        async fn read_index(&self) -> Result<u64, ConsensusError> {
+            self.ran("read index");
+            Ok(1)
+        }
+        fn status(&self) -> watch::Receiver<Status> {
+            self.status.subscribe()
+        }
+        async fn add_learner(&self, _: NodeId, _: String) -> Result<(), ConsensusError> {
+            self.ran("add learner");
+            Ok(())
+        }
+        async fn change_voters(&self, _: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
+            self.ran("change voters");
+            Ok(())
+        }
+        async fn remove_node(&self, _: NodeId) -> Result<(), ConsensusError> {
+            self.ran("remove node");
+            Ok(())
+        }
+        async fn transfer_leader(&self, _: NodeId) -> Result<(), ConsensusError> {
+            self.ran("transfer leader");
+            Ok(())
+        }
+        async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
+            Ok(0)
+        }
+        fn snapshot_transfers(&self) -> Vec<crate::TransferProgress> {
+            Vec::new()
+        }
+        async fn shutdown(&self) -> Result<(), ConsensusError> {
+            Ok(())
+        }
+    }
+
+    /// A handler on node 1 of voters {1, 2} and learner {3}.
+    fn handler(authenticated: bool) -> (ForwardHandler, Arc<Recording>) {
+        let mut status = Status::initial(1);
+        status.voters = BTreeSet::from([1, 2]);
+        status.learners = BTreeSet::from([3]);
+        let engine = Arc::new(Recording {
+            status: watch::channel(status).0,
+            ran: Mutex::new(Vec::new()),
+        });
+        let h = ForwardHandler {
+            engine: engine.clone(),
+            status: engine.status(),
+            authenticated,
+            timeout: Duration::from_secs(5),
+        };
+        (h, engine)
+    }
+
+    async fn forward(h: &ForwardHandler, from: NodeId, op: Forwarded) -> Result<Reply, String> {
+        let frame = Bytes::from(codec::encode(&op).map_err(|e| e.to_string())?);
+        let reply = h.on_call(from, frame).await?;
+        codec::decode::<Result<Reply, ConsensusError>>(&reply)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn only_members_forward_and_only_authenticated_voters_change_membership() {
+        let (h, engine) = handler(true);
+        // A stranger (a removed node, any holder of a cluster certificate) runs nothing.
+        for op in [Forwarded::Propose(b"x".to_vec()), Forwarded::RemoveNode(2)] {
+            let e = forward(&h, 9, op).await.expect_err("stranger");
+            assert!(e.contains("not a member"), "{e}");
+        }
+        // A learner may forward proposals and reads, not membership or leadership changes.
+        assert!(forward(&h, 3, Forwarded::Propose(b"x".to_vec()))
+            .await
+            .is_ok());
+        assert!(forward(&h, 3, Forwarded::ReadIndex).await.is_ok());
+        for op in [
+            Forwarded::RemoveNode(2),
+            Forwarded::AddLearner(4, "a".into()),
+            Forwarded::ChangeVoters(BTreeSet::from([3])),
+            Forwarded::TransferLeader(3),
+        ] {
+            let e = forward(&h, 3, op).await.expect_err("learner");
+            assert!(e.contains("only voters"), "{e}");
+        }
+        // A voter may.
+        assert!(forward(&h, 2, Forwarded::RemoveNode(3)).await.is_ok());
+        assert_eq!(
+            *engine.ran.lock(),
+            vec!["propose", "read index", "remove node"]
+        );
+
+        // Over a transport that does not prove identities, no claim is trusted for changes.
+        let (h, engine) = handler(false);
+        let e = forward(&h, 2, Forwarded::RemoveNode(3))
+            .await
+            .expect_err("unauthenticated");
+        assert!(e.contains("unproven"), "{e}");
+        assert!(forward(&h, 2, Forwarded::Propose(b"x".to_vec()))
+            .await
+            .is_ok());
+        assert_eq!(*engine.ran.lock(), vec!["propose"]);
+    }
 }

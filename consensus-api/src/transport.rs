@@ -62,6 +62,15 @@ pub trait Transport: Send + Sync + 'static {
     fn set_handler(&self, handler: Arc<dyn InboundHandler>);
     /// Stops listening and closes every connection. Later calls fail with `Closed`.
     async fn shutdown(&self);
+    /// Whether the `from` given to the handler is proven: the peer's certificate, checked
+    /// against the cluster CA in the handshake, names that node id. A transport returns `true`
+    /// only then; with [`TlsConfig::InsecurePlaintext`](crate::TlsConfig) (or any transport that
+    /// takes the id on the sender's word) it returns `false`, and the node trusts no identity
+    /// claim: forwarded membership changes and leader transfers are refused. The default is
+    /// `false`, so a transport that does not say is not trusted.
+    fn authenticates_peers(&self) -> bool {
+        false
+    }
 }
 
 /// Receives inbound frames from a transport.
@@ -84,7 +93,7 @@ pub trait TransportFactory: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Binds `config.transport.listen_addr` and returns the running transport.
     async fn bind(&self, config: &NodeConfig) -> Result<Arc<dyn Transport>, TransportError>;
-    /// Whether this transport runs with [`TlsConfig::Insecure`](crate::TlsConfig). QUIC cannot
+    /// Whether this transport can run with [`TlsConfig::InsecurePlaintext`](crate::TlsConfig). QUIC cannot
     /// (TLS is part of the protocol): tools and test harnesses give such a transport
     /// [`TlsConfig::DevCerts`](crate::TlsConfig) instead.
     fn supports_insecure(&self) -> bool {

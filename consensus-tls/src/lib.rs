@@ -77,12 +77,19 @@ impl fmt::Debug for TlsMaterial {
 /// Loads node `id`'s TLS material as `tls` describes it.
 ///
 /// `Files` reads the three PEM files; `DevCerts` first generates (once per directory) a
-/// development CA and this node's certificate, see [`dev::ensure`]; `Insecure` is an error, since
-/// a caller of this function needs TLS. Errors name the offending file.
+/// development CA and this node's certificate, see [`dev::ensure`]; `Unset` and
+/// `InsecurePlaintext` are errors that say what to configure, since a caller of this function
+/// needs TLS. Errors name the offending file.
 pub fn load(tls: &TlsConfig, id: NodeId) -> Result<TlsMaterial, String> {
     match tls {
-        TlsConfig::Insecure => Err(
-            "TlsConfig::Insecure: this transport always uses mutual TLS; configure \
+        TlsConfig::Unset => Err(
+            "no TLS configured: this transport always uses mutual TLS; set transport.tls to \
+             TlsConfig::Files { ca_cert, node_cert, node_key } (cluster CA, node certificate \
+             and key) or TlsConfig::DevCerts { dir } for development"
+                .into(),
+        ),
+        TlsConfig::InsecurePlaintext => Err(
+            "TlsConfig::InsecurePlaintext: this transport always uses mutual TLS; configure \
              TlsConfig::Files (cluster CA, node certificate and key) or TlsConfig::DevCerts"
                 .into(),
         ),
@@ -325,9 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn insecure_is_refused_with_an_explanation() {
-        let err = load(&TlsConfig::Insecure, 1).expect_err("insecure");
+    fn insecure_or_unset_is_refused_with_an_explanation() {
+        let err = load(&TlsConfig::InsecurePlaintext, 1).expect_err("insecure");
         assert!(err.contains("mutual TLS"), "{err}");
+        let err = load(&TlsConfig::default(), 1).expect_err("unset");
+        assert!(err.contains("TlsConfig::Files"), "{err}");
     }
 
     #[test]

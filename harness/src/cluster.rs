@@ -229,7 +229,7 @@ impl<K: NodeKind> LocalCluster<K> {
         };
         match self.options.tls {
             TlsChoice::InsecureWhereSupported if self.combo.transport.supports_insecure() => {
-                TlsConfig::Insecure
+                TlsConfig::InsecurePlaintext
             }
             _ => dev,
         }

@@ -17,7 +17,10 @@
 //! - TLS: `TlsConfig::Files` or `TlsConfig::DevCerts` turn on mutual TLS (rustls with ring):
 //!   the client expects the server certificate to name `node-<peer>`, the server requires a
 //!   client certificate from the cluster CA, and a request's `x-node-id` must be the node its
-//!   certificate names. `Insecure` is plaintext, for tests and trusted networks.
+//!   certificate names. `TlsConfig::Unset` (the default) refuses to start.
+//!   `TlsConfig::InsecurePlaintext` is plaintext for local experiments: a warning is logged at
+//!   start, and the transport reports [`authenticates_peers`](Transport::authenticates_peers)
+//!   `false` since `x-node-id` is then only the sender's word.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -89,23 +92,37 @@ pub(crate) struct Pem {
 
 /// Reads the PEM files `tls` names for node `id` (generating development ones if asked).
 fn pem(tls: &TlsConfig, id: NodeId) -> Result<Option<Pem>, TransportError> {
-    let (ca, cert, key) = match tls {
-        TlsConfig::Insecure => return Ok(None),
-        TlsConfig::Files {
-            ca_cert,
-            node_cert,
-            node_key,
-        } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
-        TlsConfig::DevCerts { dir } => {
-            let p = consensus_tls::dev::ensure(dir, id).map_err(TransportError::Setup)?;
-            (p.ca_cert, p.node_cert, p.node_key)
-        }
-        other => {
-            return Err(TransportError::Setup(format!(
-                "unsupported TLS setting {other:?}"
-            )))
-        }
-    };
+    let (ca, cert, key) =
+        match tls {
+            TlsConfig::Unset => return Err(TransportError::Setup(
+                "no TLS configured: set transport.tls to TlsConfig::Files { ca_cert, node_cert, \
+                 node_key } or TlsConfig::DevCerts { dir }, or choose \
+                 TlsConfig::InsecurePlaintext explicitly for a local experiment"
+                    .into(),
+            )),
+            TlsConfig::InsecurePlaintext => {
+                tracing::warn!(
+                    node = id,
+                    "INSECURE: gRPC transport without TLS; traffic is readable and anyone who \
+                 reaches the port can claim to be any member. For local experiments only."
+                );
+                return Ok(None);
+            }
+            TlsConfig::Files {
+                ca_cert,
+                node_cert,
+                node_key,
+            } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
+            TlsConfig::DevCerts { dir } => {
+                let p = consensus_tls::dev::ensure(dir, id).map_err(TransportError::Setup)?;
+                (p.ca_cert, p.node_cert, p.node_key)
+            }
+            other => {
+                return Err(TransportError::Setup(format!(
+                    "unsupported TLS setting {other:?}"
+                )))
+            }
+        };
     // Parse once with the shared loader so bad files fail here, with the path in the message.
     consensus_tls::load_files(&ca, &cert, &key).map_err(TransportError::Setup)?;
     let read = |p: &std::path::PathBuf| {
@@ -221,6 +238,10 @@ impl Transport for GrpcTransport {
 
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
         self.handler.set(handler);
+    }
+
+    fn authenticates_peers(&self) -> bool {
+        self.me.tls.is_some()
     }
 
     async fn shutdown(&self) {

@@ -22,6 +22,9 @@ const STOP_GRACE: Duration = Duration::from_millis(200);
 /// HTTP/2 keepalive: detects dead connections to crashed peers.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams one peer may have open at once: with the frame limit, what bounds the memory a
+/// peer's requests can hold here (`TransportConfig::max_inflight_bytes_per_peer` documents it).
+const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 pub(crate) struct Server {
     pub(crate) local_addr: SocketAddr,
@@ -52,6 +55,7 @@ impl Server {
             .max_encoding_message_size(limit);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         if let Some(pem) = &tls {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use consensus_api::{InboundHandler, NodeId, Transport, TransportConfig, TransportError};
+use consensus_api::{
+    InboundHandler, NodeId, TlsConfig, Transport, TransportConfig, TransportError,
+};
 use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 
@@ -28,10 +30,27 @@ impl InboundHandler for Echo {
     }
 }
 
+/// A plaintext transport: these tests are about the gRPC mechanics; the TLS paths run in the
+/// conformance suite's transport scenarios.
 async fn bind(id: NodeId) -> Arc<GrpcTransport> {
-    GrpcTransport::bind(id, "c", &TransportConfig::default())
+    let mut config = TransportConfig::default();
+    config.tls = TlsConfig::InsecurePlaintext;
+    GrpcTransport::bind(id, "c", &config).await.expect("bind")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_configured_it_refuses_to_start_and_plaintext_is_not_authenticated() {
+    let err = GrpcTransport::bind(1, "c", &TransportConfig::default())
         .await
-        .expect("bind")
+        .err()
+        .expect("no TLS configured must be refused");
+    assert!(
+        matches!(&err, TransportError::Setup(m) if m.contains("InsecurePlaintext")),
+        "{err}"
+    );
+    let plain = bind(1).await;
+    assert!(!plain.authenticates_peers());
+    plain.shutdown().await;
 }
 
 /// A port nothing listens on (bound once, then released).

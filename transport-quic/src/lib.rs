@@ -20,7 +20,7 @@
 //!   call, connecting included, runs under its deadline ([`TransportError::Timeout`]).
 //!
 //! ## Identity
-//! Mutual TLS is mandatory (`TlsConfig::Files` or `TlsConfig::DevCerts`; `Insecure` is refused
+//! Mutual TLS is mandatory (`TlsConfig::Files` or `TlsConfig::DevCerts`; `Unset` and `InsecurePlaintext` are refused
 //! at bind): a client dialing node `p` expects the server certificate to name `node-p`, and the
 //! server requires a client certificate from the cluster CA. Right after the TLS handshake the
 //! client sends a hello (`CQ1`, node id, incarnation, cluster id) on the first stream; the server
@@ -266,6 +266,12 @@ impl Transport for QuicTransport {
         self.handler.set(handler);
     }
 
+    /// Always: QUIC runs only with mutual TLS, and a peer's node id is read from its
+    /// certificate.
+    fn authenticates_peers(&self) -> bool {
+        true
+    }
+
     async fn shutdown(&self) {
         if !self.close_now() {
             return;
@@ -354,15 +360,19 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn insecure_is_refused_at_bind() {
-        let err = QuicTransport::bind(1, "c", &TransportConfig::default())
-            .await
-            .err()
-            .expect("insecure must be refused");
-        assert!(
-            matches!(&err, TransportError::Setup(m) if m.contains("Insecure")),
-            "{err}"
-        );
+    async fn insecure_or_unset_tls_is_refused_at_bind() {
+        let mut config = TransportConfig::default();
+        for tls in [TlsConfig::Unset, TlsConfig::InsecurePlaintext] {
+            config.tls = tls;
+            let err = QuicTransport::bind(1, "c", &config)
+                .await
+                .err()
+                .expect("no TLS must be refused");
+            assert!(
+                matches!(&err, TransportError::Setup(m) if m.contains("mutual TLS")),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +466,64 @@ mod tests {
             self.0.notify_one();
             std::future::pending().await
         }
+    }
+
+    /// Holds every call until the test opens the gate; counts the calls that reached it.
+    struct Gate {
+        entered: std::sync::atomic::AtomicUsize,
+        open: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl InboundHandler for Gate {
+        fn on_message(&self, _from: NodeId, _frame: Bytes) {}
+        async fn on_call(&self, _from: NodeId, _frame: Bytes) -> Result<Bytes, String> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let permit = self.open.acquire().await.map_err(|e| e.to_string())?;
+            permit.forget();
+            Ok(Bytes::from_static(b"ok"))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_cannot_hold_more_call_bytes_than_its_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = config(dir.path());
+        cfg.max_frame_bytes = 64 << 10;
+        cfg.max_inflight_bytes_per_peer = 128 << 10;
+        let a = QuicTransport::bind(1, "c", &cfg).await.expect("bind a");
+        let b = QuicTransport::bind(2, "c", &cfg).await.expect("bind b");
+        let gate = Arc::new(Gate {
+            entered: Default::default(),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        b.set_handler(gate.clone());
+        a.set_peer(2, b.local_addr().to_string());
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.call(2, Bytes::from(vec![7u8; 60 << 10]), Duration::from_secs(20))
+                        .await
+                })
+            })
+            .collect();
+        // Two calls of 60 KiB fit the 128 KiB budget; the other two wait unread.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while gate.entered.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no call arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gate.entered.load(Ordering::SeqCst), 2, "over the budget");
+        gate.open.add_permits(4);
+        for c in calls {
+            let reply = c.await.expect("task").expect("call");
+            assert_eq!(reply.as_ref(), b"ok");
+        }
+        assert_eq!(gate.entered.load(Ordering::SeqCst), 4);
+        a.shutdown().await;
+        b.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

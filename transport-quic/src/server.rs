@@ -14,6 +14,7 @@ use consensus_api::transport_support::HandlerSlot;
 use consensus_api::NodeId;
 use quinn::{Connection, Incoming, ReadError, RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::wire::{self, FrameError, Hello, Status, CLOSE_REFUSED, STOP_MALFORMED, STOP_TOO_LARGE};
@@ -62,6 +63,13 @@ async fn serve(ctx: Arc<Ctx>, handler: HandlerSlot, peers: PeerMap, incoming: In
     }
 
     let mut calls = JoinSet::new();
+    // What this peer's calls may hold in memory at once (see `max_inflight_bytes_per_peer`).
+    let budget = Arc::new(Semaphore::new(
+        ctx.config
+            .max_inflight_bytes_per_peer
+            .max(ctx.frame_limit)
+            .min(Semaphore::MAX_PERMITS),
+    ));
     let one_way = one_way_lane(&ctx, &handler, &conn, from);
     tokio::pin!(one_way);
     loop {
@@ -69,7 +77,8 @@ async fn serve(ctx: Arc<Ctx>, handler: HandlerSlot, peers: PeerMap, incoming: In
             () = &mut one_way => break,
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    calls.spawn(serve_call(ctx.clone(), handler.clone(), from, send, recv));
+                    let call = serve_call(ctx.clone(), handler.clone(), from, budget.clone(), send, recv);
+                    calls.spawn(call);
                 }
                 Err(e) => {
                     tracing::debug!(from, "connection closed: {e}");
@@ -193,12 +202,16 @@ async fn serve_call(
     ctx: Arc<Ctx>,
     handler: HandlerSlot,
     from: NodeId,
+    budget: Arc<Semaphore>,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
     let limit = ctx.frame_limit;
-    let (status, body) = match wire::read_frame(&mut recv, limit).await {
-        Ok(Some(request)) => {
+    // Held until the answer is written: the request's bytes count against the peer's budget.
+    let mut _held = None;
+    let (status, body) = match wire::read_frame_within(&mut recv, limit, &budget).await {
+        Ok(Some((request, permit))) => {
+            _held = Some(permit);
             // Refused before any handler saw it: the caller reports `Unreachable`.
             let handler = match handler.get() {
                 Ok(handler) => handler,

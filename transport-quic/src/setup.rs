@@ -36,14 +36,6 @@ pub(crate) async fn configs(
     tls: &TlsConfig,
     frame_limit: usize,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
-    if *tls == TlsConfig::Insecure {
-        return Err(TransportError::Setup(
-            "transport-quic always uses mutual TLS and does not support TlsConfig::Insecure; \
-             set TransportConfig::tls to TlsConfig::Files (cluster CA, node certificate and key) \
-             or TlsConfig::DevCerts { dir } for development"
-                .into(),
-        ));
-    }
     // Reading files (and generating dev certificates) blocks: keep it off the async workers.
     let tls = tls.clone();
     let material = tokio::task::spawn_blocking(move || consensus_tls::load(&tls, id))

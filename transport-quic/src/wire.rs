@@ -14,12 +14,14 @@
 //! on what a peer sends.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use consensus_api::NodeId;
 use quinn::{
     ReadError, ReadExactError, RecvStream, SendStream, TransportErrorCode, VarInt, WriteError,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Marks a hello and the protocol version.
 pub(crate) const HELLO_MAGIC: &[u8; 3] = b"CQ1";
@@ -217,6 +219,37 @@ pub(crate) async fn read_frame(
         return Err(FrameError::TooLarge { size, limit });
     }
     read_body(recv, size).await.map(Some)
+}
+
+/// [`read_frame`] within a byte budget shared by the calls of one connection: the body is read
+/// only once `budget` grants its size (the stream stays unread meanwhile, so flow control
+/// holds the sender back); the permit is released when the caller drops it (after answering).
+pub(crate) async fn read_frame_within(
+    recv: &mut RecvStream,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<Option<(Bytes, OwnedSemaphorePermit)>, FrameError> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
+        Err(ReadExactError::ReadError(e)) => return Err(FrameError::Read(e)),
+    }
+    let size = u32::from_be_bytes(header);
+    let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
+    if size_usize > limit {
+        return Err(FrameError::TooLarge {
+            size: size_usize,
+            limit,
+        });
+    }
+    let permit = budget
+        .clone()
+        .acquire_many_owned(size)
+        .await
+        .map_err(|_| FrameError::Truncated)?;
+    read_body(recv, size_usize).await.map(|b| Some((b, permit)))
 }
 
 async fn read_body(recv: &mut RecvStream, size: usize) -> Result<Bytes, FrameError> {

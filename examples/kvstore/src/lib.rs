@@ -37,21 +37,14 @@ pub fn wiring() -> Wiring {
     )
 }
 
-/// The configuration of local node `id` under `root`: its data dir, and development
-/// certificates in `root/certs` when the transport needs TLS (the same layout as
+/// The configuration of local node `id` under `root`: its data dir, and mutual TLS with
+/// development certificates in `root/certs` on every transport (the same layout as
 /// [`start_local_cluster`]'s).
-pub fn local_config(
-    id: u64,
-    cluster_id: &str,
-    factory: &dyn TransportFactory,
-    root: &std::path::Path,
-) -> NodeConfig {
+pub fn local_config(id: u64, cluster_id: &str, root: &std::path::Path) -> NodeConfig {
     let mut config = NodeConfig::new(id, cluster_id, root.join(format!("node-{id}")));
-    if !factory.supports_insecure() {
-        config.transport.tls = TlsConfig::DevCerts {
-            dir: root.join("certs"),
-        };
-    }
+    config.transport.tls = TlsConfig::DevCerts {
+        dir: root.join("certs"),
+    };
     config
 }
 
@@ -60,7 +53,7 @@ pub type LocalCluster = SmCluster<Store>;
 
 /// Starts `nodes` local nodes (ids 1..=nodes, port 0) as one new cluster under `root`, with the
 /// shared harness: every transport is bound first so the initial members know the real
-/// addresses. Plaintext where the transport allows it (a local, side-by-side setup).
+/// addresses. Mutual TLS with development certificates, as production runs.
 pub async fn start_local_cluster(
     backend: Arc<dyn Backend>,
     factory: Arc<dyn TransportFactory>,
@@ -71,7 +64,7 @@ pub async fn start_local_cluster(
 ) -> Result<LocalCluster, ConsensusError> {
     let mut options = ClusterOptions::new(cluster_id);
     options.runtimes = runtimes;
-    options.tls = TlsChoice::InsecureWhereSupported;
+    options.tls = TlsChoice::DevCerts;
     options.root = Some(root.to_path_buf());
     LocalCluster::launch(
         &Combo::from_parts(backend, factory),

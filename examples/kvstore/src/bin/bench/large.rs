@@ -240,7 +240,9 @@ pub(crate) async fn bench_combo(
 ) -> Result<ComboReport, String> {
     let combo = format!("{}_{}", backend.name(), factory.name());
     let mut runs = Vec::new();
-    for run in 1..=opts.runs {
+    let mut voided = 0;
+    while runs.len() < opts.runs as usize {
+        let run = runs.len() + 1;
         println!("{combo} run {run}/{}", opts.runs);
         let dir = root.join(format!("{combo}-large-{run}"));
         // This bench's own scratch directory: a leftover of an interrupted run would be
@@ -249,7 +251,14 @@ pub(crate) async fn bench_combo(
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let outcome = one_run(&*backend, &*factory, opts, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
-        let figures = outcome.map_err(|e| format!("{combo} run {run}: {e}"))?;
+        let figures = match outcome {
+            Err(e) if e.starts_with(VOID) && voided < MAX_VOIDED => {
+                voided += 1;
+                println!("  {e}: run {run} is void and runs again ({voided} voided so far)");
+                continue;
+            }
+            other => other.map_err(|e| format!("{combo} run {run}: {e}"))?,
+        };
         figures.print();
         runs.push(figures);
     }
@@ -325,7 +334,10 @@ async fn measure(
     learner.start(&Default::default())?;
     let load = Load::start(leader, opts.clients, opts.value_bytes);
     let added = Instant::now();
-    let target = leader.status().applied_index;
+    let (target, term_at_add) = {
+        let st = leader.status();
+        (st.applied_index, st.term)
+    };
     // Not awaited in line: an engine may answer only once the learner has caught up (raft-rs
     // does), later than the request deadline for a large state. The learner's own reports say
     // when it has.
@@ -365,6 +377,13 @@ async fn measure(
     }
     let catch_up = added.elapsed();
     progress.say("the learner caught up");
+    let now = leader.status();
+    if !now.is_leader() || now.term != term_at_add {
+        return Err(format!(
+            "{VOID} leadership moved during the catch-up (term {term_at_add} -> {}, leader {:?})",
+            now.term, now.leader
+        ));
+    }
     if !add_answered {
         // Engines that answer at the catch-up answer now; the figures do not depend on it.
         if let Ok(Ok((outcome, took))) = tokio::time::timeout(ADD_ANSWER_GRACE, add).await {
@@ -433,6 +452,12 @@ async fn measure(
 
 /// Node 1 must lead when the learner is added (the sender's figures are its own): if
 /// leadership moved during `phase`, it is said and moved back.
+/// How a run that measured nothing meaningful starts its error: the figures would belong to
+/// another sender (leadership moved during the catch-up), so the run is repeated.
+const VOID: &str = "void:";
+/// Void runs tolerated per combination before the bench gives up.
+const MAX_VOIDED: u32 = 3;
+
 async fn keep_leading(leader: &Node, progress: &Progress, phase: &str) -> Result<(), String> {
     let st = leader.status();
     if !st.is_leader() {

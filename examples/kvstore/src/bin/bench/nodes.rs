@@ -26,8 +26,8 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a child may take to exit once its stdin closed before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(20);
 
-pub(crate) fn node_config(id: u64, factory: &dyn TransportFactory, root: &Path) -> NodeConfig {
-    kvstore::local_config(id, "bench", factory, root)
+pub(crate) fn node_config(id: u64, root: &Path) -> NodeConfig {
+    kvstore::local_config(id, "bench", root)
 }
 
 fn members_arg(members: &BTreeMap<u64, String>) -> String {
@@ -209,7 +209,7 @@ pub(crate) async fn start_processes(
     nodes: u64,
     root: &Path,
 ) -> Result<(Node, Vec<ChildNode>), String> {
-    let config = node_config(1, factory, root);
+    let config = node_config(1, root);
     let transport = factory.bind(&config).await.map_err(|e| e.to_string())?;
     let mut members = BTreeMap::from([(1u64, transport.local_addr().to_string())]);
     let mut children = Vec::new();
@@ -259,7 +259,7 @@ pub(crate) async fn serve_node(args: &[String]) -> Result<(), String> {
     let factory = wiring
         .transport(Some(transport))
         .map_err(|e| e.to_string())?;
-    let mut config = node_config(id, &*factory, Path::new(root));
+    let mut config = node_config(id, Path::new(root));
     let t = factory.bind(&config).await.map_err(|e| e.to_string())?;
     say(&format!("ADDR {}", t.local_addr()));
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
