@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use broker::admin::AdminAuth;
 use broker::server::{BrokerNode, NodeParts};
 use broker::{Controller, LivenessConfig, MetadataImage};
 use consensus_api::{
@@ -23,6 +24,7 @@ use crate::{http, wiring};
 /// a restarted node serves on the one it had.
 struct BrokerNodes {
     liveness: LivenessConfig,
+    admin_auth: AdminAuth,
     metrics: Option<PrometheusHandle>,
     admin: Mutex<BTreeMap<NodeId, SocketAddr>>,
 }
@@ -49,6 +51,7 @@ impl NodeKind for BrokerNodes {
             liveness: self.liveness.clone(),
             rack: Some(format!("rack-{}", (id.saturating_sub(1)) % 3)),
             metrics: self.metrics.clone(),
+            admin_auth: self.admin_auth.clone(),
         };
         let node = BrokerNode::start_with_config(config, parts, &*backend, transport)
             .await
@@ -74,7 +77,7 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Binds every node (port 0), then starts them as one new cluster with data dirs and
-    /// development certificates under `root`.
+    /// development certificates under `root`, their admin APIs protected by `admin_auth`.
     pub async fn start(
         backend: Arc<dyn Backend>,
         factory: Arc<dyn TransportFactory>,
@@ -82,11 +85,13 @@ impl LocalCluster {
         root: &Path,
         liveness: LivenessConfig,
         metrics: Option<PrometheusHandle>,
+        admin_auth: AdminAuth,
     ) -> Result<Self, String> {
         let mut options = ClusterOptions::new("broker-dev");
         options.root = Some(root.to_path_buf());
         let kind = BrokerNodes {
             liveness,
+            admin_auth,
             metrics,
             admin: Mutex::new(BTreeMap::new()),
         };
@@ -233,7 +238,12 @@ async fn wait_for(
 
 /// A data-plane broker (not a consensus member): registers and heartbeats over the admin API,
 /// trying each node until one answers.
-fn data_broker(id: u32, admins: Vec<SocketAddr>, every: Duration) -> tokio::task::JoinHandle<()> {
+fn data_broker(
+    id: u32,
+    admins: Vec<SocketAddr>,
+    every: Duration,
+    token: String,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let incarnation: u64 = rand::random();
         let mut epoch: Option<u64> = None;
@@ -245,25 +255,20 @@ fn data_broker(id: u32, admins: Vec<SocketAddr>, every: Duration) -> tokio::task
                         let body = format!(
                             r#"{{"broker_id":{id},"incarnation":{incarnation},"endpoints":["data-broker-{id}:9092"],"rack":"rack-x"}}"#
                         );
-                        http::request(
-                            &addr,
-                            "POST",
-                            "/brokers",
-                            Some(&body),
-                            Duration::from_secs(2),
-                        )
-                        .await
+                        http::Request::new(&addr, "POST", "/brokers")
+                            .json(Some(&body))
+                            .token(Some(&token))
+                            .send(Duration::from_secs(2))
+                            .await
                     }
                     Some(e) => {
                         let body = format!(r#"{{"epoch":{e},"metadata_offset":{}}}"#, u64::MAX / 2);
-                        http::request(
-                            &addr,
-                            "POST",
-                            &format!("/brokers/{id}/heartbeat"),
-                            Some(&body),
-                            Duration::from_secs(2),
-                        )
-                        .await
+                        let path = format!("/brokers/{id}/heartbeat");
+                        http::Request::new(&addr, "POST", &path)
+                            .json(Some(&body))
+                            .token(Some(&token))
+                            .send(Duration::from_secs(2))
+                            .await
                     }
                 };
                 if let Ok((status, text)) = res {
@@ -300,8 +305,10 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
         factory.name(),
         root.display()
     ));
+    let token = AdminAuth::generate_token();
+    let auth = AdminAuth::token(&token, false)?;
     let mut cluster =
-        LocalCluster::start(backend, factory, 3, &root, liveness.clone(), None).await?;
+        LocalCluster::start(backend, factory, 3, &root, liveness.clone(), None, auth).await?;
     let leader = cluster.leader(Duration::from_secs(15)).await?;
     tl.say(format!(
         "node {leader} is the consensus leader (the active controller)"
@@ -310,7 +317,12 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
         tl.say(format!("node {id}: admin http://{a}"));
     }
     let admins: Vec<SocketAddr> = cluster.admin_addrs().into_iter().map(|(_, a)| a).collect();
-    let extra = data_broker(4, admins.clone(), liveness.heartbeat_interval);
+    let extra = data_broker(
+        4,
+        admins.clone(),
+        liveness.heartbeat_interval,
+        token.clone(),
+    );
     let ctl = cluster.any_controller().ok_or("no running node")?;
     wait_for(&ctl, "4 brokers unfenced", Duration::from_secs(15), |i| {
         i.brokers.values().filter(|b| !b.fenced).count() == 4
@@ -320,27 +332,32 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
 
     for (name, parts, rf) in [("orders", 4, 3), ("payments", 2, 2)] {
         let body = format!(r#"{{"name":"{name}","partitions":{parts},"replication_factor":{rf}}}"#);
-        let (status, text) = http::request(
-            &admins[0].to_string(),
-            "POST",
-            "/topics",
-            Some(&body),
-            Duration::from_secs(10),
-        )
-        .await?;
+        let (status, text) = http::Request::new(&admins[0].to_string(), "POST", "/topics")
+            .json(Some(&body))
+            .token(Some(&token))
+            .send(Duration::from_secs(10))
+            .await?;
         if status != 201 {
             return Err(format!("creating {name}: HTTP {status} {text}"));
         }
         tl.say(format!("created topic {name} over HTTP: {text}"));
     }
-    let (status, text) = http::request(
-        &admins[1].to_string(),
-        "POST",
-        "/topics",
-        Some(r#"{"name":"orders","partitions":1,"replication_factor":1}"#),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let again = r#"{"name":"orders","partitions":1,"replication_factor":1}"#;
+    let (status, text) = http::Request::new(&admins[1].to_string(), "POST", "/topics")
+        .json(Some(again))
+        .send(Duration::from_secs(10))
+        .await?;
+    tl.say(format!(
+        "creating it again without the admin token is refused: HTTP {status} {text}"
+    ));
+    if status != 401 {
+        return Err("a write without the admin token was not refused with 401".into());
+    }
+    let (status, text) = http::Request::new(&admins[1].to_string(), "POST", "/topics")
+        .json(Some(again))
+        .token(Some(&token))
+        .send(Duration::from_secs(10))
+        .await?;
     tl.say(format!(
         "creating it again is refused: HTTP {status} {text}"
     ));

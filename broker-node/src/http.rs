@@ -8,7 +8,85 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Largest response accepted.
 const MAX_RESPONSE: usize = 16 << 20;
 
-/// Sends `method path` with an optional JSON body to `addr`; returns the status and body.
+/// One admin request: `Request::new(addr, "POST", "/topics").json(Some(body)).token(t).send(d)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    addr: &'a str,
+    method: &'a str,
+    path: &'a str,
+    json: Option<&'a str>,
+    token: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    /// `method path` on the admin API at `addr`.
+    pub fn new(addr: &'a str, method: &'a str, path: &'a str) -> Self {
+        Self {
+            addr,
+            method,
+            path,
+            json: None,
+            token: None,
+        }
+    }
+
+    /// A JSON body.
+    pub fn json(self, json: Option<&'a str>) -> Self {
+        Self { json, ..self }
+    }
+
+    /// The bearer token to send (`Authorization: Bearer <token>`).
+    pub fn token(self, token: Option<&'a str>) -> Self {
+        Self { token, ..self }
+    }
+
+    /// Sends it; returns the status and body, or why there is none within `timeout`.
+    pub async fn send(self, timeout: Duration) -> Result<(u16, String), String> {
+        let (addr, method, path) = (self.addr, self.method, self.path);
+        tokio::time::timeout(timeout, self.exchange())
+            .await
+            .map_err(|_| format!("{method} http://{addr}{path}: no answer within {timeout:?}"))?
+    }
+
+    async fn exchange(self) -> Result<(u16, String), String> {
+        let Self {
+            addr,
+            method,
+            path,
+            json,
+            token,
+        } = self;
+        if [method, path, token.unwrap_or("")]
+            .iter()
+            .any(|p| p.contains(['\r', '\n']))
+        {
+            return Err("a request line or header must not contain CR or LF".into());
+        }
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let body = json.unwrap_or("");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        if json.is_some() {
+            req.push_str("content-type: application/json\r\n");
+        }
+        if let Some(t) = token {
+            req.push_str(&format!("authorization: Bearer {t}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("send to {addr}: {e}"))?;
+        read_response(addr, &mut s).await
+    }
+}
+
+/// Sends `method path` with an optional JSON body to `addr` without a credential; returns the
+/// status and body.
 pub async fn request(
     addr: &str,
     method: &str,
@@ -16,36 +94,15 @@ pub async fn request(
     json: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    tokio::time::timeout(timeout, exchange(addr, method, path, json))
+    Request::new(addr, method, path)
+        .json(json)
+        .send(timeout)
         .await
-        .map_err(|_| format!("{method} http://{addr}{path}: no answer within {timeout:?}"))?
 }
 
-async fn exchange(
-    addr: &str,
-    method: &str,
-    path: &str,
-    json: Option<&str>,
-) -> Result<(u16, String), String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let body = json.unwrap_or("");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    if json.is_some() {
-        req.push_str("content-type: application/json\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send to {addr}: {e}"))?;
+async fn read_response(addr: &str, s: &mut tokio::net::TcpStream) -> Result<(u16, String), String> {
     let mut buf = Vec::new();
-    (&mut s)
-        .take(MAX_RESPONSE as u64)
+    s.take(MAX_RESPONSE as u64)
         .read_to_end(&mut buf)
         .await
         .map_err(|e| format!("read from {addr}: {e}"))?;

@@ -4,8 +4,10 @@
 //! broker demo                                   # scripted: bootstrap, topics, kill, failover, recovery
 //! broker dev --nodes 3                          # a local cluster in one process until Ctrl-C
 //! broker serve --id 1 --listen 127.0.0.1:7001 --admin 127.0.0.1:8001 \
-//!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir /tmp/n1 --dev-certs /tmp/certs
-//! broker topics create orders --partitions 6 --replication-factor 3 --admin 127.0.0.1:8001
+//!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir /tmp/n1 \
+//!     --dev-certs /tmp/certs --admin-token-file /tmp/admin-token
+//! broker topics create orders --partitions 6 --replication-factor 3 --admin 127.0.0.1:8001 \
+//!     --admin-token-file /tmp/admin-token         # or BROKER_ADMIN_TOKEN=...
 //! broker topics list|describe NAME|delete NAME --admin ADDR
 //! broker brokers list --admin ADDR
 //! broker cluster status --admin ADDR
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use broker::admin::AdminAuth;
 use broker::server::{bind, BrokerNode, NodeSpec};
 use broker::LivenessConfig;
 use broker_node::{demo, http, wiring};
@@ -29,6 +32,10 @@ use consensus_api::{NodeId, TlsConfig};
     about = "A KRaft-like metadata plane on pluggable consensus"
 )]
 struct Cli {
+    /// The admin API's bearer token, read from this file (admin commands; the token may also
+    /// come from the BROKER_ADMIN_TOKEN environment variable).
+    #[arg(long, global = true)]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -85,8 +92,8 @@ struct Serve {
     /// Consensus transport address.
     #[arg(long)]
     listen: SocketAddr,
-    /// Admin HTTP address.
-    #[arg(long)]
+    /// Admin HTTP address (localhost unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1:9093")]
     admin: SocketAddr,
     /// Initial voters: `1=host:port,2=host:port,...` (used once, on a fresh data dir).
     #[arg(long, value_parser = parse_peers)]
@@ -109,6 +116,14 @@ struct Serve {
     /// Generate (once) and use development certificates in this directory.
     #[arg(long, conflicts_with = "tls_ca")]
     dev_certs: Option<PathBuf>,
+    /// Reads (GET) need the admin token (--admin-token-file) too.
+    #[arg(long)]
+    admin_protect_reads: bool,
+    /// INSECURE, local experiments only: serve the admin API without any credential check
+    /// (otherwise --admin-token-file is required: every request that changes state needs
+    /// `Authorization: Bearer <token>`).
+    #[arg(long)]
+    admin_insecure_no_auth: bool,
     /// INSECURE, local experiments only: run the consensus transport without TLS (gRPC only).
     /// Traffic is readable and anyone who reaches the port can claim to be any member.
     #[arg(long, conflicts_with_all = ["tls_ca", "dev_certs"])]
@@ -217,12 +232,17 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs one admin request; prints the body; fails on a non-2xx status.
 async fn admin_call(
+    token: Option<&str>,
     addr: &str,
     method: &str,
     path: &str,
     body: Option<String>,
 ) -> Result<(), String> {
-    let (status, text) = http::request(addr, method, path, body.as_deref(), ADMIN_TIMEOUT).await?;
+    let (status, text) = http::Request::new(addr, method, path)
+        .json(body.as_deref())
+        .token(token)
+        .send(ADMIN_TIMEOUT)
+        .await?;
     let pretty = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
@@ -237,7 +257,45 @@ async fn admin_call(
     }
 }
 
-async fn serve(s: Serve) -> Result<(), String> {
+/// The admin token from `file`, else from `BROKER_ADMIN_TOKEN`; `None` when neither is set.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| format!("admin token file {}: {e}", f.display()))?;
+        return Ok(Some(text.trim().to_string()));
+    }
+    Ok(std::env::var("BROKER_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
+/// How `serve` protects its admin API.
+fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<AdminAuth, String> {
+    match (admin_token(token_file)?, s.admin_insecure_no_auth) {
+        (Some(_), true) => Err("--admin-insecure-no-auth contradicts an admin token".into()),
+        (Some(t), false) => AdminAuth::token(&t, s.admin_protect_reads),
+        (None, true) => {
+            eprintln!(
+                "WARNING: --admin-insecure-no-auth: node {}'s admin API at {} checks no \
+                 credential; anyone who reaches it can change the metadata, fence or shut down \
+                 brokers. For local experiments only.",
+                s.id, s.admin
+            );
+            Ok(AdminAuth::InsecureOpen)
+        }
+        (None, false) => Err(
+            "the admin API needs a credential: pass --admin-token-file FILE (a secret of at \
+             least 16 characters; clients send it as `Authorization: Bearer <token>`), or \
+             --admin-insecure-no-auth for a local experiment"
+                .into(),
+        ),
+    }
+}
+
+async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
+    // Judged after the transport's TLS, whose error comes first.
+    let admin_auth = serve_admin_auth(&s, token_file.as_deref());
     let backend = wiring::backend(s.engine.backend.as_deref())?;
     let factory = wiring::transport(s.engine.transport.as_deref())?;
     let tls = match (s.tls_ca, s.tls_cert, s.tls_key, s.dev_certs) {
@@ -272,6 +330,7 @@ async fn serve(s: Serve) -> Result<(), String> {
             )
         }
     };
+    let admin_auth = admin_auth?;
     if !s.peers.contains_key(&s.id) {
         return Err(format!("--peers must include this node ({})", s.id));
     }
@@ -289,6 +348,7 @@ async fn serve(s: Serve) -> Result<(), String> {
             ..LivenessConfig::default()
         },
         rack: s.rack,
+        admin_auth,
     };
     let metrics = install_metrics();
     let transport = bind(&spec, &*factory).await?;
@@ -321,6 +381,9 @@ async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
     let factory = wiring::transport(engine.transport.as_deref())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let metrics = install_metrics();
+    let token = AdminAuth::generate_token();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, &token).map_err(|e| format!("{}: {e}", token_file.display()))?;
     let cluster = demo::LocalCluster::start(
         backend,
         factory,
@@ -328,11 +391,16 @@ async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
         dir.path(),
         LivenessConfig::default(),
         metrics,
+        AdminAuth::token(&token, false)?,
     )
     .await?;
     for (id, addr) in cluster.admin_addrs() {
         println!("node {id}: admin http://{addr}");
     }
+    println!(
+        "admin token (writes need it): --admin-token-file {} or BROKER_ADMIN_TOKEN={token}",
+        token_file.display()
+    );
     println!("data in {}; Ctrl-C stops the cluster", dir.path().display());
     tokio::signal::ctrl_c()
         .await
@@ -342,8 +410,15 @@ async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    let token_file = cli.admin_token_file;
+    // For the admin commands (`serve` reads the file itself).
+    let token = match &cli.cmd {
+        Cmd::Serve(_) | Cmd::Dev { .. } | Cmd::Demo { .. } => None,
+        _ => admin_token(token_file.as_deref())?,
+    };
+    let tok = token.as_deref();
     match cli.cmd {
-        Cmd::Serve(s) => serve(*s).await,
+        Cmd::Serve(s) => serve(*s, token_file).await,
         Cmd::Dev { nodes, engine } => {
             if !(1..=9).contains(&nodes) {
                 return Err("--nodes must be between 1 and 9".into());
@@ -353,7 +428,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Demo { engine } => demo::run(engine.backend, engine.transport).await,
         Cmd::Brokers {
             cmd: BrokersCmd::List { admin },
-        } => admin_call(&admin, "GET", "/brokers", None).await,
+        } => admin_call(tok, &admin, "GET", "/brokers", None).await,
         Cmd::Topics { cmd } => match cmd {
             TopicsCmd::Create {
                 name,
@@ -368,19 +443,19 @@ async fn run(cli: Cli) -> Result<(), String> {
                     "replication_factor": replication_factor,
                     "configs": configs.into_iter().collect::<BTreeMap<_, _>>(),
                 });
-                admin_call(&admin, "POST", "/topics", Some(body.to_string())).await
+                admin_call(tok, &admin, "POST", "/topics", Some(body.to_string())).await
             }
-            TopicsCmd::List { admin } => admin_call(&admin, "GET", "/topics", None).await,
+            TopicsCmd::List { admin } => admin_call(tok, &admin, "GET", "/topics", None).await,
             TopicsCmd::Describe { name, admin } => {
-                admin_call(&admin, "GET", &format!("/topics/{name}"), None).await
+                admin_call(tok, &admin, "GET", &format!("/topics/{name}"), None).await
             }
             TopicsCmd::Delete { name, admin } => {
-                admin_call(&admin, "DELETE", &format!("/topics/{name}"), None).await
+                admin_call(tok, &admin, "DELETE", &format!("/topics/{name}"), None).await
             }
         },
         Cmd::Cluster {
             cmd: ClusterCmd::Status { admin },
-        } => admin_call(&admin, "GET", "/cluster/status", None).await,
+        } => admin_call(tok, &admin, "GET", "/cluster/status", None).await,
     }
 }
 

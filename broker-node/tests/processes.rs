@@ -12,6 +12,8 @@ use broker_node::http;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The admin token the test cluster's nodes are started with.
+const TOKEN: &str = "process-test-admin-token-0123456789";
 
 /// A free port for both UDP (QUIC) and TCP on 127.0.0.1, picked by the OS and released for the
 /// child to bind (the child retries nothing, so a collision would show as a startup failure).
@@ -58,6 +60,8 @@ impl Drop for Node {
 }
 
 fn start(dir: &Path) -> Vec<Node> {
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, TOKEN).expect("write the admin token");
     let raft: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
     let peers = raft
         .iter()
@@ -83,6 +87,8 @@ fn start(dir: &Path) -> Vec<Node> {
                 dir.join(format!("node-{id}")).display().to_string(),
                 "--dev-certs".into(),
                 dir.join("certs").display().to_string(),
+                "--admin-token-file".into(),
+                token_file.display().to_string(),
                 "--session-timeout-ms".into(),
                 "3000".into(),
                 "--heartbeat-ms".into(),
@@ -102,21 +108,29 @@ fn start(dir: &Path) -> Vec<Node> {
     nodes
 }
 
+/// A request with the cluster's admin token.
 async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, Value)> {
-    let (status, text) = http::request(
-        &addr.to_string(),
-        method,
-        path,
-        body,
-        Duration::from_secs(10),
-    )
-    .await
-    .ok()?;
+    call_as(Some(TOKEN), addr, method, path, body).await
+}
+
+async fn call_as(
+    token: Option<&str>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, Value)> {
+    let (status, text) = http::Request::new(&addr.to_string(), method, path)
+        .json(body)
+        .token(token)
+        .send(Duration::from_secs(10))
+        .await
+        .ok()?;
     Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
 }
 
@@ -216,12 +230,60 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
             409,
         ),
     ];
-    for (method, path, body, want) in bad {
+    let long_name = format!(
+        r#"{{"name":"{}","partitions":1,"replication_factor":1}}"#,
+        "n".repeat(300)
+    );
+    let huge = format!(
+        r#"{{"name":"x","partitions":1,"replication_factor":1,"configs":{{"k":"{}"}}}}"#,
+        "v".repeat(2 << 20)
+    );
+    let many_configs = format!(
+        r#"{{"name":"x","partitions":1,"replication_factor":1,"configs":{{{}}}}}"#,
+        (0..100)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let limits = [
+        ("POST", "/topics", Some(long_name.as_str()), 400),
+        ("POST", "/topics", Some(huge.as_str()), 413),
+        ("POST", "/topics", Some(many_configs.as_str()), 400),
+        (
+            "DELETE",
+            &*format!("/topics/{}", "n".repeat(300)),
+            None,
+            400,
+        ),
+    ];
+    for (method, path, body, want) in bad.into_iter().chain(limits) {
         let got = call(nodes[1].admin, method, path, body).await;
         let (status, v) = got.unwrap_or_else(|| panic!("{method} {path}: no answer"));
-        assert_eq!(status, want, "{method} {path} {body:?}: {v}");
+        assert_eq!(status, want, "{method} {path}: {v}");
         assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
     }
+    // Credentials: writes without the token get 401, with a wrong one 403; reads are open.
+    let create = r#"{"name":"intruder","partitions":1,"replication_factor":1}"#;
+    let writes = [
+        ("POST", "/topics", Some(create)),
+        ("DELETE", "/topics/topic-0", None),
+        ("POST", "/brokers/1/shutdown", Some(r#"{"epoch":1}"#)),
+        (
+            "POST",
+            "/brokers",
+            Some(r#"{"broker_id":99,"incarnation":1}"#),
+        ),
+    ];
+    for (token, want) in [(None, 401), (Some("wrong-token-wrong-token"), 403)] {
+        for (method, path, body) in writes {
+            let got = call_as(token, nodes[1].admin, method, path, body).await;
+            let (status, v) = got.unwrap_or_else(|| panic!("{method} {path}: no answer"));
+            assert_eq!(status, want, "{method} {path} with {token:?}: {v}");
+            assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+        }
+    }
+    let read = call_as(None, nodes[1].admin, "GET", "/brokers", None).await;
+    assert_eq!(read.map(|(s, _)| s), Some(200), "reads need no token");
     assert_eq!(
         topics(nodes[2].admin).await,
         Some(acked.clone()),
@@ -327,6 +389,18 @@ fn serve_without_tls_material_refuses_to_start() {
         assert!(err.contains("--dev-certs"), "{transport}: {err}");
         assert!(!data.exists(), "{transport}: created the data dir");
     }
+    // With TLS but no admin credential, it refuses too.
+    let transport = compiled.iter().find(|(_, on)| *on).map(|(t, _)| *t);
+    let mut no_token = base(transport.unwrap_or("quic"));
+    no_token.extend([
+        "--dev-certs".into(),
+        dir.path().join("certs").display().to_string(),
+    ]);
+    let out = run(no_token);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without an admin credential");
+    assert!(err.contains("--admin-token-file"), "{err}");
+    assert!(!data.exists(), "created the data dir");
     if !cfg!(feature = "quic") {
         return;
     }

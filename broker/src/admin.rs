@@ -14,25 +14,152 @@
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are JSON `{"error": kind, "reason": text}` with a 4xx status for bad requests (unknown
-//! topic or broker 404, duplicate or stale epoch 409, invalid 400, malformed JSON 400) and 5xx
-//! when consensus is unavailable (503 with the leader hint, 504 on timeout). A refused request
-//! changed nothing.
+//! topic or broker 404, duplicate or stale epoch 409, invalid 400, malformed JSON 400, a body
+//! over 1 MiB 413, no credential 401, a wrong one 403) and 5xx when consensus is unavailable
+//! (503 with the leader hint, 504 on timeout). A refused request changed nothing.
+//!
+//! **Credentials** ([`AdminAuth`]): every request that changes state (any method but `GET` and
+//! `HEAD`) needs `Authorization: Bearer <token>`; reads too when so configured. Without a
+//! token configured the API is open, which a program must choose explicitly
+//! ([`AdminAuth::InsecureOpen`]).
+//!
+//! **Limits**: topic names at most [`MAX_NAME_LEN`] bytes, at most [`MAX_CONFIGS`] configs of
+//! keys up to [`MAX_CONFIG_KEY_LEN`] and values up to [`MAX_CONFIG_VALUE_LEN`] bytes, at most
+//! [`MAX_ENDPOINTS`] endpoints of up to [`MAX_ENDPOINT_LEN`] bytes, a rack up to
+//! [`MAX_RACK_LEN`] bytes; checked before anything is proposed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use consensus_api::ConsensusError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::controller::{Controller, ControllerError};
 use crate::model::*;
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Longest topic name (Kafka's limit).
+pub const MAX_NAME_LEN: usize = 249;
+/// Most configs per topic.
+pub const MAX_CONFIGS: usize = 64;
+/// Longest config key.
+pub const MAX_CONFIG_KEY_LEN: usize = 255;
+/// Longest config value.
+pub const MAX_CONFIG_VALUE_LEN: usize = 4096;
+/// Most endpoints per broker registration.
+pub const MAX_ENDPOINTS: usize = 16;
+/// Longest endpoint.
+pub const MAX_ENDPOINT_LEN: usize = 255;
+/// Longest rack name.
+pub const MAX_RACK_LEN: usize = 64;
+/// Shortest bearer token accepted as a credential.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Who may use the admin API.
+#[derive(Clone)]
+pub enum AdminAuth {
+    /// Requests that change state need `Authorization: Bearer <token>`; reads need it too when
+    /// `protect_reads` is set. The token is compared in constant time.
+    Token {
+        /// The shared secret (at least [`MIN_TOKEN_LEN`] bytes).
+        token: Arc<str>,
+        /// Whether `GET` requests need the token as well.
+        protect_reads: bool,
+    },
+    /// No credential is checked: anyone who reaches the port can change the metadata, fence or
+    /// shut down brokers. For local experiments only; chosen explicitly.
+    InsecureOpen,
+}
+
+impl AdminAuth {
+    /// Token authentication for writes (and reads when `protect_reads`); refuses a token
+    /// shorter than [`MIN_TOKEN_LEN`] bytes.
+    pub fn token(token: &str, protect_reads: bool) -> Result<Self, String> {
+        let token = token.trim();
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "the admin token must be at least {MIN_TOKEN_LEN} characters (got {})",
+                token.len()
+            ));
+        }
+        Ok(Self::Token {
+            token: token.into(),
+            protect_reads,
+        })
+    }
+
+    /// A fresh random token (32 hex digits) for development setups.
+    pub fn generate_token() -> String {
+        let bytes: [u8; 16] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Checks one request's credential.
+    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Self::Token {
+            token,
+            protect_reads,
+        } = self
+        else {
+            return Ok(());
+        };
+        let read = method == Method::GET || method == Method::HEAD;
+        if read && !protect_reads {
+            return Ok(());
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            None => Err(api(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "this request needs a credential: send `Authorization: Bearer <token>` \
+                 (the CLI's --admin-token-file or BROKER_ADMIN_TOKEN)",
+            )),
+            Some(g) if bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+            Some(_) => Err(api(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the admin token is not valid for this node",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token { protect_reads, .. } => f
+                .debug_struct("Token")
+                .field("token", &"<redacted>")
+                .field("protect_reads", protect_reads)
+                .finish(),
+            Self::InsecureOpen => f.write_str("InsecureOpen"),
+        }
+    }
+}
+
+async fn authenticate(
+    State(auth): State<AdminAuth>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    auth.check(req.method(), req.headers())?;
+    Ok(next.run(req).await)
+}
 
 #[derive(Clone)]
 struct App {
@@ -40,8 +167,8 @@ struct App {
     metrics: Option<PrometheusHandle>,
 }
 
-/// The admin router of one node.
-pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>) -> Router {
+/// The admin router of one node; every request passes `auth` first.
+pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAuth) -> Router {
     Router::new()
         .route("/cluster/status", get(cluster_status))
         .route("/brokers", get(list_brokers).post(register))
@@ -52,6 +179,23 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>) -> Router {
         .route("/metadata/changes", get(changes))
         .route("/metrics", get(render_metrics))
         .with_state(App { ctl, metrics })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(auth, authenticate))
+}
+
+fn too_long(what: &str, len: usize, max: usize) -> ApiError {
+    api(
+        StatusCode::BAD_REQUEST,
+        "invalid",
+        format!("{what} is {len} bytes long; at most {max} are allowed"),
+    )
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(too_long("the topic name", name.len(), MAX_NAME_LEN));
+    }
+    Ok(())
 }
 
 /// An error answer: status plus `{"error", "reason"}`.
@@ -129,8 +273,17 @@ impl From<ControllerError> for ApiError {
 }
 
 fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    r.map(|Json(v)| v)
-        .map_err(|e| api(StatusCode::BAD_REQUEST, "malformed", e.body_text()))
+    r.map(|Json(v)| v).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            api(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            api(StatusCode::BAD_REQUEST, "malformed", e.body_text())
+        }
+    })
 }
 
 async fn cluster_status(State(app): State<App>) -> Json<consensus_api::Status> {
@@ -164,6 +317,22 @@ async fn register(
     req: Result<Json<RegisterReq>, JsonRejection>,
 ) -> Result<Json<EpochResp>, ApiError> {
     let r = body(req)?;
+    if r.endpoints.len() > MAX_ENDPOINTS {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "{} endpoints; at most {MAX_ENDPOINTS} are allowed",
+                r.endpoints.len()
+            ),
+        ));
+    }
+    if let Some(e) = r.endpoints.iter().find(|e| e.len() > MAX_ENDPOINT_LEN) {
+        return Err(too_long("an endpoint", e.len(), MAX_ENDPOINT_LEN));
+    }
+    if let Some(rack) = r.rack.as_ref().filter(|r| r.len() > MAX_RACK_LEN) {
+        return Err(too_long("the rack", rack.len(), MAX_RACK_LEN));
+    }
     let epoch = app
         .ctl
         .register_broker(r.broker_id, r.incarnation, r.endpoints, r.rack)
@@ -237,6 +406,29 @@ async fn create_topic(
     req: Result<Json<CreateTopicReq>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedResp>), ApiError> {
     let r = body(req)?;
+    check_name(&r.name)?;
+    if r.configs.len() > MAX_CONFIGS {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "{} configs; at most {MAX_CONFIGS} are allowed",
+                r.configs.len()
+            ),
+        ));
+    }
+    for (k, v) in &r.configs {
+        if k.len() > MAX_CONFIG_KEY_LEN {
+            return Err(too_long("a config key", k.len(), MAX_CONFIG_KEY_LEN));
+        }
+        if v.len() > MAX_CONFIG_VALUE_LEN {
+            return Err(too_long(
+                &format!("the value of config {k:?}"),
+                v.len(),
+                MAX_CONFIG_VALUE_LEN,
+            ));
+        }
+    }
     let (topic_id, assignment) = app
         .ctl
         .create_topic(&r.name, r.partitions, r.replication_factor, r.configs)
@@ -266,6 +458,7 @@ async fn delete_topic(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
     app.ctl
         .submit(MetadataCommand::DeleteTopic { name })
         .await?;

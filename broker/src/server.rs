@@ -12,7 +12,7 @@ use consensus_api::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
 
-use crate::admin;
+use crate::admin::{self, AdminAuth};
 use crate::controller::{BrokerAgent, Controller, LivenessConfig};
 use crate::machine::MetadataMachine;
 
@@ -37,6 +37,8 @@ pub struct NodeSpec {
     pub liveness: LivenessConfig,
     /// Rack of this node's broker.
     pub rack: Option<String>,
+    /// Who may use the admin API.
+    pub admin_auth: AdminAuth,
 }
 
 impl NodeSpec {
@@ -61,6 +63,8 @@ pub struct NodeParts {
     pub rack: Option<String>,
     /// Where `/metrics` reads from, if metrics are installed.
     pub metrics: Option<PrometheusHandle>,
+    /// Who may use the admin API.
+    pub admin_auth: AdminAuth,
 }
 
 /// A running node.
@@ -111,6 +115,7 @@ impl BrokerNode {
             liveness: spec.liveness.clone(),
             rack: spec.rack.clone(),
             metrics,
+            admin_auth: spec.admin_auth.clone(),
         };
         Self::start_with_config(spec.config(), parts, backend, transport).await
     }
@@ -144,7 +149,7 @@ impl BrokerNode {
             vec![admin_addr.to_string()],
             parts.rack,
         );
-        let app = admin::router(controller.clone(), parts.metrics);
+        let app = admin::router(controller.clone(), parts.metrics, parts.admin_auth);
         let admin_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, app).await {
                 tracing::error!("admin server stopped: {e}");
