@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use consensus_api::backend_support::RefusedMessages;
 use consensus_api::{ConsensusError, Engine, EngineContext, NodeId, Role, Status, Transport};
 use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Transfers};
 use consensus_storage::Log;
@@ -138,11 +139,13 @@ impl OpenraftEngine {
         let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store, sm)
             .await
             .map_err(mapping::fatal)?;
+        let refused = RefusedMessages::new(id);
         let handler = Arc::new(RaftHandler::new(
             raft.clone(),
             transport.clone(),
             routes,
             receiver,
+            refused.clone(),
         ));
         transport.set_handler(handler.clone());
 
@@ -176,10 +179,24 @@ impl OpenraftEngine {
         });
 
         let mut metrics = raft.metrics();
-        let (tx, status) = watch::channel(mapping::status(&metrics.borrow_watched()));
+        let mut refusals = refused.subscribe();
+        let current = move |m: &openraft::RaftMetrics<crate::types::C>| {
+            let mut st = mapping::status(m);
+            st.refused_messages = refused.count();
+            st
+        };
+        let (tx, status) = watch::channel(current(&metrics.borrow_watched()));
         let status_task = tokio::spawn(async move {
-            while metrics.changed().await.is_ok() {
-                let st = mapping::status(&metrics.borrow_watched());
+            loop {
+                // A refusal changes no metric: it wakes the publisher itself.
+                let woke = tokio::select! {
+                    m = metrics.changed() => m.is_ok(),
+                    r = refusals.changed() => r.is_ok(),
+                };
+                if !woke {
+                    break;
+                }
+                let st = current(&metrics.borrow_watched());
                 tx.send_if_modified(|cur| {
                     let changed = *cur != st;
                     *cur = st;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use consensus_api::backend_support::RefusedMessages;
 use consensus_api::{ConsensusError, InboundHandler, NodeId, Role, Status, Transport};
 use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Ticket};
 use consensus_storage::SnapshotFile;
@@ -368,25 +369,53 @@ pub(crate) struct RaftHandler {
     pub(crate) messages: mpsc::Sender<Inbound>,
     /// Where streamed snapshot files arrive; a `MsgSnapshot` is passed on only with its file.
     pub(crate) snapshots: Arc<SnapshotReceiver>,
+    /// Counts frames refused here (undecodable, or naming another sender); the driver's core
+    /// counts what it refuses into the same total.
+    pub(crate) refused: RefusedMessages,
+}
+
+/// Why an inbound frame was not passed on.
+enum NotPassed {
+    /// Malformed or lying about its sender: counted as a refused message.
+    Refused(&'static str, String),
+    /// Not yet usable (a snapshot whose file has not arrived): the leader sends it again.
+    Later(String),
 }
 
 impl RaftHandler {
-    fn decode(&self, from: NodeId, frame: &Bytes) -> Result<Inbound, String> {
+    fn decode(&self, from: NodeId, frame: &Bytes) -> Result<Inbound, NotPassed> {
         match frame.first() {
             Some(&FRAME_RAFT) => {}
             Some(&FRAME_ADDRESSES) => {
                 return consensus_api::codec::decode(&frame[1..])
                     .map(Inbound::Addresses)
-                    .map_err(|e| format!("undecodable address book from {from}: {e}"));
+                    .map_err(|e| {
+                        NotPassed::Refused(
+                            "address book",
+                            format!("undecodable address book from {from}: {e}"),
+                        )
+                    });
             }
-            _ => return Err(format!("unknown engine frame from {from}")),
+            _ => {
+                return Err(NotPassed::Refused(
+                    "frame",
+                    format!("unknown engine frame from {from}"),
+                ))
+            }
         }
-        let msg = Message::parse_from_carllerche_bytes(&frame.slice(1..))
-            .map_err(|e| format!("undecodable raft message from {from}: {e}"))?;
+        let msg = Message::parse_from_carllerche_bytes(&frame.slice(1..)).map_err(|e| {
+            NotPassed::Refused(
+                "raft message",
+                format!("undecodable raft message from {from}: {e}"),
+            )
+        })?;
         if msg.from != from || msg.to != self.id {
-            return Err(format!(
-                "raft message {}->{} arrived on the connection of {from} at {}",
-                msg.from, msg.to, self.id
+            return Err(NotPassed::Refused(
+                "raft message",
+                format!(
+                    "raft message {}->{} arrived on the connection of {from} at {}",
+                    msg.from, msg.to, self.id
+                ),
             ));
         }
         if msg.get_msg_type() == MessageType::MsgSnapshot {
@@ -397,45 +426,63 @@ impl RaftHandler {
 
     /// Pairs a `MsgSnapshot` with the file its ticket names; refused (the leader retries, and
     /// the transfer resumes) when the file is not here or is not the snapshot named.
-    fn with_file(&self, from: NodeId, msg: Message) -> Result<Inbound, String> {
+    fn with_file(&self, from: NodeId, msg: Message) -> Result<Inbound, NotPassed> {
+        let refused = |why: String| NotPassed::Refused("MsgSnapshot", why);
         let snap = msg.get_snapshot();
-        let ticket = Ticket::decode(&snap.data)
-            .ok_or_else(|| format!("snapshot message from {from} without a transfer ticket"))?;
+        let ticket = Ticket::decode(&snap.data).ok_or_else(|| {
+            refused(format!(
+                "snapshot message from {from} without a transfer ticket"
+            ))
+        })?;
         let file = self.snapshots.take(from, &ticket).ok_or_else(|| {
-            format!(
+            NotPassed::Later(format!(
                 "the snapshot file of transfer {:x} from {from} has not arrived",
                 ticket.id
-            )
+            ))
         })?;
-        let meta = SnapshotMetadata::parse_from_bytes(file.meta())
-            .map_err(|e| format!("snapshot file from {from} has unreadable metadata: {e}"))?;
+        let meta = SnapshotMetadata::parse_from_bytes(file.meta()).map_err(|e| {
+            refused(format!(
+                "snapshot file from {from} has unreadable metadata: {e}"
+            ))
+        })?;
         let named = snap.get_metadata();
         if (meta.index, meta.term) != (named.index, named.term) {
-            return Err(format!(
+            return Err(refused(format!(
                 "snapshot file from {from} is at {}/{} but the message names {}/{}",
                 meta.index, meta.term, named.index, named.term
-            ));
+            )));
         }
         Ok(Inbound::Snapshot(msg, file))
+    }
+
+    /// Decodes a frame, counting a refusal; the error says why it was not passed on.
+    fn admit(&self, from: NodeId, frame: &Bytes) -> Result<Inbound, String> {
+        self.decode(from, frame).map_err(|e| match e {
+            NotPassed::Refused(kind, why) => {
+                self.refused.record(from, kind, &why);
+                why
+            }
+            NotPassed::Later(why) => why,
+        })
     }
 }
 
 #[async_trait::async_trait]
 impl InboundHandler for RaftHandler {
     fn on_message(&self, from: NodeId, frame: Bytes) {
-        match self.decode(from, &frame) {
+        match self.admit(from, &frame) {
             // Full: drop it; raft-rs retransmits what matters.
             Ok(m) => {
                 if self.messages.try_send(m).is_err() {
                     tracing::debug!(from, "inbound raft queue full; message dropped");
                 }
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => tracing::debug!("{e}"),
         }
     }
 
     async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
-        let m = self.decode(from, &frame)?;
+        let m = self.admit(from, &frame)?;
         self.messages
             .send(m)
             .await

@@ -118,6 +118,7 @@ impl TikvEngine {
             id,
             messages: msg_tx,
             snapshots: receiver,
+            refused: core.refusals(),
         });
         transport.set_handler(handler.clone());
         let (status_tx, status) = watch::channel(core.status());

@@ -483,50 +483,85 @@ impl consensus_api::Transport for HandlerOnly {
     async fn shutdown(&self) {}
 }
 
-/// An engine whose raft-rs panics (here: a heartbeat committing past the end of the local log,
-/// which raft-rs treats as fatal) publishes a terminal status that says why, and every call
-/// fails with `ShuttingDown`, instead of the status freezing at its last value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicked_engine_publishes_a_terminal_status_and_refuses_calls() {
-    use consensus_api::{Engine, EngineContext, Role};
-    use protobuf::Message as _;
+/// A state machine that panics on the command `boom` (a user's bug): the driver task dies.
+#[derive(Default)]
+struct Boom(Journal);
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = NodeConfig::new(1, "panic-test", dir.path());
+impl ByteStateMachine for Boom {
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8> {
+        assert!(
+            command != b"boom",
+            "the state machine refuses to apply `boom`"
+        );
+        self.0.apply(index, command)
+    }
+    fn snapshot(&self) -> Result<Vec<u8>, ConsensusError> {
+        self.0.snapshot()
+    }
+    fn restore(&self, snapshot: &[u8]) -> Result<(), ConsensusError> {
+        self.0.restore(snapshot)
+    }
+}
+
+/// Starts a single-node engine on `dir` whose transport only records the handler, and waits
+/// until it leads.
+async fn lone_engine(
+    dir: &std::path::Path,
+    sm: Arc<dyn ByteStateMachine>,
+) -> (crate::TikvEngine, Arc<HandlerOnly>, consensus_api::Status) {
+    use consensus_api::{Engine, EngineContext, Role};
+    let mut config = NodeConfig::new(1, "guard-test", dir);
     config.initial_members = BTreeMap::from([(1, "127.0.0.1:1".to_string())]);
     let transport = Arc::new(HandlerOnly::default());
     let engine = crate::TikvEngine::start(EngineContext {
         config,
-        state_machine: Arc::new(Journal::default()),
+        state_machine: sm,
         transport: transport.clone(),
         snapshot_transport: Arc::new(HandlerOnly::default()),
     })
     .await
     .expect("engine starts");
     let mut status = engine.status();
-    let deadline = std::time::Duration::from_secs(10);
-    let st = tokio::time::timeout(deadline, status.wait_for(|s| s.role == Role::Leader))
-        .await
-        .expect("a single node elects itself")
-        .expect("status watch")
-        .clone();
+    let st = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|s| s.role == Role::Leader),
+    )
+    .await
+    .expect("a single node elects itself")
+    .expect("status watch")
+    .clone();
+    (engine, transport, st)
+}
 
-    let mut hb = raft::eraftpb::Message::default();
-    hb.set_msg_type(MessageType::MsgHeartbeat);
-    hb.from = 2;
-    hb.to = 1;
-    hb.term = st.term + 1;
-    hb.commit = st.last_log_index + 1_000;
+fn raft_frame(m: &raft::eraftpb::Message) -> bytes::Bytes {
+    use protobuf::Message as _;
     let mut frame = vec![crate::driver::FRAME_RAFT];
-    frame.extend(hb.write_to_bytes().expect("encode"));
-    let handler = transport.0.lock().clone().expect("handler installed");
-    handler.on_message(2, bytes::Bytes::from(frame));
+    frame.extend(m.write_to_bytes().expect("encode"));
+    bytes::Bytes::from(frame)
+}
 
-    let st = tokio::time::timeout(deadline, status.wait_for(|s| s.role == Role::Shutdown))
-        .await
-        .expect("the status must turn terminal, not stay frozen")
-        .expect("status watch")
-        .clone();
+/// An engine whose driver panics (here: the user's state machine) publishes a terminal status
+/// that says why, and every call fails with `ShuttingDown`, instead of the status freezing at
+/// its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_engine_publishes_a_terminal_status_and_refuses_calls() {
+    use consensus_api::{Engine, Role};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, _transport, _) = lone_engine(dir.path(), Arc::new(Boom::default())).await;
+    let mut status = engine.status();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        engine.propose(b"boom".to_vec()),
+    )
+    .await;
+    let st = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|s| s.role == Role::Shutdown),
+    )
+    .await
+    .expect("the status must turn terminal, not stay frozen")
+    .expect("status watch")
+    .clone();
     assert_eq!(st.leader, None);
     let why = st.stopped.unwrap_or_default();
     assert!(why.contains("panicked"), "the status says why: {why:?}");
@@ -535,4 +570,247 @@ async fn a_panicked_engine_publishes_a_terminal_status_and_refuses_calls() {
         .await
         .expect_err("a dead engine");
     assert_eq!(err.kind(), ErrorKind::ShuttingDown, "{err}");
+}
+
+/// A heartbeat from an authenticated peer that commits past the end of the log (raft-rs's
+/// `commit_to` is fatal on it) is refused and counted at the transport's door, and the node
+/// keeps leading and committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_committing_past_the_log_does_not_stop_the_engine() {
+    use consensus_api::{Engine, Role};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, transport, st) = lone_engine(dir.path(), Arc::new(Journal::default())).await;
+    let mut hb = raft::eraftpb::Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    hb.from = 2;
+    hb.to = 1;
+    hb.term = st.term + 1;
+    hb.commit = st.last_log_index + 1_000;
+    let handler = transport.0.lock().clone().expect("handler installed");
+    handler.on_message(2, raft_frame(&hb));
+    // A frame lying about its sender is refused by the handler itself.
+    handler.on_message(3, raft_frame(&hb));
+
+    let mut status = engine.status();
+    let seen = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|s| s.refused_messages >= 2 || s.role == Role::Shutdown),
+    )
+    .await
+    .expect("the refusals show in the status")
+    .expect("status watch")
+    .clone();
+    assert_eq!(seen.role, Role::Leader, "still leading: {:?}", seen.stopped);
+    assert_eq!(seen.refused_messages, 2);
+    assert_eq!(seen.term, st.term, "a refused message moves no term");
+    engine
+        .propose(b"after".to_vec())
+        .await
+        .expect("still commits");
+}
+
+fn msg(ty: MessageType, from: NodeId, to: NodeId, term: u64) -> raft::eraftpb::Message {
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(ty);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m
+}
+
+fn entry(index: u64, term: u64) -> raft::eraftpb::Entry {
+    raft::eraftpb::Entry {
+        index,
+        term,
+        ..Default::default()
+    }
+}
+
+/// The part of a status a refused message must not move.
+fn engine_state(
+    st: &consensus_api::Status,
+) -> (consensus_api::Role, u64, Option<NodeId>, u64, u64) {
+    (
+        st.role,
+        st.term,
+        st.leader,
+        st.commit_index,
+        st.last_log_index,
+    )
+}
+
+/// Every message raft-rs 0.7 would panic on (or that a protocol-following peer never sends) is
+/// refused before raft-rs sees it: counted, changing nothing, and the cluster keeps committing
+/// on every node.
+#[test]
+fn invariant_breaking_messages_from_a_member_are_refused_and_change_nothing() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    for i in 0..5u64 {
+        net.propose(leader, format!("c{i}").as_bytes())
+            .expect("write");
+    }
+    let f = *net
+        .nodes
+        .keys()
+        .find(|i| **i != leader)
+        .expect("a follower");
+    let other = *net
+        .nodes
+        .keys()
+        .find(|i| **i != leader && **i != f)
+        .expect("another follower");
+    let st = net.core(f).status();
+    let (term, last) = (st.term, st.last_log_index);
+    let last_term = net
+        .core(f)
+        .storage()
+        .term(last)
+        .expect("term of the last entry");
+
+    let mut hostile = Vec::new();
+    // raft-rs: "to_commit ... is out of range [last_index ...]".
+    let mut m = msg(MessageType::MsgHeartbeat, leader, f, term);
+    m.commit = last + 100;
+    hostile.push((f, m));
+    // The same from a node that is not this term's leader.
+    let mut m = msg(MessageType::MsgHeartbeat, other, f, term);
+    m.commit = last;
+    hostile.push((f, m));
+    // raft-rs: "entry 1 conflict with committed entry": entries not starting at index + 1.
+    let mut m = msg(MessageType::MsgAppend, leader, f, term);
+    (m.index, m.log_term, m.commit) = (last, last_term, last);
+    m.set_entries(vec![entry(1, term)].into());
+    hostile.push((f, m));
+    // A gap between entries.
+    let mut m = msg(MessageType::MsgAppend, leader, f, term);
+    (m.index, m.log_term, m.commit) = (last, last_term, last + 3);
+    m.set_entries(vec![entry(last + 1, term), entry(last + 3, term)].into());
+    hostile.push((f, m));
+    // Entry terms going down, or past the leader's.
+    let mut m = msg(MessageType::MsgAppend, leader, f, term);
+    (m.index, m.log_term) = (last, last_term);
+    m.set_entries(vec![entry(last + 1, term), entry(last + 2, term - 1)].into());
+    hostile.push((f, m));
+    let mut m = msg(MessageType::MsgAppend, leader, f, term);
+    (m.index, m.log_term) = (last, last_term);
+    m.set_entries(vec![entry(last + 1, term + 1)].into());
+    hostile.push((f, m));
+    // A previous entry of term 0 beyond the log "matches" in raft-rs, then commits past it.
+    let mut m = msg(MessageType::MsgAppend, leader, f, term);
+    (m.index, m.log_term, m.commit) = (last + 10, 0, last + 10);
+    hostile.push((f, m));
+    // Term 0 skips raft-rs's term checks; a vote answer of term 0 is fatal to send.
+    let mut m = msg(MessageType::MsgRequestVote, other, f, 0);
+    (m.index, m.log_term) = (last + 10, term);
+    hostile.push((f, m));
+    // raft-rs: "stepped empty MsgProp"; and a peer's proposal would be appended as is.
+    hostile.push((leader, msg(MessageType::MsgPropose, f, leader, 0)));
+    let mut m = msg(MessageType::MsgPropose, f, leader, 0);
+    m.set_entries(vec![entry(0, 0)].into());
+    hostile.push((leader, m));
+    // `m.entries[0]` of an empty read-index request.
+    hostile.push((leader, msg(MessageType::MsgReadIndex, f, leader, 0)));
+    // Leadership handed over by a node that does not lead.
+    hostile.push((f, msg(MessageType::MsgTimeoutNow, other, f, term)));
+    // An acknowledgement of entries the leader never had; a rejection hint past its index.
+    let mut m = msg(MessageType::MsgAppendResponse, f, leader, term);
+    m.index = last + 1_000;
+    hostile.push((leader, m));
+    let mut m = msg(MessageType::MsgAppendResponse, f, leader, term);
+    (m.reject, m.index, m.reject_hint, m.log_term) = (true, last, u64::MAX, term);
+    hostile.push((leader, m));
+
+    let count = hostile.len() as u64;
+    for (to, m) in hostile {
+        let before = engine_state(&net.core(to).status());
+        let refused = net.core(to).status().refused_messages;
+        let what = format!("{m:?}");
+        net.core(to).step(m);
+        let after = net.core(to).status();
+        assert_eq!(after.refused_messages, refused + 1, "refused: {what}");
+        assert_eq!(engine_state(&after), before, "changes nothing: {what}");
+    }
+    let total: u64 = net
+        .nodes
+        .values()
+        .map(|n| n.core.status().refused_messages)
+        .sum();
+    assert_eq!(total, count);
+    net.settle();
+    net.propose(leader, b"after")
+        .expect("the cluster still commits");
+    net.tick(3);
+    for (id, n) in &net.nodes {
+        assert_eq!(
+            n.sm.commands().last().map(Vec::as_slice),
+            Some(&b"after"[..]),
+            "node {id} applied it"
+        );
+    }
+}
+
+/// A follower whose disk lost entries it had acknowledged (its log and hard state rolled back
+/// to an earlier point) refuses the leader's heartbeats, which now commit past its log, and
+/// answers them with rejections that make the leader re-send the lost tail: it catches up
+/// without a new write, instead of staying behind (raft-rs's leader never lowers what it
+/// believes a follower has).
+#[test]
+fn a_follower_that_lost_its_acknowledged_tail_catches_up() {
+    let mut net = Net::new(3);
+    let leader = net.elect();
+    for i in 0..3u64 {
+        net.propose(leader, format!("a{i}").as_bytes())
+            .expect("write");
+    }
+    let f = *net
+        .nodes
+        .keys()
+        .find(|i| **i != leader)
+        .expect("a follower");
+    let kept = net.core(f).status().commit_index;
+    for i in 0..5u64 {
+        net.propose(leader, format!("b{i}").as_bytes())
+            .expect("write");
+    }
+    net.tick(2);
+    let full = net.core(leader).status().last_log_index;
+    assert_eq!(net.core(f).status().last_log_index, full);
+
+    // The disk fault: the follower restarts with everything after `kept` gone.
+    let ids: Vec<NodeId> = net.nodes.keys().copied().collect();
+    let cfg = config(net.dir.path(), f, &ids);
+    if let Some(n) = net.nodes.remove(&f) {
+        let log = n.core.storage().log().clone();
+        drop(n);
+        log.close();
+    }
+    {
+        let mut storage = DiskStorage::open(&cfg.data_dir).expect("reopen");
+        let mut hs = storage.initial_state().expect("state").hard_state;
+        storage.log().truncate(kept + 1, None).expect("truncate");
+        hs.commit = hs.commit.min(kept);
+        storage.set_hard_state(&hs).expect("hard state");
+        storage.log().sync().expect("sync");
+        storage.log().close();
+    }
+    let node = open(&cfg);
+    assert_eq!(node.core.status().last_log_index, kept, "the tail is gone");
+    net.nodes.insert(f, node);
+
+    // No new write: heartbeats alone must bring it back.
+    net.tick(30);
+    let st = net.core(f).status();
+    assert!(
+        st.refused_messages > 0,
+        "the heartbeats past its log were refused"
+    );
+    assert_eq!(st.last_log_index, full, "the lost tail was sent again");
+    assert_eq!(
+        net.nodes[&f].sm.commands(),
+        net.nodes[&leader].sm.commands(),
+        "and applied"
+    );
+    net.propose(leader, b"after")
+        .expect("the cluster still commits");
 }

@@ -76,6 +76,7 @@ mod mux;
 mod node;
 mod pacer;
 pub mod process;
+mod refusals;
 mod state_machine;
 mod transport;
 pub mod transport_support;
@@ -85,6 +86,7 @@ mod wiring;
 /// Helpers for backend implementations; embedders never need this.
 pub mod backend_support {
     pub use crate::pacer::SnapshotPacer;
+    pub use crate::refusals::{RefusedMessages, REFUSAL_LOG_EVERY};
 }
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig, MAX_SNAPSHOT_CHUNK_BYTES};

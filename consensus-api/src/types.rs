@@ -106,6 +106,11 @@ pub struct Status {
     /// Once the engine has stopped (role `Shutdown`) because of a failure, what failed (a
     /// storage error, an engine panic); `None` while running and after an orderly shutdown.
     pub stopped: Option<String>,
+    /// Peer messages this node refused before its engine saw them, because they would break
+    /// the engine's invariants (a sender naming another node, a commit index beyond the local
+    /// log, entries that are not contiguous, ...). A rising count means a faulty or hostile
+    /// member, or a node whose disk lost acknowledged entries.
+    pub refused_messages: u64,
 }
 
 impl Status {
@@ -125,6 +130,7 @@ impl Status {
             learners: BTreeSet::new(),
             addresses: BTreeMap::new(),
             stopped: None,
+            refused_messages: 0,
         }
     }
 

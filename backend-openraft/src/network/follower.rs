@@ -101,6 +101,23 @@ impl InboundStreams {
         }
     }
 
+    /// A request of `from`'s stream `session` was refused before openraft saw it: the stream is
+    /// dropped (if it is the current one) as after a gap, and the leader told why.
+    pub(crate) fn refuse(&self, from: NodeId, session: u64, reason: String) {
+        {
+            let mut by_leader = self.sessions.by_leader.lock();
+            if by_leader
+                .get(&from)
+                .is_some_and(|s| s.stream.session() == session)
+            {
+                if let Some(dead) = by_leader.remove(&from) {
+                    dead.task.abort();
+                }
+            }
+        }
+        self.reset(from, session, reason);
+    }
+
     /// The leader dropped its stream: close its input, so openraft answers what it already has
     /// and the stream's task ends.
     pub(crate) fn on_close(&self, from: NodeId, session: u64) {

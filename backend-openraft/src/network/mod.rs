@@ -36,7 +36,9 @@
 //! - `follower.rs`: the follower's streams (one per leader node) and the tasks that feed them
 //!   to openraft;
 //! - `handler.rs`: [`RaftHandler`], the transport's inbound handler, which also keeps the
-//!   snapshot receiver.
+//!   snapshot receiver;
+//! - `guard.rs`: what an inbound request must satisfy before openraft sees it (the leader or
+//!   candidate it names is the authenticated sender; log ids in protocol order).
 //!
 //! # The stream protocol
 //!
@@ -63,6 +65,7 @@
 
 mod client;
 mod follower;
+mod guard;
 mod handler;
 mod pipeline;
 mod routes;

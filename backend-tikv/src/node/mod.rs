@@ -58,6 +58,7 @@
 //! compacting, installing); raft-rs config and status mapping are in [`crate::mapping`].
 
 mod cycle;
+mod guard;
 mod membership;
 mod snapshots;
 mod waiters;
@@ -65,7 +66,7 @@ mod waiters;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use consensus_api::backend_support::SnapshotPacer;
+use consensus_api::backend_support::{RefusedMessages, SnapshotPacer};
 use consensus_api::{ByteStateMachine, ConsensusError, NodeConfig, NodeId, Status};
 use raft::eraftpb::{ConfState, Message};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -134,6 +135,8 @@ pub(crate) struct Core {
     in_flight: usize,
     /// When the next automatic snapshot is due.
     pacer: SnapshotPacer,
+    /// Peer messages refused before raft-rs saw them (shared with the transport's handler).
+    refused: RefusedMessages,
 }
 
 fn not_leader_hint(leader: u64, me: NodeId) -> Option<NodeId> {
@@ -192,6 +195,7 @@ impl Core {
             persist_tx,
             in_flight: 0,
             pacer,
+            refused: RefusedMessages::new(id),
         };
         Ok((core, persist_events))
     }
@@ -237,7 +241,14 @@ impl Core {
 
     /// The shared status of this node.
     pub(crate) fn status(&self) -> Status {
-        mapping::status(&self.raw, self.applied, self.book.known())
+        let mut st = mapping::status(&self.raw, self.applied, self.book.known());
+        st.refused_messages = self.refused.count();
+        st
+    }
+
+    /// The count of refused peer messages, for the transport's handler to record into.
+    pub(crate) fn refusals(&self) -> RefusedMessages {
+        self.refused.clone()
     }
 
     // ---- inputs --------------------------------------------------------------------------
@@ -258,12 +269,34 @@ impl Core {
         self.after_progress();
     }
 
-    /// A message from a peer.
+    /// A message from a peer. One that would break raft-rs's invariants is refused (counted,
+    /// logged, and otherwise without effect; see `guard.rs`), except that a heartbeat from the
+    /// leader committing past this log is answered with rejections that make the leader
+    /// re-send the missing tail.
     pub(crate) fn step(&mut self, msg: Message) {
+        if self.refuse(&msg) {
+            return;
+        }
         let (from, ty) = (msg.from, msg.get_msg_type());
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(id = self.id, from, ?ty, "message not stepped: {e}");
         }
+    }
+
+    /// Checks a peer's message before raft-rs sees it; `true` if it was refused.
+    fn refuse(&mut self, msg: &Message) -> bool {
+        let Err(why) = guard::check(&self.raw.raft, msg) else {
+            return false;
+        };
+        if matches!(why, guard::Refusal::CommitBeyondLog { .. })
+            && guard::from_followed_leader(&self.raw.raft, msg)
+        {
+            self.outbox
+                .extend(guard::lost_tail_answers(&self.raw.raft, msg));
+        }
+        let kind = format!("{:?}", msg.get_msg_type());
+        self.refused.record(msg.from, &kind, why);
+        true
     }
 
     /// The transport could not deliver to `to`.

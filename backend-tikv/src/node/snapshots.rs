@@ -149,6 +149,9 @@ impl Core {
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return self.step(msg);
         }
+        if self.refuse(&msg) {
+            return;
+        }
         let m = msg.get_snapshot().get_metadata();
         self.incoming = Some((m.index, m.term, file));
         self.step(msg);
