@@ -27,6 +27,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 mod log_store;
 mod mapping;
 mod network;
@@ -36,7 +38,7 @@ mod types;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use consensus_api::{Backend, ConsensusError, Engine, EngineContext};
+use consensus_api::{Backend, ConsensusError, Engine, EngineContext, NodeId};
 
 pub use engine::OpenraftEngine;
 pub use log_store::LogStore;
@@ -58,5 +60,14 @@ impl Backend for OpenraftBackend {
 
     async fn start(&self, ctx: EngineContext) -> Result<Arc<dyn Engine>, ConsensusError> {
         Ok(Arc::new(OpenraftEngine::start(ctx).await?))
+    }
+
+    fn hostile_frames(
+        &self,
+        leader: NodeId,
+        to: NodeId,
+        to_status: &consensus_api::Status,
+    ) -> Vec<(&'static str, bytes::Bytes)> {
+        network::hostile_frames(leader, to, to_status)
     }
 }

@@ -51,6 +51,52 @@ pub(crate) enum Inbound {
     Addresses(BTreeMap<NodeId, String>),
 }
 
+/// See [`Backend::hostile_frames`](consensus_api::Backend::hostile_frames): raft-rs messages
+/// from `leader` to follower `to` that would panic raft-rs or break its invariants.
+pub(crate) fn hostile_frames(
+    leader: NodeId,
+    to: NodeId,
+    st: &consensus_api::Status,
+) -> Vec<(&'static str, Bytes)> {
+    let (term, last) = (st.term, st.last_log_index);
+    let msg = |ty: MessageType, term: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(ty);
+        (m.from, m.to, m.term) = (leader, to, term);
+        m
+    };
+    let entry = |index: u64, term: u64| raft::eraftpb::Entry {
+        index,
+        term,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let mut m = msg(MessageType::MsgHeartbeat, term);
+    m.commit = last + 1_000;
+    out.push(("a heartbeat committing beyond the log", m));
+    let mut m = msg(MessageType::MsgAppend, term);
+    (m.index, m.log_term, m.commit) = (last, term, last + 3);
+    m.set_entries(vec![entry(last + 1, term), entry(last + 3, term)].into());
+    out.push(("an append with a gap between its entries", m));
+    let mut m = msg(MessageType::MsgAppend, term);
+    (m.index, m.log_term, m.commit) = (last + 10, 0, last + 10);
+    out.push(("an append whose previous entry is beyond the log", m));
+    let mut m = msg(MessageType::MsgRequestVote, 0);
+    (m.index, m.log_term) = (last + 10, term);
+    out.push(("a vote request of term 0", m));
+    out.push(("an empty proposal", msg(MessageType::MsgPropose, 0)));
+    out.push((
+        "an empty read-index request",
+        msg(MessageType::MsgReadIndex, 0),
+    ));
+    let mut m = msg(MessageType::MsgHeartbeat, term);
+    m.from = leader.wrapping_add(1_000);
+    out.push(("a message naming another sender", m));
+    out.into_iter()
+        .filter_map(|(what, m)| raft_frame(&m).ok().map(|f| (what, f)))
+        .collect()
+}
+
 /// Encodes a raft-rs message behind its tag, in one buffer.
 fn raft_frame(msg: &Message) -> Result<Bytes, protobuf::ProtobufError> {
     let mut buf = Vec::with_capacity(1 + msg.compute_size() as usize);
@@ -79,6 +125,9 @@ enum Flow {
     Fail(ConsensusError),
 }
 
+/// A driver step longer than this is logged: heartbeats and acknowledgements wait for it.
+const SLOW_STEP: Duration = Duration::from_millis(200);
+
 impl Driver {
     pub(crate) async fn run(mut self) {
         let (report_tx, mut reports) = mpsc::unbounded_channel::<(NodeId, bool)>();
@@ -90,6 +139,7 @@ impl Driver {
         self.publish();
         let mut failure = None;
         let stop = loop {
+            let mut event = "command";
             let flow = tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     Some(c) => self.handle(c),
@@ -97,22 +147,29 @@ impl Driver {
                     None => Flow::Stop(None),
                 },
                 Some(m) = self.messages.recv() => {
+                    event = "message";
                     self.inbound(m);
                     Flow::Continue
                 }
-                Some(p) = self.persisted.recv() => match self.core.persisted(p) {
-                    Ok(()) => Flow::Continue,
-                    Err(e) => Flow::Fail(e),
-                },
+                Some(p) = self.persisted.recv() => {
+                    event = "persisted";
+                    match self.core.persisted(p) {
+                        Ok(()) => Flow::Continue,
+                        Err(e) => Flow::Fail(e),
+                    }
+                }
                 Some((to, ok)) = reports.recv() => {
+                    event = "snapshot report";
                     self.core.report_snapshot(to, ok);
                     Flow::Continue
                 }
                 Some((job, outcome)) = saved.recv() => {
+                    event = "snapshot saved";
                     self.core.snapshot_saved(job, outcome);
                     Flow::Continue
                 }
                 _ = ticker.tick() => {
+                    event = "tick";
                     self.core.tick();
                     ticks += 1;
                     if ticks.is_multiple_of(ADDRESS_BOOK_TICKS) {
@@ -121,10 +178,12 @@ impl Driver {
                     Flow::Continue
                 }
             };
+            let started = std::time::Instant::now();
             let flow = match flow {
                 Flow::Continue => self.drain(),
                 other => other,
             };
+            let drained = started.elapsed();
             let flow = match flow {
                 Flow::Continue => match self.cycles(&report_tx) {
                     Ok(()) => Flow::Continue,
@@ -132,6 +191,15 @@ impl Driver {
                 },
                 other => other,
             };
+            if started.elapsed() > SLOW_STEP {
+                tracing::warn!(
+                    id = self.status.borrow().id,
+                    event,
+                    drain_ms = drained.as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "slow raft-rs driver step: heartbeats wait for it"
+                );
+            }
             match flow {
                 Flow::Continue => {}
                 Flow::Stop(done) => break done,
@@ -142,13 +210,25 @@ impl Driver {
                     break None;
                 }
             }
-            if let Some(mut job) = self.core.take_save_job() {
-                // Writing and fsyncing a snapshot file must not stall the Ready loop.
-                let tx = saved_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let outcome = job.run();
-                    let _ = tx.send((job, outcome));
-                });
+            if let Some(job) = self.core.take_save_job() {
+                // Writing and fsyncing a snapshot file must not stall the Ready loop, nor take
+                // the CPU from it.
+                // The job stays reachable here in case no thread can be started.
+                let slot = Arc::new(parking_lot::Mutex::new(Some(job)));
+                let run = |slot: &parking_lot::Mutex<Option<SaveJob>>,
+                           tx: &mpsc::UnboundedSender<_>| {
+                    if let Some(mut job) = slot.lock().take() {
+                        let outcome = job.run();
+                        let _ = tx.send((job, outcome));
+                    }
+                };
+                let (s, tx) = (slot.clone(), saved_tx.clone());
+                let started =
+                    consensus_api::process::spawn_background("snapshot-save", move || run(&s, &tx));
+                if let Err(e) = started {
+                    tracing::warn!("no snapshot thread ({e}); writing the snapshot inline");
+                    run(&slot, &saved_tx);
+                }
             }
             self.publish();
             self.core.deliver();

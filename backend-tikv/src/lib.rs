@@ -28,6 +28,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 mod logger;
 mod mapping;
 mod node;
@@ -67,6 +69,15 @@ impl Backend for TikvBackend {
 
     async fn start(&self, ctx: EngineContext) -> Result<Arc<dyn Engine>, ConsensusError> {
         Ok(Arc::new(TikvEngine::start(ctx).await?))
+    }
+
+    fn hostile_frames(
+        &self,
+        leader: NodeId,
+        to: NodeId,
+        to_status: &Status,
+    ) -> Vec<(&'static str, bytes::Bytes)> {
+        driver::hostile_frames(leader, to, to_status)
     }
 }
 

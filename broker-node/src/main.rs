@@ -462,6 +462,8 @@ async fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     consensus_api::process::release_large_buffers();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(wiring::LOG_FILTER)),

@@ -12,6 +12,7 @@
 //! | `DELETE /topics/{name}` | delete |
 //! | `GET /metadata/changes?since=N&max=M&wait_ms=W` | the feed, long-polling up to `W` ms |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /openapi.json` | the OpenAPI 3 description of this API (`broker/api/openapi.json`) |
 //!
 //! Errors are JSON `{"error": kind, "reason": text}` with a 4xx status for bad requests (unknown
 //! topic or broker 404, duplicate or stale epoch 409, invalid 400, malformed JSON 400, a body
@@ -178,6 +179,7 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
         .route("/topics/{name}", get(describe_topic).delete(delete_topic))
         .route("/metadata/changes", get(changes))
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
         .with_state(App { ctl, metrics })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(auth, authenticate))
@@ -484,6 +486,35 @@ async fn changes(
     Ok(Json(app.ctl.changes_since(q.since, max, wait).await?))
 }
 
+/// See [`crate::fuzzing::admin_bodies`].
+pub(crate) fn fuzz_bodies(data: &[u8]) {
+    let _ = serde_json::from_slice::<RegisterReq>(data);
+    let _ = serde_json::from_slice::<HeartbeatReq>(data);
+    let _ = serde_json::from_slice::<EpochReq>(data);
+    let _ = serde_json::from_slice::<CreateTopicReq>(data);
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = serde_urlencoded_query(s);
+    }
+}
+
+/// The change feed's query string, parsed as axum does.
+fn serde_urlencoded_query(s: &str) -> Result<ChangesQuery, String> {
+    axum::extract::Query::<ChangesQuery>::try_from_uri(
+        &format!("/metadata/changes?{s}")
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| e.body_text())
+}
+
+/// The OpenAPI description, kept in the repository beside the crate.
+pub const OPENAPI: &str = include_str!("../api/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 async fn render_metrics(State(app): State<App>) -> Response {
     let st = app.ctl.node().status();
     let id = st.id.to_string();
@@ -545,5 +576,57 @@ async fn render_metrics(State(app): State<App>) -> Response {
     match &app.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The routes `router` serves, with their methods, as `METHOD /path`.
+    const ROUTES: &[&str] = &[
+        "get /cluster/status",
+        "get /brokers",
+        "post /brokers",
+        "post /brokers/{id}/heartbeat",
+        "post /brokers/{id}/shutdown",
+        "get /topics",
+        "post /topics",
+        "get /topics/{name}",
+        "delete /topics/{name}",
+        "get /metadata/changes",
+        "get /metrics",
+        "get /openapi.json",
+    ];
+
+    #[test]
+    fn the_openapi_description_lists_exactly_the_served_routes() {
+        let router = include_str!("admin.rs");
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        let mut described = Vec::new();
+        for (path, ops) in spec["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                described.push(format!("{method} {path}"));
+            }
+        }
+        described.sort();
+        let mut served: Vec<String> = ROUTES.iter().map(|r| r.to_string()).collect();
+        served.sort();
+        assert_eq!(described, served);
+        for r in ROUTES {
+            let path = r.split_once(' ').map(|(_, p)| p).unwrap_or(r);
+            assert!(
+                router.contains(&format!(".route(\"{path}\"")),
+                "{path} is not routed"
+            );
+        }
+        // Every write is marked as needing the token.
+        for (path, ops) in spec["paths"].as_object().expect("paths") {
+            for (method, op) in ops.as_object().expect("operations") {
+                if method != "get" {
+                    assert!(op.get("security").is_some(), "{method} {path}: no security");
+                }
+            }
+        }
     }
 }

@@ -17,6 +17,8 @@
 
 pub mod admin;
 mod controller;
+#[doc(hidden)]
+pub mod fuzzing;
 mod machine;
 pub mod model;
 mod placement;

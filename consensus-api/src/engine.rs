@@ -48,6 +48,24 @@ pub trait Backend: Send + Sync + 'static {
     /// Opens (or creates) the node's durable state in `ctx.config.data_dir`, bootstraps a fresh
     /// cluster exactly once, and starts the engine.
     async fn start(&self, ctx: EngineContext) -> Result<Arc<dyn Engine>, ConsensusError>;
+
+    /// Engine-channel payloads in this engine's wire format, each with a short description,
+    /// that a conforming node must refuse (before its engine sees them, counting each in
+    /// [`Status::refused_messages`], changing nothing else) when `leader`, an authenticated
+    /// member, sends them to `to`, whose current status is `to_status`: a commit index beyond
+    /// its log, entries out of log order, a leader or candidate that is not the sender, message
+    /// kinds peers never send. For the conformance suite's hostile-input scenario, which sends
+    /// them over the real transport with `leader`'s certificate. The default is none; the
+    /// scenario then checks only the generic (undecodable) frames every backend must refuse.
+    fn hostile_frames(
+        &self,
+        leader: NodeId,
+        to: NodeId,
+        to_status: &Status,
+    ) -> Vec<(&'static str, bytes::Bytes)> {
+        let _ = (leader, to, to_status);
+        Vec::new()
+    }
 }
 
 /// One running Raft node, driven by a backend. Every method maps engine outcomes onto

@@ -71,6 +71,8 @@ pub mod channel {
 mod config;
 mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod layer;
 mod mux;
 mod node;

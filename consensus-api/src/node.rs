@@ -65,6 +65,17 @@ enum Reply {
     Done,
 }
 
+/// See [`crate::fuzzing::forwarded`].
+pub(crate) fn fuzz_forwarded(data: &[u8]) {
+    if let Ok(op) = codec::decode::<Forwarded>(data) {
+        let again = codec::encode(&op).map(|b| codec::decode::<Forwarded>(&b));
+        assert!(
+            matches!(again, Ok(Ok(ref o)) if format!("{o:?}") == format!("{op:?}")),
+            "a decoded forwarded operation does not survive re-encoding: {op:?}"
+        );
+    }
+}
+
 async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, ConsensusError> {
     Ok(match op {
         Forwarded::Propose(cmd) => Reply::Proposed(engine.propose(cmd).await?),

@@ -22,6 +22,8 @@
 
 mod file;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 mod log;
 mod record;
 mod snapshot;

@@ -403,6 +403,8 @@ struct Incoming {
     have: Bitmap,
     /// When a chunk last arrived (or the transfer began).
     last: Instant,
+    /// Bytes written since the file was last synced (see `snapshot::WRITE_BEHIND`).
+    unsynced: u64,
 }
 
 #[derive(Default)]
@@ -519,6 +521,7 @@ impl SnapshotReceiver {
                 handle,
                 have,
                 last: Instant::now(),
+                unsynced: 0,
             },
         );
         drop(st);
@@ -556,11 +559,11 @@ impl SnapshotReceiver {
         let mut head = &frame[..12];
         let (id, index) = (head.get_u64_le(), head.get_u32_le() as u64);
         let data = frame.slice(12..);
-        let (handle, at) = {
-            let st = self.state.lock();
+        let (handle, at, sync) = {
+            let mut st = self.state.lock();
             let inc = st
                 .incoming
-                .get(&from)
+                .get_mut(&from)
                 .filter(|i| i.id == id)
                 .ok_or_else(|| format!("no snapshot transfer {id:x} from node {from}"))?;
             let at = index * inc.chunk;
@@ -574,13 +577,25 @@ impl SnapshotReceiver {
             if inc.have.get(index) {
                 return Ok(Bytes::new());
             }
-            (inc.handle.clone(), at)
+            // Keep the unwritten part of the file small (see `snapshot::WRITE_BEHIND`).
+            inc.unsynced += data.len() as u64;
+            let sync = inc.unsynced >= crate::snapshot::WRITE_BEHIND;
+            if sync {
+                inc.unsynced = 0;
+            }
+            (inc.handle.clone(), at, sync)
         };
         let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || handle.write_all_at(&data, at))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("writing chunk {index}: {e}"))?;
+        tokio::task::spawn_blocking(move || {
+            handle.write_all_at(&data, at)?;
+            if sync {
+                handle.sync_data()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("writing chunk {index}: {e}"))?;
         let mut st = self.state.lock();
         if let Some(inc) = st.incoming.get_mut(&from).filter(|i| i.id == id) {
             inc.have.set(index);

@@ -208,6 +208,11 @@ impl<K: NodeKind> LocalCluster<K> {
         self.root.path()
     }
 
+    /// The cluster id every node's connections carry.
+    pub fn cluster_id(&self) -> &str {
+        &self.options.cluster_id
+    }
+
     /// The seed of this cluster's random choices (printed when a test cluster starts;
     /// `CONFORMANCE_SEED` replays it): scenarios draw their own random data from it too.
     pub fn seed(&self) -> u64 {

@@ -2,7 +2,7 @@
 //!
 //! Every scenario in [`scenarios`] is an async function over a [`Combo`] (a backend and a
 //! transport) or a transport factory, grouped in families (election, replication, faults,
-//! durability, membership, errors, broker, random, large_state, transport);
+//! durability, membership, errors, broker, random, large_state, hostile, transport);
 //! [`conformance_suite!`] instantiates all of them for one combination, so test names read
 //! `openraft_grpc::acknowledged_write_survives_leader_crash`. Clusters come from
 //! [`consensus_harness`] and are real: real transports on 127.0.0.1 with port 0, real data dirs
@@ -54,6 +54,7 @@ macro_rules! conformance_suite {
             $crate::__broker_family!(combo);
             $crate::__random_family!(combo);
             $crate::__large_state_family!(combo);
+            $crate::__hostile_family!(combo);
         }
     };
 }

@@ -49,6 +49,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 mod peer;
 mod server;
 mod setup;

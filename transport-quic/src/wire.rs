@@ -67,7 +67,7 @@ pub(crate) enum Status {
 }
 
 impl Status {
-    fn from_byte(b: u8) -> Option<Self> {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
         match b {
             0 => Some(Self::Ok),
             1 => Some(Self::Failed),

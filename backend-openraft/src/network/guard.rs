@@ -173,6 +173,112 @@ pub(crate) fn check_snapshot(
     Ok(())
 }
 
+/// See [`Backend::hostile_frames`](consensus_api::Backend::hostile_frames): engine RPCs from
+/// `leader` to `to` that name another node, or whose log ids are out of order.
+pub(crate) fn hostile_frames(
+    leader: NodeId,
+    to: NodeId,
+    st: &consensus_api::Status,
+) -> Vec<(&'static str, bytes::Bytes)> {
+    use openraft::impls::{Entry, EntryPayload};
+    use openraft::Vote;
+
+    use super::wire::Rpc;
+
+    let (term, last) = (st.term.max(1), st.last_log_index);
+    let other = leader.wrapping_add(1_000);
+    let blank = |term: u64, index: u64| Entry {
+        log_id: openraft::LogId::new_term_index(term, index),
+        payload: EntryPayload::Blank,
+    };
+    let append = |vote, prev, entries, leader_commit| {
+        Rpc::Append(AppendEntriesRequest {
+            vote,
+            prev_log_id: prev,
+            entries,
+            leader_commit,
+        })
+    };
+    let prev = Some(openraft::LogId::new_term_index(term, last));
+    let frames = vec![
+        (
+            "an append naming another node as the leader",
+            append(Vote::new_committed(term, other), None, Vec::new(), None),
+        ),
+        (
+            "an append naming the receiver as the leader",
+            append(Vote::new_committed(term, to), None, Vec::new(), None),
+        ),
+        (
+            "an append with a gap between its entries",
+            append(
+                Vote::new_committed(term, leader),
+                prev,
+                vec![blank(term, last + 1), blank(term, last + 3)],
+                None,
+            ),
+        ),
+        (
+            "an append whose entries are of a later term than its leader",
+            append(
+                Vote::new_committed(term, leader),
+                prev,
+                vec![blank(term + 1, last + 1)],
+                None,
+            ),
+        ),
+        (
+            "a vote request for another candidate",
+            Rpc::Vote(VoteRequest::new(
+                Vote::new(term + 1, other),
+                Some(openraft::LogId::new_term_index(term, last + 10)),
+            )),
+        ),
+        (
+            "a pre-vote request for another candidate",
+            Rpc::PreVote(VoteRequest::new(
+                Vote::new(term + 1, other),
+                Some(openraft::LogId::new_term_index(term, last + 10)),
+            )),
+        ),
+    ];
+    let mut out: Vec<(&'static str, bytes::Bytes)> = frames
+        .into_iter()
+        .filter_map(|(what, rpc)| {
+            consensus_api::codec::encode(&rpc)
+                .ok()
+                .map(|f| (what, bytes::Bytes::from(f)))
+        })
+        .collect();
+    out.push((
+        "an undecodable RPC",
+        bytes::Bytes::from_static(b"\xff\xfe not an engine RPC"),
+    ));
+    out
+}
+
+/// See [`crate::fuzzing`]: `data` as an engine RPC and as a stream frame from node 2 to node 1,
+/// decoded and checked; nothing may panic.
+pub(crate) fn fuzz(data: &[u8]) {
+    use super::wire::{decode_frame, Rpc, StreamFrame};
+    let (me, from) = (1, 2);
+    if let Ok(rpc) = consensus_api::codec::decode::<Rpc>(data) {
+        let _ = match &rpc {
+            Rpc::Append(r) => check_append(me, from, r),
+            Rpc::Vote(r) | Rpc::PreVote(r) => check_vote(me, from, r),
+            Rpc::TransferLeader(r) => check_transfer(me, from, r),
+            Rpc::Snapshot { vote, meta, ticket } => {
+                let _ = consensus_storage::transfer::Ticket::decode(ticket);
+                check_snapshot(me, from, vote, meta, None)
+            }
+        };
+    }
+    if let Ok(StreamFrame::Open { req, .. } | StreamFrame::Append { req, .. }) = decode_frame(data)
+    {
+        let _ = check_append(me, from, &req);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::impls::{Entry, EntryPayload};

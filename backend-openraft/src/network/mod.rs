@@ -73,5 +73,6 @@ mod stream;
 mod wire;
 
 pub(crate) use client::NetworkFactory;
+pub(crate) use guard::{fuzz, hostile_frames};
 pub(crate) use handler::RaftHandler;
 pub(crate) use routes::StreamRoutes;

@@ -58,7 +58,7 @@
 //! compacting, installing); raft-rs config and status mapping are in [`crate::mapping`].
 
 mod cycle;
-mod guard;
+pub(crate) mod guard;
 mod membership;
 mod snapshots;
 mod waiters;
@@ -126,9 +126,11 @@ pub(crate) struct Core {
     saving: Option<u64>,
     /// A snapshot taken and not yet handed to a writer.
     save_job: Option<SaveJob>,
-    /// The file of the last `MsgSnapshot` stepped (index, term, file), for the Ready that
-    /// installs it.
-    incoming: Option<(u64, u64, consensus_storage::SnapshotFile)>,
+    /// The files of the `MsgSnapshot`s stepped and not yet installed, by (index, term), for
+    /// the Ready that installs one of them. More than one when a second snapshot message (a
+    /// retry, or a new leader's) is stepped before the Ready of the first: raft-rs may keep
+    /// either pending, so each keeps its file until a snapshot at or past it is installed.
+    incoming: std::collections::BTreeMap<(u64, u64), consensus_storage::SnapshotFile>,
     /// Sends durability notices from the log writer to [`PersistEvents`].
     persist_tx: mpsc::UnboundedSender<Persisted>,
     /// Readies whose durability notice has not come back yet.
@@ -191,7 +193,7 @@ impl Core {
             outbox: Vec::new(),
             saving: None,
             save_job: None,
-            incoming: None,
+            incoming: Default::default(),
             persist_tx,
             in_flight: 0,
             pacer,

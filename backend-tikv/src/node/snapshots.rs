@@ -38,6 +38,9 @@ impl SaveJob {
     }
 }
 
+/// Snapshot files kept for snapshot messages stepped but not yet installed.
+const MAX_PENDING_SNAPSHOT_FILES: usize = 4;
+
 impl Core {
     /// Asks for a snapshot covering everything applied now; `reply` gets the snapshot's index
     /// once its file is durable and the log compacted.
@@ -144,7 +147,7 @@ impl Core {
 
     /// Steps a leader's `MsgSnapshot` whose file has arrived complete and checked (`file`,
     /// from the transfer): raft-rs decides whether to take it; if it does, the next Ready
-    /// installs this file.
+    /// installs this file (kept with any other pending one, see `Core::incoming`).
     pub(crate) fn step_snapshot(&mut self, msg: Message, file: SnapshotFile) {
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return self.step(msg);
@@ -153,7 +156,11 @@ impl Core {
             return;
         }
         let m = msg.get_snapshot().get_metadata();
-        self.incoming = Some((m.index, m.term, file));
+        // A few at most: every install drops the files at or below it.
+        while self.incoming.len() >= MAX_PENDING_SNAPSHOT_FILES {
+            self.incoming.pop_first();
+        }
+        self.incoming.insert((m.index, m.term), file);
         self.step(msg);
     }
 
@@ -165,14 +172,13 @@ impl Core {
             let m = snap.get_metadata();
             (m.index, m.term)
         };
-        let file = match self.incoming.take() {
-            Some((i, t, f)) if (i, t) == (index, term) => f,
-            _ => {
-                return Err(ConsensusError::Storage(format!(
-                    "raft-rs installs snapshot {index} (term {term}) but its file never arrived"
-                )))
-            }
+        let Some(file) = self.incoming.remove(&(index, term)) else {
+            return Err(ConsensusError::Storage(format!(
+                "raft-rs installs snapshot {index} (term {term}) but its file never arrived"
+            )));
         };
+        // Files of older snapshots can no longer be installed.
+        self.incoming.retain(|(i, _), _| *i > index);
         let mut meta = snap.get_metadata().clone();
         meta.index = index;
         self.raw

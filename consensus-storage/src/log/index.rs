@@ -17,7 +17,7 @@ use crate::record::{Record, HEADER};
 const ENTRY_OVERHEAD: u64 = HEADER as u64 + 1 + 8 + 8;
 
 /// Live entries, the purged position and the metadata of a log.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Index {
     /// Contiguous entries, lowest index first.
     entries: VecDeque<Entry>,

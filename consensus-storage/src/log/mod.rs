@@ -31,6 +31,7 @@
 
 mod index;
 mod replay;
+pub(crate) use replay::replay;
 mod writer;
 
 use std::path::{Path, PathBuf};

@@ -140,13 +140,22 @@ impl Writer {
     /// the rewritten file holds their effect, and their callbacks run once it is durable.
     /// (Writing their records after the rewritten state would replay them onto a state that
     /// already has them, which is wrong for a queued append followed by a queued truncate.)
+    ///
+    /// The lock is held only to take that point in time, not while the file is written and
+    /// synced: reads are served from the in-memory index, and writes accepted meanwhile wait
+    /// on the queue and go into the new file after it, in order. (Holding it stalled every
+    /// append of the engine for as long as the rewrite took: seconds with a large log, enough
+    /// to lose the leadership.)
     fn rewrite(&mut self, rx: &mpsc::Receiver<Op>, failed: &mut Option<String>) -> bool {
-        let state = self.state.clone();
-        let guard = state.lock();
-        let queued: Vec<Op> = rx.try_iter().collect();
-        let bytes = guard.index.encode_all();
+        let (queued, index) = {
+            let guard = self.state.lock();
+            let queued: Vec<Op> = rx.try_iter().collect();
+            // Entries share their bytes: the copy is a list of references.
+            (queued, guard.index.clone())
+        };
+        let bytes = index.encode_all();
+        drop(index);
         let result = self.replace_file(&bytes);
-        drop(guard);
         match result {
             Ok(()) => {
                 tracing::info!(path = %self.path.display(), to = bytes.len(), "log rewritten");

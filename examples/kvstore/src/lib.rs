@@ -80,6 +80,8 @@ pub async fn start_local_cluster(
 pub fn init_process(default_filter: &str) {
     consensus_api::process::release_large_buffers();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),

@@ -13,6 +13,7 @@ pub mod durability;
 pub mod election;
 pub mod errors;
 pub mod faults;
+pub mod hostile;
 pub mod large_state;
 pub mod membership;
 pub mod random;
@@ -38,6 +39,7 @@ mod registration {
         (include_str!("election.rs"), "election"),
         (include_str!("errors.rs"), "errors"),
         (include_str!("faults.rs"), "faults"),
+        (include_str!("hostile.rs"), "hostile"),
         (include_str!("large_state.rs"), "large_state"),
         (include_str!("membership.rs"), "membership"),
         (include_str!("random.rs"), "random"),

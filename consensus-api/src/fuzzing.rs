@@ -1,0 +1,15 @@
+//! Entry points for fuzzing the decoders of bytes from the network (`fuzz/` at the workspace
+//! root holds the cargo-fuzz targets, and the conformance crate replays their corpus as ordinary
+//! tests). Each takes arbitrary bytes and must return without panicking, whatever they are.
+
+/// `data` as a forwarded operation on the forwarding channel: decoded into an operation, or
+/// refused; a decoded one encodes back to bytes that decode to the same operation.
+pub fn forwarded(data: &[u8]) {
+    crate::node::fuzz_forwarded(data);
+}
+
+/// `data` as an address book or other codec value an engine receives: decoded or refused.
+pub fn codec_values(data: &[u8]) {
+    let _ = crate::codec::decode::<std::collections::BTreeMap<crate::NodeId, String>>(data);
+    let _ = crate::codec::decode::<crate::Status>(data);
+}
