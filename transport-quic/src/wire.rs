@@ -202,11 +202,9 @@ fn prefix(len: usize) -> Result<[u8; 4], SendError> {
         .map_err(|_| SendError::Oversized(len))
 }
 
-/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames.
-pub(crate) async fn read_frame(
-    recv: &mut RecvStream,
-    limit: usize,
-) -> Result<Option<Bytes>, FrameError> {
+/// Reads a frame's length prefix, checked against `limit`; `Ok(None)` when the stream finished
+/// cleanly between frames.
+async fn read_size(recv: &mut RecvStream, limit: usize) -> Result<Option<u32>, FrameError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -214,11 +212,23 @@ pub(crate) async fn read_frame(
         Err(ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
         Err(ReadExactError::ReadError(e)) => return Err(FrameError::Read(e)),
     }
-    let size = usize::try_from(u32::from_be_bytes(header)).unwrap_or(usize::MAX);
-    if size > limit {
-        return Err(FrameError::TooLarge { size, limit });
+    let size = u32::from_be_bytes(header);
+    let bytes = usize::try_from(size).unwrap_or(usize::MAX);
+    if bytes > limit {
+        return Err(FrameError::TooLarge { size: bytes, limit });
     }
-    read_body(recv, size).await.map(Some)
+    Ok(Some(size))
+}
+
+/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames.
+pub(crate) async fn read_frame(
+    recv: &mut RecvStream,
+    limit: usize,
+) -> Result<Option<Bytes>, FrameError> {
+    let Some(size) = read_size(recv, limit).await? else {
+        return Ok(None);
+    };
+    read_body(recv, size as usize).await.map(Some)
 }
 
 /// [`read_frame`] within a byte budget shared by the calls of one connection: the body is read
@@ -229,27 +239,17 @@ pub(crate) async fn read_frame_within(
     limit: usize,
     budget: &Arc<Semaphore>,
 ) -> Result<Option<(Bytes, OwnedSemaphorePermit)>, FrameError> {
-    let mut header = [0u8; 4];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
-        Err(ReadExactError::ReadError(e)) => return Err(FrameError::Read(e)),
-    }
-    let size = u32::from_be_bytes(header);
-    let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
-    if size_usize > limit {
-        return Err(FrameError::TooLarge {
-            size: size_usize,
-            limit,
-        });
-    }
+    let Some(size) = read_size(recv, limit).await? else {
+        return Ok(None);
+    };
     let permit = budget
         .clone()
         .acquire_many_owned(size)
         .await
         .map_err(|_| FrameError::Truncated)?;
-    read_body(recv, size_usize).await.map(|b| Some((b, permit)))
+    read_body(recv, size as usize)
+        .await
+        .map(|b| Some((b, permit)))
 }
 
 async fn read_body(recv: &mut RecvStream, size: usize) -> Result<Bytes, FrameError> {
