@@ -84,9 +84,9 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// Runs `f` on a new thread named `name` at a lower CPU priority (nice +10 on Linux, where a
 /// thread's niceness is its own), for long background work such as writing a snapshot of a
 /// large state. On a busy machine it then yields the CPU to the engine's threads instead of
-/// delaying heartbeats and acknowledgements past an election timeout. Measured with the
-/// large-state bench (four nodes on two cores, 1 GiB): at normal priority the raft-rs
-/// leader's snapshot for a new learner cost it the leadership in most runs.
+/// delaying heartbeats and acknowledgements past an election timeout. (Not measured on its
+/// own: in the large-state bench the leadership losses it was tried against came from the log
+/// rewrite holding the log's lock, fixed there.)
 pub fn spawn_background<F>(name: &str, f: F) -> std::io::Result<()>
 where
     F: FnOnce() + Send + 'static,

@@ -32,9 +32,8 @@ const IO_BUF: usize = 256 << 10;
 /// A snapshot file being written (built here or received from a leader) is synced every this
 /// many bytes, so the disk never holds more of it unwritten. Without it the whole file sits in
 /// the page cache until the final fsync, which then flushes it all at once, and every log
-/// fsync on the same disk waits behind that flush: with 1 GiB of state, seconds without an
-/// acknowledgement, long enough for check-quorum to depose the leader (seen in the large-state
-/// bench). The total written is the same; it is only spread out.
+/// fsync on the same disk can wait behind that flush (with 1 GiB of state, up to seconds). The
+/// total written is the same; it is only spread out. (Not measured on its own.)
 pub(crate) const WRITE_BEHIND: u64 = 16 << 20;
 
 /// Temporary snapshot files get distinct names in a process (a build and a receipt may run at
