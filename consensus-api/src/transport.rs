@@ -33,6 +33,12 @@ use crate::{NodeConfig, NodeId, TransportError};
 ///   failure after the request may have been handed to the peer must be
 ///   [`TransportError::Timeout`] or [`TransportError::Remote`] (outcome unknown), never
 ///   `Unreachable`.
+/// - **No stale delivery.** A one-way frame is delivered on the connection that was up (or
+///   being made) when it was sent, or not at all: frames still queued when a connection is lost
+///   or a connection attempt fails are dropped, never carried over to the next connection (the
+///   peer there may be a restarted process, for which they are seconds old), and while the
+///   peer is in reconnect backoff `send` fails at once (`Unreachable`) instead of queueing. A
+///   backend learns of the loss and retransmits fresh state, as Raft expects.
 /// - **Lifecycle.** Connections are made lazily and re-made with backoff after a loss; after
 ///   [`shutdown`](Self::shutdown) every method fails with [`TransportError::Closed`] and the
 ///   port is released.
@@ -47,7 +53,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Forgets a peer and closes its connection.
     fn remove_peer(&self, id: NodeId);
     /// Queues a one-way frame and returns at once. Frames to one peer arrive in order or not at
-    /// all. Errors: `UnknownPeer`, `FrameTooLarge`, `QueueFull` (the frame was dropped), `Closed`.
+    /// all, and never on a later connection than the one they were queued for. Errors:
+    /// `UnknownPeer`, `FrameTooLarge`, `QueueFull` (the frame was dropped), `Unreachable` (the
+    /// peer is in reconnect backoff; nothing was queued), `Closed`.
     fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError>;
     /// Sends a request and waits for the peer handler's answer, at most `timeout`. See the
     /// trait's obligations for which errors promise the request was not delivered.

@@ -77,6 +77,16 @@ impl Backoff {
     }
 }
 
+/// Drops every frame waiting in a peer's one-way queue (after a lost connection or a failed
+/// attempt: they were meant for a connection that no longer exists) and returns how many.
+pub fn discard_queued<T>(queue: &mut tokio::sync::mpsc::Receiver<T>) -> usize {
+    let mut dropped = 0;
+    while queue.try_recv().is_ok() {
+        dropped += 1;
+    }
+    dropped
+}
+
 /// No inbound handler is installed yet (or any more, after shutdown): the frame was refused
 /// before reaching one, so a caller told so may safely retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use consensus_api::transport_support::Backoff;
+use consensus_api::transport_support::{discard_queued, Backoff};
 use consensus_api::{NodeId, TransportError};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -29,7 +30,15 @@ pub(crate) struct Peer {
     me: Arc<Identity>,
     client: PeerClient<Channel>,
     queue: mpsc::Sender<Bytes>,
+    /// Set while the sending task waits out a backoff: sends fail at once meanwhile.
+    down: Arc<Mutex<Option<Down>>>,
     task: JoinHandle<()>,
+}
+
+/// The sending task's backoff after a broken stream.
+struct Down {
+    until: Instant,
+    reason: String,
 }
 
 impl Peer {
@@ -60,17 +69,34 @@ impl Peer {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let (queue, rx) = mpsc::channel(me.config.peer_queue_capacity.max(1));
-        let task = tokio::spawn(stream_loop(me.clone(), id, client.clone(), rx));
+        let down = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(stream_loop(
+            me.clone(),
+            id,
+            client.clone(),
+            rx,
+            down.clone(),
+        ));
         Ok(Self {
             id,
             me,
             client,
             queue,
+            down,
             task,
         })
     }
 
     pub(crate) fn send(&self, frame: Bytes) -> Result<(), TransportError> {
+        // In backoff the frame could only wait for a later stream, where it would be stale.
+        if let Some(down) = &*self.down.lock() {
+            if Instant::now() < down.until {
+                return Err(TransportError::Unreachable {
+                    peer: self.id,
+                    reason: down.reason.clone(),
+                });
+            }
+        }
         self.queue
             .try_send(frame)
             .map_err(|e| TransportError::from_queue(self.id, e))
@@ -112,6 +138,7 @@ async fn stream_loop(
     peer: NodeId,
     client: PeerClient<Channel>,
     mut queue: mpsc::Receiver<Bytes>,
+    down: Arc<Mutex<Option<Down>>>,
 ) {
     let mut backoff = Backoff::from_config(&me.config);
     loop {
@@ -140,15 +167,34 @@ async fn stream_loop(
                 },
             }
         };
-        match outcome {
-            Ok(_) => tracing::debug!(peer, "stream to peer closed by the peer"),
-            Err(status) => {
-                tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message())
+        let reason = match outcome {
+            Ok(_) => {
+                tracing::debug!(peer, "stream to peer closed by the peer");
+                "the stream was closed by the peer".to_string()
             }
-        }
+            Err(status) => {
+                tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message());
+                format!("the stream broke: {}", status.message())
+            }
+        };
+        // Frames still queued were meant for the stream that is gone (the peer there may be a
+        // restarted process): drop them, and refuse new ones until the next attempt.
+        discard(peer, &mut queue, "their stream ended");
         // A stream that lived long enough counts as a success; either way the next one waits
         // out a delay, so a peer that keeps closing streams is not hammered.
         backoff.reset_if_healthy(opened.elapsed());
-        tokio::time::sleep(backoff.next_delay()).await;
+        let until = Instant::now() + backoff.next_delay();
+        *down.lock() = Some(Down { until, reason });
+        tokio::time::sleep_until(until).await;
+        discard(peer, &mut queue, "they were queued during the backoff");
+        *down.lock() = None;
+    }
+}
+
+/// Drops the queued one-way frames for `peer`, saying why.
+fn discard(peer: NodeId, queue: &mut mpsc::Receiver<Bytes>, why: &str) {
+    let dropped = discard_queued(queue);
+    if dropped > 0 {
+        tracing::debug!(peer, dropped, "dropped queued frames: {why}");
     }
 }

@@ -9,10 +9,13 @@ use consensus_api::transport_support::HandlerSlot;
 use consensus_api::{InboundHandler, NodeId, TransportError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::conn::Cuttable;
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Ack, Frame};
 use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
@@ -29,6 +32,8 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub(crate) struct Server {
     pub(crate) local_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// Cuts every accepted connection ([`Cuttable`]).
+    cut: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -43,7 +48,11 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|e| TransportError::Setup(format!("local address: {e}")))?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let cut = CancellationToken::new();
+        let token = cut.clone();
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |accepted| accepted.map(|io| Cuttable::new(io, &token)));
         let limit = me.config.max_frame_bytes + FRAMING_SLACK;
         let tls = me.tls.as_ref().map(|p| crate::Pem {
             ca: p.ca.clone(),
@@ -78,11 +87,12 @@ impl Server {
         Ok(Self {
             local_addr,
             stop: Some(stop_tx),
+            cut,
             task,
         })
     }
 
-    /// Stops accepting, lets calls in flight finish briefly, then drops every connection.
+    /// Stops accepting, lets calls in flight finish briefly, then closes every connection.
     pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -94,10 +104,14 @@ impl Server {
         {
             self.task.abort();
         }
+        // Connections are served on tasks of their own, which outlive the server's.
+        self.cut.cancel();
     }
 
+    /// Stops at once: no more accepts, every connection closed.
     pub(crate) fn abort(&self) {
         self.task.abort();
+        self.cut.cancel();
     }
 }
 

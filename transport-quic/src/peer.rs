@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use consensus_api::transport_support::Backoff;
+use consensus_api::transport_support::{discard_queued, Backoff};
 use consensus_api::{NodeId, TransportError};
 use quinn::{Connection, WriteError};
 use tokio::sync::{mpsc, watch, Notify};
@@ -80,6 +80,12 @@ impl Peer {
 
     /// Queues a one-way frame (its size is already checked).
     pub(crate) fn send(&self, frame: Bytes) -> Result<(), TransportError> {
+        // In backoff the frame could only wait for a later connection, where it would be stale.
+        if let Link::Down { error, until } = &*self.link.state.borrow() {
+            if Instant::now() < *until {
+                return Err(error.clone());
+            }
+        }
         self.queue
             .try_send(frame)
             .map_err(|e| TransportError::from_queue(self.link.id, e))
@@ -166,9 +172,11 @@ impl PeerLink {
                             tracing::debug!(peer = self.id, addr = %self.addr, "cannot reach peer: {e}")
                         }
                     }
-                    // By the time a connection exists this frame is stale; Raft retransmits.
+                    // By the time a connection exists these frames are stale; Raft retransmits.
                     pending = None;
+                    self.discard(&mut queue, "the connection attempt failed");
                     self.back_off(error, &mut backoff).await;
+                    self.discard(&mut queue, "they were queued during the backoff");
                     continue;
                 }
             };
@@ -186,6 +194,8 @@ impl PeerLink {
                 }
             };
             tracing::debug!(peer = self.id, "connection lost: {reason}");
+            pending = None;
+            self.discard(&mut queue, "their connection was lost");
             // A healthy connection's loss reconnects at the next demand, with the backoff
             // started over; one lost right after it was made waits out the backoff.
             if backoff.reset_if_healthy(opened.elapsed()) {
@@ -196,7 +206,16 @@ impl PeerLink {
                     reason: format!("connection lost right after it was made: {reason}"),
                 };
                 self.back_off(error, &mut backoff).await;
+                self.discard(&mut queue, "they were queued during the backoff");
             }
+        }
+    }
+
+    /// Drops the queued one-way frames: they were meant for a connection that is gone.
+    fn discard(&self, queue: &mut mpsc::Receiver<Bytes>, why: &str) {
+        let dropped = discard_queued(queue);
+        if dropped > 0 {
+            tracing::debug!(peer = self.id, dropped, "dropped queued frames: {why}");
         }
     }
 
