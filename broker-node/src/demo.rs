@@ -262,7 +262,9 @@ fn data_broker(
                             .await
                     }
                     Some(e) => {
-                        let body = format!(r#"{{"epoch":{e},"metadata_offset":{}}}"#, u64::MAX / 2);
+                        // Caught up to its own registration: what unfences it (an
+                        // offset beyond the log is refused).
+                        let body = format!(r#"{{"epoch":{e},"metadata_offset":{e}}}"#);
                         let path = format!("/brokers/{id}/heartbeat");
                         http::Request::new(&addr, "POST", &path)
                             .json(Some(&body))

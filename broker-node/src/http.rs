@@ -1,30 +1,73 @@
-//! A minimal HTTP/1.1 client for the admin subcommands and tests (one request per connection,
-//! `Content-Length` bodies: exactly what the admin API speaks).
+//! The admin API's HTTP client (reqwest, rustls): what the CLI, the demo and the process tests
+//! speak to a node with.
+//!
+//! Paths are built from segments ([`path`]), each percent-encoded, so a name can never add a
+//! query, a fragment, another path segment or another request: `victim?dry-run=true` is one
+//! segment. Bodies of any size are read whole, chunk by chunk; the call's deadline covers the
+//! whole exchange.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use reqwest::{Method, Url};
 
-/// Largest response accepted.
-const MAX_RESPONSE: usize = 16 << 20;
+/// An admin endpoint: `host:port`, `http://host:port` or `https://host:port` (a path after it
+/// is ignored).
+pub fn endpoint(addr: &str) -> Result<Url, String> {
+    let addr = addr.trim();
+    let with_scheme = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| format!("admin address {addr:?}: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(format!(
+                "admin address {addr:?}: scheme {other:?} is not http or https"
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("admin address {addr:?} has no host"));
+    }
+    Ok(url)
+}
+
+/// A path of percent-encoded `segments`: `path(&["topics", name])`. A segment that is `.` or
+/// `..` is refused: URLs treat those as moves in the path, not as names.
+pub fn path(segments: &[&str]) -> Result<String, String> {
+    if let Some(dot) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+        return Err(format!("{dot:?} cannot be sent as a name in a URL path"));
+    }
+    let mut url = Url::parse("http://x/").map_err(|e| e.to_string())?;
+    url.path_segments_mut()
+        .map_err(|()| "the base URL cannot have a path".to_string())?
+        .clear()
+        .extend(segments);
+    Ok(url.path().to_string())
+}
 
 /// One admin request: `Request::new(addr, "POST", "/topics").json(Some(body)).token(t).send(d)`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Request<'a> {
     addr: &'a str,
     method: &'a str,
     path: &'a str,
+    query: Vec<(&'a str, String)>,
     json: Option<&'a str>,
     token: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
-    /// `method path` on the admin API at `addr`.
+    /// `method path` on the admin API at `addr` (see [`endpoint`]); `path` is sent as given
+    /// (build it with [`path`] when it carries names).
     pub fn new(addr: &'a str, method: &'a str, path: &'a str) -> Self {
         Self {
             addr,
             method,
             path,
+            query: Vec::new(),
             json: None,
             token: None,
         }
@@ -40,49 +83,85 @@ impl<'a> Request<'a> {
         Self { token, ..self }
     }
 
-    /// Sends it; returns the status and body, or why there is none within `timeout`.
-    pub async fn send(self, timeout: Duration) -> Result<(u16, String), String> {
-        let (addr, method, path) = (self.addr, self.method, self.path);
-        tokio::time::timeout(timeout, self.exchange())
-            .await
-            .map_err(|_| format!("{method} http://{addr}{path}: no answer within {timeout:?}"))?
+    /// A query parameter (encoded).
+    pub fn query(mut self, key: &'a str, value: impl ToString) -> Self {
+        self.query.push((key, value.to_string()));
+        self
     }
 
-    async fn exchange(self) -> Result<(u16, String), String> {
-        let Self {
-            addr,
-            method,
-            path,
-            json,
-            token,
-        } = self;
-        if [method, path, token.unwrap_or("")]
-            .iter()
-            .any(|p| p.contains(['\r', '\n']))
-        {
-            return Err("a request line or header must not contain CR or LF".into());
-        }
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let body = json.unwrap_or("");
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-            body.len()
-        );
-        if json.is_some() {
-            req.push_str("content-type: application/json\r\n");
-        }
-        if let Some(t) = token {
-            req.push_str(&format!("authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("send to {addr}: {e}"))?;
-        read_response(addr, &mut s).await
+    /// Sends it; returns the status and body, or why there is none within `timeout`.
+    pub async fn send(self, timeout: Duration) -> Result<(u16, String), String> {
+        let (status, body) = self.send_bytes(timeout).await.map_err(|e| e.to_string())?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
+
+    /// Sends it; returns the status and the raw body.
+    pub async fn send_bytes(self, timeout: Duration) -> Result<(u16, Vec<u8>), SendError> {
+        let base = endpoint(self.addr).map_err(SendError::Request)?;
+        let method = Method::from_bytes(self.method.as_bytes())
+            .map_err(|e| SendError::Request(format!("method {:?}: {e}", self.method)))?;
+        let mut url = base
+            .join(self.path)
+            .map_err(|e| SendError::Request(format!("path {:?}: {e}", self.path)))?;
+        if !self.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(self.query.iter());
+        }
+        let shown = format!("{method} {url}");
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| SendError::Request(format!("HTTP client: {e}")))?;
+        let mut req = client.request(method, url);
+        if let Some(body) = self.json {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        if let Some(t) = self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await.map_err(|e| classify(&shown, e))?;
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| classify(&shown, e))? {
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, body))
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The request could not be built (bad address, path or method); nothing was sent.
+    #[error("{0}")]
+    Request(String),
+    /// The node could not be reached, or did not answer in time: another node may.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+fn classify(shown: &str, e: reqwest::Error) -> SendError {
+    let why = if e.is_timeout() {
+        "no answer in time".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "the exchange failed".to_string()
+    };
+    // reqwest's Display omits the cause (connection refused, ...): walk the chain.
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    SendError::Unreachable(if detail.is_empty() {
+        format!("{shown}: {why}")
+    } else {
+        format!("{shown}: {why}: {detail}")
+    })
 }
 
 /// Sends `method path` with an optional JSON body to `addr` without a credential; returns the
@@ -100,73 +179,46 @@ pub async fn request(
         .await
 }
 
-async fn read_response(addr: &str, s: &mut tokio::net::TcpStream) -> Result<(u16, String), String> {
-    let mut buf = Vec::new();
-    s.take(MAX_RESPONSE as u64)
-        .read_to_end(&mut buf)
-        .await
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let at = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("malformed response from {addr}"))?;
-    let head = String::from_utf8_lossy(&buf[..at]);
-    let rest = &buf[at + 4..];
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in response from {addr}"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// The body of a chunked response, on bytes (chunk sizes count bytes, which may split a
-/// multi-byte character); stops at the last chunk or at anything malformed.
-fn dechunk(mut s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
-        let size = String::from_utf8_lossy(&s[..eol]);
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        let rest = &s[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::dechunk;
+    use super::*;
 
     #[test]
-    fn chunks_that_split_a_character_are_joined_on_bytes() {
-        let text = "h\u{e9}llo w\u{f6}rld \u{1f600}";
-        let bytes = text.as_bytes();
-        // Chunks of 2 bytes cut every multi-byte character in half.
-        let mut wire = Vec::new();
-        for c in bytes.chunks(2) {
-            wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
-            wire.extend_from_slice(c);
-            wire.extend_from_slice(b"\r\n");
+    fn names_stay_one_path_segment() {
+        assert_eq!(path(&["topics", "orders"]).as_deref(), Ok("/topics/orders"));
+        assert!(path(&["topics", ".."]).is_err());
+        assert!(path(&["topics", "."]).is_err());
+        for evil in [
+            "victim?dry-run=true",
+            "victim2#x",
+            "a/b",
+            "x\r\nDELETE /topics/y",
+            "../x",
+        ] {
+            let p = path(&["topics", evil]).expect("a path");
+            let url = Url::parse("http://n:1/")
+                .and_then(|b| b.join(&p))
+                .expect("joins");
+            assert_eq!(url.query(), None, "{evil:?} made a query: {url}");
+            assert_eq!(url.fragment(), None, "{evil:?} made a fragment: {url}");
+            let segs: Vec<&str> = url.path_segments().map(|s| s.collect()).unwrap_or_default();
+            assert_eq!(segs.len(), 2, "{evil:?} is not one segment: {url}");
+            assert!(!url.as_str().contains(['\r', '\n', ' ']), "{url}");
         }
-        wire.extend_from_slice(b"0\r\n\r\n");
-        assert_eq!(String::from_utf8(dechunk(&wire)).as_deref(), Ok(text));
-        // Malformed sizes and short chunks end the body without a panic.
-        assert!(dechunk(b"zz\r\nabc").is_empty());
-        assert_eq!(dechunk(b"5\r\nab"), b"");
+    }
+
+    #[test]
+    fn endpoints_take_addresses_and_urls() {
+        assert_eq!(
+            endpoint("127.0.0.1:9093").map(|u| u.to_string()).as_deref(),
+            Ok("http://127.0.0.1:9093/")
+        );
+        assert_eq!(
+            endpoint("http://h:1").map(|u| u.to_string()).as_deref(),
+            Ok("http://h:1/")
+        );
+        assert!(endpoint("https://h:1").is_ok());
+        assert!(endpoint("ftp://h:1").is_err());
+        assert!(endpoint("http://").is_err());
     }
 }

@@ -1,12 +1,13 @@
 //! # broker-node: the `broker` binary's library
 //!
 //! The one crate that names engines and transports ([`wiring`], behind cargo features), the
-//! scripted demo and the local development cluster ([`demo`], on `consensus-harness`), and the
-//! admin HTTP client the CLI uses ([`http`]). The metadata plane itself is the `broker` crate,
+//! scripted demo and the local development cluster ([`demo`], on `consensus-harness`), the admin
+//! CLI ([`cli`]) and the HTTP client it uses ([`http`]). The metadata plane itself is the `broker` crate,
 //! which depends only on `consensus-api`.
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod wiring;

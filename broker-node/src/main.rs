@@ -8,10 +8,16 @@
 //!     --dev-certs /tmp/certs --admin-token-file /tmp/admin-token
 //! broker topics create orders --partitions 6 --replication-factor 3 --admin 127.0.0.1:8001 \
 //!     --admin-token-file /tmp/admin-token         # or BROKER_ADMIN_TOKEN=...
-//! broker topics list|describe NAME|delete NAME --admin ADDR
-//! broker brokers list --admin ADDR
-//! broker cluster status --admin ADDR
+//! broker topics list [--describe] | describe NAME | delete NAME [--if-exists]
+//! broker topics alter-configs NAME --set K=V --remove K | add-partitions NAME --total N | configs
+//! broker brokers list | describe ID | unregister ID
+//! broker cluster status
+//! # admin commands: --admin URL[,URL...] (or BROKER_ADMIN), --timeout S, --output table|json
 //! ```
+//!
+//! Exit codes of the admin commands: 0 done, 1 other failure, 2 bad command line, 3 not found,
+//! 4 conflict (exists, stale, alive), 5 invalid request, 6 unavailable (no node answered, no
+//! leader, timeout), 7 no or wrong credential.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,14 +28,19 @@ use std::time::Duration;
 use broker::admin::AdminAuth;
 use broker::server::{bind, BrokerNode, NodeSpec};
 use broker::LivenessConfig;
-use broker_node::{demo, http, wiring};
+use broker_node::cli::{self, BrokersCmd, CliError, ClusterCmd, Conn, ExitKind, TopicsCmd};
+use broker_node::{demo, wiring};
 use clap::{Args, Parser, Subcommand};
 use consensus_api::{NodeId, TlsConfig};
 
 #[derive(Parser)]
 #[command(
     name = "broker",
-    about = "A KRaft-like metadata plane on pluggable consensus"
+    version,
+    about = "A KRaft-like metadata plane on pluggable consensus",
+    after_help = "Start with `broker demo`, or `broker dev` and then, in another terminal, \
+                  `broker topics create orders --partitions 3 --replication-factor 3 --admin \
+                  URL --admin-token-file FILE` (both printed by `dev`)."
 )]
 struct Cli {
     /// The admin API's bearer token, read from this file (admin commands; the token may also
@@ -61,16 +72,22 @@ enum Cmd {
     Brokers {
         #[command(subcommand)]
         cmd: BrokersCmd,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Topic admin commands.
     Topics {
         #[command(subcommand)]
         cmd: TopicsCmd,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Cluster admin commands.
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+        #[command(flatten)]
+        conn: Conn,
     },
 }
 
@@ -141,69 +158,6 @@ struct Serve {
     engine: Engine,
 }
 
-#[derive(Subcommand)]
-enum BrokersCmd {
-    /// List registered brokers.
-    List {
-        /// Admin address of any node.
-        #[arg(long)]
-        admin: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum TopicsCmd {
-    /// Create a topic.
-    Create {
-        /// Topic name.
-        name: String,
-        /// Partitions.
-        #[arg(long)]
-        partitions: u32,
-        /// Replication factor.
-        #[arg(long)]
-        replication_factor: u16,
-        /// Configs `key=value` (repeatable).
-        #[arg(long = "config", value_parser = parse_kv)]
-        configs: Vec<(String, String)>,
-        /// Admin address of any node.
-        #[arg(long)]
-        admin: String,
-    },
-    /// List topics.
-    List {
-        /// Admin address of any node.
-        #[arg(long)]
-        admin: String,
-    },
-    /// Describe one topic.
-    Describe {
-        /// Topic name.
-        name: String,
-        /// Admin address of any node.
-        #[arg(long)]
-        admin: String,
-    },
-    /// Delete a topic.
-    Delete {
-        /// Topic name.
-        name: String,
-        /// Admin address of any node.
-        #[arg(long)]
-        admin: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum ClusterCmd {
-    /// Consensus status of one node.
-    Status {
-        /// Admin address of the node.
-        #[arg(long)]
-        admin: String,
-    },
-}
-
 fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     let mut out = BTreeMap::new();
     for kv in s.split(',').filter(|p| !p.is_empty()) {
@@ -214,7 +168,12 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if addr.is_empty() {
             return Err(format!("peer {id} has no address"));
         }
-        out.insert(id, addr.to_string());
+        if id == 0 {
+            return Err("peer id 0 is reserved: node ids start at 1".into());
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(format!("peer {id} is listed twice"));
+        }
     }
     if out.is_empty() {
         return Err("at least one peer is needed".into());
@@ -222,57 +181,10 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(out)
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("config {s:?} must be KEY=VALUE"))
-}
-
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs one admin request; prints the body; fails on a non-2xx status.
-async fn admin_call(
-    token: Option<&str>,
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<String>,
-) -> Result<(), String> {
-    let (status, text) = http::Request::new(addr, method, path)
-        .json(body.as_deref())
-        .token(token)
-        .send(ADMIN_TIMEOUT)
-        .await?;
-    let pretty = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or(text);
-    if (200..300).contains(&status) {
-        if !pretty.is_empty() {
-            println!("{pretty}");
-        }
-        Ok(())
-    } else {
-        Err(format!("HTTP {status}: {pretty}"))
-    }
-}
-
-/// The admin token from `file`, else from `BROKER_ADMIN_TOKEN`; `None` when neither is set.
-fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
-    if let Some(f) = file {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| format!("admin token file {}: {e}", f.display()))?;
-        return Ok(Some(text.trim().to_string()));
-    }
-    Ok(std::env::var("BROKER_ADMIN_TOKEN")
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty()))
-}
-
 /// How `serve` protects its admin API.
 fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<AdminAuth, String> {
-    match (admin_token(token_file)?, s.admin_insecure_no_auth) {
+    let token = cli::admin_token(token_file).map_err(|e| e.message)?;
+    match (token, s.admin_insecure_no_auth) {
         (Some(_), true) => Err("--admin-insecure-no-auth contradicts an admin token".into()),
         (Some(t), false) => AdminAuth::token(&t, s.admin_protect_reads),
         (None, true) => {
@@ -293,7 +205,37 @@ fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<A
     }
 }
 
+/// Start-up checks of `serve`'s settings, before anything is created on disk.
+fn check_serve(s: &Serve) -> Result<(), String> {
+    if s.id == 0 {
+        return Err("--id 0 is reserved: node ids start at 1".into());
+    }
+    if !s.peers.contains_key(&s.id) {
+        return Err(format!("--peers must include this node ({})", s.id));
+    }
+    let mut addrs = std::collections::BTreeSet::new();
+    for (id, addr) in &s.peers {
+        if !addrs.insert(addr.as_str()) {
+            return Err(format!(
+                "--peers: address {addr} is given to more than one node (again for {id})"
+            ));
+        }
+    }
+    if s.heartbeat_ms == 0 || s.session_timeout_ms == 0 {
+        return Err("--heartbeat-ms and --session-timeout-ms must be above 0".into());
+    }
+    if s.heartbeat_ms.saturating_mul(2) > s.session_timeout_ms {
+        return Err(format!(
+            "--heartbeat-ms {} must be at most half of --session-timeout-ms {}: otherwise one \
+             late heartbeat fences the broker, and it flaps between fenced and unfenced",
+            s.heartbeat_ms, s.session_timeout_ms
+        ));
+    }
+    Ok(())
+}
+
 async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
+    check_serve(&s)?;
     // Judged after the transport's TLS, whose error comes first.
     let admin_auth = serve_admin_auth(&s, token_file.as_deref());
     let backend = wiring::backend(s.engine.backend.as_deref())?;
@@ -331,9 +273,6 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         }
     };
     let admin_auth = admin_auth?;
-    if !s.peers.contains_key(&s.id) {
-        return Err(format!("--peers must include this node ({})", s.id));
-    }
     let spec = NodeSpec {
         id: s.id,
         cluster_id: s.cluster_id,
@@ -343,8 +282,8 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         data_dir: s.data_dir,
         tls,
         liveness: LivenessConfig {
-            session_timeout: Duration::from_millis(s.session_timeout_ms.max(100)),
-            heartbeat_interval: Duration::from_millis(s.heartbeat_ms.max(10)),
+            session_timeout: Duration::from_millis(s.session_timeout_ms),
+            heartbeat_interval: Duration::from_millis(s.heartbeat_ms),
             ..LivenessConfig::default()
         },
         rack: s.rack,
@@ -409,53 +348,27 @@ async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), CliError> {
     let token_file = cli.admin_token_file;
-    // For the admin commands (`serve` reads the file itself).
-    let token = match &cli.cmd {
-        Cmd::Serve(_) | Cmd::Dev { .. } | Cmd::Demo { .. } => None,
-        _ => admin_token(token_file.as_deref())?,
+    let client = |conn: &Conn| {
+        let token = cli::admin_token(token_file.as_deref())?;
+        cli::Client::new(conn, token)
     };
-    let tok = token.as_deref();
     match cli.cmd {
-        Cmd::Serve(s) => serve(*s, token_file).await,
+        Cmd::Serve(s) => Ok(serve(*s, token_file.clone()).await?),
         Cmd::Dev { nodes, engine } => {
             if !(1..=9).contains(&nodes) {
-                return Err("--nodes must be between 1 and 9".into());
-            }
-            dev(nodes, engine).await
-        }
-        Cmd::Demo { engine } => demo::run(engine.backend, engine.transport).await,
-        Cmd::Brokers {
-            cmd: BrokersCmd::List { admin },
-        } => admin_call(tok, &admin, "GET", "/brokers", None).await,
-        Cmd::Topics { cmd } => match cmd {
-            TopicsCmd::Create {
-                name,
-                partitions,
-                replication_factor,
-                configs,
-                admin,
-            } => {
-                let body = serde_json::json!({
-                    "name": name,
-                    "partitions": partitions,
-                    "replication_factor": replication_factor,
-                    "configs": configs.into_iter().collect::<BTreeMap<_, _>>(),
+                return Err(CliError {
+                    kind: ExitKind::Usage,
+                    message: "--nodes must be between 1 and 9".into(),
                 });
-                admin_call(tok, &admin, "POST", "/topics", Some(body.to_string())).await
             }
-            TopicsCmd::List { admin } => admin_call(tok, &admin, "GET", "/topics", None).await,
-            TopicsCmd::Describe { name, admin } => {
-                admin_call(tok, &admin, "GET", &format!("/topics/{name}"), None).await
-            }
-            TopicsCmd::Delete { name, admin } => {
-                admin_call(tok, &admin, "DELETE", &format!("/topics/{name}"), None).await
-            }
-        },
-        Cmd::Cluster {
-            cmd: ClusterCmd::Status { admin },
-        } => admin_call(tok, &admin, "GET", "/cluster/status", None).await,
+            Ok(dev(nodes, engine).await?)
+        }
+        Cmd::Demo { engine } => Ok(demo::run(engine.backend, engine.transport).await?),
+        Cmd::Brokers { cmd, conn } => client(&conn)?.brokers(cmd).await,
+        Cmd::Topics { cmd, conn } => client(&conn)?.topics(cmd).await,
+        Cmd::Cluster { cmd, conn } => client(&conn)?.cluster(cmd).await,
     }
 }
 
@@ -483,8 +396,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.kind as u8)
         }
     }
 }

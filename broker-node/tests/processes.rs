@@ -412,3 +412,412 @@ fn serve_without_tls_material_refuses_to_start() {
     assert!(err.contains("always uses mutual TLS"), "{err}");
     assert!(!data.exists(), "created the data dir");
 }
+
+/// Runs the CLI against `admin` with the cluster's token; returns the exit code, stdout and
+/// stderr.
+fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(args)
+        .args(["--admin", admin])
+        .env("BROKER_ADMIN_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The feed's entries after `since` that record a refused topic request.
+async fn refused_topic_records(admin: SocketAddr, since: u64) -> Vec<Value> {
+    let path = format!("/metadata/changes?since={since}&max=10000");
+    let (status, v) = call(admin, "GET", &path, None).await.expect("feed");
+    assert_eq!(status, 200, "{v}");
+    v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| {
+            let cmd = c["command"]
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>());
+            let topic_cmd = cmd.is_some_and(|k| {
+                k.iter().any(|k| {
+                    [
+                        "CreateTopic",
+                        "DeleteTopic",
+                        "AlterTopicConfig",
+                        "CreatePartitions",
+                    ]
+                    .contains(&k.as_str())
+                })
+            });
+            topic_cmd && c["response"].get("Error").is_some()
+        })
+        .collect()
+}
+
+/// The admin CLI and API as an operator meets them, on three `broker serve` processes: names
+/// that try to smuggle a query, a fragment or a second request act on nothing; a listing over
+/// 16 MiB arrives whole; requests the image already refuses leave the log and the feed
+/// unchanged; unknown configs are refused; alter-configs, add-partitions and unregister work;
+/// a fake broker cannot unfence itself with an offset beyond the log end; exit codes tell
+/// failures apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_acts_on_exactly_what_it_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = start(dir.path());
+    let all: Vec<&Node> = nodes.iter().collect();
+    leader(&all).await;
+    let url = format!("http://{}", nodes[0].admin);
+    let admin = url.as_str();
+    // Brokers register in the background: retry the first create until there are two.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, out, err) = cli(
+            admin,
+            &[
+                "topics",
+                "create",
+                "victim",
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "2",
+            ],
+        );
+        if code == 0 {
+            assert!(out.starts_with("created topic victim"), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "create victim: {code} {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for t in ["victim2", "other"] {
+        let (code, _, err) = cli(
+            admin,
+            &[
+                "topics",
+                "create",
+                t,
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "2",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, _, err) = cli(
+        admin,
+        &[
+            "topics",
+            "create",
+            "victim",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "2",
+        ],
+    );
+    assert_eq!(code, 4, "a duplicate is a conflict: {err}");
+    let (code, _, _) = cli(
+        admin,
+        &[
+            "topics",
+            "create",
+            "victim",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "2",
+            "--if-not-exists",
+        ],
+    );
+    assert_eq!(code, 0, "--if-not-exists");
+
+    let (_, feed_start, _) = cli(admin, &["cluster", "status", "-o", "json"]);
+    let since: Value = serde_json::from_str(&feed_start).expect("status JSON");
+    let since = since["applied_index"].as_u64().expect("applied index");
+
+    // Names that would smuggle a query, a fragment or a second request are refused before
+    // anything is sent, and the server refuses them too when they arrive encoded.
+    for evil in [
+        "victim?dry-run=true",
+        "victim2#x",
+        "other\r\nDELETE /topics/victim HTTP/1.1",
+        "../topics",
+    ] {
+        for verb in ["delete", "describe"] {
+            let (code, _, err) = cli(admin, &["topics", verb, evil]);
+            assert_eq!(code, 5, "topics {verb} {evil:?}: {err}");
+            assert!(err.contains("[a-zA-Z0-9._-]"), "{err}");
+        }
+        let (status, v) = call(
+            nodes[1].admin,
+            "DELETE",
+            &http::path(&["topics", evil]).expect("a path"),
+            None,
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(status, 400, "DELETE {evil:?}: {v}");
+    }
+    let (code, names, _) = cli(admin, &["topics", "list"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        ["other", "victim", "victim2"],
+        "{names}"
+    );
+
+    // Requests the image refuses cost no log entry: nothing about them in the feed.
+    let long = "n".repeat(10_000);
+    for args in [
+        vec!["topics", "delete", "missing"],
+        vec![
+            "topics",
+            "create",
+            "victim",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "1",
+        ],
+        vec![
+            "topics",
+            "create",
+            "wide",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "9",
+        ],
+        vec!["topics", "add-partitions", "victim", "--total", "1"],
+        vec![
+            "topics",
+            "alter-configs",
+            "missing",
+            "--set",
+            "retention.ms=1",
+        ],
+    ] {
+        let (code, _, err) = cli(admin, &args);
+        assert_ne!(code, 0, "{args:?} succeeded");
+        assert!(!err.is_empty(), "{args:?}: no reason");
+    }
+    let (status, _) = call(
+        nodes[2].admin,
+        "DELETE",
+        &http::path(&["topics", &long]).expect("a path"),
+        None,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(status, 400);
+    let (code, _, err) = cli(admin, &["topics", "delete", "missing"]);
+    assert_eq!(code, 3, "not found: {err}");
+    let (code, _, _) = cli(admin, &["topics", "delete", "missing", "--if-exists"]);
+    assert_eq!(code, 0);
+    // Unknown configs and bad values, from the CLI and straight over HTTP.
+    let (code, _, err) = cli(
+        admin,
+        &[
+            "topics",
+            "create",
+            "typo",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "1",
+            "--config",
+            "unclean.leader.election.enabled=true",
+        ],
+    );
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("unknown topic config"), "{err}");
+    let bad_config = r#"{"name":"typo","partitions":1,"replication_factor":1,"configs":{"retention.ms":"soon"}}"#;
+    let (status, v) = call(nodes[1].admin, "POST", "/topics", Some(bad_config))
+        .await
+        .expect("answer");
+    assert_eq!(status, 400, "{v}");
+    let refused = refused_topic_records(nodes[0].admin, since).await;
+    assert!(
+        refused.is_empty(),
+        "refused requests reached the log: {refused:?}"
+    );
+
+    // alter-configs and add-partitions.
+    let (code, _, err) = cli(
+        admin,
+        &[
+            "topics",
+            "alter-configs",
+            "victim",
+            "--set",
+            "retention.ms=86400000",
+            "--set",
+            "unclean.leader.election.enable=true",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(
+        admin,
+        &["topics", "add-partitions", "victim", "--total", "3"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli(admin, &["topics", "describe", "victim", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let topic: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        topic["partitions"].as_array().map(Vec::len),
+        Some(3),
+        "{topic}"
+    );
+    assert_eq!(topic["configs"]["retention.ms"], "86400000", "{topic}");
+    let (code, table, _) = cli(admin, &["topics", "describe", "victim"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("PARTITION") && table.lines().count() >= 5,
+        "{table}"
+    );
+
+    // A fake broker cannot unfence itself by claiming an offset beyond the log's end.
+    let (status, v) = call(
+        nodes[1].admin,
+        "POST",
+        "/brokers",
+        Some(r#"{"broker_id":50,"incarnation":1}"#),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(status, 200, "{v}");
+    let epoch = v["epoch"].as_u64().expect("epoch");
+    let beat = format!(r#"{{"epoch":{epoch},"metadata_offset":{}}}"#, 1u64 << 50);
+    let (status, v) = call(nodes[1].admin, "POST", "/brokers/50/heartbeat", Some(&beat))
+        .await
+        .expect("answer");
+    assert_eq!(status, 400, "{v}");
+    let (code, out, _) = cli(admin, &["brokers", "describe", "50"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("fenced"), "{out}");
+    // A live broker is not unregistered; the fenced fake one is.
+    let (code, _, err) = cli(admin, &["brokers", "unregister", "1"]);
+    assert_eq!(code, 4, "{err}");
+    let (code, _, err) = cli(admin, &["brokers", "unregister", "50"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = cli(admin, &["brokers", "describe", "50"]);
+    assert_eq!(code, 3);
+
+    // Several endpoints are tried in turn; a dead one first does not matter.
+    let dead = format!("http://{}", free_tcp());
+    let list = format!("{dead},{url}");
+    let (code, out, err) = cli(&list, &["brokers", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("BROKER"), "{out}");
+    let (code, _, err) = cli(&dead, &["brokers", "list"]);
+    assert_eq!(code, 6, "unavailable: {err}");
+
+    // Unknown routes and methods answer JSON errors.
+    for (method, path, want) in [
+        ("GET", "/nope", 404),
+        ("PUT", "/topics", 405),
+        ("GET", "/brokers/x", 400),
+    ] {
+        let (status, v) = call(nodes[0].admin, method, path, None)
+            .await
+            .expect("answer");
+        assert_eq!(status, want, "{method} {path}: {v}");
+        assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+    }
+
+    // A listing over 16 MiB arrives whole (22 topics of 10,000 partitions), and a closed pipe
+    // ends the CLI quietly.
+    for t in 0..22 {
+        let body = format!(r#"{{"name":"wide-{t}","partitions":10000,"replication_factor":2}}"#);
+        let (status, v) = call(nodes[0].admin, "POST", "/topics", Some(&body))
+            .await
+            .expect("answer");
+        assert_eq!(status, 201, "wide-{t}: {}", v["reason"]);
+    }
+    let (status, bytes) = http::Request::new(&nodes[2].admin.to_string(), "GET", "/topics")
+        .send_bytes(Duration::from_secs(60))
+        .await
+        .expect("the listing");
+    assert_eq!(status, 200);
+    assert!(bytes.len() > 16 << 20, "only {} bytes", bytes.len());
+    let listing: Vec<Value> = serde_json::from_slice(&bytes).expect("whole JSON");
+    let partitions: usize = listing
+        .iter()
+        .filter_map(|t| t["partitions"].as_array().map(Vec::len))
+        .sum();
+    assert_eq!(partitions, 22 * 10_000 + 3 + 1 + 1);
+    let piped = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; '{}' topics describe wide-0 --admin {url} | head -1",
+            env!("CARGO_BIN_EXE_broker")
+        ))
+        .output()
+        .expect("run through a pipe");
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        piped.status.success(),
+        "exit {:?}: {err}",
+        piped.status.code()
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `serve` refuses settings that cannot work, says what to change, and creates nothing.
+#[test]
+fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).expect("token");
+    let run = |id: &str, peers: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["serve", "--id", id, "--listen", &free_udp().to_string()])
+            .args(["--admin", &free_tcp().to_string(), "--peers", peers])
+            .args(["--data-dir", &data.display().to_string()])
+            .args([
+                "--dev-certs",
+                &dir.path().join("certs").display().to_string(),
+            ])
+            .args(["--admin-token-file", &token.display().to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run serve");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cases: [(&str, &str, &[&str], &str); 5] = [
+        (
+            "1",
+            "1=127.0.0.1:1",
+            &["--heartbeat-ms", "5000", "--session-timeout-ms", "3000"],
+            "at most half",
+        ),
+        ("0", "0=127.0.0.1:1", &[], "reserved"),
+        ("1", "1=127.0.0.1:1,1=127.0.0.1:2", &[], "listed twice"),
+        (
+            "1",
+            "1=127.0.0.1:1,2=127.0.0.1:1",
+            &[],
+            "more than one node",
+        ),
+        ("3", "1=127.0.0.1:1", &[], "must include this node"),
+    ];
+    for (id, peers, extra, why) in cases {
+        let (ok, err) = run(id, peers, extra);
+        assert!(!ok, "--id {id} --peers {peers} {extra:?} started");
+        assert!(err.contains(why), "{err}");
+        assert!(!data.exists(), "created the data dir for {extra:?}");
+    }
+}

@@ -4,36 +4,49 @@
 //! |---|---|
 //! | `GET /cluster/status` | this node's consensus status |
 //! | `GET /brokers` | registered brokers |
+//! | `GET /brokers/{id}` | one broker |
+//! | `DELETE /brokers/{id}` | unregister a fenced (dead) broker, as KIP-1073's `kafka-cluster unregister` |
 //! | `POST /brokers` | register `{broker_id, incarnation, endpoints, rack}`: the epoch |
 //! | `POST /brokers/{id}/heartbeat` | `{epoch, metadata_offset}` |
 //! | `POST /brokers/{id}/shutdown` | `{epoch}`: controlled shutdown |
-//! | `GET /topics`, `GET /topics/{name}` | topics with partitions, leaders, ISRs |
+//! | `GET /topics?view=full\|summary\|names`, `GET /topics/{name}` | topics (`full`, the default: with partitions, leaders, ISRs; `summary`: counts; `names`: names only) |
 //! | `POST /topics` | create `{name, partitions, replication_factor, configs}` |
 //! | `DELETE /topics/{name}` | delete |
+//! | `POST /topics/{name}/partitions` | grow to `{total}` partitions |
+//! | `POST /topics/{name}/configs` | `{set: {key: value}, remove: [key]}` ([`crate::configs`]) |
+//! | `GET /topic-configs` | the known topic configs, their types and defaults |
 //! | `GET /metadata/changes?since=N&max=M&wait_ms=W` | the feed, long-polling up to `W` ms |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3 description of this API (`broker/api/openapi.json`) |
 //!
 //! Errors are JSON `{"error": kind, "reason": text}` with a 4xx status for bad requests (unknown
-//! topic or broker 404, duplicate or stale epoch 409, invalid 400, malformed JSON 400, a body
-//! over 1 MiB 413, no credential 401, a wrong one 403) and 5xx when consensus is unavailable
-//! (503 with the leader hint, 504 on timeout). A refused request changed nothing.
+//! topic or broker, or no such route, 404; a method the route does not serve 405; duplicate or
+//! stale epoch 409; invalid 400; malformed JSON or path 400; a body over 1 MiB 413; no
+//! credential 401, a wrong one 403) and 5xx when consensus is unavailable (503 with the leader
+//! hint, 504 on timeout). A refused request changed nothing, and a request the current image
+//! already refuses is answered without a log entry ([`Controller::submit_checked`]).
+//!
+//! **Feed** (`/metadata/changes`): changes with an offset strictly greater than `since`, oldest
+//! first, at most `max` (default 1000, at most 10,000); with `wait_ms` (at most 30,000) the call
+//! waits that long for a first change. A 410 `feed_gap` means `since` fell behind the retained
+//! feed: read the image again. Quiet heartbeats (that fence or unfence nothing) are not in it.
 //!
 //! **Credentials** ([`AdminAuth`]): every request that changes state (any method but `GET` and
 //! `HEAD`) needs `Authorization: Bearer <token>`; reads too when so configured. Without a
 //! token configured the API is open, which a program must choose explicitly
 //! ([`AdminAuth::InsecureOpen`]).
 //!
-//! **Limits**: topic names at most [`MAX_NAME_LEN`] bytes, at most [`MAX_CONFIGS`] configs of
-//! keys up to [`MAX_CONFIG_KEY_LEN`] and values up to [`MAX_CONFIG_VALUE_LEN`] bytes, at most
-//! [`MAX_ENDPOINTS`] endpoints of up to [`MAX_ENDPOINT_LEN`] bytes, a rack up to
-//! [`MAX_RACK_LEN`] bytes; checked before anything is proposed.
+//! **Limits**: topic names 1 to [`MAX_TOPIC_NAME_LEN`] characters of `[a-zA-Z0-9._-]`; at most
+//! [`configs::MAX_CONFIGS`] configs, each a known key ([`configs::TOPIC_CONFIGS`]) with a value
+//! of its type up to [`configs::MAX_CONFIG_VALUE_LEN`] bytes; at most [`MAX_ENDPOINTS`]
+//! endpoints of up to [`MAX_ENDPOINT_LEN`] bytes, a rack up to [`MAX_RACK_LEN`] bytes; checked
+//! before anything is proposed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -45,19 +58,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::configs;
 use crate::controller::{Controller, ControllerError};
 use crate::model::*;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Longest topic name (Kafka's limit).
-pub const MAX_NAME_LEN: usize = 249;
-/// Most configs per topic.
-pub const MAX_CONFIGS: usize = 64;
-/// Longest config key.
-pub const MAX_CONFIG_KEY_LEN: usize = 255;
-/// Longest config value.
-pub const MAX_CONFIG_VALUE_LEN: usize = 4096;
 /// Most endpoints per broker registration.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Longest endpoint.
@@ -173,13 +179,19 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
     Router::new()
         .route("/cluster/status", get(cluster_status))
         .route("/brokers", get(list_brokers).post(register))
+        .route("/brokers/{id}", get(describe_broker).delete(unregister))
         .route("/brokers/{id}/heartbeat", post(heartbeat))
         .route("/brokers/{id}/shutdown", post(shutdown))
         .route("/topics", get(list_topics).post(create_topic))
         .route("/topics/{name}", get(describe_topic).delete(delete_topic))
+        .route("/topics/{name}/partitions", post(add_partitions))
+        .route("/topics/{name}/configs", post(alter_configs))
+        .route("/topic-configs", get(topic_configs))
         .route("/metadata/changes", get(changes))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .with_state(App { ctl, metrics })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(auth, authenticate))
@@ -194,10 +206,35 @@ fn too_long(what: &str, len: usize, max: usize) -> ApiError {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.len() > MAX_NAME_LEN {
-        return Err(too_long("the topic name", name.len(), MAX_NAME_LEN));
-    }
-    Ok(())
+    check_topic_name(name).map_err(|e| ControllerError::Metadata(e).into())
+}
+
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    api(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no such route: {} (GET /openapi.json lists them)",
+            uri.path()
+        ),
+    )
+}
+
+async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    api(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not serve {method} (GET /openapi.json lists what it does)",
+            uri.path()
+        ),
+    )
+}
+
+/// A path parameter, or a JSON 400 naming what was wrong with it.
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|Path(v)| v)
+        .map_err(|e| api(StatusCode::BAD_REQUEST, "malformed", e.body_text()))
 }
 
 /// An error answer: status plus `{"error", "reason"}`.
@@ -352,9 +389,10 @@ struct HeartbeatReq {
 
 async fn heartbeat(
     State(app): State<App>,
-    Path(id): Path<BrokerId>,
+    id: Result<Path<BrokerId>, PathRejection>,
     req: Result<Json<HeartbeatReq>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let id = path(id)?;
     let r = body(req)?;
     app.ctl.heartbeat(id, r.epoch, r.metadata_offset).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -368,12 +406,13 @@ struct EpochReq {
 
 async fn shutdown(
     State(app): State<App>,
-    Path(id): Path<BrokerId>,
+    id: Result<Path<BrokerId>, PathRejection>,
     req: Result<Json<EpochReq>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let id = path(id)?;
     let r = body(req)?;
     app.ctl
-        .submit(MetadataCommand::BeginControlledShutdown {
+        .submit_checked(MetadataCommand::BeginControlledShutdown {
             broker_id: id,
             epoch: r.epoch,
         })
@@ -381,9 +420,67 @@ async fn shutdown(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_topics(State(app): State<App>) -> Result<Json<Vec<Topic>>, ApiError> {
+/// `GET /topics?view=...`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicsQuery {
+    #[serde(default)]
+    view: TopicsView,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TopicsView {
+    #[default]
+    Full,
+    Summary,
+    Names,
+}
+
+/// One topic in `view=summary`.
+#[derive(Serialize)]
+struct TopicSummary {
+    name: String,
+    id: TopicId,
+    partitions: usize,
+    replication_factor: usize,
+    offline_partitions: usize,
+    under_replicated_partitions: usize,
+    configs: BTreeMap<String, String>,
+}
+
+impl From<Topic> for TopicSummary {
+    fn from(t: Topic) -> Self {
+        Self {
+            id: t.id,
+            partitions: t.partitions.len(),
+            replication_factor: t.partitions.first().map_or(0, |p| p.replicas.len()),
+            offline_partitions: t.partitions.iter().filter(|p| p.leader.is_none()).count(),
+            under_replicated_partitions: t
+                .partitions
+                .iter()
+                .filter(|p| p.isr.len() < p.replicas.len())
+                .count(),
+            name: t.name,
+            configs: t.configs,
+        }
+    }
+}
+
+async fn list_topics(
+    State(app): State<App>,
+    q: Result<Query<TopicsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| api(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
     let img = app.ctl.image().await?;
-    Ok(Json(img.topics.into_values().collect()))
+    let topics = img.topics.into_values();
+    Ok(match q.view {
+        TopicsView::Full => Json(topics.collect::<Vec<_>>()).into_response(),
+        TopicsView::Summary => {
+            Json(topics.map(TopicSummary::from).collect::<Vec<_>>()).into_response()
+        }
+        TopicsView::Names => Json(topics.map(|t| t.name).collect::<Vec<_>>()).into_response(),
+    })
 }
 
 /// `POST /topics`.
@@ -409,28 +506,7 @@ async fn create_topic(
 ) -> Result<(StatusCode, Json<CreatedResp>), ApiError> {
     let r = body(req)?;
     check_name(&r.name)?;
-    if r.configs.len() > MAX_CONFIGS {
-        return Err(api(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!(
-                "{} configs; at most {MAX_CONFIGS} are allowed",
-                r.configs.len()
-            ),
-        ));
-    }
-    for (k, v) in &r.configs {
-        if k.len() > MAX_CONFIG_KEY_LEN {
-            return Err(too_long("a config key", k.len(), MAX_CONFIG_KEY_LEN));
-        }
-        if v.len() > MAX_CONFIG_VALUE_LEN {
-            return Err(too_long(
-                &format!("the value of config {k:?}"),
-                v.len(),
-                MAX_CONFIG_VALUE_LEN,
-            ));
-        }
-    }
+    configs::check_all(&r.configs).map_err(ControllerError::Metadata)?;
     let (topic_id, assignment) = app
         .ctl
         .create_topic(&r.name, r.partitions, r.replication_factor, r.configs)
@@ -446,8 +522,10 @@ async fn create_topic(
 
 async fn describe_topic(
     State(app): State<App>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Topic>, ApiError> {
+    let name = path(name)?;
+    check_name(&name)?;
     let img = app.ctl.image().await?;
     img.topics
         .get(&name)
@@ -458,11 +536,126 @@ async fn describe_topic(
 
 async fn delete_topic(
     State(app): State<App>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let name = path(name)?;
     check_name(&name)?;
     app.ctl
-        .submit(MetadataCommand::DeleteTopic { name })
+        .submit_checked(MetadataCommand::DeleteTopic { name })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /topics/{name}/partitions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddPartitionsReq {
+    total: u32,
+}
+
+async fn add_partitions(
+    State(app): State<App>,
+    name: Result<Path<String>, PathRejection>,
+    req: Result<Json<AddPartitionsReq>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let name = path(name)?;
+    check_name(&name)?;
+    let r = body(req)?;
+    app.ctl
+        .submit_checked(MetadataCommand::CreatePartitions {
+            name,
+            total: r.total,
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /topics/{name}/configs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlterConfigsReq {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn alter_configs(
+    State(app): State<App>,
+    name: Result<Path<String>, PathRejection>,
+    req: Result<Json<AlterConfigsReq>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let name = path(name)?;
+    check_name(&name)?;
+    let r = body(req)?;
+    if r.set.is_empty() && r.remove.is_empty() {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "nothing to change: give `set` or `remove`",
+        ));
+    }
+    if r.remove.len() > configs::MAX_CONFIGS {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "at most {} configs can be removed at once",
+                configs::MAX_CONFIGS
+            ),
+        ));
+    }
+    app.ctl
+        .submit_checked(MetadataCommand::AlterTopicConfig {
+            name,
+            set: r.set,
+            remove: r.remove,
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn topic_configs() -> Json<&'static [configs::ConfigSpec]> {
+    Json(configs::TOPIC_CONFIGS)
+}
+
+async fn describe_broker(
+    State(app): State<App>,
+    id: Result<Path<BrokerId>, PathRejection>,
+) -> Result<Json<BrokerRegistration>, ApiError> {
+    let id = path(id)?;
+    let img = app.ctl.image().await?;
+    img.brokers
+        .get(&id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ControllerError::Metadata(MetadataError::UnknownBroker(id)).into())
+}
+
+/// Unregisters a broker that is fenced (dead) or shutting down; a live one would only register
+/// again, so it is refused with a reason.
+async fn unregister(
+    State(app): State<App>,
+    id: Result<Path<BrokerId>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = path(id)?;
+    let img = app.ctl.image().await?;
+    let b = img
+        .brokers
+        .get(&id)
+        .ok_or(ControllerError::Metadata(MetadataError::UnknownBroker(id)))?;
+    if !b.fenced && !b.shutting_down {
+        return Err(api(
+            StatusCode::CONFLICT,
+            "broker_alive",
+            format!(
+                "broker {id} is alive (unfenced and heartbeating): stop it, or wait until its \
+                 session expires and it is fenced, then unregister it"
+            ),
+        ));
+    }
+    app.ctl
+        .submit_checked(MetadataCommand::UnregisterBroker { broker_id: id })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -492,6 +685,13 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<HeartbeatReq>(data);
     let _ = serde_json::from_slice::<EpochReq>(data);
     let _ = serde_json::from_slice::<CreateTopicReq>(data);
+    let _ = serde_json::from_slice::<AddPartitionsReq>(data);
+    if let Ok(r) = serde_json::from_slice::<AlterConfigsReq>(data) {
+        let _ = r.set.iter().try_for_each(|(k, v)| configs::check(k, v));
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = check_topic_name(s);
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = serde_urlencoded_query(s);
     }
@@ -594,6 +794,11 @@ mod tests {
         "post /topics",
         "get /topics/{name}",
         "delete /topics/{name}",
+        "get /brokers/{id}",
+        "delete /brokers/{id}",
+        "post /topics/{name}/partitions",
+        "post /topics/{name}/configs",
+        "get /topic-configs",
         "get /metadata/changes",
         "get /metrics",
         "get /openapi.json",

@@ -102,6 +102,18 @@ impl Controller {
         }
     }
 
+    /// Checks `cmd` against a linearizable read of the image ([`MetadataMachine::check`]) and
+    /// appends it only if it passes: a request that cannot succeed costs no log entry and
+    /// leaves the feed unchanged. Apply still re-checks, since the image may move on before the
+    /// record commits.
+    pub async fn submit_checked(
+        &self,
+        cmd: MetadataCommand,
+    ) -> Result<MetadataResponse, ControllerError> {
+        self.node.read(|m| m.check(&cmd)).await??;
+        self.submit(cmd).await
+    }
+
     /// Registers a broker; returns its epoch.
     pub async fn register_broker(
         &self,
@@ -149,7 +161,7 @@ impl Controller {
         configs: BTreeMap<String, String>,
     ) -> Result<(TopicId, Vec<Vec<BrokerId>>), ControllerError> {
         match self
-            .submit(MetadataCommand::CreateTopic {
+            .submit_checked(MetadataCommand::CreateTopic {
                 name: name.to_string(),
                 partitions,
                 replication_factor,

@@ -238,8 +238,37 @@ impl Topic {
     /// Whether an out-of-sync replica may be elected when no ISR member is available.
     pub fn unclean_election(&self) -> bool {
         self.configs
-            .get("unclean.leader.election.enable")
+            .get(crate::configs::UNCLEAN_LEADER_ELECTION)
             .is_some_and(|v| v == "true")
+    }
+}
+
+/// Longest topic name: Kafka's limit, since a partition's data lives in a directory named
+/// `<topic>-<partition>` that must fit the 255-byte file-name limit of common file systems.
+pub const MAX_TOPIC_NAME_LEN: usize = 249;
+
+/// Whether `c` may appear in a topic name: Kafka's `[a-zA-Z0-9._-]`.
+fn is_topic_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks Kafka's topic-name rules: 1 to [`MAX_TOPIC_NAME_LEN`] characters of
+/// `[a-zA-Z0-9._-]`, and not `.` or `..` (which name directories). The admin CLI checks names
+/// with this before sending them; the controller before proposing and when applying.
+pub fn check_topic_name(name: &str) -> Result<(), MetadataError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TOPIC_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name.chars().all(is_topic_name_char);
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(64).collect();
+        let more = if name.chars().count() > 64 { "..." } else { "" };
+        Err(MetadataError::Invalid(format!(
+            "topic name {shown:?}{more} must be 1-{MAX_TOPIC_NAME_LEN} characters of [a-zA-Z0-9._-]"
+        )))
     }
 }
 

@@ -22,7 +22,7 @@ pub(super) fn available(image: &MetadataImage) -> impl Iterator<Item = &BrokerRe
 }
 
 /// The registration of `id`, if `epoch` is its current epoch.
-fn current(
+pub(super) fn current(
     image: &MetadataImage,
     id: BrokerId,
     epoch: u64,
@@ -82,14 +82,44 @@ pub(super) fn register(
     Ok(MetadataResponse::Registered { epoch: index })
 }
 
+/// The check of [`unregister`].
+pub(super) fn check_unregister(
+    image: &MetadataImage,
+    broker_id: BrokerId,
+) -> Result<(), MetadataError> {
+    if image.brokers.contains_key(&broker_id) {
+        Ok(())
+    } else {
+        Err(MetadataError::UnknownBroker(broker_id))
+    }
+}
+
+/// The checks of [`heartbeat`], for a heartbeat that is (or would be) the record at `index`:
+/// the epoch is current, and the broker cannot have applied the log up to this record or
+/// beyond, since the record is appended after the broker sent it.
+pub(super) fn check_heartbeat(
+    image: &MetadataImage,
+    index: u64,
+    broker_id: BrokerId,
+    epoch: u64,
+    metadata_offset: u64,
+) -> Result<&BrokerRegistration, MetadataError> {
+    let b = current(image, broker_id, epoch)?;
+    if metadata_offset >= index {
+        return Err(MetadataError::Invalid(format!(
+            "broker {broker_id} claims to have applied the metadata log up to offset \
+             {metadata_offset}, but the log ends before {index}"
+        )));
+    }
+    Ok(b)
+}
+
 /// [`MetadataCommand::UnregisterBroker`]: the broker gives up what it held, then is removed.
 pub(super) fn unregister(
     image: &mut MetadataImage,
     broker_id: BrokerId,
 ) -> Result<MetadataResponse, MetadataError> {
-    if !image.brokers.contains_key(&broker_id) {
-        return Err(MetadataError::UnknownBroker(broker_id));
-    }
+    check_unregister(image, broker_id)?;
     fence_and_evict(image, broker_id);
     image.brokers.remove(&broker_id);
     Ok(MetadataResponse::Ok)
@@ -104,7 +134,7 @@ pub(super) fn heartbeat(
     epoch: u64,
     metadata_offset: u64,
 ) -> Result<MetadataResponse, MetadataError> {
-    let b = current(image, broker_id, epoch)?;
+    let b = check_heartbeat(image, index, broker_id, epoch, metadata_offset)?;
     let unfence = b.fenced && !b.shutting_down && metadata_offset >= b.epoch;
     if let Some(b) = image.brokers.get_mut(&broker_id) {
         b.last_heartbeat_offset = index;
@@ -200,6 +230,46 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_claiming_an_offset_beyond_the_log_is_refused_and_does_not_unfence() {
+        let mut m = M::new();
+        let MetadataResponse::Registered { epoch } = m.ok(MetadataCommand::RegisterBroker {
+            broker_id: 7,
+            incarnation: 1,
+            endpoints: vec![],
+            rack: None,
+        }) else {
+            panic!("not registered")
+        };
+        // The heartbeat will be record 2: the broker cannot have applied record 2 or later.
+        for claimed in [2, 3, u64::MAX] {
+            let e = m.err(MetadataCommand::Heartbeat {
+                broker_id: 7,
+                epoch,
+                metadata_offset: claimed,
+            });
+            assert!(
+                matches!(&e, MetadataError::Invalid(r) if r.contains("log ends")),
+                "{e}"
+            );
+        }
+        assert!(m.m.image.brokers[&7].fenced);
+        assert!(m
+            .m
+            .check(&MetadataCommand::Heartbeat {
+                broker_id: 7,
+                epoch,
+                metadata_offset: m.caught_up() + 1,
+            })
+            .is_err());
+        m.ok(MetadataCommand::Heartbeat {
+            broker_id: 7,
+            epoch,
+            metadata_offset: m.caught_up(),
+        });
+        assert!(!m.m.image.brokers[&7].fenced);
+    }
+
+    #[test]
     fn a_new_incarnation_gives_up_what_the_old_one_led() {
         let mut m = M::new();
         m.live(&[(1, "a"), (2, "b")]);
@@ -230,7 +300,7 @@ mod tests {
         m.ok(MetadataCommand::Heartbeat {
             broker_id: 2,
             epoch: epochs[&2],
-            metadata_offset: 1000,
+            metadata_offset: m.caught_up(),
         });
         for p in 0..3 {
             let st = m.partition("t", p);

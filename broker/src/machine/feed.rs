@@ -132,7 +132,7 @@ mod tests {
         m.ok(MetadataCommand::Heartbeat {
             broker_id: 1,
             epoch: epochs[&1],
-            metadata_offset: 50,
+            metadata_offset: m.caught_up(),
         });
         let feed = m.m.changes_since(0, 100).expect("feed");
         let offsets: Vec<u64> = feed.iter().map(|c| c.offset).collect();

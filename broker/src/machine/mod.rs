@@ -46,6 +46,49 @@ impl MetadataMachine {
         self.feed.since(offset, max)
     }
 
+    /// Checks `cmd` against the current image with the rules its apply would use, changing
+    /// nothing: the controller refuses a request that fails here without appending it. Apply
+    /// checks again, since the image may have moved on by the time the record commits. A
+    /// heartbeat is checked as if it were the next record.
+    pub fn check(&self, cmd: &MetadataCommand) -> Result<(), MetadataError> {
+        use MetadataCommand as C;
+        let image = &self.image;
+        match cmd {
+            C::RegisterBroker { .. } | C::ChangePartition { .. } => Ok(()),
+            C::UnregisterBroker { broker_id } => brokers::check_unregister(image, *broker_id),
+            C::Heartbeat {
+                broker_id,
+                epoch,
+                metadata_offset,
+            } => brokers::check_heartbeat(
+                image,
+                image.offset + 1,
+                *broker_id,
+                *epoch,
+                *metadata_offset,
+            )
+            .map(drop),
+            C::FenceBroker { broker_id, epoch }
+            | C::BeginControlledShutdown { broker_id, epoch } => {
+                brokers::current(image, *broker_id, *epoch).map(drop)
+            }
+            C::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+            } => topics::check_create_topic(image, name, *partitions, *replication_factor, configs)
+                .map(drop),
+            C::CreatePartitions { name, total } => {
+                topics::check_create_partitions(image, name, *total).map(drop)
+            }
+            C::DeleteTopic { name } => topics::check_delete_topic(image, name),
+            C::AlterTopicConfig { name, set, remove } => {
+                topics::check_alter_topic_config(image, name, set, remove).map(drop)
+            }
+        }
+    }
+
     /// Applies one record to the image: the record's concern decides, this only dispatches.
     fn try_apply(
         &mut self,

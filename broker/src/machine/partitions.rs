@@ -203,7 +203,7 @@ mod tests {
         m.ok(MetadataCommand::Heartbeat {
             broker_id: victim,
             epoch: epochs[&victim],
-            metadata_offset: 1000,
+            metadata_offset: m.caught_up(),
         });
         assert!(m.partition("t", 0).isr.contains(&victim));
     }
@@ -226,7 +226,7 @@ mod tests {
         m.ok(MetadataCommand::Heartbeat {
             broker_id: first,
             epoch: epochs[&first],
-            metadata_offset: 1000,
+            metadata_offset: m.caught_up(),
         });
         let st = m.partition("t", 0);
         assert_eq!(st.leader, Some(first), "the first one back leads");

@@ -21,6 +21,11 @@ impl M {
         }
     }
 
+    /// The offset of the last applied record: what a caught-up broker reports.
+    pub(super) fn caught_up(&self) -> u64 {
+        self.next - 1
+    }
+
     pub(super) fn apply(&mut self, c: MetadataCommand) -> MetadataResponse {
         let i = self.next;
         self.next += 1;

@@ -8,39 +8,18 @@
 use std::collections::BTreeMap;
 
 use super::brokers;
+use crate::configs;
 use crate::model::*;
 use crate::placement::place;
 
-/// Longest topic name: Kafka's limit, since a partition's data lives in a directory named
-/// `<topic>-<partition>` that must fit the 255-byte file-name limit of common file systems.
-pub(super) const MAX_TOPIC_NAME_LEN: usize = 249;
 /// Largest partition count of a topic.
 pub(super) const MAX_PARTITIONS: u32 = 10_000;
 
-/// Whether `c` may appear in a topic name: Kafka's `[a-zA-Z0-9._-]`.
-fn is_topic_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-/// Checks Kafka's topic-name rules: 1 to [`MAX_TOPIC_NAME_LEN`] characters of
-/// `[a-zA-Z0-9._-]`, and not `.` or `..` (which name directories).
-fn valid_topic_name(name: &str) -> Result<(), MetadataError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_TOPIC_NAME_LEN
-        && name != "."
-        && name != ".."
-        && name.chars().all(is_topic_name_char);
-    if ok {
-        Ok(())
-    } else {
-        Err(MetadataError::Invalid(format!(
-            "topic name {name:?} must be 1-{MAX_TOPIC_NAME_LEN} characters of [a-zA-Z0-9._-]"
-        )))
-    }
-}
+/// Brokers replicas may be placed on, with their racks.
+type Candidates = Vec<(BrokerId, Option<String>)>;
 
 /// The brokers replicas may be placed on, with their racks.
-fn placement_candidates(image: &MetadataImage) -> Vec<(BrokerId, Option<String>)> {
+fn placement_candidates(image: &MetadataImage) -> Candidates {
     brokers::available(image)
         .map(|b| (b.broker_id, b.rack.clone()))
         .collect()
@@ -57,17 +36,15 @@ fn new_partition(replicas: Vec<BrokerId>) -> PartitionState {
     }
 }
 
-/// [`MetadataCommand::CreateTopic`]: a topic with id `index`, `partitions` partitions of
-/// `replication_factor` replicas each.
-pub(super) fn create_topic(
-    image: &mut MetadataImage,
-    index: u64,
+/// The checks of [`create_topic`]; returns the brokers replicas may be placed on.
+pub(super) fn check_create_topic(
+    image: &MetadataImage,
     name: &str,
     partitions: u32,
     replication_factor: u16,
     configs: &BTreeMap<String, String>,
-) -> Result<MetadataResponse, MetadataError> {
-    valid_topic_name(name)?;
+) -> Result<Candidates, MetadataError> {
+    check_topic_name(name)?;
     if image.topics.contains_key(name) {
         return Err(MetadataError::DuplicateTopic(name.to_string()));
     }
@@ -83,6 +60,21 @@ pub(super) fn create_topic(
             available: live.len(),
         });
     }
+    configs::check_all(configs)?;
+    Ok(live)
+}
+
+/// [`MetadataCommand::CreateTopic`]: a topic with id `index`, `partitions` partitions of
+/// `replication_factor` replicas each.
+pub(super) fn create_topic(
+    image: &mut MetadataImage,
+    index: u64,
+    name: &str,
+    partitions: u32,
+    replication_factor: u16,
+    configs: &BTreeMap<String, String>,
+) -> Result<MetadataResponse, MetadataError> {
+    let live = check_create_topic(image, name, partitions, replication_factor, configs)?;
     let assignment: Vec<Vec<BrokerId>> = (0..partitions)
         .map(|p| place(&live, index, p, usize::from(replication_factor)))
         .collect();
@@ -99,17 +91,16 @@ pub(super) fn create_topic(
     })
 }
 
-/// [`MetadataCommand::CreatePartitions`]: grows the topic to `total` partitions with the
-/// replication factor of its first partition.
-pub(super) fn create_partitions(
-    image: &mut MetadataImage,
+/// The checks of [`create_partitions`]; returns the placement candidates, the replication
+/// factor and the current partition count.
+pub(super) fn check_create_partitions(
+    image: &MetadataImage,
     name: &str,
     total: u32,
-) -> Result<MetadataResponse, MetadataError> {
-    let live = placement_candidates(image);
+) -> Result<(Candidates, usize, u32), MetadataError> {
     let topic = image
         .topics
-        .get_mut(name)
+        .get(name)
         .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
     let current = topic.partitions.len() as u32;
     if total <= current || total > MAX_PARTITIONS {
@@ -122,12 +113,28 @@ pub(super) fn create_partitions(
         .first()
         .map(|p| p.replicas.len())
         .unwrap_or(1);
+    let live = placement_candidates(image);
     if rf > live.len() {
         return Err(MetadataError::InvalidReplicationFactor {
             requested: rf as u16,
             available: live.len(),
         });
     }
+    Ok((live, rf, current))
+}
+
+/// [`MetadataCommand::CreatePartitions`]: grows the topic to `total` partitions with the
+/// replication factor of its first partition.
+pub(super) fn create_partitions(
+    image: &mut MetadataImage,
+    name: &str,
+    total: u32,
+) -> Result<MetadataResponse, MetadataError> {
+    let (live, rf, current) = check_create_partitions(image, name, total)?;
+    let topic = image
+        .topics
+        .get_mut(name)
+        .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
     for p in current..total {
         topic
             .partitions
@@ -136,16 +143,58 @@ pub(super) fn create_partitions(
     Ok(MetadataResponse::Ok)
 }
 
+/// The check of [`delete_topic`].
+pub(super) fn check_delete_topic(image: &MetadataImage, name: &str) -> Result<(), MetadataError> {
+    if image.topics.contains_key(name) {
+        Ok(())
+    } else {
+        Err(MetadataError::UnknownTopic(name.to_string()))
+    }
+}
+
 /// [`MetadataCommand::DeleteTopic`].
 pub(super) fn delete_topic(
     image: &mut MetadataImage,
     name: &str,
 ) -> Result<MetadataResponse, MetadataError> {
-    image
-        .topics
-        .remove(name)
-        .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+    check_delete_topic(image, name)?;
+    image.topics.remove(name);
     Ok(MetadataResponse::Ok)
+}
+
+/// The checks of [`alter_topic_config`]; returns the topic's configs after the change.
+pub(super) fn check_alter_topic_config(
+    image: &MetadataImage,
+    name: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+) -> Result<BTreeMap<String, String>, MetadataError> {
+    if set.keys().chain(remove.iter()).any(|k| k.is_empty()) {
+        return Err(MetadataError::Invalid(
+            "config names must not be empty".into(),
+        ));
+    }
+    let t = image
+        .topics
+        .get(name)
+        .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+    let mut after = t.configs.clone();
+    for k in remove {
+        after.remove(k);
+    }
+    for (k, v) in set {
+        after.insert(k.clone(), v.clone());
+    }
+    // Only what is set must be valid: a config stored before the known set existed may stay.
+    set.iter().try_for_each(|(k, v)| configs::check(k, v))?;
+    if after.len() > configs::MAX_CONFIGS {
+        return Err(MetadataError::Invalid(format!(
+            "{} configs; at most {} are allowed",
+            after.len(),
+            configs::MAX_CONFIGS
+        )));
+    }
+    Ok(after)
 }
 
 /// [`MetadataCommand::AlterTopicConfig`]: removes `remove`, then sets `set` (so a key in both
@@ -156,20 +205,9 @@ pub(super) fn alter_topic_config(
     set: &BTreeMap<String, String>,
     remove: &[String],
 ) -> Result<MetadataResponse, MetadataError> {
-    if set.keys().chain(remove.iter()).any(|k| k.is_empty()) {
-        return Err(MetadataError::Invalid(
-            "config names must not be empty".into(),
-        ));
-    }
-    let t = image
-        .topics
-        .get_mut(name)
-        .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
-    for k in remove {
-        t.configs.remove(k);
-    }
-    for (k, v) in set {
-        t.configs.insert(k.clone(), v.clone());
+    let after = check_alter_topic_config(image, name, set, remove)?;
+    if let Some(t) = image.topics.get_mut(name) {
+        t.configs = after;
     }
     Ok(MetadataResponse::Ok)
 }
@@ -241,11 +279,11 @@ mod tests {
     fn topic_names_follow_the_kafka_rules() {
         let longest = "x".repeat(MAX_TOPIC_NAME_LEN);
         for ok in ["a", "orders.v2_eu-1", "...", longest.as_str()] {
-            assert_eq!(valid_topic_name(ok), Ok(()), "{ok:?}");
+            assert_eq!(check_topic_name(ok), Ok(()), "{ok:?}");
         }
         let too_long = "x".repeat(MAX_TOPIC_NAME_LEN + 1);
         for bad in ["", ".", "..", "a b", "a/b", "ü", too_long.as_str()] {
-            assert!(valid_topic_name(bad).is_err(), "{bad:?}");
+            assert!(check_topic_name(bad).is_err(), "{bad:?}");
         }
     }
 
@@ -319,12 +357,26 @@ mod tests {
                 .collect(),
             remove: remove.iter().map(|k| k.to_string()).collect(),
         };
-        m.ok(alter(&[("a", "1"), ("b", "2")], &[]));
-        m.ok(alter(&[("b", "3")], &["a", "b"]));
+        m.ok(alter(&[("retention.ms", "1"), ("segment.ms", "2")], &[]));
+        m.ok(alter(
+            &[("segment.ms", "3")],
+            &["retention.ms", "segment.ms"],
+        ));
         let configs = &m.m.image.topics["t"].configs;
         assert_eq!(
             configs,
-            &BTreeMap::from([("b".to_string(), "3".to_string())])
+            &BTreeMap::from([("segment.ms".to_string(), "3".to_string())])
+        );
+        // Unknown keys and bad values are refused and change nothing.
+        let typo = m.err(alter(&[("unclean.leader.election.enabled", "true")], &[]));
+        assert!(matches!(typo, MetadataError::Invalid(r) if r.contains("unknown topic config")));
+        assert!(matches!(
+            m.err(alter(&[("segment.ms", "soon")], &[])),
+            MetadataError::Invalid(_)
+        ));
+        assert_eq!(
+            m.m.image.topics["t"].configs,
+            BTreeMap::from([("segment.ms".to_string(), "3".to_string())])
         );
         assert!(matches!(
             m.err(alter(&[("", "x")], &[])),
