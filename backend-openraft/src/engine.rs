@@ -264,7 +264,7 @@ impl Engine for OpenraftEngine {
             .raft
             .client_write(Request(command))
             .await
-            .map_err(mapping::write)?;
+            .map_err(mapping::write_handed)?;
         self.published(resp.log_id.index()).await;
         Ok(resp.data.0)
     }
@@ -290,7 +290,7 @@ impl Engine for OpenraftEngine {
             .raft
             .add_learner(id, BasicNode::new(addr), true)
             .await
-            .map_err(mapping::write)?;
+            .map_err(mapping::write_handed)?;
         self.published(resp.log_id.index()).await;
         Ok(())
     }
@@ -301,7 +301,7 @@ impl Engine for OpenraftEngine {
             .raft
             .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
             .await
-            .map_err(mapping::write)?;
+            .map_err(mapping::write_handed)?;
         self.published(resp.log_id.index()).await;
         Ok(())
     }
@@ -322,7 +322,7 @@ impl Engine for OpenraftEngine {
             .raft
             .change_membership(change, false)
             .await
-            .map_err(mapping::write)?;
+            .map_err(mapping::write_handed)?;
         self.published(resp.log_id.index()).await;
         Ok(())
     }

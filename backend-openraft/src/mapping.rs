@@ -17,6 +17,12 @@ pub(crate) fn fatal(e: Fatal<C>) -> ConsensusError {
     }
 }
 
+/// Maps the error of a write that openraft has taken (it may be in the log): a stop or a
+/// failure leaves its outcome unknown ([`ConsensusError::after_handoff`]).
+pub(crate) fn write_handed(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
+    write(e).after_handoff()
+}
+
 /// Maps a write (proposal or membership change) error.
 pub(crate) fn write(e: RaftError<C, ClientWriteError<C>>) -> ConsensusError {
     match e {

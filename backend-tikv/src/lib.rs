@@ -155,10 +155,11 @@ impl TikvEngine {
         })
     }
 
-    async fn request<T>(
+    /// Hands a command to the driver; its answer comes on the returned channel.
+    async fn hand<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, ConsensusError> {
+    ) -> Result<oneshot::Receiver<Result<T, ConsensusError>>, ConsensusError> {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(ConsensusError::ShuttingDown);
         }
@@ -167,14 +168,31 @@ impl TikvEngine {
             .send(make(tx))
             .await
             .map_err(|_| ConsensusError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// A request that changes nothing if it fails (a read, a snapshot, a leader transfer).
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, ConsensusError> {
+        let rx = self.hand(make).await?;
         rx.await.map_err(|_| ConsensusError::ShuttingDown)?
+    }
+
+    /// A request that appends to the log (a proposal, a membership change): once the driver
+    /// has taken it, a stop or failure leaves its outcome unknown.
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ConsensusError> {
+        let rx = self.hand(make).await?;
+        rx.await
+            .map_err(|_| ConsensusError::ShuttingDown.after_handoff())?
     }
 }
 
 #[async_trait]
 impl Engine for TikvEngine {
     async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ConsensusError> {
-        self.request(|r| Command::Propose(command, r)).await
+        self.write(|r| Command::Propose(command, r)).await
     }
 
     async fn read_index(&self) -> Result<u64, ConsensusError> {
@@ -186,15 +204,15 @@ impl Engine for TikvEngine {
     }
 
     async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError> {
-        self.request(|r| Command::AddLearner(id, addr, r)).await
+        self.write(|r| Command::AddLearner(id, addr, r)).await
     }
 
     async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
-        self.request(|r| Command::ChangeVoters(voters, r)).await
+        self.write(|r| Command::ChangeVoters(voters, r)).await
     }
 
     async fn remove_node(&self, id: NodeId) -> Result<(), ConsensusError> {
-        self.request(|r| Command::RemoveNode(id, r)).await
+        self.write(|r| Command::RemoveNode(id, r)).await
     }
 
     async fn transfer_leader(&self, to: NodeId) -> Result<(), ConsensusError> {

@@ -171,6 +171,18 @@ pub enum TopicsCmd {
     },
     /// The known topic configs, their values and defaults.
     Configs,
+    /// Preferred-leader election: move each partition's leadership back to its first replica
+    /// where that one is in sync and available (Kafka's `kafka-leader-election
+    /// --election-type preferred`), for the named topics or every topic.
+    #[command(
+        name = "elect-leaders",
+        after_help = "Examples:\n  broker topics elect-leaders            # every topic\n  \
+                      broker topics elect-leaders orders payments"
+    )]
+    ElectLeaders {
+        /// Topics (none: every topic).
+        names: Vec<String>,
+    },
 }
 
 /// `broker brokers ...`.
@@ -455,6 +467,20 @@ impl Client {
                 self.done(
                     &format!("topic {name} now has {total} partitions"),
                     &Value::Null,
+                )
+            }
+            TopicsCmd::ElectLeaders { names } => {
+                names.iter().try_for_each(|n| checked(n))?;
+                let body = serde_json::json!({ "topics": names });
+                let v = self
+                    .ok("POST", "/elections/preferred", &[], Some(&body))
+                    .await?;
+                let moved = text(&v["moved"]);
+                self.done(
+                    &format!(
+                        "moved the leadership of {moved} partition(s) to their preferred replica"
+                    ),
+                    &v,
                 )
             }
             TopicsCmd::Configs => {

@@ -47,8 +47,21 @@ struct Cli {
     /// come from the BROKER_ADMIN_TOKEN environment variable).
     #[arg(long, global = true)]
     admin_token_file: Option<PathBuf>,
+    /// Log format on stderr: `text` (colours only on a terminal) or `json` (one object per
+    /// line, for log collectors). `RUST_LOG` sets the levels.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BROKER_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +167,10 @@ struct Serve {
     /// Broker heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 2000)]
     heartbeat_ms: u64,
+    /// On SIGTERM or Ctrl-C: how long the controlled shutdown (moving leaderships away, then
+    /// stopping the node) may take, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    shutdown_timeout_ms: u64,
     #[command(flatten)]
     engine: Engine,
 }
@@ -273,6 +290,7 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         }
     };
     let admin_auth = admin_auth?;
+    let shutdown_timeout = Duration::from_millis(s.shutdown_timeout_ms);
     let spec = NodeSpec {
         id: s.id,
         cluster_id: s.cluster_id,
@@ -300,11 +318,44 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         node.raft_addr,
         node.admin_addr
     );
-    tokio::signal::ctrl_c()
+    let signal = stop_signal().await?;
+    let id = node.id;
+    eprintln!(
+        "node {id}: {signal}: controlled shutdown (leaderships move away, then the node stops; \
+         at most {shutdown_timeout:?})"
+    );
+    if tokio::time::timeout(shutdown_timeout, node.shutdown())
         .await
-        .map_err(|e| format!("waiting for Ctrl-C: {e}"))?;
-    node.shutdown().await;
+        .is_err()
+    {
+        return Err(format!(
+            "node {id}: the controlled shutdown did not finish within {shutdown_timeout:?} \
+             (no quorum?); stopping anyway"
+        ));
+    }
+    eprintln!("node {id}: stopped");
     Ok(())
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM; returns which.
+async fn stop_signal() -> Result<&'static str, String> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").map_err(|e| format!("waiting for Ctrl-C: {e}")),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map(|()| "Ctrl-C")
+            .map_err(|e| format!("waiting for Ctrl-C: {e}"))
+    }
 }
 
 /// The Prometheus recorder (once per process).
@@ -374,15 +425,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     consensus_api::process::release_large_buffers();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(wiring::LOG_FILTER)),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(wiring::LOG_FILTER));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use consensus_api::{Backend, TransportFactory, Wiring};
 
-/// Default log filter: warnings, with the engines' own chatty targets at errors only.
-pub const LOG_FILTER: &str = "warn,raft=error,openraft=error";
+/// Default log filter: warnings, the broker's operator events (admin changes, leader changes,
+/// peers back) at info, and the engines' own chatty targets at errors only.
+pub const LOG_FILTER: &str = "warn,broker=info,broker_node=info,transport_quic=info,transport_grpc=info,raft=error,openraft=error";
 
 /// The compiled-in backends and transports, the defaults (tikv, quic) first.
 pub fn wiring() -> Wiring {

@@ -45,6 +45,27 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// Sends SIGTERM and waits (at most [`DEADLINE`]) for the process to exit; its status.
+    fn sigterm_and_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn sigkill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -468,7 +489,7 @@ async fn refused_topic_records(admin: SocketAddr, since: u64) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_cli_acts_on_exactly_what_it_names() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let nodes = start(dir.path());
+    let mut nodes = start(dir.path());
     let all: Vec<&Node> = nodes.iter().collect();
     leader(&all).await;
     let url = format!("http://{}", nodes[0].admin);
@@ -769,6 +790,27 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
         piped.status.code()
     );
     assert!(!err.contains("panicked"), "{err}");
+
+    // Preferred-leader election, for named topics and for all.
+    let (code, out, err) = cli(admin, &["topics", "elect-leaders", "victim", "other"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("moved the leadership of"), "{out}");
+    let (code, _, err) = cli(admin, &["topics", "elect-leaders", "missing"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, out, err) = cli(admin, &["topics", "elect-leaders", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert!(v["moved"].as_u64().is_some(), "{v}");
+
+    // SIGTERM runs a controlled shutdown: the broker is marked shutting down (its leaderships
+    // moved away) before the process exits, with success.
+    let status = nodes[2].sigterm_and_wait().expect("exited after SIGTERM");
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    let (status, b) = call(nodes[0].admin, "GET", "/brokers/3", None)
+        .await
+        .expect("answer");
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["shutting_down"], true, "{b}");
 }
 
 /// `serve` refuses settings that cannot work, says what to change, and creates nothing.

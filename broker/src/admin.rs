@@ -15,6 +15,7 @@
 //! | `POST /topics/{name}/partitions` | grow to `{total}` partitions |
 //! | `POST /topics/{name}/configs` | `{set: {key: value}, remove: [key]}` ([`crate::configs`]) |
 //! | `GET /topic-configs` | the known topic configs, their types and defaults |
+//! | `POST /elections/preferred` | `{topics}` (all when empty): leadership back to each partition's first replica where it is in sync: `{moved}` |
 //! | `GET /metadata/changes?since=N&max=M&wait_ms=W` | the feed, long-polling up to `W` ms |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3 description of this API (`broker/api/openapi.json`) |
@@ -64,6 +65,8 @@ use crate::model::*;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Most topics one preferred-leader election names.
+pub const MAX_ELECTION_TOPICS: usize = 1000;
 /// Most endpoints per broker registration.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Longest endpoint.
@@ -164,8 +167,24 @@ async fn authenticate(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    auth.check(req.method(), req.headers())?;
-    Ok(next.run(req).await)
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "-".into());
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let write = method != Method::GET && method != Method::HEAD;
+    if let Err(e) = auth.check(&method, req.headers()) {
+        tracing::warn!(%peer, %method, path, "admin request refused: {}", e.reason);
+        return Err(e);
+    }
+    let resp = next.run(req).await;
+    // Every change an operator (or a broker) asked for, with who asked and what came of it.
+    if write {
+        let status = resp.status().as_u16();
+        tracing::info!(%peer, %method, path, status, "admin change");
+    }
+    Ok(resp)
 }
 
 #[derive(Clone)]
@@ -187,6 +206,7 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
         .route("/topics/{name}/partitions", post(add_partitions))
         .route("/topics/{name}/configs", post(alter_configs))
         .route("/topic-configs", get(topic_configs))
+        .route("/elections/preferred", post(elect_preferred))
         .route("/metadata/changes", get(changes))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
@@ -302,6 +322,9 @@ impl From<ControllerError> for ApiError {
                     api(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", reason)
                 }
                 ConsensusError::Timeout(_) => api(StatusCode::GATEWAY_TIMEOUT, "timeout", reason),
+                ConsensusError::OutcomeUnknown(_) => {
+                    api(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", reason)
+                }
                 ConsensusError::InvalidRequest(_) => {
                     api(StatusCode::BAD_REQUEST, "invalid", reason)
                 }
@@ -615,6 +638,36 @@ async fn alter_configs(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /elections/preferred`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ElectReq {
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ElectedResp {
+    moved: u64,
+}
+
+async fn elect_preferred(
+    State(app): State<App>,
+    req: Result<Json<ElectReq>, JsonRejection>,
+) -> Result<Json<ElectedResp>, ApiError> {
+    let r = body(req)?;
+    if r.topics.len() > MAX_ELECTION_TOPICS {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("at most {MAX_ELECTION_TOPICS} topics per election (none: every topic)"),
+        ));
+    }
+    r.topics.iter().try_for_each(|t| check_name(t))?;
+    let moved = app.ctl.elect_preferred_leaders(r.topics).await?;
+    Ok(Json(ElectedResp { moved }))
+}
+
 async fn topic_configs() -> Json<&'static [configs::ConfigSpec]> {
     Json(configs::TOPIC_CONFIGS)
 }
@@ -686,6 +739,7 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<EpochReq>(data);
     let _ = serde_json::from_slice::<CreateTopicReq>(data);
     let _ = serde_json::from_slice::<AddPartitionsReq>(data);
+    let _ = serde_json::from_slice::<ElectReq>(data);
     if let Ok(r) = serde_json::from_slice::<AlterConfigsReq>(data) {
         let _ = r.set.iter().try_for_each(|(k, v)| configs::check(k, v));
     }
@@ -799,6 +853,7 @@ mod tests {
         "post /topics/{name}/partitions",
         "post /topics/{name}/configs",
         "get /topic-configs",
+        "post /elections/preferred",
         "get /metadata/changes",
         "get /metrics",
         "get /openapi.json",

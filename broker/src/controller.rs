@@ -177,13 +177,29 @@ impl Controller {
         }
     }
 
+    /// Preferred-leader election on `topics` (every topic when empty); returns how many
+    /// partitions' leaders moved.
+    pub async fn elect_preferred_leaders(
+        &self,
+        topics: Vec<String>,
+    ) -> Result<u64, ControllerError> {
+        match self
+            .submit_checked(MetadataCommand::ElectPreferredLeaders { topics })
+            .await?
+        {
+            MetadataResponse::LeadersElected { moved } => Ok(moved),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A linearizable copy of the metadata image.
     pub async fn image(&self) -> Result<MetadataImage, ControllerError> {
         Ok(self.node.read(|m| m.image().clone()).await?)
     }
 
     /// Changes after `offset` (at most `max`), waiting up to `wait` for one to appear: a
-    /// broker follows the metadata like a log with this.
+    /// broker follows the metadata like a log with this. On a node whose consensus has stopped
+    /// it fails at once with `ShuttingDown` (read the feed from another node).
     pub async fn changes_since(
         &self,
         offset: u64,
@@ -197,7 +213,17 @@ impl Controller {
             if !changes.is_empty() || Instant::now() >= deadline {
                 return Ok(changes);
             }
-            let _ = tokio::time::timeout_at(deadline, status.changed()).await;
+            // A stopped node's feed never moves again (and its status channel is closed, so
+            // waiting on it would return at once, forever): say so instead of spinning.
+            let st = self.node.status();
+            if st.role == consensus_api::Role::Shutdown || st.stopped.is_some() {
+                tracing::debug!(stopped = ?st.stopped, "feed read on a stopped node");
+                return Err(ConsensusError::ShuttingDown.into());
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(_)) => return Err(ConsensusError::ShuttingDown.into()),
+            }
         }
     }
 }
@@ -241,7 +267,12 @@ async fn liveness_loop(node: MetadataNode, cfg: LivenessConfig) {
             if fenced || now.duration_since(entry.1) <= cfg.session_timeout {
                 continue;
             }
-            tracing::info!(broker = id, epoch, "session expired; fencing");
+            tracing::warn!(
+                broker = id,
+                epoch,
+                "broker session expired (no heartbeat for {:?}); fencing it",
+                cfg.session_timeout
+            );
             entry.1 = now;
             match node
                 .propose(MetadataCommand::FenceBroker {
@@ -251,10 +282,40 @@ async fn liveness_loop(node: MetadataNode, cfg: LivenessConfig) {
                 .await
             {
                 Ok(MetadataResponse::Error(e)) => tracing::debug!(broker = id, "fence: {e}"),
-                Ok(_) => {}
+                Ok(_) => warn_offline(&node),
                 Err(e) => tracing::warn!(broker = id, "fence not committed: {e}"),
             }
         }
+    }
+}
+
+/// Warns of the partitions left without a leader (after a fence).
+fn warn_offline(node: &MetadataNode) {
+    let offline: Vec<String> = node.read_local(|m| {
+        m.image()
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.leader.is_none())
+                    .map(move |(i, _)| format!("{}-{i}", t.name))
+            })
+            .collect()
+    });
+    if !offline.is_empty() {
+        let shown: Vec<&str> = offline.iter().take(10).map(String::as_str).collect();
+        tracing::warn!(
+            count = offline.len(),
+            "partitions offline (no in-sync replica available): {}{}",
+            shown.join(", "),
+            if offline.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
     }
 }
 

@@ -100,6 +100,13 @@ pub enum MetadataCommand {
         /// Configs to remove.
         remove: Vec<String>,
     },
+    /// Moves the leadership of every partition of `topics` (all topics when empty) whose first
+    /// replica (the preferred leader) is in the ISR and available but does not lead, back to
+    /// it: Kafka's preferred-leader election.
+    ElectPreferredLeaders {
+        /// Topic names; empty for every topic.
+        topics: Vec<String>,
+    },
 }
 
 /// Why a command changed nothing.
@@ -183,6 +190,11 @@ pub enum MetadataResponse {
     },
     /// Nothing changed.
     Error(MetadataError),
+    /// Preferred leaders elected.
+    LeadersElected {
+        /// Partitions whose leader moved.
+        moved: u64,
+    },
 }
 
 /// A registered broker.

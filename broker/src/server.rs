@@ -6,11 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use consensus_api::{
-    Backend, Consensus, NodeConfig, NodeId, TlsConfig, Transport, TransportFactory,
+    Backend, Consensus, NodeConfig, NodeId, Role, TlsConfig, Transport, TransportFactory,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::admin::{self, AdminAuth};
 use crate::controller::{BrokerAgent, Controller, LivenessConfig};
@@ -91,6 +94,64 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How long a node may go without a consensus leader before it warns of a lost quorum.
+const NO_LEADER_WARNING: Duration = Duration::from_secs(5);
+
+/// Logs what an operator must know about this node's consensus: a lost leader (WARN), no
+/// leader for [`NO_LEADER_WARNING`] (WARN: quorum lost or this node isolated), a new leader
+/// (INFO), a stopped engine (ERROR).
+async fn watch_consensus(ctl: Controller) {
+    let node = ctl.node().clone();
+    let mut rx = node.watch();
+    let mut leader = rx.borrow().leader;
+    let mut leaderless_since = leader.is_none().then(Instant::now);
+    let mut warned_quorum = false;
+    loop {
+        let changed = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        if matches!(changed, Ok(Err(_))) {
+            return;
+        }
+        let st = rx.borrow_and_update().clone();
+        if st.role == Role::Shutdown {
+            match &st.stopped {
+                Some(why) => tracing::error!(node = st.id, "consensus stopped: {why}"),
+                None => tracing::info!(node = st.id, "consensus stopped"),
+            }
+            return;
+        }
+        if st.leader != leader {
+            match (leader, st.leader) {
+                (Some(old), None) => tracing::warn!(
+                    node = st.id,
+                    term = st.term,
+                    "lost the consensus leader (was node {old}); proposals wait for a new one"
+                ),
+                (_, Some(new)) => tracing::info!(
+                    node = st.id,
+                    term = st.term,
+                    "consensus leader is node {new}"
+                ),
+                (None, None) => {}
+            }
+            leader = st.leader;
+            leaderless_since = leader.is_none().then(Instant::now);
+            warned_quorum = false;
+        }
+        if let Some(since) = leaderless_since {
+            if !warned_quorum && since.elapsed() >= NO_LEADER_WARNING {
+                warned_quorum = true;
+                tracing::warn!(
+                    node = st.id,
+                    term = st.term,
+                    voters = ?st.voters,
+                    "no consensus leader for {:?}: the quorum is lost or this node is isolated",
+                    since.elapsed()
+                );
+            }
+        }
+    }
+}
+
 /// Binds the consensus transport of `spec` (so its real address is known before peers are).
 pub async fn bind(
     spec: &NodeSpec,
@@ -150,7 +211,10 @@ impl BrokerNode {
             parts.rack,
         );
         let app = admin::router(controller.clone(), parts.metrics, parts.admin_auth);
+        let watch_task = tokio::spawn(watch_consensus(controller.clone()));
         let admin_task = tokio::spawn(async move {
+            let _watch = AbortOnDrop(watch_task);
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(admin, app).await {
                 tracing::error!("admin server stopped: {e}");
             }

@@ -21,7 +21,8 @@ pub enum ConsensusError {
     /// No quorum answered in time. For a proposal the outcome is unknown: it may still commit.
     #[error("timed out waiting for {0}; the cluster may have no quorum")]
     Timeout(String),
-    /// The node is shutting down or has stopped; use another node.
+    /// The node is shutting down or has stopped, and the request was not taken: nothing was
+    /// appended, so it is safe to send it to another node.
     #[error("the node is shutting down")]
     ShuttingDown,
     /// The durable store failed; the node stops accepting writes. Check the disk and the log.
@@ -37,6 +38,11 @@ pub enum ConsensusError {
     /// An engine failure that fits no other kind; the message says what happened.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request was handed to the engine (it may be in the log and may still commit), but
+    /// the node stopped or failed before its outcome was known. Unlike `ShuttingDown`, a blind
+    /// retry may apply it twice: check whether it took effect first (as after a `Timeout`).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 /// The kind of a [`ConsensusError`], for matching without the payload.
@@ -57,6 +63,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// See [`ConsensusError::Internal`].
     Internal,
+    /// See [`ConsensusError::OutcomeUnknown`].
+    OutcomeUnknown,
 }
 
 impl ConsensusError {
@@ -70,6 +78,28 @@ impl ConsensusError {
             Self::Transport(_) => ErrorKind::Transport,
             Self::InvalidRequest(_) => ErrorKind::InvalidRequest,
             Self::Internal(_) => ErrorKind::Internal,
+            Self::OutcomeUnknown(_) => ErrorKind::OutcomeUnknown,
+        }
+    }
+
+    /// Whether a proposal that failed with this error may still commit (`Timeout`,
+    /// `OutcomeUnknown`): the caller must find out before retrying a non-idempotent command.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::OutcomeUnknown(_))
+    }
+
+    /// This error for a request that was already handed to the engine: a stop or failure
+    /// (`ShuttingDown`, `Storage`, `Internal`) leaves its outcome unknown; other kinds keep
+    /// their meaning.
+    pub fn after_handoff(self) -> Self {
+        match self {
+            Self::ShuttingDown => Self::OutcomeUnknown(
+                "the node stopped after the request was handed to the engine".into(),
+            ),
+            Self::Storage(why) | Self::Internal(why) => Self::OutcomeUnknown(format!(
+                "the node failed after the request was handed to the engine: {why}"
+            )),
+            other => other,
         }
     }
 }

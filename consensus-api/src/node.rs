@@ -492,7 +492,8 @@ impl<SM: StateMachine> Consensus<SM> {
                     last_hint = Some(e.into());
                     self.pause(deadline).await;
                 }
-                Err(e) => return Err(e.into()),
+                // Delivered, perhaps taken by the leader: a stop here leaves it unknown.
+                Err(e) => return Err(ConsensusError::from(e).after_handoff()),
             }
         }
     }

@@ -141,6 +141,8 @@ async fn stream_loop(
     down: Arc<Mutex<Option<Down>>>,
 ) {
     let mut backoff = Backoff::from_config(&me.config);
+    // Whether the peer's unreachability was reported: once per outage, not per attempt.
+    let mut reported = false;
     loop {
         // Connect only when there is something to send: idle peers cost nothing.
         let Some(first) = queue.recv().await else {
@@ -154,9 +156,18 @@ async fn stream_loop(
         let opened = Instant::now();
         let call = client.stream(req);
         tokio::pin!(call);
+        let healthy = tokio::time::sleep(Backoff::HEALTHY);
+        tokio::pin!(healthy);
+        let mut healthy_seen = false;
         let outcome = loop {
             tokio::select! {
                 res = &mut call => break res,
+                () = &mut healthy, if !healthy_seen => {
+                    healthy_seen = true;
+                    if std::mem::take(&mut reported) {
+                        tracing::info!(peer, "peer reachable again");
+                    }
+                }
                 frame = queue.recv() => match frame {
                     None => return,
                     Some(payload) => {
@@ -173,10 +184,16 @@ async fn stream_loop(
                 "the stream was closed by the peer".to_string()
             }
             Err(status) => {
-                tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message());
+                if opened.elapsed() < Backoff::HEALTHY && !reported {
+                    reported = true;
+                    tracing::warn!(peer, code = ?status.code(), "peer unreachable: {} (retrying with backoff)", status.message());
+                } else {
+                    tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message());
+                }
                 format!("the stream broke: {}", status.message())
             }
         };
+
         // Frames still queued were meant for the stream that is gone (the peer there may be a
         // restarted process): drop them, and refuse new ones until the next attempt.
         discard(peer, &mut queue, "their stream ended");

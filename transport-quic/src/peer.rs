@@ -149,6 +149,8 @@ impl PeerLink {
     async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
         let mut backoff = Backoff::from_config(&self.ctx.config);
         let mut pending: Option<Bytes> = None;
+        // Whether the peer's unreachability was reported: once per outage, not per attempt.
+        let mut reported = false;
         loop {
             // Connect only when something needs the peer: idle peers cost nothing.
             if pending.is_none() {
@@ -168,10 +170,14 @@ impl PeerLink {
                         TransportError::Refused(why) => {
                             tracing::warn!(peer = self.id, addr = %self.addr, "peer refused us: {why}")
                         }
+                        e if !reported => {
+                            tracing::warn!(peer = self.id, addr = %self.addr, "peer unreachable: {e} (retrying with backoff)")
+                        }
                         e => {
                             tracing::debug!(peer = self.id, addr = %self.addr, "cannot reach peer: {e}")
                         }
                     }
+                    reported = true;
                     // By the time a connection exists these frames are stale; Raft retransmits.
                     pending = None;
                     self.discard(&mut queue, "the connection attempt failed");
@@ -180,7 +186,11 @@ impl PeerLink {
                     continue;
                 }
             };
-            tracing::debug!(peer = self.id, addr = %self.addr, "connected");
+            if std::mem::take(&mut reported) {
+                tracing::info!(peer = self.id, addr = %self.addr, "peer reachable again");
+            } else {
+                tracing::debug!(peer = self.id, addr = %self.addr, "connected");
+            }
             let opened = Instant::now();
             self.state.send_replace(Link::Up {
                 conn: conn.clone(),

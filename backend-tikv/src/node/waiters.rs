@@ -318,17 +318,19 @@ impl Waiters {
     /// Delivers what was decided, then fails everything still waiting, at once.
     pub(super) fn fail_all(&mut self, e: &ConsensusError) {
         self.deliver();
+        // Proposed entries and membership changes are in the log: they may still commit.
+        let handed = e.clone().after_handoff();
         for (_, p) in std::mem::take(&mut self.pending) {
-            p.fail(e.clone());
+            p.fail(handed.clone());
         }
         for (_, r) in std::mem::take(&mut self.reads) {
             let _ = r.reply.send(Err(e.clone()));
         }
         for r in self.joint.drain(..) {
-            let _ = r.send(Err(e.clone()));
+            let _ = r.send(Err(handed.clone()));
         }
         for (_, _, r) in self.learners.drain(..) {
-            let _ = r.send(Err(e.clone()));
+            let _ = r.send(Err(handed.clone()));
         }
         for (_, r) in self.snapshots.drain(..) {
             let _ = r.send(Err(e.clone()));
@@ -562,9 +564,17 @@ mod tests {
         w.snapshot_requested(9, snap);
         w.fail_all(&ConsensusError::ShuttingDown);
         assert!(done_rx.try_recv().expect("answered").is_ok());
-        assert_eq!(kind(&mut cmd_rx), ErrorKind::ShuttingDown);
+        assert_eq!(
+            kind(&mut cmd_rx),
+            ErrorKind::OutcomeUnknown,
+            "a proposed entry"
+        );
         assert_eq!(kind(&mut read_rx), ErrorKind::ShuttingDown);
-        assert_eq!(kind(&mut joint_rx), ErrorKind::ShuttingDown);
+        assert_eq!(
+            kind(&mut joint_rx),
+            ErrorKind::OutcomeUnknown,
+            "a proposed change"
+        );
         assert_eq!(kind(&mut snap_rx), ErrorKind::ShuttingDown);
     }
 }

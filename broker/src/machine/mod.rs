@@ -6,8 +6,8 @@
 //!
 //! - [`brokers`]: register, unregister, heartbeat (unfencing), fence, controlled shutdown;
 //! - [`topics`]: create and delete topics, grow partitions, alter configs;
-//! - [`partitions`]: compare-and-set partition changes, and the leader election and epoch
-//!   rules that broker changes trigger;
+//! - [`partitions`]: compare-and-set partition changes, preferred-leader election, and the
+//!   leader election and epoch rules that broker changes trigger;
 //! - [`feed`]: the bounded change feed by log offset.
 //!
 //! A refused record changes nothing in the image (each function checks before it writes); it
@@ -86,6 +86,7 @@ impl MetadataMachine {
             C::AlterTopicConfig { name, set, remove } => {
                 topics::check_alter_topic_config(image, name, set, remove).map(drop)
             }
+            C::ElectPreferredLeaders { topics } => partitions::check_elect_preferred(image, topics),
         }
     }
 
@@ -146,6 +147,7 @@ impl MetadataMachine {
             C::AlterTopicConfig { name, set, remove } => {
                 topics::alter_topic_config(image, name, set, remove)
             }
+            C::ElectPreferredLeaders { topics } => partitions::elect_preferred(image, topics),
         }
     }
 

@@ -8,8 +8,11 @@
 //!   in-sync replica is the one that must lead when the partition comes back). Partitions it led
 //!   elect the first replica that is in the ISR and available; if none is and the topic allows
 //!   unclean election, the first available replica leads with an ISR of itself.
-//! - A broker that is unfenced rejoins the ISR of its partitions (this plane has no data path,
-//!   so a live replica counts as in sync) and leads the partitions that had no leader.
+//! - A broker that is unfenced rejoins the ISR of its partitions that have a leader (this plane
+//!   has no data path, so a live replica with a leader to follow counts as in sync). An offline
+//!   partition comes back only through its last ISR member, which leads again (and the other
+//!   live replicas rejoin its ISR); an out-of-sync replica leads it only with unclean election
+//!   allowed, as Kafka does: otherwise it could lead without the last acknowledged writes.
 
 use std::collections::BTreeSet;
 
@@ -58,26 +61,83 @@ pub(super) fn evict(image: &mut MetadataImage, gone: BrokerId) {
     }
 }
 
-/// `back` is live again: it rejoins the ISR of its partitions (in replica order) and leads
-/// partitions that had no leader.
+/// `back` is live again: partitions with a leader take it into their ISR (in replica order);
+/// an offline partition is led by it only if it is in the ISR (the last member) or the topic
+/// allows unclean election, and then every available replica rejoins the ISR.
 pub(super) fn readmit(image: &mut MetadataImage, back: BrokerId) {
+    let available: BTreeSet<BrokerId> = brokers::available(image).map(|b| b.broker_id).collect();
     for topic in image.topics.values_mut() {
+        let unclean = topic.unclean_election();
         for p in &mut topic.partitions {
             if !p.replicas.contains(&back) {
                 continue;
             }
             let before = p.clone();
-            if !p.isr.contains(&back) {
-                p.isr.push(back);
-                let order = p.replicas.clone();
-                p.isr.sort_by_key(|r| order.iter().position(|x| x == r));
-            }
-            if p.leader.is_none() {
+            let joining: Vec<BrokerId> = if p.leader.is_some() {
+                vec![back]
+            } else if p.isr.contains(&back) {
                 p.leader = Some(back);
+                p.replicas.clone()
+            } else if unclean {
+                p.leader = Some(back);
+                p.isr = vec![back];
+                p.replicas.clone()
+            } else {
+                // Offline until its last in-sync replica returns.
+                Vec::new()
+            };
+            for r in joining {
+                if available.contains(&r) && !p.isr.contains(&r) {
+                    p.isr.push(r);
+                }
             }
+            let order = p.replicas.clone();
+            p.isr.sort_by_key(|r| order.iter().position(|x| x == r));
             bump(&before, p);
         }
     }
+}
+
+/// The check of [`elect_preferred`]: every named topic exists.
+pub(super) fn check_elect_preferred(
+    image: &MetadataImage,
+    topics: &[String],
+) -> Result<(), MetadataError> {
+    match topics.iter().find(|t| !image.topics.contains_key(*t)) {
+        Some(t) => Err(MetadataError::UnknownTopic(t.clone())),
+        None => Ok(()),
+    }
+}
+
+/// [`MetadataCommand::ElectPreferredLeaders`]: partitions of `topics` (every topic when empty)
+/// whose first replica is in the ISR and available, but does not lead, are led by it again.
+pub(super) fn elect_preferred(
+    image: &mut MetadataImage,
+    topics: &[String],
+) -> Result<MetadataResponse, MetadataError> {
+    check_elect_preferred(image, topics)?;
+    let available: BTreeSet<BrokerId> = brokers::available(image).map(|b| b.broker_id).collect();
+    let mut moved = 0;
+    for (name, topic) in image.topics.iter_mut() {
+        if !topics.is_empty() && !topics.contains(name) {
+            continue;
+        }
+        for p in &mut topic.partitions {
+            let Some(&preferred) = p.replicas.first() else {
+                continue;
+            };
+            if p.leader != Some(preferred)
+                && p.isr.contains(&preferred)
+                && available.contains(&preferred)
+            {
+                let before = p.clone();
+                p.leader = Some(preferred);
+                bump(&before, p);
+                moved += 1;
+            }
+        }
+    }
+    Ok(MetadataResponse::LeadersElected { moved })
 }
 
 /// [`MetadataCommand::ChangePartition`]: sets the leader and ISR if `partition_epoch` is
@@ -223,14 +283,112 @@ mod tests {
             });
         }
         assert_eq!(m.partition("t", 0).leader, None);
+        assert_eq!(m.partition("t", 0).isr, vec![second]);
+        // The first one back is out of sync: without unclean election it does not lead.
         m.ok(MetadataCommand::Heartbeat {
             broker_id: first,
             epoch: epochs[&first],
             metadata_offset: m.caught_up(),
         });
         let st = m.partition("t", 0);
-        assert_eq!(st.leader, Some(first), "the first one back leads");
+        assert_eq!(st.leader, None, "an out-of-ISR replica led: {st:?}");
+        assert_eq!(
+            st.isr,
+            vec![second],
+            "an offline partition's ISR took it in"
+        );
+        // The last in-sync replica returns: it leads, and the live first one rejoins.
+        m.ok(MetadataCommand::Heartbeat {
+            broker_id: second,
+            epoch: epochs[&second],
+            metadata_offset: m.caught_up(),
+        });
+        let st = m.partition("t", 0);
+        assert_eq!(st.leader, Some(second), "the last ISR member leads again");
         assert_eq!(st.isr, replicas, "the ISR keeps the replica order");
+    }
+
+    #[test]
+    fn an_out_of_sync_replica_leads_an_offline_partition_on_unfence_only_with_unclean_election() {
+        let mut m = M::new();
+        let epochs = m.live(&[(1, "a"), (2, "b")]);
+        m.topic("t", 1, 2);
+        m.ok(MetadataCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [(
+                "unclean.leader.election.enable".to_string(),
+                "true".to_string(),
+            )]
+            .into(),
+            remove: vec![],
+        });
+        let replicas = m.partition("t", 0).replicas;
+        let (first, second) = (replicas[0], replicas[1]);
+        for id in [first, second] {
+            m.ok(MetadataCommand::FenceBroker {
+                broker_id: id,
+                epoch: epochs[&id],
+            });
+        }
+        // Fencing the second left no available replica: still offline, ISR [second].
+        assert_eq!(m.partition("t", 0).leader, None);
+        m.ok(MetadataCommand::Heartbeat {
+            broker_id: first,
+            epoch: epochs[&first],
+            metadata_offset: m.caught_up(),
+        });
+        let st = m.partition("t", 0);
+        assert_eq!(st.leader, Some(first), "unclean election lets it lead");
+        assert_eq!(st.isr, vec![first]);
+    }
+
+    #[test]
+    fn preferred_leader_election_moves_leadership_back_to_the_first_live_in_sync_replica() {
+        let mut m = M::new();
+        let epochs = m.live(&[(1, "a"), (2, "b"), (3, "c")]);
+        m.topic("t", 3, 3);
+        m.topic("u", 1, 3);
+        // Every partition's preferred leader leaves and comes back: leaders are skewed.
+        let preferred: Vec<BrokerId> = (0..3).map(|p| m.partition("t", p).replicas[0]).collect();
+        for id in [1, 2, 3] {
+            m.ok(MetadataCommand::FenceBroker {
+                broker_id: id,
+                epoch: epochs[&id],
+            });
+            m.ok(MetadataCommand::Heartbeat {
+                broker_id: id,
+                epoch: epochs[&id],
+                metadata_offset: m.caught_up(),
+            });
+        }
+        let skewed = (0..3)
+            .filter(|p| m.partition("t", *p).leader != Some(preferred[*p]))
+            .count();
+        assert!(skewed > 0, "the test needs skewed leaders");
+        assert!(matches!(
+            m.err(MetadataCommand::ElectPreferredLeaders {
+                topics: vec!["t".into(), "missing".into()],
+            }),
+            MetadataError::UnknownTopic(_)
+        ));
+        let before_u = m.partition("u", 0);
+        let r = m.ok(MetadataCommand::ElectPreferredLeaders {
+            topics: vec!["t".into()],
+        });
+        assert_eq!(
+            r,
+            MetadataResponse::LeadersElected {
+                moved: skewed as u64
+            }
+        );
+        for (p, want) in preferred.iter().enumerate() {
+            assert_eq!(m.partition("t", p).leader, Some(*want), "partition {p}");
+        }
+        assert_eq!(m.partition("u", 0), before_u, "only the named topic moved");
+        // Nothing left to move: a second election moves nothing.
+        let r = m.ok(MetadataCommand::ElectPreferredLeaders { topics: vec![] });
+        let moved_u = u64::from(before_u.leader != Some(before_u.replicas[0]));
+        assert_eq!(r, MetadataResponse::LeadersElected { moved: moved_u });
     }
 
     #[test]

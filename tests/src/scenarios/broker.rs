@@ -348,7 +348,7 @@ pub async fn broker_stale_epochs_are_refused(combo: Combo) {
 /// The feed gives changes in log order from any node, and a long poll returns as soon as a new
 /// change is applied.
 pub async fn broker_metadata_feed_is_ordered(combo: Combo) {
-    let (_c, ctls, _agents) = plane(&combo, "broker_metadata_feed_is_ordered", None).await;
+    let (mut c, ctls, _agents) = plane(&combo, "broker_metadata_feed_is_ordered", None).await;
     for t in 0..3 {
         ctls[&1]
             .create_topic(&format!("f{t}"), 1, 1, BTreeMap::new())
@@ -399,5 +399,21 @@ pub async fn broker_metadata_feed_is_ordered(combo: Combo) {
             |c| matches!(&c.command, MetadataCommand::CreateTopic { name, .. } if name == "late")
         ),
         "{got:?}"
+    );
+    // On a node whose consensus stopped, a long poll fails at once instead of spinning until
+    // its deadline and answering "no changes".
+    let from = image(&ctls[&1]).await.offset;
+    c.stop(3).await;
+    let stopped = ctls[&3]
+        .changes_since(from, 10, Duration::from_secs(3))
+        .await;
+    assert!(
+        matches!(
+            stopped,
+            Err(ControllerError::Consensus(
+                consensus_api::ConsensusError::ShuttingDown
+            ))
+        ),
+        "a feed read on a stopped node: {stopped:?}"
     );
 }
