@@ -195,6 +195,12 @@ pub enum BrokersCmd {
         /// Broker id.
         id: BrokerId,
     },
+    /// Cancel a broker's controlled shutdown: it is available again (leads, joins ISRs).
+    #[command(name = "cancel-shutdown")]
+    CancelShutdown {
+        /// Broker id.
+        id: BrokerId,
+    },
     /// Unregister a dead (fenced) or shutting-down broker, giving up its replicas' places.
     #[command(after_help = "Example:\n  broker brokers unregister 4")]
     Unregister {
@@ -528,6 +534,19 @@ impl Client {
                 }
                 let b: BrokerRegistration = Self::typed(v, "broker")?;
                 emit(&broker_table(&[b]))
+            }
+            BrokersCmd::CancelShutdown { id } => {
+                self.ok(
+                    "POST",
+                    &segments(&["brokers", &id.to_string(), "cancel-shutdown"])?,
+                    &[],
+                    None,
+                )
+                .await?;
+                self.done(
+                    &format!("broker {id} is no longer shutting down"),
+                    &Value::Null,
+                )
             }
             BrokersCmd::Unregister { id } => {
                 self.ok(

@@ -255,7 +255,7 @@ fn data_broker(
                         let body = format!(
                             r#"{{"broker_id":{id},"incarnation":{incarnation},"endpoints":["data-broker-{id}:9092"],"rack":"rack-x"}}"#
                         );
-                        http::Request::new(&addr, "POST", "/brokers")
+                        http::Request::new(&addr, "POST", "/broker-rpc/register")
                             .json(Some(&body))
                             .token(Some(&token))
                             .send(Duration::from_secs(2))
@@ -265,7 +265,7 @@ fn data_broker(
                         // Caught up to its own registration: what unfences it (an
                         // offset beyond the log is refused).
                         let body = format!(r#"{{"epoch":{e},"metadata_offset":{e}}}"#);
-                        let path = format!("/brokers/{id}/heartbeat");
+                        let path = format!("/broker-rpc/{id}/heartbeat");
                         http::Request::new(&addr, "POST", &path)
                             .json(Some(&body))
                             .token(Some(&token))

@@ -146,6 +146,11 @@ struct Serve {
     /// Generate (once) and use development certificates in this directory.
     #[arg(long, conflicts_with = "tls_ca")]
     dev_certs: Option<PathBuf>,
+    /// A separate secret for the broker RPCs (`/broker-rpc/...`: register, heartbeat,
+    /// controlled shutdown of data-plane brokers); they then take only it, and the admin
+    /// routes never do. Without it the admin token serves both.
+    #[arg(long)]
+    broker_token_file: Option<PathBuf>,
     /// Reads (GET) need the admin token (--admin-token-file) too.
     #[arg(long)]
     admin_protect_reads: bool,
@@ -203,7 +208,17 @@ fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<A
     let token = cli::admin_token(token_file).map_err(|e| e.message)?;
     match (token, s.admin_insecure_no_auth) {
         (Some(_), true) => Err("--admin-insecure-no-auth contradicts an admin token".into()),
-        (Some(t), false) => AdminAuth::token(&t, s.admin_protect_reads),
+        (Some(t), false) => {
+            let auth = AdminAuth::token(&t, s.admin_protect_reads)?;
+            match &s.broker_token_file {
+                Some(f) => {
+                    let broker = std::fs::read_to_string(f)
+                        .map_err(|e| format!("broker token file {}: {e}", f.display()))?;
+                    auth.with_broker_token(&broker)
+                }
+                None => Ok(auth),
+            }
+        }
         (None, true) => {
             eprintln!(
                 "WARNING: --admin-insecure-no-auth: node {}'s admin API at {} checks no \

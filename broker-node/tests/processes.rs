@@ -14,6 +14,8 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The admin token the test cluster's nodes are started with.
 const TOKEN: &str = "process-test-admin-token-0123456789";
+/// The broker RPCs' separate token.
+const BROKER_TOKEN: &str = "process-test-broker-token-9876543210";
 
 /// A free port for both UDP (QUIC) and TCP on 127.0.0.1, picked by the OS and released for the
 /// child to bind (the child retries nothing, so a collision would show as a startup failure).
@@ -83,6 +85,8 @@ impl Drop for Node {
 fn start(dir: &Path) -> Vec<Node> {
     let token_file = dir.join("admin-token");
     std::fs::write(&token_file, TOKEN).expect("write the admin token");
+    let broker_token_file = dir.join("broker-token");
+    std::fs::write(&broker_token_file, BROKER_TOKEN).expect("write the broker token");
     let raft: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
     let peers = raft
         .iter()
@@ -110,6 +114,8 @@ fn start(dir: &Path) -> Vec<Node> {
                 dir.join("certs").display().to_string(),
                 "--admin-token-file".into(),
                 token_file.display().to_string(),
+                "--broker-token-file".into(),
+                broker_token_file.display().to_string(),
                 "--session-timeout-ms".into(),
                 "3000".into(),
                 "--heartbeat-ms".into(),
@@ -129,14 +135,19 @@ fn start(dir: &Path) -> Vec<Node> {
     nodes
 }
 
-/// A request with the cluster's admin token.
+/// A request with the cluster's admin token (the broker token for a broker RPC).
 async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, Value)> {
-    call_as(Some(TOKEN), addr, method, path, body).await
+    let token = if path.starts_with("/broker-rpc/") {
+        BROKER_TOKEN
+    } else {
+        TOKEN
+    };
+    call_as(Some(token), addr, method, path, body).await
 }
 
 async fn call_as(
@@ -243,10 +254,15 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
         ),
         ("GET", "/topics/nope", None, 404),
         ("DELETE", "/topics/nope", None, 404),
-        ("POST", "/brokers/77/heartbeat", Some(r#"{"epoch":1}"#), 404),
         (
             "POST",
-            "/brokers/1/heartbeat",
+            "/broker-rpc/77/heartbeat",
+            Some(r#"{"epoch":1}"#),
+            404,
+        ),
+        (
+            "POST",
+            "/broker-rpc/1/heartbeat",
             Some(r#"{"epoch":999999}"#),
             409,
         ),
@@ -288,10 +304,10 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     let writes = [
         ("POST", "/topics", Some(create)),
         ("DELETE", "/topics/topic-0", None),
-        ("POST", "/brokers/1/shutdown", Some(r#"{"epoch":1}"#)),
+        ("POST", "/broker-rpc/1/shutdown", Some(r#"{"epoch":1}"#)),
         (
             "POST",
-            "/brokers",
+            "/broker-rpc/register",
             Some(r#"{"broker_id":99,"incarnation":1}"#),
         ),
     ];
@@ -303,6 +319,33 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
             assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
         }
     }
+    // The broker RPCs and the admin routes do not take each other's token.
+    let as_broker = call_as(
+        Some(BROKER_TOKEN),
+        nodes[1].admin,
+        "POST",
+        "/topics",
+        Some(create),
+    )
+    .await;
+    assert_eq!(
+        as_broker.map(|(s, _)| s),
+        Some(403),
+        "a broker token changed topics"
+    );
+    let as_admin = call_as(
+        Some(TOKEN),
+        nodes[1].admin,
+        "POST",
+        "/broker-rpc/register",
+        Some(r#"{"broker_id":98,"incarnation":1}"#),
+    )
+    .await;
+    assert_eq!(
+        as_admin.map(|(s, _)| s),
+        Some(403),
+        "an admin token posed as a broker"
+    );
     let read = call_as(None, nodes[1].admin, "GET", "/brokers", None).await;
     assert_eq!(read.map(|(s, _)| s), Some(200), "reads need no token");
     assert_eq!(
@@ -355,6 +398,21 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     .expect("metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("broker_topics"), "{metrics}");
+    for gauge in [
+        "broker_offline_partitions",
+        "broker_under_replicated_partitions",
+        "broker_under_min_isr_partitions",
+        "broker_fenced_brokers",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {gauge} ")),
+            "{gauge}: {metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("\n{gauge}{{")),
+            "{gauge}: {metrics}"
+        );
+    }
 }
 
 /// `serve` without TLS material refuses to start, says what to pass, and creates nothing; on a
@@ -709,7 +767,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     let (status, v) = call(
         nodes[1].admin,
         "POST",
-        "/brokers",
+        "/broker-rpc/register",
         Some(r#"{"broker_id":50,"incarnation":1}"#),
     )
     .await
@@ -717,9 +775,14 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     assert_eq!(status, 200, "{v}");
     let epoch = v["epoch"].as_u64().expect("epoch");
     let beat = format!(r#"{{"epoch":{epoch},"metadata_offset":{}}}"#, 1u64 << 50);
-    let (status, v) = call(nodes[1].admin, "POST", "/brokers/50/heartbeat", Some(&beat))
-        .await
-        .expect("answer");
+    let (status, v) = call(
+        nodes[1].admin,
+        "POST",
+        "/broker-rpc/50/heartbeat",
+        Some(&beat),
+    )
+    .await
+    .expect("answer");
     assert_eq!(status, 400, "{v}");
     let (code, out, _) = cli(admin, &["brokers", "describe", "50"]);
     assert_eq!(code, 0);
@@ -811,6 +874,15 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
         .expect("answer");
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["shutting_down"], true, "{b}");
+    // An operator can cancel a controlled shutdown (once).
+    let (code, _, err) = cli(admin, &["brokers", "cancel-shutdown", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, b) = call(nodes[0].admin, "GET", "/brokers/3", None)
+        .await
+        .expect("answer");
+    assert_eq!(b["shutting_down"], false, "{b}");
+    let (code, _, err) = cli(admin, &["brokers", "cancel-shutdown", "3"]);
+    assert_eq!(code, 5, "not shutting down any more: {err}");
 }
 
 /// `serve` refuses settings that cannot work, says what to change, and creates nothing.

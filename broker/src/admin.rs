@@ -6,9 +6,10 @@
 //! | `GET /brokers` | registered brokers |
 //! | `GET /brokers/{id}` | one broker |
 //! | `DELETE /brokers/{id}` | unregister a fenced (dead) broker, as KIP-1073's `kafka-cluster unregister` |
-//! | `POST /brokers` | register `{broker_id, incarnation, endpoints, rack}`: the epoch |
-//! | `POST /brokers/{id}/heartbeat` | `{epoch, metadata_offset}` |
-//! | `POST /brokers/{id}/shutdown` | `{epoch}`: controlled shutdown |
+//! | `POST /brokers/{id}/cancel-shutdown` | `{epoch}` (optional): a broker in controlled shutdown is available again |
+//! | `POST /broker-rpc/register` | broker RPC: register `{broker_id, incarnation, endpoints, rack}`: the epoch |
+//! | `POST /broker-rpc/{id}/heartbeat` | broker RPC: `{epoch, metadata_offset}` |
+//! | `POST /broker-rpc/{id}/shutdown` | broker RPC: `{epoch}`: controlled shutdown |
 //! | `GET /topics?view=full\|summary\|names`, `GET /topics/{name}` | topics (`full`, the default: with partitions, leaders, ISRs; `summary`: counts; `names`: names only) |
 //! | `POST /topics` | create `{name, partitions, replication_factor, configs}` |
 //! | `DELETE /topics/{name}` | delete |
@@ -33,8 +34,11 @@
 //! feed: read the image again. Quiet heartbeats (that fence or unfence nothing) are not in it.
 //!
 //! **Credentials** ([`AdminAuth`]): every request that changes state (any method but `GET` and
-//! `HEAD`) needs `Authorization: Bearer <token>`; reads too when so configured. Without a
-//! token configured the API is open, which a program must choose explicitly
+//! `HEAD`) needs `Authorization: Bearer <token>`; reads too when so configured. The broker
+//! RPCs (`/broker-rpc/...`: what a data-plane broker process calls) are a separate API: with a
+//! broker token configured they take only it, and the admin routes never take it, so a broker's
+//! credential cannot change topics and an operator's cannot pose as a broker. Without a token
+//! configured the API is open, which a program must choose explicitly
 //! ([`AdminAuth::InsecureOpen`]).
 //!
 //! **Limits**: topic names 1 to [`MAX_TOPIC_NAME_LEN`] characters of `[a-zA-Z0-9._-]`; at most
@@ -80,33 +84,69 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Clone)]
 pub enum AdminAuth {
     /// Requests that change state need `Authorization: Bearer <token>`; reads need it too when
-    /// `protect_reads` is set. The token is compared in constant time.
+    /// `protect_reads` is set. The broker RPCs need `broker_token` when one is set (and then
+    /// only it), else `token`. Tokens are compared in constant time.
     Token {
-        /// The shared secret (at least [`MIN_TOKEN_LEN`] bytes).
+        /// The operators' shared secret (at least [`MIN_TOKEN_LEN`] bytes).
         token: Arc<str>,
         /// Whether `GET` requests need the token as well.
         protect_reads: bool,
+        /// The brokers' secret for `/broker-rpc/...`, if it differs from the operators'.
+        broker_token: Option<Arc<str>>,
     },
     /// No credential is checked: anyone who reaches the port can change the metadata, fence or
     /// shut down brokers. For local experiments only; chosen explicitly.
     InsecureOpen,
 }
 
+/// Where the broker RPCs live: their own credential applies under it.
+pub const BROKER_RPC_PREFIX: &str = "/broker-rpc/";
+
+fn check_token(name: &str) -> Result<Arc<str>, String> {
+    let token = name.trim();
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "a token must be at least {MIN_TOKEN_LEN} characters (got {})",
+            token.len()
+        ));
+    }
+    Ok(token.into())
+}
+
 impl AdminAuth {
     /// Token authentication for writes (and reads when `protect_reads`); refuses a token
     /// shorter than [`MIN_TOKEN_LEN`] bytes.
     pub fn token(token: &str, protect_reads: bool) -> Result<Self, String> {
-        let token = token.trim();
-        if token.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "the admin token must be at least {MIN_TOKEN_LEN} characters (got {})",
-                token.len()
-            ));
-        }
         Ok(Self::Token {
-            token: token.into(),
+            token: check_token(token).map_err(|e| format!("the admin token: {e}"))?,
             protect_reads,
+            broker_token: None,
         })
+    }
+
+    /// The same, with a separate token for the broker RPCs; refuses one equal to the
+    /// operators' token (it would not separate anything).
+    pub fn with_broker_token(self, broker: &str) -> Result<Self, String> {
+        let broker = check_token(broker).map_err(|e| format!("the broker token: {e}"))?;
+        match self {
+            Self::Token {
+                token,
+                protect_reads,
+                ..
+            } => {
+                if bool::from(token.as_bytes().ct_eq(broker.as_bytes())) {
+                    return Err("the broker token must differ from the admin token".into());
+                }
+                Ok(Self::Token {
+                    token,
+                    protect_reads,
+                    broker_token: Some(broker),
+                })
+            }
+            Self::InsecureOpen => {
+                Err("a broker token needs an admin token too (the API is open otherwise)".into())
+            }
+        }
     }
 
     /// A fresh random token (32 hex digits) for development setups.
@@ -116,18 +156,24 @@ impl AdminAuth {
     }
 
     /// Checks one request's credential.
-    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         let Self::Token {
             token,
             protect_reads,
+            broker_token,
         } = self
         else {
             return Ok(());
         };
+        let broker_rpc = path.starts_with(BROKER_RPC_PREFIX);
         let read = method == Method::GET || method == Method::HEAD;
-        if read && !protect_reads {
+        if read && !protect_reads && !broker_rpc {
             return Ok(());
         }
+        let (expected, which) = match (broker_rpc, broker_token) {
+            (true, Some(b)) => (b, "the broker token"),
+            _ => (token, "the admin token"),
+        };
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -136,14 +182,16 @@ impl AdminAuth {
             None => Err(api(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
-                "this request needs a credential: send `Authorization: Bearer <token>` \
-                 (the CLI's --admin-token-file or BROKER_ADMIN_TOKEN)",
+                format!(
+                    "this request needs {which}: send `Authorization: Bearer <token>` \
+                     (the CLI's --admin-token-file or BROKER_ADMIN_TOKEN)"
+                ),
             )),
-            Some(g) if bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+            Some(g) if bool::from(g.trim().as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
             Some(_) => Err(api(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "the admin token is not valid for this node",
+                format!("the credential is not {which} of this node"),
             )),
         }
     }
@@ -152,10 +200,15 @@ impl AdminAuth {
 impl std::fmt::Debug for AdminAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Token { protect_reads, .. } => f
+            Self::Token {
+                protect_reads,
+                broker_token,
+                ..
+            } => f
                 .debug_struct("Token")
                 .field("token", &"<redacted>")
                 .field("protect_reads", protect_reads)
+                .field("broker_token", &broker_token.as_ref().map(|_| "<redacted>"))
                 .finish(),
             Self::InsecureOpen => f.write_str("InsecureOpen"),
         }
@@ -174,7 +227,7 @@ async fn authenticate(
         .unwrap_or_else(|| "-".into());
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let write = method != Method::GET && method != Method::HEAD;
-    if let Err(e) = auth.check(&method, req.headers()) {
+    if let Err(e) = auth.check(&method, &path, req.headers()) {
         tracing::warn!(%peer, %method, path, "admin request refused: {}", e.reason);
         return Err(e);
     }
@@ -182,7 +235,12 @@ async fn authenticate(
     // Every change an operator (or a broker) asked for, with who asked and what came of it.
     if write {
         let status = resp.status().as_u16();
-        tracing::info!(%peer, %method, path, status, "admin change");
+        if path.starts_with(BROKER_RPC_PREFIX) && path.ends_with("/heartbeat") && status < 300 {
+            // Every few seconds per broker: not news.
+            tracing::debug!(%peer, path, status, "broker heartbeat");
+        } else {
+            tracing::info!(%peer, %method, path, status, "admin change");
+        }
     }
     Ok(resp)
 }
@@ -197,10 +255,12 @@ struct App {
 pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAuth) -> Router {
     Router::new()
         .route("/cluster/status", get(cluster_status))
-        .route("/brokers", get(list_brokers).post(register))
+        .route("/brokers", get(list_brokers))
         .route("/brokers/{id}", get(describe_broker).delete(unregister))
-        .route("/brokers/{id}/heartbeat", post(heartbeat))
-        .route("/brokers/{id}/shutdown", post(shutdown))
+        .route("/brokers/{id}/cancel-shutdown", post(cancel_shutdown))
+        .route("/broker-rpc/register", post(register))
+        .route("/broker-rpc/{id}/heartbeat", post(heartbeat))
+        .route("/broker-rpc/{id}/shutdown", post(shutdown))
         .route("/topics", get(list_topics).post(create_topic))
         .route("/topics/{name}", get(describe_topic).delete(delete_topic))
         .route("/topics/{name}/partitions", post(add_partitions))
@@ -490,6 +550,39 @@ impl From<Topic> for TopicSummary {
     }
 }
 
+/// `POST /brokers/{id}/cancel-shutdown`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelReq {
+    epoch: Option<u64>,
+}
+
+async fn cancel_shutdown(
+    State(app): State<App>,
+    id: Result<Path<BrokerId>, PathRejection>,
+    req: Option<Json<CancelReq>>,
+) -> Result<StatusCode, ApiError> {
+    let id = path(id)?;
+    let epoch = match req.and_then(|Json(r)| r.epoch) {
+        Some(e) => e,
+        None => app
+            .ctl
+            .image()
+            .await?
+            .brokers
+            .get(&id)
+            .map(|b| b.epoch)
+            .ok_or(ControllerError::Metadata(MetadataError::UnknownBroker(id)))?,
+    };
+    app.ctl
+        .submit_checked(MetadataCommand::CancelControlledShutdown {
+            broker_id: id,
+            epoch,
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn list_topics(
     State(app): State<App>,
     q: Result<Query<TopicsQuery>, axum::extract::rejection::QueryRejection>,
@@ -740,6 +833,7 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<CreateTopicReq>(data);
     let _ = serde_json::from_slice::<AddPartitionsReq>(data);
     let _ = serde_json::from_slice::<ElectReq>(data);
+    let _ = serde_json::from_slice::<CancelReq>(data);
     if let Ok(r) = serde_json::from_slice::<AlterConfigsReq>(data) {
         let _ = r.set.iter().try_for_each(|(k, v)| configs::check(k, v));
     }
@@ -769,7 +863,102 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
+/// Counts of the image that operators alert on.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Health {
+    brokers: usize,
+    unfenced: usize,
+    fenced: usize,
+    shutting_down: usize,
+    topics: usize,
+    partitions: usize,
+    offline: usize,
+    under_replicated: usize,
+    under_min_isr: usize,
+    not_preferred: usize,
+}
+
+impl Health {
+    fn of(img: &MetadataImage) -> Self {
+        let mut h = Self {
+            brokers: img.brokers.len(),
+            unfenced: img.brokers.values().filter(|b| !b.fenced).count(),
+            fenced: img.brokers.values().filter(|b| b.fenced).count(),
+            shutting_down: img.brokers.values().filter(|b| b.shutting_down).count(),
+            topics: img.topics.len(),
+            ..Self::default()
+        };
+        for t in img.topics.values() {
+            let min_isr = t
+                .configs
+                .get("min.insync.replicas")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1);
+            for p in &t.partitions {
+                h.partitions += 1;
+                h.offline += usize::from(p.leader.is_none());
+                h.under_replicated += usize::from(p.isr.len() < p.replicas.len());
+                h.under_min_isr += usize::from(p.isr.len() < min_isr);
+                h.not_preferred +=
+                    usize::from(p.leader.is_some() && p.leader != p.replicas.first().copied());
+            }
+        }
+        h
+    }
+}
+
+/// The `# HELP` text of the broker's gauges (once per process).
+fn describe_metrics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (name, help) in [
+            ("broker_consensus_term", "the node's current consensus term"),
+            ("broker_consensus_commit_index", "the node's commit index"),
+            (
+                "broker_consensus_applied_index",
+                "the last index applied to the metadata image",
+            ),
+            (
+                "broker_consensus_is_leader",
+                "1 when this node is the consensus leader",
+            ),
+            (
+                "broker_consensus_snapshot_index",
+                "the index of the node's latest snapshot",
+            ),
+            ("broker_registered_brokers", "registered brokers"),
+            ("broker_unfenced_brokers", "brokers not fenced"),
+            (
+                "broker_fenced_brokers",
+                "fenced brokers (session expired or never caught up)",
+            ),
+            (
+                "broker_shutting_down_brokers",
+                "brokers in controlled shutdown",
+            ),
+            ("broker_topics", "topics"),
+            ("broker_partitions", "partitions of all topics"),
+            ("broker_offline_partitions", "partitions without a leader"),
+            (
+                "broker_under_replicated_partitions",
+                "partitions whose ISR is smaller than their replica set",
+            ),
+            (
+                "broker_under_min_isr_partitions",
+                "partitions whose ISR is smaller than the topic's min.insync.replicas",
+            ),
+            (
+                "broker_preferred_leader_imbalance",
+                "partitions led by a replica other than their first (see topics elect-leaders)",
+            ),
+        ] {
+            metrics::describe_gauge!(name, help);
+        }
+    });
+}
+
 async fn render_metrics(State(app): State<App>) -> Response {
+    describe_metrics();
     let st = app.ctl.node().status();
     let id = st.id.to_string();
     metrics::gauge!("broker_consensus_term", "node" => id.clone()).set(st.term as f64);
@@ -811,22 +1000,20 @@ async fn render_metrics(State(app): State<App>) -> Response {
         metrics::gauge!("broker_consensus_snapshot_transfer_failed", &labels)
             .set(if t.error.is_some() { 1.0 } else { 0.0 });
     }
-    let (brokers, unfenced, topics, partitions) = app.ctl.node().read_local(|m| {
-        let img = m.image();
-        (
-            img.brokers.len(),
-            img.brokers.values().filter(|b| !b.fenced).count(),
-            img.topics.len(),
-            img.topics
-                .values()
-                .map(|t| t.partitions.len())
-                .sum::<usize>(),
-        )
-    });
-    metrics::gauge!("broker_registered_brokers", "node" => id.clone()).set(brokers as f64);
-    metrics::gauge!("broker_unfenced_brokers", "node" => id.clone()).set(unfenced as f64);
-    metrics::gauge!("broker_topics", "node" => id.clone()).set(topics as f64);
-    metrics::gauge!("broker_partitions", "node" => id).set(partitions as f64);
+    let h = app.ctl.node().read_local(|m| Health::of(m.image()));
+    metrics::gauge!("broker_registered_brokers", "node" => id.clone()).set(h.brokers as f64);
+    metrics::gauge!("broker_unfenced_brokers", "node" => id.clone()).set(h.unfenced as f64);
+    metrics::gauge!("broker_fenced_brokers", "node" => id.clone()).set(h.fenced as f64);
+    metrics::gauge!("broker_shutting_down_brokers", "node" => id.clone())
+        .set(h.shutting_down as f64);
+    metrics::gauge!("broker_topics", "node" => id.clone()).set(h.topics as f64);
+    metrics::gauge!("broker_partitions", "node" => id.clone()).set(h.partitions as f64);
+    metrics::gauge!("broker_offline_partitions", "node" => id.clone()).set(h.offline as f64);
+    metrics::gauge!("broker_under_replicated_partitions", "node" => id.clone())
+        .set(h.under_replicated as f64);
+    metrics::gauge!("broker_under_min_isr_partitions", "node" => id.clone())
+        .set(h.under_min_isr as f64);
+    metrics::gauge!("broker_preferred_leader_imbalance", "node" => id).set(h.not_preferred as f64);
     match &app.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
@@ -841,9 +1028,10 @@ mod tests {
     const ROUTES: &[&str] = &[
         "get /cluster/status",
         "get /brokers",
-        "post /brokers",
-        "post /brokers/{id}/heartbeat",
-        "post /brokers/{id}/shutdown",
+        "post /brokers/{id}/cancel-shutdown",
+        "post /broker-rpc/register",
+        "post /broker-rpc/{id}/heartbeat",
+        "post /broker-rpc/{id}/shutdown",
         "get /topics",
         "post /topics",
         "get /topics/{name}",
@@ -858,6 +1046,38 @@ mod tests {
         "get /metrics",
         "get /openapi.json",
     ];
+
+    #[test]
+    fn health_counts_what_operators_alert_on() {
+        let mut img = MetadataImage::default();
+        let p = |leader: Option<BrokerId>, isr: &[BrokerId]| PartitionState {
+            replicas: vec![1, 2, 3],
+            isr: isr.to_vec(),
+            leader,
+            leader_epoch: 0,
+            partition_epoch: 0,
+        };
+        img.topics.insert(
+            "t".into(),
+            Topic {
+                id: 1,
+                name: "t".into(),
+                partitions: vec![p(Some(1), &[1, 2, 3]), p(Some(2), &[2]), p(None, &[3])],
+                configs: [("min.insync.replicas".to_string(), "2".to_string())].into(),
+            },
+        );
+        let h = Health::of(&img);
+        assert_eq!(
+            (
+                h.partitions,
+                h.offline,
+                h.under_replicated,
+                h.under_min_isr,
+                h.not_preferred
+            ),
+            (3, 1, 2, 2, 1)
+        );
+    }
 
     #[test]
     fn the_openapi_description_lists_exactly_the_served_routes() {

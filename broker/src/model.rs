@@ -107,6 +107,14 @@ pub enum MetadataCommand {
         /// Topic names; empty for every topic.
         topics: Vec<String>,
     },
+    /// Ends a broker's controlled shutdown before it stopped (it will not stop after all):
+    /// it is available again, and rejoins ISRs and leads as an unfenced broker does.
+    CancelControlledShutdown {
+        /// The broker.
+        broker_id: BrokerId,
+        /// Must equal the broker's current epoch.
+        epoch: u64,
+    },
 }
 
 /// Why a command changed nothing.

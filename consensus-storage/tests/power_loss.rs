@@ -233,7 +233,7 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
 }
 
 fn open(fs: &SimFs, dir: &Path, options: LogOptions) -> Log {
-    let fs: Arc<dyn FileSystem> = Arc::new(fs.clone());
+    let fs: Arc<dyn FileSystem> = Arc::new(fs.process());
     Log::open_in(fs, dir, options).unwrap_or_else(|e| panic!("reopen after a power cut: {e}"))
 }
 

@@ -186,7 +186,7 @@ async fn stream_loop(
             Err(status) => {
                 if opened.elapsed() < Backoff::HEALTHY && !reported {
                     reported = true;
-                    tracing::warn!(peer, code = ?status.code(), "peer unreachable: {} (retrying with backoff)", status.message());
+                    tracing::warn!(peer, code = ?status.code(), "peer {peer} unreachable: {} (retrying with backoff)", status.message());
                 } else {
                     tracing::debug!(peer, code = ?status.code(), "stream to peer broke: {}", status.message());
                 }

@@ -171,7 +171,7 @@ impl PeerLink {
                             tracing::warn!(peer = self.id, addr = %self.addr, "peer refused us: {why}")
                         }
                         e if !reported => {
-                            tracing::warn!(peer = self.id, addr = %self.addr, "peer unreachable: {e} (retrying with backoff)")
+                            tracing::warn!(peer = self.id, addr = %self.addr, "{e} (retrying with backoff)")
                         }
                         e => {
                             tracing::debug!(peer = self.id, addr = %self.addr, "cannot reach peer: {e}")

@@ -174,6 +174,41 @@ pub(super) fn begin_controlled_shutdown(
     Ok(MetadataResponse::Ok)
 }
 
+/// The checks of [`cancel_controlled_shutdown`]: the epoch is current and the broker is in
+/// controlled shutdown.
+pub(super) fn check_cancel_controlled_shutdown(
+    image: &MetadataImage,
+    broker_id: BrokerId,
+    epoch: u64,
+) -> Result<(), MetadataError> {
+    let b = current(image, broker_id, epoch)?;
+    if !b.shutting_down {
+        return Err(MetadataError::Invalid(format!(
+            "broker {broker_id} is not in controlled shutdown"
+        )));
+    }
+    Ok(())
+}
+
+/// [`MetadataCommand::CancelControlledShutdown`]: the broker is available again (if it is not
+/// fenced) and is readmitted to its partitions.
+pub(super) fn cancel_controlled_shutdown(
+    image: &mut MetadataImage,
+    broker_id: BrokerId,
+    epoch: u64,
+) -> Result<MetadataResponse, MetadataError> {
+    check_cancel_controlled_shutdown(image, broker_id, epoch)?;
+    let mut fenced = true;
+    if let Some(b) = image.brokers.get_mut(&broker_id) {
+        b.shutting_down = false;
+        fenced = b.fenced;
+    }
+    if !fenced {
+        partitions::readmit(image, broker_id);
+    }
+    Ok(MetadataResponse::Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::M;
@@ -312,6 +347,33 @@ mod tests {
             assert!(!replicas.contains(&2), "{replicas:?}");
         }
         assert!(!m.m.image.brokers[&2].fenced);
+    }
+
+    #[test]
+    fn a_cancelled_controlled_shutdown_makes_the_broker_available_again() {
+        let mut m = M::new();
+        let epochs = m.live(&[(1, "a"), (2, "b")]);
+        m.topic("t", 1, 2);
+        let leader = m.partition("t", 0).leader.expect("a leader");
+        assert!(matches!(
+            m.err(MetadataCommand::CancelControlledShutdown {
+                broker_id: leader,
+                epoch: epochs[&leader],
+            }),
+            MetadataError::Invalid(_)
+        ));
+        m.ok(MetadataCommand::BeginControlledShutdown {
+            broker_id: leader,
+            epoch: epochs[&leader],
+        });
+        assert!(!m.partition("t", 0).isr.contains(&leader));
+        m.ok(MetadataCommand::CancelControlledShutdown {
+            broker_id: leader,
+            epoch: epochs[&leader],
+        });
+        let b = &m.m.image.brokers[&leader];
+        assert!(!b.shutting_down && !b.fenced);
+        assert!(m.partition("t", 0).isr.contains(&leader), "back in the ISR");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! [`StateMachine::apply`] dispatches each record to the function of its concern, and records
 //! the outcome in the feed:
 //!
-//! - [`brokers`]: register, unregister, heartbeat (unfencing), fence, controlled shutdown;
+//! - [`brokers`]: register, unregister, heartbeat (unfencing), fence, controlled shutdown and
+//!   its cancellation;
 //! - [`topics`]: create and delete topics, grow partitions, alter configs;
 //! - [`partitions`]: compare-and-set partition changes, preferred-leader election, and the
 //!   leader election and epoch rules that broker changes trigger;
@@ -87,6 +88,9 @@ impl MetadataMachine {
                 topics::check_alter_topic_config(image, name, set, remove).map(drop)
             }
             C::ElectPreferredLeaders { topics } => partitions::check_elect_preferred(image, topics),
+            C::CancelControlledShutdown { broker_id, epoch } => {
+                brokers::check_cancel_controlled_shutdown(image, *broker_id, *epoch)
+            }
         }
     }
 
@@ -148,6 +152,9 @@ impl MetadataMachine {
                 topics::alter_topic_config(image, name, set, remove)
             }
             C::ElectPreferredLeaders { topics } => partitions::elect_preferred(image, topics),
+            C::CancelControlledShutdown { broker_id, epoch } => {
+                brokers::cancel_controlled_shutdown(image, *broker_id, *epoch)
+            }
         }
     }
 

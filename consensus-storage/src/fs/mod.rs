@@ -84,6 +84,12 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// Takes the exclusive lock of the file at `path` (created when missing). `Ok(None)` when
     /// someone else holds it.
     fn lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>>;
+    /// This file system as one process that opens a store sees it. A real process dies with
+    /// a power cut; a simulated disk's power cut leaves the process's threads running, so the
+    /// simulation answers every later call of this view with an error, path-level ones (open,
+    /// rename, remove) included: a thread that outlived the cut cannot write into the disk the
+    /// next process recovers from. The real file system is the same for every process.
+    fn for_process(&self) -> Arc<dyn FileSystem>;
 }
 
 type Mounts = Mutex<Vec<(PathBuf, Arc<dyn FileSystem>)>>;
@@ -133,7 +139,7 @@ pub fn for_path(path: &Path) -> Arc<dyn FileSystem> {
         .iter()
         .filter(|(root, _)| path.starts_with(root))
         .max_by_key(|(root, _)| root.components().count())
-        .map(|(_, fs)| fs.clone())
+        .map(|(_, fs)| fs.for_process())
         .unwrap_or_else(|| Arc::new(OsFs))
 }
 

@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{FileHandle, FileSystem, LockGuard, OpenMode};
 
@@ -106,5 +107,9 @@ impl FileSystem for OsFs {
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    fn for_process(&self) -> Arc<dyn FileSystem> {
+        Arc::new(OsFs)
     }
 }

@@ -234,6 +234,9 @@ pub struct SimFs {
     seed: u64,
     disk: Arc<Mutex<Disk>>,
     gate: Gate,
+    /// For a view of one process ([`SimFs::process`]): the power generation it lives in.
+    /// Every call fails once a power cut ended it.
+    process: Option<u64>,
 }
 
 impl fmt::Debug for SimFs {
@@ -263,6 +266,28 @@ impl SimFs {
                 cuts: 0,
             })),
             gate: Arc::default(),
+            process: None,
+        }
+    }
+
+    /// The disk as one process sees it: every call through this view (and every handle and
+    /// lock it opens) fails after the next power cut, as the process would have died with
+    /// the power. Without it a thread that outlived a cut (a log writer finishing a rewrite)
+    /// could rename a file over the one the next process recovers, or reopen it and write at
+    /// offsets of its own stale state.
+    pub fn process(&self) -> SimFs {
+        let generation = self.disk.lock().generation;
+        SimFs {
+            process: Some(generation),
+            ..self.clone()
+        }
+    }
+
+    /// Refuses a call from a process that a power cut ended.
+    fn alive(&self, d: &Disk) -> io::Result<()> {
+        match self.process {
+            Some(g) if g != d.generation => Err(dead()),
+            _ => Ok(()),
         }
     }
 
@@ -479,6 +504,7 @@ impl FileSystem for SimFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let dir = normalize(dir);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         for a in dir.ancestors() {
             d.dirs.insert(a.to_path_buf());
         }
@@ -488,6 +514,7 @@ impl FileSystem for SimFs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileHandle>> {
         let path = normalize(path);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         d.fail_if_armed(SimOp::Open, &path)?;
         let ino = match (d.entries.get(&path).copied(), mode) {
             (Some(ino), OpenMode::Truncate) => {
@@ -504,7 +531,7 @@ impl FileSystem for SimFs {
                 d.create(&path)
             }
         };
-        let generation = d.generation;
+        let generation = self.process.unwrap_or(d.generation);
         Ok(Box::new(SimFile {
             fs: self.clone(),
             path,
@@ -516,6 +543,7 @@ impl FileSystem for SimFs {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let path = normalize(path);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         d.fail_if_armed(SimOp::Read, &path)?;
         Ok(d.inode(&path)?.data.clone())
     }
@@ -523,6 +551,7 @@ impl FileSystem for SimFs {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         let dir = normalize(dir);
         let d = self.disk.lock();
+        self.alive(&d)?;
         if !d.dirs.contains(&dir) {
             return Err(not_found(&dir));
         }
@@ -536,12 +565,14 @@ impl FileSystem for SimFs {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         let path = normalize(path);
         let d = self.disk.lock();
+        self.alive(&d)?;
         Ok(d.entries.contains_key(&path) || d.dirs.contains(&path))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let (from, to) = (normalize(from), normalize(to));
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         d.fail_if_armed(SimOp::Rename, &from)?;
         d.check_parent(&to)?;
         let ino = d.entries.remove(&from).ok_or_else(|| not_found(&from))?;
@@ -552,6 +583,7 @@ impl FileSystem for SimFs {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let path = normalize(path);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         d.entries.remove(&path).ok_or_else(|| not_found(&path))?;
         Ok(())
     }
@@ -559,6 +591,7 @@ impl FileSystem for SimFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let dir = normalize(dir);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         d.fail_if_armed(SimOp::SyncDir, &dir)?;
         if !d.dirs.contains(&dir) {
             return Err(not_found(&dir));
@@ -575,6 +608,7 @@ impl FileSystem for SimFs {
     fn lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
         let path = normalize(path);
         let mut d = self.disk.lock();
+        self.alive(&d)?;
         if !d.entries.contains_key(&path) {
             d.check_parent(&path)?;
             d.create(&path);
@@ -590,6 +624,10 @@ impl FileSystem for SimFs {
             path,
             token,
         })))
+    }
+
+    fn for_process(&self) -> Arc<dyn FileSystem> {
+        Arc::new(self.process())
     }
 }
 
@@ -613,6 +651,24 @@ mod tests {
         fs.sync_dir(&dir).unwrap();
         fs.power_cut();
         assert_eq!(fs.read(&dir.join("a")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_process_view_can_do_nothing_after_a_power_cut() {
+        let (fs, dir) = fs_with_dir();
+        let old = fs.process();
+        let f = old.open(&dir.join("a"), OpenMode::Create).unwrap();
+        f.write_all_at(b"x", 0).unwrap();
+        fs.power_cut();
+        // The thread of the process that lost power: no handle, no path-level call works.
+        assert!(f.write_all_at(b"y", 0).is_err());
+        assert!(old.open(&dir.join("b"), OpenMode::Create).is_err());
+        assert!(old.rename(&dir.join("a"), &dir.join("c")).is_err());
+        assert!(old.lock(&dir.join("LOCK")).is_err());
+        assert!(!fs.exists(&dir.join("b")).unwrap());
+        // The next process works.
+        let new = fs.process();
+        new.open(&dir.join("b"), OpenMode::Create).unwrap();
     }
 
     #[test]
