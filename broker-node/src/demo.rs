@@ -78,6 +78,11 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Binds every node (port 0), then starts them as one new cluster with data dirs and
     /// development certificates under `root`, their admin APIs protected by `admin_auth`.
+    ///
+    /// With `base_port`, node `id` listens on 127.0.0.1 port `base_port + id` for consensus and
+    /// `base_port + 100 + id` for its admin API, so a cluster whose `root` is kept comes back on
+    /// the same addresses (its stored membership names them); without it the OS picks ports.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         backend: Arc<dyn Backend>,
         factory: Arc<dyn TransportFactory>,
@@ -86,14 +91,26 @@ impl LocalCluster {
         liveness: LivenessConfig,
         metrics: Option<PrometheusHandle>,
         admin_auth: AdminAuth,
+        base_port: Option<u16>,
     ) -> Result<Self, String> {
         let mut options = ClusterOptions::new("broker-dev");
         options.root = Some(root.to_path_buf());
+        options.base_port = base_port;
+        let mut admin = BTreeMap::new();
+        if let Some(base) = base_port {
+            for id in 1..=nodes {
+                let port = u16::try_from(id + 100)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .ok_or_else(|| format!("--base-port {base} leaves no room for node {id}"))?;
+                admin.insert(id, SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
         let kind = BrokerNodes {
             liveness,
             admin_auth,
             metrics,
-            admin: Mutex::new(BTreeMap::new()),
+            admin: Mutex::new(admin),
         };
         let nodes = consensus_harness::LocalCluster::launch(
             &Combo::from_parts(backend, factory),
@@ -309,8 +326,17 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
     ));
     let token = AdminAuth::generate_token();
     let auth = AdminAuth::token(&token, false)?;
-    let mut cluster =
-        LocalCluster::start(backend, factory, 3, &root, liveness.clone(), None, auth).await?;
+    let mut cluster = LocalCluster::start(
+        backend,
+        factory,
+        3,
+        &root,
+        liveness.clone(),
+        None,
+        auth,
+        None,
+    )
+    .await?;
     let leader = cluster.leader(Duration::from_secs(15)).await?;
     tl.say(format!(
         "node {leader} is the consensus leader (the active controller)"

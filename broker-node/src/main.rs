@@ -69,10 +69,19 @@ enum Cmd {
     /// Run one node of a multi-process cluster (consensus member + broker, combined mode).
     Serve(Box<Serve>),
     /// Run a local cluster in this process and print its admin URLs; Ctrl-C stops it.
+    #[command(after_help = "Examples:\n  broker dev\n  \
+                            broker dev --data-dir /tmp/dev --base-port 19000   # keep it; run again to restart it")]
     Dev {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: u64,
+        /// Keep the cluster's data (and its admin token) here, and start it again from it when
+        /// it exists; needs --base-port. Default: a temporary directory removed at exit.
+        #[arg(long, requires = "base_port")]
+        data_dir: Option<PathBuf>,
+        /// Node N listens on 127.0.0.1 port BASE+N (consensus) and BASE+100+N (admin API).
+        #[arg(long)]
+        base_port: Option<u16>,
         #[command(flatten)]
         engine: Engine,
     },
@@ -381,24 +390,59 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         .ok()
 }
 
-async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
+async fn dev(
+    nodes: u64,
+    engine: Engine,
+    data_dir: Option<PathBuf>,
+    base_port: Option<u16>,
+) -> Result<(), String> {
     let backend = wiring::backend(engine.backend.as_deref())?;
     let factory = wiring::transport(engine.transport.as_deref())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // A temporary root lives (and is removed) with this guard.
+    let (_temp, root) = match data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            (None, dir)
+        }
+        None => {
+            let t = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    let restarting = root.join("node-1").exists();
     let metrics = install_metrics();
-    let token = AdminAuth::generate_token();
-    let token_file = dir.path().join("admin-token");
-    std::fs::write(&token_file, &token).map_err(|e| format!("{}: {e}", token_file.display()))?;
+    let token_file = root.join("admin-token");
+    let token = match std::fs::read_to_string(&token_file) {
+        Ok(t) if restarting => t.trim().to_string(),
+        _ => {
+            let t = AdminAuth::generate_token();
+            std::fs::write(&token_file, &t)
+                .map_err(|e| format!("{}: {e}", token_file.display()))?;
+            t
+        }
+    };
     let cluster = demo::LocalCluster::start(
-        backend,
-        factory,
+        backend.clone(),
+        factory.clone(),
         nodes,
-        dir.path(),
+        &root,
         LivenessConfig::default(),
         metrics,
         AdminAuth::token(&token, false)?,
+        base_port,
     )
     .await?;
+    println!(
+        "{} {nodes} nodes ({} over {})",
+        if restarting {
+            "restarted the kept cluster of"
+        } else {
+            "started a new cluster of"
+        },
+        backend.name(),
+        factory.name()
+    );
     for (id, addr) in cluster.admin_addrs() {
         println!("node {id}: admin http://{addr}");
     }
@@ -406,7 +450,7 @@ async fn dev(nodes: u64, engine: Engine) -> Result<(), String> {
         "admin token (writes need it): --admin-token-file {} or BROKER_ADMIN_TOKEN={token}",
         token_file.display()
     );
-    println!("data in {}; Ctrl-C stops the cluster", dir.path().display());
+    println!("data in {}; Ctrl-C stops the cluster", root.display());
     tokio::signal::ctrl_c()
         .await
         .map_err(|e| format!("waiting for Ctrl-C: {e}"))?;
@@ -422,14 +466,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     };
     match cli.cmd {
         Cmd::Serve(s) => Ok(serve(*s, token_file.clone()).await?),
-        Cmd::Dev { nodes, engine } => {
+        Cmd::Dev {
+            nodes,
+            engine,
+            data_dir,
+            base_port,
+        } => {
             if !(1..=9).contains(&nodes) {
                 return Err(CliError {
                     kind: ExitKind::Usage,
                     message: "--nodes must be between 1 and 9".into(),
                 });
             }
-            Ok(dev(nodes, engine).await?)
+            Ok(dev(nodes, engine, data_dir, base_port).await?)
         }
         Cmd::Demo { engine } => Ok(demo::run(engine.backend, engine.transport).await?),
         Cmd::Brokers { cmd, conn } => client(&conn)?.brokers(cmd).await,

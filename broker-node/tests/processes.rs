@@ -935,3 +935,154 @@ fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
         assert!(!data.exists(), "created the data dir for {extra:?}");
     }
 }
+
+/// A base port whose consensus (UDP and TCP) and admin (TCP) ports for three nodes are free
+/// now: `broker dev --base-port` puts node N on BASE+N and BASE+100+N.
+fn free_base_port() -> u16 {
+    for _ in 0..200 {
+        let base: u16 = rand::random::<u16>() % 30_000 + 20_000;
+        let free = (1..=3u16).all(|n| {
+            let raft = SocketAddr::from(([127, 0, 0, 1], base + n));
+            let admin = SocketAddr::from(([127, 0, 0, 1], base + 100 + n));
+            UdpSocket::bind(raft).is_ok()
+                && TcpListener::bind(raft).is_ok()
+                && TcpListener::bind(admin).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free base port found");
+}
+
+/// Starts `broker dev` with `args`; returns the child and its stdout lines up to the one
+/// naming the data dir (the cluster is up then).
+fn dev(args: &[String]) -> (Child, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .arg("dev")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn broker dev");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while !lines.iter().any(|l: &String| l.starts_with("data in ")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker dev did not come up: {lines:?}");
+            }
+        }
+    }
+    (child, lines)
+}
+
+/// `broker dev --data-dir --base-port` keeps its cluster: stopped with Ctrl-C and started
+/// again, it comes back on the same addresses with its topics and admin token.
+#[test]
+fn dev_keeps_its_cluster_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("dev");
+    let base = free_base_port();
+    let args = vec![
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--base-port".into(),
+        base.to_string(),
+    ];
+    let admin = format!("http://127.0.0.1:{}", base + 101);
+    let run_cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .args(["--admin", &admin])
+            .args([
+                "--admin-token-file",
+                &data.join("admin-token").display().to_string(),
+            ])
+            .output()
+            .expect("run the CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let stop = |mut child: Child| {
+        let sent = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + DEADLINE;
+        while child.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "broker dev did not stop on SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (child, lines) = dev(&args);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("started a new cluster of 3 nodes")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == &format!("node 1: admin {admin}")),
+        "{lines:?}"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, _, err) = run_cli(&[
+            "topics",
+            "create",
+            "kept",
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "3",
+        ]);
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "create: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(child);
+
+    let (child, lines) = dev(&args);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("restarted the kept cluster of 3 nodes")),
+        "{lines:?}"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, out, err) = run_cli(&["topics", "list"]);
+        if code == 0 && out.lines().any(|l| l == "kept") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the restart: {code} {out} {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(child);
+}

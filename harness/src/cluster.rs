@@ -180,7 +180,20 @@ impl<K: NodeKind> LocalCluster<K> {
     async fn bind_all(&self, n: u64) -> Result<Vec<Bound>, ConsensusError> {
         let mut bound = Vec::new();
         for id in 1..=n {
-            let (rt, transport) = self.bind(id, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let port = match self.options.base_port {
+                None => 0,
+                Some(base) => u16::try_from(id)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .ok_or_else(|| {
+                        ConsensusError::InvalidRequest(format!(
+                            "base port {base} + node id {id} is not a port"
+                        ))
+                    })?,
+            };
+            let (rt, transport) = self
+                .bind(id, SocketAddr::from(([127, 0, 0, 1], port)))
+                .await?;
             bound.push((id, rt, transport));
         }
         Ok(bound)

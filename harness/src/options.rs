@@ -67,6 +67,10 @@ pub struct ClusterOptions {
     pub root: Option<PathBuf>,
     /// A change applied to every node's configuration.
     pub tweak: Arc<dyn Fn(&mut NodeConfig) + Send + Sync>,
+    /// Node `id` listens on 127.0.0.1 port `base_port + id` instead of an OS-chosen port: for
+    /// programs that keep a cluster's data dir and start it again (its stored membership names
+    /// these addresses). Tests leave it `None`.
+    pub base_port: Option<u16>,
 }
 
 impl ClusterOptions {
@@ -82,6 +86,7 @@ impl ClusterOptions {
             storage: StorageChoice::RealDisk,
             root: None,
             tweak: Arc::new(|_| {}),
+            base_port: None,
         }
     }
 
