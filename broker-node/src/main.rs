@@ -314,6 +314,23 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         }
     };
     let admin_auth = admin_auth?;
+    if let TlsConfig::Files { node_cert, .. } = &tls {
+        // A certificate of another node would start, then be refused by every peer.
+        let material = consensus_tls::load(&tls, s.id)?;
+        let leaf = material
+            .chain
+            .first()
+            .ok_or_else(|| format!("{} holds no certificate", node_cert.display()))?;
+        consensus_tls::verify_peer_id(leaf, s.id).map_err(|e| {
+            format!(
+                "--tls-cert {} is not node {}'s certificate ({e}): each node needs a \
+                 certificate for the name {}",
+                node_cert.display(),
+                s.id,
+                consensus_tls::node_name(s.id)
+            )
+        })?;
+    }
     let shutdown_timeout = Duration::from_millis(s.shutdown_timeout_ms);
     let spec = NodeSpec {
         id: s.id,
@@ -332,8 +349,28 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         admin_auth,
     };
     let metrics = install_metrics();
+    // --peers bootstraps a fresh data dir only; on a kept one the stored membership rules.
+    let kept = std::fs::read_dir(&spec.data_dir).is_ok_and(|mut d| d.next().is_some());
+    let peers = spec.peers.clone();
     let transport = bind(&spec, &*factory).await?;
     let node = BrokerNode::start(spec, &*backend, transport, metrics).await?;
+    if kept {
+        let st = node.controller.node().status();
+        let stored: BTreeMap<NodeId, String> = st
+            .voters
+            .iter()
+            .chain(&st.learners)
+            .map(|id| (*id, st.addresses.get(id).cloned().unwrap_or_default()))
+            .collect();
+        if !stored.is_empty() && stored != peers {
+            tracing::warn!(
+                node = node.id,
+                "--peers {peers:?} differs from the membership stored in the data dir \
+                 {stored:?}: --peers only creates a cluster, the stored membership is used \
+                 (change it with membership commands, not --peers)"
+            );
+        }
+    }
     println!(
         "node {} ({} over {}): consensus {}, admin http://{}",
         node.id,

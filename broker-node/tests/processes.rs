@@ -40,6 +40,10 @@ impl Node {
     fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_broker"))
             .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -415,6 +419,27 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     }
 }
 
+/// Runs the binary with `args` until it exits; one that does start (and so never exits) is
+/// killed at the deadline, which fails the caller's check that it refused.
+fn run_to_exit(args: Vec<String>) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run broker");
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect the output")
+}
+
 /// `serve` without TLS material refuses to start, says what to pass, and creates nothing; on a
 /// transport that has no plaintext mode, `--insecure-plaintext` is refused too.
 #[test]
@@ -438,24 +463,7 @@ fn serve_without_tls_material_refuses_to_start() {
             transport.into(),
         ]
     };
-    // A node that does start is killed at the deadline and fails the test.
-    let run = |args: Vec<String>| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run broker serve");
-        let deadline = Instant::now() + DEADLINE;
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("collect the output")
-    };
+    let run = run_to_exit;
     let compiled = [
         ("grpc", cfg!(feature = "grpc")),
         ("quic", cfg!(feature = "quic")),
@@ -892,20 +900,32 @@ fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
     let data = dir.path().join("node");
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).expect("token");
+    let serve = |id: &str, peers: &str| -> Vec<String> {
+        [
+            "serve",
+            "--id",
+            id,
+            "--listen",
+            &free_udp().to_string(),
+            "--admin",
+            &free_tcp().to_string(),
+            "--peers",
+            peers,
+            "--data-dir",
+            &data.display().to_string(),
+            "--admin-token-file",
+            &token.display().to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
     let run = |id: &str, peers: &str, extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args(["serve", "--id", id, "--listen", &free_udp().to_string()])
-            .args(["--admin", &free_tcp().to_string(), "--peers", peers])
-            .args(["--data-dir", &data.display().to_string()])
-            .args([
-                "--dev-certs",
-                &dir.path().join("certs").display().to_string(),
-            ])
-            .args(["--admin-token-file", &token.display().to_string()])
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run serve");
+        let mut args = serve(id, peers);
+        args.push("--dev-certs".into());
+        args.push(dir.path().join("certs").display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let out = run_to_exit(args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -934,6 +954,27 @@ fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
         assert!(err.contains(why), "{err}");
         assert!(!data.exists(), "created the data dir for {extra:?}");
     }
+    // Another node's certificate (node 2's, for node 1).
+    let certs = dir.path().join("files");
+    let paths = consensus_tls::dev::generate_dev_certs(&certs, &[1, 2]).expect("dev certs");
+    let other = &paths[1];
+    let mut args = serve("1", "1=127.0.0.1:1");
+    for (flag, path) in [
+        ("--tls-ca", &other.ca_cert),
+        ("--tls-cert", &other.node_cert),
+        ("--tls-key", &other.node_key),
+    ] {
+        args.push(flag.into());
+        args.push(path.display().to_string());
+    }
+    let out = run_to_exit(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with node 2's certificate");
+    assert!(err.contains("is not node 1's certificate"), "{err}");
+    assert!(
+        !data.exists(),
+        "created the data dir with a wrong certificate"
+    );
 }
 
 /// A base port whose consensus (UDP and TCP) and admin (TCP) ports for three nodes are free
