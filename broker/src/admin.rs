@@ -29,8 +29,8 @@
 //! already refuses is answered without a log entry ([`Controller::submit_checked`]).
 //!
 //! **Feed** (`/metadata/changes`): changes with an offset strictly greater than `since`, oldest
-//! first, at most `max` (default 1000, at most 10,000); with `wait_ms` (at most 30,000) the call
-//! waits that long for a first change. A 410 `feed_gap` means `since` fell behind the retained
+//! first, at most `max` (default 1000, 1 to 10,000); with `wait_ms` (at most 30,000; more is
+//! refused with 400) the call waits that long for a first change. A 410 `feed_gap` means `since` fell behind the retained
 //! feed: read the image again. Quiet heartbeats (that fence or unfence nothing) are not in it.
 //!
 //! **Credentials** ([`AdminAuth`]): every request that changes state (any method but `GET` and
@@ -69,6 +69,10 @@ use crate::model::*;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Longest feed long-poll, in milliseconds.
+pub const MAX_FEED_WAIT_MS: u64 = 30_000;
+/// Most changes one feed read returns.
+pub const MAX_FEED_CHANGES: usize = 10_000;
 /// Most topics one preferred-leader election names.
 pub const MAX_ELECTION_TOPICS: usize = 1000;
 /// Most endpoints per broker registration.
@@ -365,6 +369,7 @@ impl From<ControllerError> for ApiError {
                     api(StatusCode::NOT_FOUND, "not_found", reason)
                 }
                 M::DuplicateTopic(_) => api(StatusCode::CONFLICT, "duplicate", reason),
+                M::Conflict(_) => api(StatusCode::CONFLICT, "conflict", reason),
                 M::StaleBrokerEpoch { .. } | M::StalePartitionEpoch { .. } => {
                     api(StatusCode::CONFLICT, "stale_epoch", reason)
                 }
@@ -560,10 +565,22 @@ struct CancelReq {
 async fn cancel_shutdown(
     State(app): State<App>,
     id: Result<Path<BrokerId>, PathRejection>,
-    req: Option<Json<CancelReq>>,
+    raw: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     let id = path(id)?;
-    let epoch = match req.and_then(|Json(r)| r.epoch) {
+    // The body is optional: none (or an empty one) means the broker's current epoch.
+    let req: Option<CancelReq> = if raw.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(serde_json::from_slice(&raw).map_err(|e| {
+            api(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("the body is not a cancel-shutdown request: {e}"),
+            )
+        })?)
+    };
+    let epoch = match req.and_then(|r| r.epoch) {
         Some(e) => e,
         None => app
             .ctl
@@ -820,8 +837,23 @@ async fn changes(
     q: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<MetadataChange>>, ApiError> {
     let Query(q) = q.map_err(|e| api(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
-    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(30_000));
-    let max = q.max.unwrap_or(1000).clamp(1, 10_000);
+    let wait_ms = q.wait_ms.unwrap_or(0);
+    if wait_ms > MAX_FEED_WAIT_MS {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("wait_ms={wait_ms}: a long poll waits at most {MAX_FEED_WAIT_MS} ms"),
+        ));
+    }
+    let max = q.max.unwrap_or(1000);
+    if !(1..=MAX_FEED_CHANGES).contains(&max) {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("max={max}: one read returns 1 to {MAX_FEED_CHANGES} changes"),
+        ));
+    }
+    let wait = Duration::from_millis(wait_ms);
     Ok(Json(app.ctl.changes_since(q.since, max, wait).await?))
 }
 

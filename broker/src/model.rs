@@ -177,6 +177,10 @@ pub enum MetadataError {
     /// Anything else that is malformed.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Well-formed, but the current state does not allow it (cancelling a shutdown that is
+    /// not in progress).
+    #[error("conflicts with the current state: {0}")]
+    Conflict(String),
 }
 
 /// The answer to a command.

@@ -183,7 +183,7 @@ pub(super) fn check_cancel_controlled_shutdown(
 ) -> Result<(), MetadataError> {
     let b = current(image, broker_id, epoch)?;
     if !b.shutting_down {
-        return Err(MetadataError::Invalid(format!(
+        return Err(MetadataError::Conflict(format!(
             "broker {broker_id} is not in controlled shutdown"
         )));
     }
@@ -360,7 +360,7 @@ mod tests {
                 broker_id: leader,
                 epoch: epochs[&leader],
             }),
-            MetadataError::Invalid(_)
+            MetadataError::Conflict(_)
         ));
         m.ok(MetadataCommand::BeginControlledShutdown {
             broker_id: leader,
