@@ -398,18 +398,7 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
     tl.say(format!(
         "killing node {leader} (the consensus leader and broker {leader}) and broker 4"
     ));
-    let led: Vec<(String, usize)> = img
-        .topics
-        .values()
-        .flat_map(|t| {
-            t.partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.leader == Some(leader as u32))
-                .map(|(i, _)| (t.name.clone(), i))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let led = img.partitions_where(|p| p.leader == Some(leader as u32));
     // Handles of the node about to die must go with it (they would keep its storage open).
     drop(ctl);
     let killed_at = Instant::now();

@@ -517,6 +517,21 @@ fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `broker topics create NAME --partitions 1 --replication-factor RF` plus `extra`.
+fn create_topic(admin: &str, name: &str, rf: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "topics",
+        "create",
+        name,
+        "--partitions",
+        "1",
+        "--replication-factor",
+        rf,
+    ];
+    args.extend_from_slice(extra);
+    cli(admin, &args)
+}
+
 /// The feed's entries after `since` that record a refused topic request.
 async fn refused_topic_records(admin: SocketAddr, since: u64) -> Vec<Value> {
     let path = format!("/metadata/changes?since={since}&max=10000");
@@ -563,18 +578,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     // Brokers register in the background: retry the first create until there are two.
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let (code, out, err) = cli(
-            admin,
-            &[
-                "topics",
-                "create",
-                "victim",
-                "--partitions",
-                "1",
-                "--replication-factor",
-                "2",
-            ],
-        );
+        let (code, out, err) = create_topic(admin, "victim", "2", &[]);
         if code == 0 {
             assert!(out.starts_with("created topic victim"), "{out}");
             break;
@@ -583,46 +587,12 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for t in ["victim2", "other"] {
-        let (code, _, err) = cli(
-            admin,
-            &[
-                "topics",
-                "create",
-                t,
-                "--partitions",
-                "1",
-                "--replication-factor",
-                "2",
-            ],
-        );
+        let (code, _, err) = create_topic(admin, t, "2", &[]);
         assert_eq!(code, 0, "{err}");
     }
-    let (code, _, err) = cli(
-        admin,
-        &[
-            "topics",
-            "create",
-            "victim",
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "2",
-        ],
-    );
+    let (code, _, err) = create_topic(admin, "victim", "2", &[]);
     assert_eq!(code, 4, "a duplicate is a conflict: {err}");
-    let (code, _, _) = cli(
-        admin,
-        &[
-            "topics",
-            "create",
-            "victim",
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "2",
-            "--if-not-exists",
-        ],
-    );
+    let (code, _, _) = create_topic(admin, "victim", "2", &["--if-not-exists"]);
     assert_eq!(code, 0, "--if-not-exists");
 
     let (_, feed_start, _) = cli(admin, &["cluster", "status", "-o", "json"]);
@@ -709,19 +679,11 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     let (code, _, _) = cli(admin, &["topics", "delete", "missing", "--if-exists"]);
     assert_eq!(code, 0);
     // Unknown configs and bad values, from the CLI and straight over HTTP.
-    let (code, _, err) = cli(
+    let (code, _, err) = create_topic(
         admin,
-        &[
-            "topics",
-            "create",
-            "typo",
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "1",
-            "--config",
-            "unclean.leader.election.enabled=true",
-        ],
+        "typo",
+        "1",
+        &["--config", "unclean.leader.election.enabled=true"],
     );
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("unknown topic config"), "{err}");

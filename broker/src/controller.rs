@@ -291,19 +291,11 @@ async fn liveness_loop(node: MetadataNode, cfg: LivenessConfig) {
 
 /// Warns of the partitions left without a leader (after a fence).
 fn warn_offline(node: &MetadataNode) {
-    let offline: Vec<String> = node.read_local(|m| {
-        m.image()
-            .topics
-            .values()
-            .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.leader.is_none())
-                    .map(move |(i, _)| format!("{}-{i}", t.name))
-            })
-            .collect()
-    });
+    let offline: Vec<String> = node
+        .read_local(|m| m.image().partitions_where(|p| p.leader.is_none()))
+        .into_iter()
+        .map(|(t, i)| format!("{t}-{i}"))
+        .collect();
     if !offline.is_empty() {
         let shown: Vec<&str> = offline.iter().take(10).map(String::as_str).collect();
         tracing::warn!(

@@ -307,6 +307,24 @@ pub struct MetadataImage {
     pub topics: BTreeMap<String, Topic>,
 }
 
+impl MetadataImage {
+    /// The partitions (topic name, index) whose state satisfies `pred`, in topic order.
+    pub fn partitions_where(
+        &self,
+        mut pred: impl FnMut(&PartitionState) -> bool,
+    ) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for t in self.topics.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if pred(p) {
+                    out.push((t.name.clone(), i));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// One entry of the metadata feed: what a record at `offset` changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataChange {

@@ -276,12 +276,7 @@ mod tests {
         let replicas = m.partition("t", 0).replicas;
         let (first, second) = (replicas[0], replicas[1]);
         // The first replica leaves, then the second: offline, the second is the last ISR member.
-        for id in [first, second] {
-            m.ok(MetadataCommand::FenceBroker {
-                broker_id: id,
-                epoch: epochs[&id],
-            });
-        }
+        m.fence(&[first, second], &epochs);
         assert_eq!(m.partition("t", 0).leader, None);
         assert_eq!(m.partition("t", 0).isr, vec![second]);
         // The first one back is out of sync: without unclean election it does not lead.
@@ -324,12 +319,7 @@ mod tests {
         });
         let replicas = m.partition("t", 0).replicas;
         let (first, second) = (replicas[0], replicas[1]);
-        for id in [first, second] {
-            m.ok(MetadataCommand::FenceBroker {
-                broker_id: id,
-                epoch: epochs[&id],
-            });
-        }
+        m.fence(&[first, second], &epochs);
         // Fencing the second left no available replica: still offline, ISR [second].
         assert_eq!(m.partition("t", 0).leader, None);
         m.ok(MetadataCommand::Heartbeat {

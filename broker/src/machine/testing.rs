@@ -76,6 +76,16 @@ impl M {
         epochs
     }
 
+    /// Fences `ids` in this order, at their `epochs`.
+    pub(super) fn fence(&mut self, ids: &[BrokerId], epochs: &BTreeMap<BrokerId, u64>) {
+        for id in ids {
+            self.ok(MetadataCommand::FenceBroker {
+                broker_id: *id,
+                epoch: epochs[id],
+            });
+        }
+    }
+
     pub(super) fn topic(&mut self, name: &str, partitions: u32, rf: u16) -> Vec<Vec<BrokerId>> {
         match self.ok(create(name, partitions, rf)) {
             MetadataResponse::TopicCreated { assignment, .. } => assignment,
