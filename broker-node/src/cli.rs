@@ -214,6 +214,34 @@ pub enum BrokersCmd {
 pub enum ClusterCmd {
     /// Consensus status of the first node that answers.
     Status,
+    /// Add a node (started with `serve --join`) as a learner: it receives the log.
+    #[command(
+        name = "add-learner",
+        after_help = "Example:\n  broker cluster add-learner 4 --address 10.0.0.4:7001"
+    )]
+    AddLearner {
+        /// Node id.
+        id: u64,
+        /// Its consensus transport address (host:port).
+        #[arg(long)]
+        address: String,
+    },
+    /// Make a learner a voter (the voting set becomes the current one plus it).
+    Promote {
+        /// Node id.
+        id: u64,
+    },
+    /// Remove a member (a voter leaves the voting set first); never the last voter.
+    Remove {
+        /// Node id.
+        id: u64,
+    },
+    /// Move the consensus leadership to a voter.
+    #[command(name = "transfer-leader")]
+    TransferLeader {
+        /// Node id.
+        id: u64,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -586,6 +614,57 @@ impl Client {
                     t.row(vec![k.to_string(), text(&v[k])]);
                 }
                 emit(&t.render())
+            }
+            ClusterCmd::AddLearner { id, address } => {
+                let body = serde_json::json!({ "id": id, "address": address });
+                self.ok("POST", "/cluster/learners", &[], Some(&body))
+                    .await?;
+                self.done(
+                    &format!("node {id} ({address}) added as a learner"),
+                    &Value::Null,
+                )
+            }
+            ClusterCmd::Promote { id } => {
+                let st = self.ok("GET", "/cluster/status", &[], None).await?;
+                let mut voters: Vec<u64> = st["voters"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                let learners: Vec<u64> = st["learners"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                if voters.contains(&id) {
+                    return Err(CliError::new(
+                        ExitKind::Conflict,
+                        format!("node {id} is already a voter"),
+                    ));
+                }
+                if !learners.contains(&id) {
+                    return Err(CliError::new(
+                        ExitKind::NotFound,
+                        format!("node {id} is not a learner: add it first (cluster add-learner)"),
+                    ));
+                }
+                voters.push(id);
+                let body = serde_json::json!({ "voters": voters });
+                self.ok("PUT", "/cluster/voters", &[], Some(&body)).await?;
+                self.done(&format!("node {id} is a voter"), &Value::Null)
+            }
+            ClusterCmd::Remove { id } => {
+                self.ok(
+                    "DELETE",
+                    &segments(&["cluster", "members", &id.to_string()])?,
+                    &[],
+                    None,
+                )
+                .await?;
+                self.done(&format!("node {id} removed"), &Value::Null)
+            }
+            ClusterCmd::TransferLeader { id } => {
+                let body = serde_json::json!({ "id": id });
+                self.ok("POST", "/cluster/leader", &[], Some(&body)).await?;
+                self.done(&format!("leadership moved to node {id}"), &Value::Null)
             }
         }
     }

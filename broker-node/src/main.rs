@@ -135,8 +135,12 @@ struct Serve {
     #[arg(long, default_value = "127.0.0.1:9093")]
     admin: SocketAddr,
     /// Initial voters: `1=host:port,2=host:port,...` (used once, on a fresh data dir).
-    #[arg(long, value_parser = parse_peers)]
-    peers: BTreeMap<NodeId, String>,
+    #[arg(long, value_parser = parse_peers, required_unless_present = "join", conflicts_with = "join")]
+    peers: Option<BTreeMap<NodeId, String>>,
+    /// Start as a new member of an existing cluster instead of creating one: the node waits,
+    /// with no membership, until a member adds it (`broker cluster add-learner`).
+    #[arg(long)]
+    join: bool,
     /// Data directory.
     #[arg(long)]
     data_dir: PathBuf,
@@ -251,11 +255,12 @@ fn check_serve(s: &Serve) -> Result<(), String> {
     if s.id == 0 {
         return Err("--id 0 is reserved: node ids start at 1".into());
     }
-    if !s.peers.contains_key(&s.id) {
+    let peers = s.peers.clone().unwrap_or_default();
+    if !s.join && !peers.contains_key(&s.id) {
         return Err(format!("--peers must include this node ({})", s.id));
     }
     let mut addrs = std::collections::BTreeSet::new();
-    for (id, addr) in &s.peers {
+    for (id, addr) in &peers {
         if !addrs.insert(addr.as_str()) {
             return Err(format!(
                 "--peers: address {addr} is given to more than one node (again for {id})"
@@ -337,7 +342,7 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         cluster_id: s.cluster_id,
         listen: s.listen,
         admin: s.admin,
-        peers: s.peers,
+        peers: s.peers.unwrap_or_default(),
         data_dir: s.data_dir,
         tls,
         liveness: LivenessConfig {
@@ -350,7 +355,8 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
     };
     let metrics = install_metrics();
     // --peers bootstraps a fresh data dir only; on a kept one the stored membership rules.
-    let kept = std::fs::read_dir(&spec.data_dir).is_ok_and(|mut d| d.next().is_some());
+    let kept = !spec.peers.is_empty()
+        && std::fs::read_dir(&spec.data_dir).is_ok_and(|mut d| d.next().is_some());
     let peers = spec.peers.clone();
     let transport = bind(&spec, &*factory).await?;
     let node = BrokerNode::start(spec, &*backend, transport, metrics).await?;

@@ -1089,3 +1089,137 @@ fn dev_keeps_its_cluster_across_restarts() {
     }
     stop(child);
 }
+
+/// Waits until `pred` holds for node `admin`'s consensus status; returns it.
+async fn wait_status(admin: SocketAddr, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some((200, st)) = call(admin, "GET", "/cluster/status", None).await {
+            if pred(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{what}: {st}");
+        } else {
+            assert!(Instant::now() < deadline, "{what}: no status");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ids(v: &Value) -> BTreeSet<u64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// Membership from the CLI on real processes: a fourth node started with `--join` is added as
+/// a learner, catches up, is promoted, takes the leadership, and node 1 is removed; the topic
+/// created before is on the new node, and unsafe requests are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start(dir.path());
+    let all: Vec<&Node> = nodes.iter().collect();
+    leader(&all).await;
+    let url = format!("http://{},http://{}", nodes[1].admin, nodes[2].admin);
+    let admin = url.as_str();
+    let deadline = Instant::now() + DEADLINE;
+    while create_topic(admin, "before", "2", &[]).0 != 0 {
+        assert!(Instant::now() < deadline, "no topic could be created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Node 4: same settings as node 1 but its own id, addresses and data dir, and --join.
+    let raft4 = free_udp();
+    let admin4 = free_tcp();
+    let mut args = Vec::new();
+    let mut it = nodes[0].args.iter();
+    while let Some(flag) = it.next() {
+        let replacement = match flag.as_str() {
+            "--id" => Some("4".to_string()),
+            "--listen" => Some(raft4.to_string()),
+            "--admin" => Some(admin4.to_string()),
+            "--data-dir" => Some(dir.path().join("node-4").display().to_string()),
+            "--peers" => {
+                it.next();
+                args.push("--join".to_string());
+                continue;
+            }
+            _ => None,
+        };
+        args.push(flag.clone());
+        if let Some(value) = replacement {
+            it.next();
+            args.push(value);
+        }
+    }
+    let mut n4 = Node {
+        id: 4,
+        admin: admin4,
+        args,
+        child: None,
+    };
+    n4.spawn();
+    wait_status(admin4, "node 4 up, outside the cluster", |st| {
+        st["voters"].as_array().is_some()
+    })
+    .await;
+
+    // Unsafe requests first: each refused with a reason.
+    let (code, _, err) = cli(admin, &["cluster", "promote", "4"]);
+    assert_eq!(code, 3, "promoting a non-member: {err}");
+    let (code, _, err) = cli(admin, &["cluster", "transfer-leader", "4"]);
+    assert_eq!(code, 5, "leadership to a non-voter: {err}");
+    let (code, _, err) = cli(
+        admin,
+        &["cluster", "add-learner", "2", "--address", "127.0.0.1:1"],
+    );
+    assert_eq!(code, 4, "adding a member again: {err}");
+
+    let (code, _, err) = cli(
+        admin,
+        &[
+            "cluster",
+            "add-learner",
+            "4",
+            "--address",
+            &raft4.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let commit = wait_status(nodes[1].admin, "node 4 a learner", |st| {
+        ids(&st["learners"]).contains(&4)
+    })
+    .await["commit_index"]
+        .as_u64()
+        .unwrap_or(0);
+    wait_status(admin4, "node 4 caught up", |st| {
+        st["applied_index"].as_u64() >= Some(commit)
+    })
+    .await;
+    let (code, _, err) = cli(admin, &["cluster", "promote", "4"]);
+    assert_eq!(code, 0, "{err}");
+    wait_status(nodes[1].admin, "node 4 a voter", |st| {
+        ids(&st["voters"]) == BTreeSet::from([1, 2, 3, 4])
+    })
+    .await;
+    let (code, _, err) = cli(admin, &["cluster", "transfer-leader", "4"]);
+    assert_eq!(code, 0, "{err}");
+    wait_status(admin4, "node 4 leads", |st| {
+        st["leader"].as_u64() == Some(4)
+    })
+    .await;
+    let (code, _, err) = cli(admin, &["cluster", "remove", "1"]);
+    assert_eq!(code, 0, "{err}");
+    wait_status(admin4, "node 1 removed", |st| {
+        ids(&st["voters"]) == BTreeSet::from([2, 3, 4]) && !ids(&st["learners"]).contains(&1)
+    })
+    .await;
+    nodes[0].sigkill();
+    // The new node holds the metadata written before it joined, and the cluster still commits.
+    let (code, names, err) = cli(&format!("http://{admin4}"), &["topics", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(names.lines().any(|l| l == "before"), "{names}");
+    let (code, _, err) = create_topic(&format!("http://{admin4}"), "after", "2", &[]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -3,6 +3,10 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /cluster/status` | this node's consensus status |
+//! | `POST /cluster/learners` | add `{id, address}` as a learner (it receives the log) |
+//! | `PUT /cluster/voters` | make `{voters}` the voting set (promote learners, demote voters) |
+//! | `DELETE /cluster/members/{id}` | remove a member (never the last voter) |
+//! | `POST /cluster/leader` | move the consensus leadership to `{id}` |
 //! | `GET /brokers` | registered brokers |
 //! | `GET /brokers/{id}` | one broker |
 //! | `DELETE /brokers/{id}` | unregister a fenced (dead) broker, as KIP-1073's `kafka-cluster unregister` |
@@ -259,6 +263,13 @@ struct App {
 pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAuth) -> Router {
     Router::new()
         .route("/cluster/status", get(cluster_status))
+        .route("/cluster/learners", post(add_learner))
+        .route("/cluster/voters", axum::routing::put(set_voters))
+        .route(
+            "/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
+        .route("/cluster/leader", post(transfer_leader))
         .route("/brokers", get(list_brokers))
         .route("/brokers/{id}", get(describe_broker).delete(unregister))
         .route("/brokers/{id}/cancel-shutdown", post(cancel_shutdown))
@@ -415,6 +426,139 @@ fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 
 async fn cluster_status(State(app): State<App>) -> Json<consensus_api::Status> {
     Json(app.ctl.node().status())
+}
+
+/// `POST /cluster/learners`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnerReq {
+    id: consensus_api::NodeId,
+    address: String,
+}
+
+async fn add_learner(
+    State(app): State<App>,
+    req: Result<Json<LearnerReq>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let r = body(req)?;
+    if r.id == 0 {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "node ids start at 1",
+        ));
+    }
+    if r.address.is_empty() || r.address.len() > MAX_ENDPOINT_LEN {
+        return Err(too_long("the address", r.address.len(), MAX_ENDPOINT_LEN));
+    }
+    let st = app.ctl.node().status();
+    if st.voters.contains(&r.id) || st.learners.contains(&r.id) {
+        return Err(api(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("node {} is already a member", r.id),
+        ));
+    }
+    app.ctl
+        .node()
+        .add_learner(r.id, r.address)
+        .await
+        .map_err(ControllerError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /cluster/voters`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VotersReq {
+    voters: std::collections::BTreeSet<consensus_api::NodeId>,
+}
+
+async fn set_voters(
+    State(app): State<App>,
+    req: Result<Json<VotersReq>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let r = body(req)?;
+    if r.voters.is_empty() {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the voting set cannot be empty",
+        ));
+    }
+    let st = app.ctl.node().status();
+    if let Some(stranger) = r
+        .voters
+        .iter()
+        .find(|v| !st.voters.contains(v) && !st.learners.contains(v))
+    {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("node {stranger} is not a member: add it as a learner first"),
+        ));
+    }
+    app.ctl
+        .node()
+        .change_voters(r.voters)
+        .await
+        .map_err(ControllerError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(
+    State(app): State<App>,
+    id: Result<Path<consensus_api::NodeId>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = path(id)?;
+    let st = app.ctl.node().status();
+    if !st.voters.contains(&id) && !st.learners.contains(&id) {
+        return Err(api(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("node {id} is not a member"),
+        ));
+    }
+    if st.voters.len() == 1 && st.voters.contains(&id) {
+        return Err(api(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("node {id} is the last voter: removing it would end the cluster"),
+        ));
+    }
+    app.ctl
+        .node()
+        .remove_node(id)
+        .await
+        .map_err(ControllerError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /cluster/leader`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaderReq {
+    id: consensus_api::NodeId,
+}
+
+async fn transfer_leader(
+    State(app): State<App>,
+    req: Result<Json<LeaderReq>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let r = body(req)?;
+    if !app.ctl.node().status().voters.contains(&r.id) {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("node {} is not a voter: only a voter can lead", r.id),
+        ));
+    }
+    app.ctl
+        .node()
+        .transfer_leader(r.id)
+        .await
+        .map_err(ControllerError::from)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_brokers(State(app): State<App>) -> Result<Json<Vec<BrokerRegistration>>, ApiError> {
@@ -866,6 +1010,9 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<AddPartitionsReq>(data);
     let _ = serde_json::from_slice::<ElectReq>(data);
     let _ = serde_json::from_slice::<CancelReq>(data);
+    let _ = serde_json::from_slice::<LearnerReq>(data);
+    let _ = serde_json::from_slice::<VotersReq>(data);
+    let _ = serde_json::from_slice::<LeaderReq>(data);
     if let Ok(r) = serde_json::from_slice::<AlterConfigsReq>(data) {
         let _ = r.set.iter().try_for_each(|(k, v)| configs::check(k, v));
     }
@@ -1059,6 +1206,10 @@ mod tests {
     /// The routes `router` serves, with their methods, as `METHOD /path`.
     const ROUTES: &[&str] = &[
         "get /cluster/status",
+        "post /cluster/learners",
+        "put /cluster/voters",
+        "delete /cluster/members/{id}",
+        "post /cluster/leader",
         "get /brokers",
         "post /brokers/{id}/cancel-shutdown",
         "post /broker-rpc/register",
