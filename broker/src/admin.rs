@@ -60,7 +60,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use consensus_api::ConsensusError;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -264,11 +264,8 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
     Router::new()
         .route("/cluster/status", get(cluster_status))
         .route("/cluster/learners", post(add_learner))
-        .route("/cluster/voters", axum::routing::put(set_voters))
-        .route(
-            "/cluster/members/{id}",
-            axum::routing::delete(remove_member),
-        )
+        .route("/cluster/voters", put(set_voters))
+        .route("/cluster/members/{id}", delete(remove_member))
         .route("/cluster/leader", post(transfer_leader))
         .route("/brokers", get(list_brokers))
         .route("/brokers/{id}", get(describe_broker).delete(unregister))
