@@ -626,14 +626,8 @@ impl Client {
             }
             ClusterCmd::Promote { id } => {
                 let st = self.ok("GET", "/cluster/status", &[], None).await?;
-                let mut voters: Vec<u64> = st["voters"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                    .unwrap_or_default();
-                let learners: Vec<u64> = st["learners"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                    .unwrap_or_default();
+                let mut voters = node_ids(&st["voters"]);
+                let learners = node_ids(&st["learners"]);
                 if voters.contains(&id) {
                     return Err(CliError::new(
                         ExitKind::Conflict,
@@ -684,6 +678,13 @@ impl Client {
             }
         }
     }
+}
+
+/// The node ids of a status list (`voters`, `learners`).
+fn node_ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
 }
 
 /// A request path of `parts`, each one encoded segment.

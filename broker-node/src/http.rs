@@ -107,12 +107,7 @@ impl<'a> Request<'a> {
             url.query_pairs_mut().extend_pairs(self.query.iter());
         }
         let shown = format!("{method} {url}");
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| SendError::Request(format!("HTTP client: {e}")))?;
-        let mut req = client.request(method, url);
+        let mut req = client()?.request(method, url).timeout(timeout);
         if let Some(body) = self.json {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -129,6 +124,22 @@ impl<'a> Request<'a> {
         }
         Ok((status, body))
     }
+}
+
+/// The process's one HTTP client (built once); each request carries its own deadline. No idle
+/// connections are kept: a pooled connection belongs to the runtime that made it, and a
+/// process may run several (tests, the demo's nodes).
+fn client() -> Result<&'static reqwest::Client, SendError> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| SendError::Request(format!("HTTP client: {e}")))
 }
 
 /// Why a request got no answer.

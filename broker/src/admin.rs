@@ -110,8 +110,8 @@ pub enum AdminAuth {
 /// Where the broker RPCs live: their own credential applies under it.
 pub const BROKER_RPC_PREFIX: &str = "/broker-rpc/";
 
-fn check_token(name: &str) -> Result<Arc<str>, String> {
-    let token = name.trim();
+fn check_token(token: &str) -> Result<Arc<str>, String> {
+    let token = token.trim();
     if token.len() < MIN_TOKEN_LEN {
         return Err(format!(
             "a token must be at least {MIN_TOKEN_LEN} characters (got {})",
