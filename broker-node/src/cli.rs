@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use broker::{check_topic_name, BrokerId, BrokerRegistration, Topic};
@@ -73,8 +73,9 @@ pub enum Output {
 /// Where and how the admin commands connect.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Admin endpoints of any nodes, tried in turn: `host:port` or `http://host:port`,
-    /// comma-separated.
+    /// Admin endpoints of any nodes, tried in turn, comma-separated: `host:port` or
+    /// `https://host:port` (HTTPS, checked with --admin-ca), or `http://host:port` for a node
+    /// started with --admin-insecure-plaintext.
     #[arg(
         long,
         env = "BROKER_ADMIN",
@@ -83,6 +84,15 @@ pub struct Conn {
         global = true
     )]
     pub admin: Vec<String>,
+    /// The CA certificate (PEM) that signed the nodes' admin certificates: the cluster CA.
+    #[arg(long, env = "BROKER_ADMIN_CA", global = true)]
+    pub admin_ca: Option<PathBuf>,
+    /// A client certificate (PEM) from the cluster CA, a credential instead of the token.
+    #[arg(long, env = "BROKER_ADMIN_CERT", global = true, requires = "admin_key")]
+    pub admin_cert: Option<PathBuf>,
+    /// The key (PEM) of --admin-cert.
+    #[arg(long, env = "BROKER_ADMIN_KEY", global = true, requires = "admin_cert")]
+    pub admin_key: Option<PathBuf>,
     /// Seconds one request may take, per endpoint.
     #[arg(long, default_value_t = 10.0, global = true, env = "BROKER_TIMEOUT")]
     pub timeout: f64,
@@ -254,6 +264,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub struct Client {
     endpoints: Vec<String>,
     token: Option<String>,
+    tls: http::ClientTls,
     timeout: Duration,
     /// How results are printed.
     pub output: Output,
@@ -287,9 +298,14 @@ impl Client {
         for e in &endpoints {
             http::endpoint(e).map_err(usage)?;
         }
+        let tls = http::ClientTls {
+            ca: conn.admin_ca.clone(),
+            identity: conn.admin_cert.clone().zip(conn.admin_key.clone()),
+        };
         Ok(Self {
             endpoints,
             token,
+            tls,
             timeout: Duration::from_secs_f64(conn.timeout),
             output: conn.output,
         })
@@ -308,6 +324,7 @@ impl Client {
         let mut last = None;
         for addr in &self.endpoints {
             let mut req = http::Request::new(addr, method, path)
+                .tls(Some(&self.tls))
                 .json(json.as_deref())
                 .token(self.token.as_deref());
             for (k, v) in query {

@@ -12,7 +12,7 @@ use broker::admin::AdminAuth;
 use broker::server::{BrokerNode, NodeParts};
 use broker::{Controller, LivenessConfig, MetadataImage};
 use consensus_api::{
-    Backend, ConsensusError, NodeConfig, NodeId, Status, Transport, TransportFactory,
+    Backend, ConsensusError, NodeConfig, NodeId, Status, TlsConfig, Transport, TransportFactory,
 };
 use consensus_harness::{ClusterOptions, Combo, NodeKind};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,6 +27,8 @@ struct BrokerNodes {
     admin_auth: AdminAuth,
     metrics: Option<PrometheusHandle>,
     admin: Mutex<BTreeMap<NodeId, SocketAddr>>,
+    /// The CA of the nodes' certificates, once a node has started with TLS.
+    ca: Mutex<Option<PathBuf>>,
 }
 
 #[async_trait]
@@ -46,12 +48,34 @@ impl NodeKind for BrokerNodes {
             .get(&id)
             .copied()
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        // HTTPS with the node's own certificate, as `serve` does.
+        let admin_tls = match &config.transport.tls {
+            TlsConfig::DevCerts { dir } => {
+                let paths =
+                    consensus_tls::dev::ensure(dir, id).map_err(ConsensusError::Internal)?;
+                consensus_tls::dev::ensure_operator(dir).map_err(ConsensusError::Internal)?;
+                let material =
+                    consensus_tls::load_files(&paths.ca_cert, &paths.node_cert, &paths.node_key)
+                        .map_err(ConsensusError::Internal)?;
+                *self.ca.lock() = Some(paths.ca_cert);
+                Some(Arc::new(
+                    consensus_tls::admin_server_config(&material)
+                        .map_err(ConsensusError::Internal)?,
+                ))
+            }
+            _ => None,
+        };
+        let admin_auth = match admin_tls {
+            Some(_) => self.admin_auth.clone().or_client_certificates(),
+            None => self.admin_auth.clone(),
+        };
         let parts = NodeParts {
             admin,
             liveness: self.liveness.clone(),
             rack: Some(format!("rack-{}", (id.saturating_sub(1)) % 3)),
             metrics: self.metrics.clone(),
-            admin_auth: self.admin_auth.clone(),
+            admin_auth,
+            admin_tls,
         };
         let node = BrokerNode::start_with_config(config, parts, &*backend, transport)
             .await
@@ -111,6 +135,7 @@ impl LocalCluster {
             admin_auth,
             metrics,
             admin: Mutex::new(admin),
+            ca: Mutex::new(None),
         };
         let nodes = consensus_harness::LocalCluster::launch(
             &Combo::from_parts(backend, factory),
@@ -121,6 +146,30 @@ impl LocalCluster {
         .await
         .map_err(|e| e.to_string())?;
         Ok(Self { nodes })
+    }
+
+    /// How an admin client reaches these nodes' HTTPS APIs: the CA, and the development
+    /// operator certificate (`operator.pem`/`operator.key` beside it) as the identity.
+    pub fn admin_tls(&self) -> http::ClientTls {
+        let ca = self.nodes.kind().ca.lock().clone();
+        let identity = ca.as_ref().and_then(|ca| {
+            let dir = ca.parent()?;
+            Some((dir.join("operator.pem"), dir.join("operator.key")))
+        });
+        http::ClientTls { ca, identity }
+    }
+
+    /// Admin URLs of the running nodes (`https://` when they serve TLS).
+    pub fn admin_urls(&self) -> Vec<(NodeId, String)> {
+        let scheme = if self.nodes.kind().ca.lock().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.admin_addrs()
+            .into_iter()
+            .map(|(id, a)| (id, format!("{scheme}://{a}")))
+            .collect()
     }
 
     /// Admin addresses of the running nodes.
@@ -257,7 +306,8 @@ async fn wait_for(
 /// trying each node until one answers.
 fn data_broker(
     id: u32,
-    admins: Vec<SocketAddr>,
+    admins: Vec<String>,
+    tls: http::ClientTls,
     every: Duration,
     token: String,
 ) -> tokio::task::JoinHandle<()> {
@@ -265,14 +315,14 @@ fn data_broker(
         let incarnation: u64 = rand::random();
         let mut epoch: Option<u64> = None;
         loop {
-            for a in &admins {
-                let addr = a.to_string();
+            for addr in &admins {
                 let res = match epoch {
                     None => {
                         let body = format!(
                             r#"{{"broker_id":{id},"incarnation":{incarnation},"endpoints":["data-broker-{id}:9092"],"rack":"rack-x"}}"#
                         );
-                        http::Request::new(&addr, "POST", "/broker-rpc/register")
+                        http::Request::new(addr, "POST", "/broker-rpc/register")
+                            .tls(Some(&tls))
                             .json(Some(&body))
                             .token(Some(&token))
                             .send(Duration::from_secs(2))
@@ -283,7 +333,8 @@ fn data_broker(
                         // offset beyond the log is refused).
                         let body = format!(r#"{{"epoch":{e},"metadata_offset":{e}}}"#);
                         let path = format!("/broker-rpc/{id}/heartbeat");
-                        http::Request::new(&addr, "POST", &path)
+                        http::Request::new(addr, "POST", &path)
+                            .tls(Some(&tls))
                             .json(Some(&body))
                             .token(Some(&token))
                             .send(Duration::from_secs(2))
@@ -341,13 +392,20 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
     tl.say(format!(
         "node {leader} is the consensus leader (the active controller)"
     ));
-    for (id, a) in cluster.admin_addrs() {
-        tl.say(format!("node {id}: admin http://{a}"));
+    for (id, url) in cluster.admin_urls() {
+        tl.say(format!("node {id}: admin {url}"));
     }
-    let admins: Vec<SocketAddr> = cluster.admin_addrs().into_iter().map(|(_, a)| a).collect();
+    let admins: Vec<String> = cluster.admin_urls().into_iter().map(|(_, a)| a).collect();
+    // The token over HTTPS checked with the cluster CA; `operator` also has a client certificate.
+    let operator = cluster.admin_tls();
+    let tls = http::ClientTls {
+        identity: None,
+        ..operator.clone()
+    };
     let extra = data_broker(
         4,
         admins.clone(),
+        tls.clone(),
         liveness.heartbeat_interval,
         token.clone(),
     );
@@ -356,32 +414,41 @@ pub async fn run(backend: Option<String>, transport: Option<String>) -> Result<(
         i.brokers.values().filter(|b| !b.fenced).count() == 4
     })
     .await?;
-    tl.say("brokers 1-3 (combined mode) and 4 (data plane, over HTTP) registered and unfenced");
+    tl.say("brokers 1-3 (combined mode) and 4 (data plane, over HTTPS) registered and unfenced");
 
-    for (name, parts, rf) in [("orders", 4, 3), ("payments", 2, 2)] {
+    for (name, parts, rf, credential) in [
+        ("orders", 4, 3, "the admin token"),
+        ("payments", 2, 2, "the operator's client certificate"),
+    ] {
         let body = format!(r#"{{"name":"{name}","partitions":{parts},"replication_factor":{rf}}}"#);
-        let (status, text) = http::Request::new(&admins[0].to_string(), "POST", "/topics")
-            .json(Some(&body))
-            .token(Some(&token))
-            .send(Duration::from_secs(10))
-            .await?;
+        let req = http::Request::new(&admins[0], "POST", "/topics").json(Some(&body));
+        let req = if name == "orders" {
+            req.tls(Some(&tls)).token(Some(&token))
+        } else {
+            req.tls(Some(&operator))
+        };
+        let (status, text) = req.send(Duration::from_secs(10)).await?;
         if status != 201 {
             return Err(format!("creating {name}: HTTP {status} {text}"));
         }
-        tl.say(format!("created topic {name} over HTTP: {text}"));
+        tl.say(format!(
+            "created topic {name} over HTTPS with {credential}: {text}"
+        ));
     }
     let again = r#"{"name":"orders","partitions":1,"replication_factor":1}"#;
-    let (status, text) = http::Request::new(&admins[1].to_string(), "POST", "/topics")
+    let (status, text) = http::Request::new(&admins[1], "POST", "/topics")
+        .tls(Some(&tls))
         .json(Some(again))
         .send(Duration::from_secs(10))
         .await?;
     tl.say(format!(
-        "creating it again without the admin token is refused: HTTP {status} {text}"
+        "creating it again without a credential is refused: HTTP {status} {text}"
     ));
     if status != 401 {
         return Err("a write without the admin token was not refused with 401".into());
     }
-    let (status, text) = http::Request::new(&admins[1].to_string(), "POST", "/topics")
+    let (status, text) = http::Request::new(&admins[1], "POST", "/topics")
+        .tls(Some(&tls))
         .json(Some(again))
         .token(Some(&token))
         .send(Duration::from_secs(10))

@@ -6,18 +6,30 @@
 //! segment. Bodies of any size are read whole, chunk by chunk; the call's deadline covers the
 //! whole exchange.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::{Method, Url};
 
-/// An admin endpoint: `host:port`, `http://host:port` or `https://host:port` (a path after it
-/// is ignored).
+/// How an admin client checks a node's HTTPS certificate and proves who it is (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ClientTls {
+    /// The CA that signed the nodes' admin certificates (the cluster CA); HTTPS needs it.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key, from the cluster CA: a credential instead of a token.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// An admin endpoint: `host:port` (HTTPS), `https://host:port` or `http://host:port` (for a
+/// node started with `--admin-insecure-plaintext`); a path after it is ignored.
 pub fn endpoint(addr: &str) -> Result<Url, String> {
     let addr = addr.trim();
     let with_scheme = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("https://{addr}")
     };
     let url = Url::parse(&with_scheme).map_err(|e| format!("admin address {addr:?}: {e}"))?;
     match url.scheme() {
@@ -57,6 +69,7 @@ pub struct Request<'a> {
     query: Vec<(&'a str, String)>,
     json: Option<&'a str>,
     token: Option<&'a str>,
+    tls: Option<&'a ClientTls>,
 }
 
 impl<'a> Request<'a> {
@@ -70,7 +83,14 @@ impl<'a> Request<'a> {
             query: Vec::new(),
             json: None,
             token: None,
+            tls: None,
         }
+    }
+
+    /// How to check the server's certificate (and which client certificate to present) over
+    /// HTTPS.
+    pub fn tls(self, tls: Option<&'a ClientTls>) -> Self {
+        Self { tls, ..self }
     }
 
     /// A JSON body.
@@ -107,7 +127,15 @@ impl<'a> Request<'a> {
             url.query_pairs_mut().extend_pairs(self.query.iter());
         }
         let shown = format!("{method} {url}");
-        let mut req = client()?.request(method, url).timeout(timeout);
+        let tls = self.tls.cloned().unwrap_or_default();
+        if url.scheme() == "https" && tls.ca.is_none() {
+            return Err(SendError::Request(format!(
+                "{shown}: HTTPS needs the CA that signed the node's certificate: pass \
+                 --admin-ca FILE or set BROKER_ADMIN_CA (`broker dev` prints it); an http:// \
+                 address reaches a node started with --admin-insecure-plaintext"
+            )));
+        }
+        let mut req = client(&tls)?.request(method, url).timeout(timeout);
         if let Some(body) = self.json {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -126,20 +154,33 @@ impl<'a> Request<'a> {
     }
 }
 
-/// The process's one HTTP client (built once); each request carries its own deadline. No idle
-/// connections are kept: a pooled connection belongs to the runtime that made it, and a
-/// process may run several (tests, the demo's nodes).
-fn client() -> Result<&'static reqwest::Client, SendError> {
-    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
-        std::sync::OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| SendError::Request(format!("HTTP client: {e}")))
+/// The process's HTTP client for `tls` (built once per setting); each request carries its own
+/// deadline. No idle connections are kept: a pooled connection belongs to the runtime that
+/// made it, and a process may run several (tests, the demo's nodes).
+fn client(tls: &ClientTls) -> Result<reqwest::Client, SendError> {
+    type Clients = Mutex<HashMap<ClientTls, reqwest::Client>>;
+    static CLIENTS: OnceLock<Clients> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Clients::default);
+    if let Some(c) = clients.lock().ok().and_then(|m| m.get(tls).cloned()) {
+        return Ok(c);
+    }
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+    if let Some(ca) = &tls.ca {
+        let identity = tls
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let config =
+            consensus_tls::admin_client_config(ca, identity).map_err(SendError::Request)?;
+        builder = builder.use_preconfigured_tls(config);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| SendError::Request(format!("HTTP client: {e}")))?;
+    if let Ok(mut m) = clients.lock() {
+        m.insert(tls.clone(), client.clone());
+    }
+    Ok(client)
 }
 
 /// Why a request got no answer.
@@ -175,16 +216,18 @@ fn classify(shown: &str, e: reqwest::Error) -> SendError {
     })
 }
 
-/// Sends `method path` with an optional JSON body to `addr` without a credential; returns the
-/// status and body.
+/// Sends `method path` with an optional JSON body to `addr` without a credential, checking an
+/// HTTPS server with `tls`; returns the status and body.
 pub async fn request(
     addr: &str,
+    tls: Option<&ClientTls>,
     method: &str,
     path: &str,
     json: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
     Request::new(addr, method, path)
+        .tls(tls)
         .json(json)
         .send(timeout)
         .await
@@ -222,7 +265,7 @@ mod tests {
     fn endpoints_take_addresses_and_urls() {
         assert_eq!(
             endpoint("127.0.0.1:9093").map(|u| u.to_string()).as_deref(),
-            Ok("http://127.0.0.1:9093/")
+            Ok("https://127.0.0.1:9093/")
         );
         assert_eq!(
             endpoint("http://h:1").map(|u| u.to_string()).as_deref(),

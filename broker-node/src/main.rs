@@ -131,7 +131,7 @@ struct Serve {
     /// Consensus transport address.
     #[arg(long)]
     listen: SocketAddr,
-    /// Admin HTTP address (localhost unless told otherwise).
+    /// Admin API address (HTTPS; localhost unless told otherwise).
     #[arg(long, default_value = "127.0.0.1:9093")]
     admin: SocketAddr,
     /// Initial voters: `1=host:port,2=host:port,...` (used once, on a fresh data dir).
@@ -159,6 +159,18 @@ struct Serve {
     /// Generate (once) and use development certificates in this directory.
     #[arg(long, conflicts_with = "tls_ca")]
     dev_certs: Option<PathBuf>,
+    /// The admin API's own server certificate (PEM), signed by the cluster CA, for the names
+    /// operators dial (default: the node certificate, which must then name them).
+    #[arg(long, requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --admin-tls-cert.
+    #[arg(long, requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// INSECURE, local experiments only: serve the admin API as plain HTTP (a token and every
+    /// answer cross the network readable). Without it the API is HTTPS with the node's TLS
+    /// material, and takes client certificates from the cluster CA as credentials.
+    #[arg(long, conflicts_with_all = ["admin_tls_cert", "admin_tls_key"])]
+    admin_insecure_plaintext: bool,
     /// A separate secret for the broker RPCs (`/broker-rpc/...`: register, heartbeat,
     /// controlled shutdown of data-plane brokers); they then take only it, and the admin
     /// routes never do. Without it the admin token serves both.
@@ -168,8 +180,9 @@ struct Serve {
     #[arg(long)]
     admin_protect_reads: bool,
     /// INSECURE, local experiments only: serve the admin API without any credential check
-    /// (otherwise --admin-token-file is required: every request that changes state needs
-    /// `Authorization: Bearer <token>`).
+    /// (otherwise every request that changes state needs a client certificate from the cluster
+    /// CA or, with --admin-token-file, `Authorization: Bearer <token>`; over plain HTTP the
+    /// token is required).
     #[arg(long)]
     admin_insecure_no_auth: bool,
     /// INSECURE, local experiments only: run the consensus transport without TLS (gRPC only).
@@ -216,21 +229,34 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(out)
 }
 
-/// How `serve` protects its admin API.
-fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<AdminAuth, String> {
+/// How `serve` protects its admin API; `https` when it is served over TLS (client
+/// certificates from the cluster CA are then a credential).
+fn serve_admin_auth(
+    s: &Serve,
+    token_file: Option<&std::path::Path>,
+    https: bool,
+) -> Result<AdminAuth, String> {
     let token = cli::admin_token(token_file).map_err(|e| e.message)?;
+    let with_broker_token = |auth: AdminAuth| match &s.broker_token_file {
+        Some(f) => {
+            let broker = std::fs::read_to_string(f)
+                .map_err(|e| format!("broker token file {}: {e}", f.display()))?;
+            auth.with_broker_token(&broker)
+        }
+        None => Ok(auth),
+    };
     match (token, s.admin_insecure_no_auth) {
         (Some(_), true) => Err("--admin-insecure-no-auth contradicts an admin token".into()),
         (Some(t), false) => {
             let auth = AdminAuth::token(&t, s.admin_protect_reads)?;
-            match &s.broker_token_file {
-                Some(f) => {
-                    let broker = std::fs::read_to_string(f)
-                        .map_err(|e| format!("broker token file {}: {e}", f.display()))?;
-                    auth.with_broker_token(&broker)
-                }
-                None => Ok(auth),
-            }
+            with_broker_token(if https {
+                auth.or_client_certificates()
+            } else {
+                auth
+            })
+        }
+        (None, false) if https => {
+            with_broker_token(AdminAuth::client_certificates(s.admin_protect_reads))
         }
         (None, true) => {
             eprintln!(
@@ -242,12 +268,46 @@ fn serve_admin_auth(s: &Serve, token_file: Option<&std::path::Path>) -> Result<A
             Ok(AdminAuth::InsecureOpen)
         }
         (None, false) => Err(
-            "the admin API needs a credential: pass --admin-token-file FILE (a secret of at \
-             least 16 characters; clients send it as `Authorization: Bearer <token>`), or \
-             --admin-insecure-no-auth for a local experiment"
+            "the admin API served as plain HTTP needs a credential: pass --admin-token-file \
+             FILE (a secret of at least 16 characters; clients send it as `Authorization: \
+             Bearer <token>`), or --admin-insecure-no-auth for a local experiment"
                 .into(),
         ),
     }
+}
+
+/// The admin API's HTTPS: the node's TLS material, or --admin-tls-cert/--admin-tls-key with
+/// the cluster CA; `None` with --admin-insecure-plaintext (announced loudly).
+fn serve_admin_tls(
+    s: &Serve,
+    tls: &TlsConfig,
+) -> Result<Option<std::sync::Arc<broker::admin_tls::ServerConfig>>, String> {
+    if s.admin_insecure_plaintext {
+        eprintln!(
+            "WARNING: --admin-insecure-plaintext: node {}'s admin API at {} is plain HTTP: \
+             credentials and answers cross the network readable. For local experiments only.",
+            s.id, s.admin
+        );
+        return Ok(None);
+    }
+    let ca = match tls {
+        TlsConfig::Files { ca_cert, .. } => ca_cert.clone(),
+        TlsConfig::DevCerts { dir } => consensus_tls::dev::ensure(dir, s.id)?.ca_cert,
+        _ => {
+            return Err(
+                "the admin API is HTTPS with the node's TLS material, and this node has none \
+                 (--insecure-plaintext): pass --tls-ca/--tls-cert/--tls-key or --dev-certs, \
+                 or --admin-insecure-plaintext as well for a local experiment"
+                    .into(),
+            )
+        }
+    };
+    let material = match (&s.admin_tls_cert, &s.admin_tls_key) {
+        (Some(cert), Some(key)) => consensus_tls::load_files(&ca, cert, key)?,
+        _ => consensus_tls::load(tls, s.id)?,
+    };
+    let config = consensus_tls::admin_server_config(&material)?;
+    Ok(Some(std::sync::Arc::new(config)))
 }
 
 /// Start-up checks of `serve`'s settings, before anything is created on disk.
@@ -283,10 +343,15 @@ fn check_serve(s: &Serve) -> Result<(), String> {
 async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
     check_serve(&s)?;
     // Judged after the transport's TLS, whose error comes first.
-    let admin_auth = serve_admin_auth(&s, token_file.as_deref());
+    let admin_auth = serve_admin_auth(&s, token_file.as_deref(), !s.admin_insecure_plaintext);
     let backend = wiring::backend(s.engine.backend.as_deref())?;
     let factory = wiring::transport(s.engine.transport.as_deref())?;
-    let tls = match (s.tls_ca, s.tls_cert, s.tls_key, s.dev_certs) {
+    let tls = match (
+        s.tls_ca.clone(),
+        s.tls_cert.clone(),
+        s.tls_key.clone(),
+        s.dev_certs.clone(),
+    ) {
         (Some(ca_cert), Some(node_cert), Some(node_key), _) => TlsConfig::Files {
             ca_cert,
             node_cert,
@@ -318,6 +383,7 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
             )
         }
     };
+    let admin_tls = serve_admin_tls(&s, &tls)?;
     let admin_auth = admin_auth?;
     if let TlsConfig::Files { node_cert, .. } = &tls {
         // A certificate of another node would start, then be refused by every peer.
@@ -337,6 +403,11 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         })?;
     }
     let shutdown_timeout = Duration::from_millis(s.shutdown_timeout_ms);
+    let admin_scheme = if s.admin_insecure_plaintext {
+        "http"
+    } else {
+        "https"
+    };
     let spec = NodeSpec {
         id: s.id,
         cluster_id: s.cluster_id,
@@ -352,6 +423,7 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         },
         rack: s.rack,
         admin_auth,
+        admin_tls,
     };
     let metrics = install_metrics();
     // --peers bootstraps a fresh data dir only; on a kept one the stored membership rules.
@@ -378,11 +450,12 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         }
     }
     println!(
-        "node {} ({} over {}): consensus {}, admin http://{}",
+        "node {} ({} over {}): consensus {}, admin {}://{}",
         node.id,
         backend.name(),
         factory.name(),
         node.raft_addr,
+        admin_scheme,
         node.admin_addr
     );
     let signal = stop_signal().await?;
@@ -486,13 +559,28 @@ async fn dev(
         backend.name(),
         factory.name()
     );
-    for (id, addr) in cluster.admin_addrs() {
-        println!("node {id}: admin http://{addr}");
+    let urls: Vec<String> = cluster.admin_urls().into_iter().map(|(_, u)| u).collect();
+    for (id, url) in cluster.admin_urls() {
+        println!("node {id}: admin {url}");
+    }
+    let tls = cluster.admin_tls();
+    let shown = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    println!("for the CLI (writes need the token or the operator certificate):");
+    println!("  export BROKER_ADMIN={}", urls.join(","));
+    if let Some(ca) = shown(&tls.ca) {
+        println!("  export BROKER_ADMIN_CA={ca}");
     }
     println!(
-        "admin token (writes need it): --admin-token-file {} or BROKER_ADMIN_TOKEN={token}",
+        "  export BROKER_ADMIN_TOKEN={token}   # or --admin-token-file {}",
         token_file.display()
     );
+    if let Some((cert, key)) = &tls.identity {
+        println!(
+            "  # or, instead of the token: --admin-cert {} --admin-key {}",
+            cert.display(),
+            key.display()
+        );
+    }
     println!("data in {}; Ctrl-C stops the cluster", root.display());
     tokio::signal::ctrl_c()
         .await

@@ -17,6 +17,31 @@ const TOKEN: &str = "process-test-admin-token-0123456789";
 /// The broker RPCs' separate token.
 const BROKER_TOKEN: &str = "process-test-broker-token-9876543210";
 
+/// The development certificates every test cluster of this process uses (one CA; made on
+/// first use, concurrently safe), and how an admin client checks the nodes' HTTPS with it.
+fn certs() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("certs dir"))
+        .path()
+}
+
+/// Checks the nodes' admin certificates with the test CA; presents no client certificate.
+fn tls() -> http::ClientTls {
+    http::ClientTls {
+        ca: Some(certs().join("ca.pem")),
+        identity: None,
+    }
+}
+
+/// The development operator's client certificate (from the test CA) as the credential.
+fn operator_tls() -> http::ClientTls {
+    let paths = consensus_tls::dev::ensure_operator(certs()).expect("operator certificate");
+    http::ClientTls {
+        ca: Some(paths.ca_cert),
+        identity: Some((paths.node_cert, paths.node_key)),
+    }
+}
+
 /// A free port for both UDP (QUIC) and TCP on 127.0.0.1, picked by the OS and released for the
 /// child to bind (the child retries nothing, so a collision would show as a startup failure).
 fn free_udp() -> SocketAddr {
@@ -115,7 +140,7 @@ fn start(dir: &Path) -> Vec<Node> {
                 "--data-dir".into(),
                 dir.join(format!("node-{id}")).display().to_string(),
                 "--dev-certs".into(),
-                dir.join("certs").display().to_string(),
+                certs().display().to_string(),
                 "--admin-token-file".into(),
                 token_file.display().to_string(),
                 "--broker-token-file".into(),
@@ -161,7 +186,28 @@ async fn call_as(
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, Value)> {
-    let (status, text) = http::Request::new(&addr.to_string(), method, path)
+    call_with(
+        &tls(),
+        token,
+        &format!("https://{addr}"),
+        method,
+        path,
+        body,
+    )
+    .await
+}
+
+/// A request to `url` checked and authenticated with `tls` (and `token`, if any).
+async fn call_with(
+    tls: &http::ClientTls,
+    token: Option<&str>,
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, Value)> {
+    let (status, text) = http::Request::new(url, method, path)
+        .tls(Some(tls))
         .json(body)
         .token(token)
         .send(Duration::from_secs(10))
@@ -352,6 +398,45 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     );
     let read = call_as(None, nodes[1].admin, "GET", "/brokers", None).await;
     assert_eq!(read.map(|(s, _)| s), Some(200), "reads need no token");
+    // The admin API is HTTPS: plain HTTP, a client certificate from another CA, or a client
+    // trusting another CA get no answer at all; the operator's certificate from the cluster
+    // CA is a credential instead of the token.
+    let https = format!("https://{}", nodes[1].admin);
+    let plain = format!("http://{}", nodes[1].admin);
+    let other = tempfile::tempdir().expect("another CA");
+    let stranger = consensus_tls::dev::ensure_operator(other.path()).expect("stranger");
+    let foreign_cert = http::ClientTls {
+        identity: Some((stranger.node_cert.clone(), stranger.node_key.clone())),
+        ..tls()
+    };
+    let foreign_ca = http::ClientTls {
+        ca: Some(stranger.ca_cert.clone()),
+        identity: None,
+    };
+    for (what, client, url) in [
+        ("plain HTTP", tls(), &plain),
+        ("a certificate of another CA", foreign_cert, &https),
+        ("a client trusting another CA", foreign_ca, &https),
+    ] {
+        let got = call_with(&client, Some(TOKEN), url, "POST", "/topics", Some(create)).await;
+        assert_eq!(got, None, "{what}: answered");
+    }
+    let by_cert = r#"{"name":"by-certificate","partitions":1,"replication_factor":1}"#;
+    let got = call_with(
+        &operator_tls(),
+        None,
+        &https,
+        "POST",
+        "/topics",
+        Some(by_cert),
+    )
+    .await;
+    assert_eq!(
+        got.as_ref().map(|(s, _)| *s),
+        Some(201),
+        "the operator certificate: {got:?}"
+    );
+    acked.insert("by-certificate".to_string());
     assert_eq!(
         topics(nodes[2].admin).await,
         Some(acked.clone()),
@@ -393,6 +478,7 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
     }
     let (status, metrics) = http::request(
         &nodes[victim].admin.to_string(),
+        Some(&tls()),
         "GET",
         "/metrics",
         None,
@@ -476,18 +562,36 @@ fn serve_without_tls_material_refuses_to_start() {
         assert!(err.contains("--dev-certs"), "{transport}: {err}");
         assert!(!data.exists(), "{transport}: created the data dir");
     }
-    // With TLS but no admin credential, it refuses too.
+    // A plain-HTTP admin API without a credential is refused (over HTTPS, client
+    // certificates are one); so is a plaintext transport without saying the admin API is
+    // plaintext too.
     let transport = compiled.iter().find(|(_, on)| *on).map(|(t, _)| *t);
     let mut no_token = base(transport.unwrap_or("quic"));
     no_token.extend([
         "--dev-certs".into(),
-        dir.path().join("certs").display().to_string(),
+        certs().display().to_string(),
+        "--admin-insecure-plaintext".into(),
     ]);
     let out = run(no_token);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started without an admin credential");
     assert!(err.contains("--admin-token-file"), "{err}");
     assert!(!data.exists(), "created the data dir");
+    if cfg!(feature = "grpc") {
+        let mut plain = base("grpc");
+        plain.extend([
+            "--insecure-plaintext".into(),
+            "--admin-insecure-no-auth".into(),
+        ]);
+        let out = run(plain);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "a plaintext node served HTTPS with nothing"
+        );
+        assert!(err.contains("--admin-insecure-plaintext"), "{err}");
+        assert!(!data.exists(), "created the data dir");
+    }
     if !cfg!(feature = "quic") {
         return;
     }
@@ -507,6 +611,7 @@ fn cli(admin: &str, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .args(["--admin", admin])
         .env("BROKER_ADMIN_TOKEN", TOKEN)
+        .env("BROKER_ADMIN_CA", certs().join("ca.pem"))
         .stdin(Stdio::null())
         .output()
         .expect("run the CLI");
@@ -573,7 +678,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     let mut nodes = start(dir.path());
     let all: Vec<&Node> = nodes.iter().collect();
     leader(&all).await;
-    let url = format!("http://{}", nodes[0].admin);
+    let url = format!("https://{}", nodes[0].admin);
     let admin = url.as_str();
     // Brokers register in the background: retry the first create until there are two.
     let deadline = Instant::now() + DEADLINE;
@@ -766,7 +871,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
     assert_eq!(code, 3);
 
     // Several endpoints are tried in turn; a dead one first does not matter.
-    let dead = format!("http://{}", free_tcp());
+    let dead = format!("https://{}", free_tcp());
     let list = format!("{dead},{url}");
     let (code, out, err) = cli(&list, &["brokers", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -797,6 +902,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
         assert_eq!(status, 201, "wide-{t}: {}", v["reason"]);
     }
     let (status, bytes) = http::Request::new(&nodes[2].admin.to_string(), "GET", "/topics")
+        .tls(Some(&tls()))
         .send_bytes(Duration::from_secs(60))
         .await
         .expect("the listing");
@@ -814,6 +920,7 @@ async fn the_admin_cli_acts_on_exactly_what_it_names() {
             "set -o pipefail; '{}' topics describe wide-0 --admin {url} | head -1",
             env!("CARGO_BIN_EXE_broker")
         ))
+        .env("BROKER_ADMIN_CA", certs().join("ca.pem"))
         .output()
         .expect("run through a pipe");
     let err = String::from_utf8_lossy(&piped.stderr);
@@ -885,7 +992,7 @@ fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
     let run = |id: &str, peers: &str, extra: &[&str]| {
         let mut args = serve(id, peers);
         args.push("--dev-certs".into());
-        args.push(dir.path().join("certs").display().to_string());
+        args.push(certs().display().to_string());
         args.extend(extra.iter().map(|a| a.to_string()));
         let out = run_to_exit(args);
         (
@@ -1006,7 +1113,7 @@ fn dev_keeps_its_cluster_across_restarts() {
         "--base-port".into(),
         base.to_string(),
     ];
-    let admin = format!("http://127.0.0.1:{}", base + 101);
+    let admin = format!("https://127.0.0.1:{}", base + 101);
     let run_cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_broker"))
             .args(args)
@@ -1015,6 +1122,7 @@ fn dev_keeps_its_cluster_across_restarts() {
                 "--admin-token-file",
                 &data.join("admin-token").display().to_string(),
             ])
+            .env("BROKER_ADMIN_CA", data.join("certs").join("ca.pem"))
             .output()
             .expect("run the CLI");
         (
@@ -1121,7 +1229,7 @@ async fn membership_changes_from_the_cli() {
     let mut nodes = start(dir.path());
     let all: Vec<&Node> = nodes.iter().collect();
     leader(&all).await;
-    let url = format!("http://{},http://{}", nodes[1].admin, nodes[2].admin);
+    let url = format!("https://{},https://{}", nodes[1].admin, nodes[2].admin);
     let admin = url.as_str();
     let deadline = Instant::now() + DEADLINE;
     while create_topic(admin, "before", "2", &[]).0 != 0 {
@@ -1217,9 +1325,9 @@ async fn membership_changes_from_the_cli() {
     .await;
     nodes[0].sigkill();
     // The new node holds the metadata written before it joined, and the cluster still commits.
-    let (code, names, err) = cli(&format!("http://{admin4}"), &["topics", "list"]);
+    let (code, names, err) = cli(&format!("https://{admin4}"), &["topics", "list"]);
     assert_eq!(code, 0, "{err}");
     assert!(names.lines().any(|l| l == "before"), "{names}");
-    let (code, _, err) = create_topic(&format!("http://{admin4}"), "after", "2", &[]);
+    let (code, _, err) = create_topic(&format!("https://{admin4}"), "after", "2", &[]);
     assert_eq!(code, 0, "{err}");
 }

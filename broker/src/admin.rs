@@ -38,7 +38,8 @@
 //! feed: read the image again. Quiet heartbeats (that fence or unfence nothing) are not in it.
 //!
 //! **Credentials** ([`AdminAuth`]): every request that changes state (any method but `GET` and
-//! `HEAD`) needs `Authorization: Bearer <token>`; reads too when so configured. The broker
+//! `HEAD`) needs `Authorization: Bearer <token>` or, over HTTPS, a client certificate from the
+//! cluster CA ([`VerifiedClientCertificate`]); reads too when so configured. The broker
 //! RPCs (`/broker-rpc/...`: what a data-plane broker process calls) are a separate API: with a
 //! broker token configured they take only it, and the admin routes never take it, so a broker's
 //! credential cannot change topics and an operator's cannot pose as a broker. Without a token
@@ -91,13 +92,17 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Who may use the admin API.
 #[derive(Clone)]
 pub enum AdminAuth {
-    /// Requests that change state need `Authorization: Bearer <token>`; reads need it too when
-    /// `protect_reads` is set. The broker RPCs need `broker_token` when one is set (and then
-    /// only it), else `token`. Tokens are compared in constant time.
-    Token {
-        /// The operators' shared secret (at least [`MIN_TOKEN_LEN`] bytes).
-        token: Arc<str>,
-        /// Whether `GET` requests need the token as well.
+    /// Requests that change state need a credential, reads too when `protect_reads` is set:
+    /// `Authorization: Bearer <token>` when a token is set, or, when `client_certificates` is
+    /// set, a client certificate the HTTPS handshake verified against the cluster CA (see
+    /// [`VerifiedClientCertificate`]). The broker RPCs need `broker_token` when one is set (and
+    /// then only it), else the same credentials. Tokens are compared in constant time.
+    Required {
+        /// The operators' shared secret (at least [`MIN_TOKEN_LEN`] bytes), if any.
+        token: Option<Arc<str>>,
+        /// Whether a verified client certificate is a credential.
+        client_certificates: bool,
+        /// Whether `GET` requests need a credential as well.
         protect_reads: bool,
         /// The brokers' secret for `/broker-rpc/...`, if it differs from the operators'.
         broker_token: Option<Arc<str>>,
@@ -106,6 +111,11 @@ pub enum AdminAuth {
     /// shut down brokers. For local experiments only; chosen explicitly.
     InsecureOpen,
 }
+
+/// Marks a request that arrived over HTTPS with a client certificate that the handshake
+/// verified against the cluster CA; the server puts it in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedClientCertificate;
 
 /// Where the broker RPCs live: their own credential applies under it.
 pub const BROKER_RPC_PREFIX: &str = "/broker-rpc/";
@@ -125,11 +135,40 @@ impl AdminAuth {
     /// Token authentication for writes (and reads when `protect_reads`); refuses a token
     /// shorter than [`MIN_TOKEN_LEN`] bytes.
     pub fn token(token: &str, protect_reads: bool) -> Result<Self, String> {
-        Ok(Self::Token {
-            token: check_token(token).map_err(|e| format!("the admin token: {e}"))?,
+        Ok(Self::Required {
+            token: Some(check_token(token).map_err(|e| format!("the admin token: {e}"))?),
+            client_certificates: false,
             protect_reads,
             broker_token: None,
         })
+    }
+
+    /// Client-certificate authentication only (the admin API must be served over HTTPS).
+    pub fn client_certificates(protect_reads: bool) -> Self {
+        Self::Required {
+            token: None,
+            client_certificates: true,
+            protect_reads,
+            broker_token: None,
+        }
+    }
+
+    /// The same, also taking a verified client certificate as a credential.
+    pub fn or_client_certificates(self) -> Self {
+        match self {
+            Self::Required {
+                token,
+                protect_reads,
+                broker_token,
+                ..
+            } => Self::Required {
+                token,
+                client_certificates: true,
+                protect_reads,
+                broker_token,
+            },
+            Self::InsecureOpen => Self::client_certificates(false),
+        }
     }
 
     /// The same, with a separate token for the broker RPCs; refuses one equal to the
@@ -137,24 +176,40 @@ impl AdminAuth {
     pub fn with_broker_token(self, broker: &str) -> Result<Self, String> {
         let broker = check_token(broker).map_err(|e| format!("the broker token: {e}"))?;
         match self {
-            Self::Token {
+            Self::Required {
                 token,
+                client_certificates,
                 protect_reads,
                 ..
             } => {
-                if bool::from(token.as_bytes().ct_eq(broker.as_bytes())) {
+                if token
+                    .as_ref()
+                    .is_some_and(|t| bool::from(t.as_bytes().ct_eq(broker.as_bytes())))
+                {
                     return Err("the broker token must differ from the admin token".into());
                 }
-                Ok(Self::Token {
+                Ok(Self::Required {
                     token,
+                    client_certificates,
                     protect_reads,
                     broker_token: Some(broker),
                 })
             }
-            Self::InsecureOpen => {
-                Err("a broker token needs an admin token too (the API is open otherwise)".into())
-            }
+            Self::InsecureOpen => Err(
+                "a broker token needs an admin credential too (the API is open otherwise)".into(),
+            ),
         }
+    }
+
+    /// Whether a verified client certificate is a credential here.
+    pub fn takes_client_certificates(&self) -> bool {
+        matches!(
+            self,
+            Self::Required {
+                client_certificates: true,
+                ..
+            }
+        )
     }
 
     /// A fresh random token (32 hex digits) for development setups.
@@ -163,10 +218,18 @@ impl AdminAuth {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Checks one request's credential.
-    fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Self::Token {
+    /// Checks one request's credential: its bearer token, and whether it came with a verified
+    /// client certificate.
+    fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        certificate: bool,
+    ) -> Result<(), ApiError> {
+        let Self::Required {
             token,
+            client_certificates,
             protect_reads,
             broker_token,
         } = self
@@ -178,25 +241,41 @@ impl AdminAuth {
         if read && !protect_reads && !broker_rpc {
             return Ok(());
         }
-        let (expected, which) = match (broker_rpc, broker_token) {
-            (true, Some(b)) => (b, "the broker token"),
-            _ => (token, "the admin token"),
+        let (expected, takes_cert, which) = match (broker_rpc, broker_token) {
+            (true, Some(b)) => (Some(b), false, "the broker token"),
+            _ => (
+                token.as_ref(),
+                *client_certificates,
+                match (token.is_some(), *client_certificates) {
+                    (true, true) => "the admin token or a client certificate from the cluster CA",
+                    (false, true) => "a client certificate from the cluster CA",
+                    _ => "the admin token",
+                },
+            ),
         };
+        if takes_cert && certificate {
+            return Ok(());
+        }
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            None => Err(api(
+        match (given, expected) {
+            (None, _) => Err(api(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
                 format!(
-                    "this request needs {which}: send `Authorization: Bearer <token>` \
-                     (the CLI's --admin-token-file or BROKER_ADMIN_TOKEN)"
+                    "this request needs {which}: send `Authorization: Bearer <token>` (the \
+                     CLI's --admin-token-file or BROKER_ADMIN_TOKEN) or, over HTTPS, a client \
+                     certificate (--admin-cert and --admin-key)"
                 ),
             )),
-            Some(g) if bool::from(g.trim().as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-            Some(_) => Err(api(
+            (Some(g), Some(expected))
+                if bool::from(g.trim().as_bytes().ct_eq(expected.as_bytes())) =>
+            {
+                Ok(())
+            }
+            (Some(_), _) => Err(api(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("the credential is not {which} of this node"),
@@ -208,13 +287,15 @@ impl AdminAuth {
 impl std::fmt::Debug for AdminAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Token {
+            Self::Required {
+                token,
+                client_certificates,
                 protect_reads,
                 broker_token,
-                ..
             } => f
-                .debug_struct("Token")
-                .field("token", &"<redacted>")
+                .debug_struct("Required")
+                .field("token", &token.as_ref().map(|_| "<redacted>"))
+                .field("client_certificates", client_certificates)
                 .field("protect_reads", protect_reads)
                 .field("broker_token", &broker_token.as_ref().map(|_| "<redacted>"))
                 .finish(),
@@ -235,7 +316,11 @@ async fn authenticate(
         .unwrap_or_else(|| "-".into());
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let write = method != Method::GET && method != Method::HEAD;
-    if let Err(e) = auth.check(&method, &path, req.headers()) {
+    let certificate = req
+        .extensions()
+        .get::<VerifiedClientCertificate>()
+        .is_some();
+    if let Err(e) = auth.check(&method, &path, req.headers(), certificate) {
         tracing::warn!(%peer, %method, path, "admin request refused: {}", e.reason);
         return Err(e);
     }
@@ -247,7 +332,7 @@ async fn authenticate(
             // Every few seconds per broker: not news.
             tracing::debug!(%peer, path, status, "broker heartbeat");
         } else {
-            tracing::info!(%peer, %method, path, status, "admin change");
+            tracing::info!(%peer, %method, path, status, client_cert = certificate, "admin change");
         }
     }
     Ok(resp)
@@ -438,16 +523,21 @@ async fn add_learner(
     req: Result<Json<LearnerReq>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let r = body(req)?;
-    if r.id == 0 {
+    if r.id == 0 || u32::try_from(r.id).is_err() {
         return Err(api(
             StatusCode::BAD_REQUEST,
             "invalid",
-            "node ids start at 1",
+            format!(
+                "node id {} is out of range: node ids are broker ids, 1 to {}",
+                r.id,
+                u32::MAX
+            ),
         ));
     }
     if r.address.is_empty() || r.address.len() > MAX_ENDPOINT_LEN {
         return Err(too_long("the address", r.address.len(), MAX_ENDPOINT_LEN));
     }
+    check_address(&r.address)?;
     let st = app.ctl.node().status();
     if st.voters.contains(&r.id) || st.learners.contains(&r.id) {
         return Err(api(
@@ -464,11 +554,43 @@ async fn add_learner(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Checks that `address` is `host:port` (a port from 1 to 65535, a host of letters, digits,
+/// `.`, `-`, `_`, or a bracketed IPv6 address), which a transport can dial.
+fn check_address(address: &str) -> Result<(), ApiError> {
+    let invalid = |why: &str| {
+        api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("address {address:?} is not host:port: {why}"),
+        )
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| invalid("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(invalid("the port must be 1 to 65535")),
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .map(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+    let named = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if bare == Some(true) || (bare.is_none() && named) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "the host must be a name, an IPv4 address or [an IPv6 address]",
+        ))
+    }
+}
+
 /// `PUT /cluster/voters`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VotersReq {
-    voters: std::collections::BTreeSet<consensus_api::NodeId>,
+    voters: Vec<consensus_api::NodeId>,
 }
 
 async fn set_voters(
@@ -483,9 +605,16 @@ async fn set_voters(
             "the voting set cannot be empty",
         ));
     }
+    let voters: std::collections::BTreeSet<_> = r.voters.iter().copied().collect();
+    if voters.len() != r.voters.len() {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "a node is listed more than once in the voting set",
+        ));
+    }
     let st = app.ctl.node().status();
-    if let Some(stranger) = r
-        .voters
+    if let Some(stranger) = voters
         .iter()
         .find(|v| !st.voters.contains(v) && !st.learners.contains(v))
     {
@@ -497,7 +626,7 @@ async fn set_voters(
     }
     app.ctl
         .node()
-        .change_voters(r.voters)
+        .change_voters(voters)
         .await
         .map_err(ControllerError::from)?;
     Ok(StatusCode::NO_CONTENT)
@@ -1199,6 +1328,71 @@ async fn render_metrics(State(app): State<App>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verified_client_certificate_is_a_credential_only_where_configured() {
+        let post = Method::POST;
+        let none = HeaderMap::new();
+        let mut bearer = HeaderMap::new();
+        bearer.insert(
+            header::AUTHORIZATION,
+            "Bearer 0123456789abcdef-token".parse().expect("header"),
+        );
+        let status = |r: Result<(), ApiError>| r.err().map(|e| e.status.as_u16());
+        let certs = AdminAuth::client_certificates(false);
+        assert_eq!(status(certs.check(&post, "/topics", &none, true)), None);
+        assert_eq!(
+            status(certs.check(&post, "/topics", &none, false)),
+            Some(401)
+        );
+        // A token where none is configured is no credential.
+        assert_eq!(
+            status(certs.check(&post, "/topics", &bearer, false)),
+            Some(403)
+        );
+        let token = AdminAuth::token("0123456789abcdef-token", false).expect("token");
+        assert_eq!(
+            status(token.check(&post, "/topics", &none, true)),
+            Some(401)
+        );
+        assert_eq!(status(token.check(&post, "/topics", &bearer, false)), None);
+        let both = token.or_client_certificates();
+        assert_eq!(status(both.check(&post, "/topics", &none, true)), None);
+        assert_eq!(status(both.check(&post, "/topics", &bearer, false)), None);
+        // With a broker token, the broker RPCs take only it: not a certificate.
+        let split = both
+            .with_broker_token("fedcba9876543210-broker")
+            .expect("broker token");
+        let rpc = "/broker-rpc/register";
+        assert_eq!(status(split.check(&post, rpc, &none, true)), Some(401));
+        assert_eq!(status(split.check(&post, "/topics", &none, true)), None);
+    }
+
+    #[test]
+    fn learner_addresses_must_be_dialable() {
+        for good in [
+            "127.0.0.1:7001",
+            "node-4.example:7001",
+            "[::1]:7001",
+            "h_1:1",
+        ] {
+            assert!(check_address(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "0",
+            "host",
+            "host:0",
+            "host:00000",
+            "host:65536",
+            ":7001",
+            "a b:1",
+            "[::1:7001",
+            "[x]:1",
+            "h/1:1",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
 
     /// The routes `router` serves, with their methods, as `METHOD /path`.
     const ROUTES: &[&str] = &[

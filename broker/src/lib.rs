@@ -16,6 +16,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admin;
+pub mod admin_tls;
 pub mod configs;
 mod controller;
 #[doc(hidden)]

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::{self, AdminAuth};
+use crate::admin_tls;
 use crate::controller::{BrokerAgent, Controller, LivenessConfig};
 use crate::machine::MetadataMachine;
 
@@ -42,6 +43,8 @@ pub struct NodeSpec {
     pub rack: Option<String>,
     /// Who may use the admin API.
     pub admin_auth: AdminAuth,
+    /// HTTPS for the admin API (see [`admin_tls`]); `None` serves plain HTTP.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl NodeSpec {
@@ -68,6 +71,8 @@ pub struct NodeParts {
     pub metrics: Option<PrometheusHandle>,
     /// Who may use the admin API.
     pub admin_auth: AdminAuth,
+    /// HTTPS for the admin API (see [`admin_tls`]); `None` serves plain HTTP.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running node.
@@ -177,6 +182,7 @@ impl BrokerNode {
             rack: spec.rack.clone(),
             metrics,
             admin_auth: spec.admin_auth.clone(),
+            admin_tls: spec.admin_tls.clone(),
         };
         Self::start_with_config(spec.config(), parts, backend, transport).await
     }
@@ -210,13 +216,23 @@ impl BrokerNode {
             vec![admin_addr.to_string()],
             parts.rack,
         );
+        if parts.admin_tls.is_none() && parts.admin_auth.takes_client_certificates() {
+            return Err(format!(
+                "node {id}: the admin API takes client certificates but is not served over HTTPS"
+            ));
+        }
         let app = admin::router(controller.clone(), parts.metrics, parts.admin_auth);
         let watch_task = tokio::spawn(watch_consensus(controller.clone()));
         let admin_task = tokio::spawn(async move {
             let _watch = AbortOnDrop(watch_task);
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(admin, app).await {
-                tracing::error!("admin server stopped: {e}");
+            match parts.admin_tls {
+                Some(tls) => admin_tls::serve(admin, app, tls).await,
+                None => {
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    if let Err(e) = axum::serve(admin, app).await {
+                        tracing::error!("admin server stopped: {e}");
+                    }
+                }
             }
         });
         Ok(Self {

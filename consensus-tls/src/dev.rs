@@ -2,8 +2,12 @@
 //! directory, for tests and local clusters. Never use them in production: the CA key sits next to
 //! the certificates.
 //!
-//! Layout of a directory: `ca.pem` + `ca.key` (the CA), and `node-{id}.pem` + `node-{id}.key`
-//! per node (DNS name [`node_name`]`(id)`, serverAuth and clientAuth usages).
+//! Layout of a directory: `ca.pem` + `ca.key` (the CA), `node-{id}.pem` + `node-{id}.key`
+//! per node (DNS names [`node_name`]`(id)` and `localhost`, IP addresses 127.0.0.1 and ::1,
+//! serverAuth and clientAuth usages: the local names let an admin client dial a node's HTTPS
+//! API at 127.0.0.1 and check its certificate), and, made by [`ensure_operator`],
+//! `operator.pem` + `operator.key` (DNS name [`OPERATOR_NAME`], clientAuth only: an admin
+//! client's certificate, which no transport accepts as a node's).
 //!
 //! Several nodes (threads of one process or separate processes) may call [`ensure`] on the same
 //! directory at once. Every file is published atomically and only if absent: written to a private
@@ -15,13 +19,14 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use consensus_api::NodeId;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -35,6 +40,9 @@ pub const CA_KEY_FILE: &str = "ca.key";
 /// Common name of the development CA; it must stay constant, since node certificates signed
 /// later name their issuer by it.
 const CA_COMMON_NAME: &str = "consensus development CA";
+
+/// The name in the development operator certificate ([`ensure_operator`]).
+pub const OPERATOR_NAME: &str = "operator";
 
 /// Where [`ensure`] put a node's material; the three paths of a `TlsConfig::Files`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,37 +58,8 @@ pub struct DevPaths {
 /// Makes sure `dir` holds a development CA and node `id`'s certificate and key, creating what is
 /// missing; returns their paths. Safe to call concurrently from several nodes on one directory.
 pub fn ensure(dir: &Path, id: NodeId) -> Result<DevPaths, String> {
-    fs::create_dir_all(dir).map_err(|e| {
-        format!(
-            "cannot create the dev certificate directory {}: {e}",
-            dir.display()
-        )
-    })?;
-
-    let ca_key_path = dir.join(CA_KEY_FILE);
-    publish_if_absent(&ca_key_path, true, new_key_pem)?;
-    let ca_key = read_key_pair(&ca_key_path)?;
-    let ca_cert = dir.join(CA_CERT_FILE);
-    publish_if_absent(&ca_cert, false, || {
-        ca_params()?
-            .self_signed(&ca_key)
-            .map(|c| c.pem())
-            .map_err(|e| format!("cannot self-sign the dev CA: {e}"))
-    })?;
-
-    let name = node_name(id);
-    let node_key = dir.join(format!("{name}.key"));
-    publish_if_absent(&node_key, true, new_key_pem)?;
-    let node_key_pair = read_key_pair(&node_key)?;
-    let node_cert = dir.join(format!("{name}.pem"));
-    publish_if_absent(&node_cert, false, || {
-        let issuer = Issuer::new(ca_params()?, &ca_key);
-        node_params(id)?
-            .signed_by(&node_key_pair, &issuer)
-            .map(|c| c.pem())
-            .map_err(|e| format!("cannot sign the certificate of {name}: {e}"))
-    })?;
-
+    let (ca_cert, ca_key_path, ca_key) = ensure_ca(dir)?;
+    let (node_cert, node_key) = ensure_leaf(dir, &node_name(id), &ca_key, node_params(id)?)?;
     let paths = DevPaths {
         ca_cert,
         node_cert,
@@ -94,6 +73,62 @@ pub fn ensure(dir: &Path, id: NodeId) -> Result<DevPaths, String> {
         )
     })?;
     Ok(paths)
+}
+
+/// Makes sure `dir` holds the development CA and an operator's client certificate and key
+/// (`operator.pem`, `operator.key`: DNS name [`OPERATOR_NAME`], clientAuth only), the
+/// credential an admin client presents to a node's HTTPS admin API; returns the CA
+/// certificate, the operator certificate and key paths. Safe to call concurrently.
+pub fn ensure_operator(dir: &Path) -> Result<DevPaths, String> {
+    let (ca_cert, _, ca_key) = ensure_ca(dir)?;
+    let (node_cert, node_key) = ensure_leaf(dir, OPERATOR_NAME, &ca_key, operator_params()?)?;
+    Ok(DevPaths {
+        ca_cert,
+        node_cert,
+        node_key,
+    })
+}
+
+/// The CA of `dir` (created if absent): its certificate path, key path and key.
+fn ensure_ca(dir: &Path) -> Result<(PathBuf, PathBuf, KeyPair), String> {
+    fs::create_dir_all(dir).map_err(|e| {
+        format!(
+            "cannot create the dev certificate directory {}: {e}",
+            dir.display()
+        )
+    })?;
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    publish_if_absent(&ca_key_path, true, new_key_pem)?;
+    let ca_key = read_key_pair(&ca_key_path)?;
+    let ca_cert = dir.join(CA_CERT_FILE);
+    publish_if_absent(&ca_cert, false, || {
+        ca_params()?
+            .self_signed(&ca_key)
+            .map(|c| c.pem())
+            .map_err(|e| format!("cannot self-sign the dev CA: {e}"))
+    })?;
+    Ok((ca_cert, ca_key_path, ca_key))
+}
+
+/// `name.pem` and `name.key` in `dir` (created if absent, signed by `ca_key`): their paths.
+fn ensure_leaf(
+    dir: &Path,
+    name: &str,
+    ca_key: &KeyPair,
+    params: CertificateParams,
+) -> Result<(PathBuf, PathBuf), String> {
+    let key = dir.join(format!("{name}.key"));
+    publish_if_absent(&key, true, new_key_pem)?;
+    let key_pair = read_key_pair(&key)?;
+    let cert = dir.join(format!("{name}.pem"));
+    publish_if_absent(&cert, false, || {
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        params
+            .signed_by(&key_pair, &issuer)
+            .map(|c| c.pem())
+            .map_err(|e| format!("cannot sign the certificate of {name}: {e}"))
+    })?;
+    Ok((cert, key))
 }
 
 /// Generates (once) the development CA and the certificates of `ids` in `dir`.
@@ -119,8 +154,11 @@ fn ca_params() -> Result<CertificateParams, String> {
 
 fn node_params(id: NodeId) -> Result<CertificateParams, String> {
     let name = node_name(id);
-    let mut params = CertificateParams::new(vec![name.clone()])
+    let mut params = CertificateParams::new(vec![name.clone(), "localhost".into()])
         .map_err(|e| format!("{name:?} is not a valid subject alternative name: {e}"))?;
+    for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
+        params.subject_alt_names.push(SanType::IpAddress(ip));
+    }
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::ExplicitNoCa;
@@ -129,6 +167,19 @@ fn node_params(id: NodeId) -> Result<CertificateParams, String> {
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    Ok(params)
+}
+
+fn operator_params() -> Result<CertificateParams, String> {
+    let mut params = CertificateParams::new(vec![OPERATOR_NAME.to_string()])
+        .map_err(|e| format!("operator certificate parameters: {e}"))?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, OPERATOR_NAME);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     Ok(params)
 }
 

@@ -211,6 +211,67 @@ pub fn client_config(m: &TlsMaterial, alpn: &[u8]) -> Result<ClientConfig, Strin
     Ok(config)
 }
 
+/// The ALPN protocol of the admin API's HTTPS.
+pub const HTTP1_ALPN: &[u8] = b"http/1.1";
+
+/// A rustls server configuration for a node's HTTPS admin API: presents `m`'s chain (whose
+/// names are what admin clients check), TLS 1.3 only, ALPN `http/1.1`, and *asks* for a client
+/// certificate: one chained to the cluster CA is verified in the handshake (a certificate from
+/// another CA ends it), none at all is allowed, so the API can take a bearer token instead.
+/// Whether one was presented is `ServerConnection::peer_certificates`.
+pub fn admin_server_config(m: &TlsMaterial) -> Result<ServerConfig, String> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(m)?, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("client certificate verifier: {e}"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS 1.3 with the ring provider: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())
+        .map_err(|e| format!("the admin certificate and key are not a usable pair: {e}"))?;
+    config.alpn_protocols = alpn_list(HTTP1_ALPN);
+    // No resumption: a client certificate is checked in every handshake.
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A rustls client configuration for an admin client: trusts exactly the CA certificate in the
+/// PEM file `ca_cert` and checks the server's name as usual; presents the certificate chain and
+/// key of `identity` (PEM files) when given. TLS 1.3 only, ALPN `http/1.1`.
+pub fn admin_client_config(
+    ca_cert: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, String> {
+    let mut store = RootCertStore::empty();
+    for ca in read_certs(ca_cert, "CA certificate file")? {
+        store.add(ca).map_err(|e| {
+            format!(
+                "CA certificate file {}: not a usable trust anchor: {e}",
+                ca_cert.display()
+            )
+        })?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS 1.3 with the ring provider: {e}"))?
+        .with_root_certificates(store);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = read_certs(cert, "client certificate file")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| pem_error("client key file", key, e, "private key"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate and key are not a usable pair: {e}"))?
+        }
+    };
+    config.alpn_protocols = alpn_list(HTTP1_ALPN);
+    Ok(config)
+}
+
 /// Checks that `cert` (already verified against the cluster CA by the TLS handshake) names node
 /// `id`, i.e. is valid for the DNS name [`node_name`]`(id)`.
 pub fn verify_peer_id(cert: &CertificateDer<'_>, id: NodeId) -> Result<(), String> {

@@ -109,6 +109,11 @@ impl<K: NodeKind + Default> LocalCluster<K> {
 type Bound = (NodeId, Option<Runtime>, Arc<dyn consensus_api::Transport>);
 
 impl<K: NodeKind> LocalCluster<K> {
+    /// What starts this cluster's nodes (and whatever it recorded about them).
+    pub fn kind(&self) -> &K {
+        &self.kind
+    }
+
     /// Starts `n` voters (ids 1..=n) that bootstrap a fresh cluster together: every transport
     /// is bound first, so the initial members know the real ports.
     pub async fn launch(
