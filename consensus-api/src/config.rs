@@ -134,8 +134,9 @@ pub struct TransportConfig {
     /// waiting for their handler's answer); a call beyond it waits, unread, until earlier ones
     /// are answered, so the peer is slowed by flow control instead of growing this node's
     /// memory. At least one frame always fits (the effective budget is the larger of this and
-    /// `max_frame_bytes`). Default 64 MiB. Enforced by transport-quic per connection;
-    /// transport-grpc bounds a peer by its concurrent streams (256) times `max_frame_bytes`.
+    /// `max_frame_bytes`). Default 64 MiB. Enforced per connection by both transports
+    /// (transport-grpc charges a call's body as it arrives and holds it until the answer, and
+    /// allows a connection 4 one-way streams, each holding at most one frame).
     pub max_inflight_bytes_per_peer: usize,
     /// Bounded per-peer queue of one-way frames; when full, new frames are dropped.
     pub peer_queue_capacity: usize,

@@ -16,17 +16,23 @@ use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::budget::{Budgets, Registration};
+
 /// An accepted TCP connection that fails (and is then dropped) once its token is cancelled.
+/// Also keeps the connection's memory budget registered ([`crate::budget`]) while it lives.
 pub(crate) struct Cuttable {
     io: TcpStream,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    _budget: Option<Registration>,
 }
 
 impl Cuttable {
-    pub(crate) fn new(io: TcpStream, token: &CancellationToken) -> Self {
+    pub(crate) fn new(io: TcpStream, token: &CancellationToken, budgets: &Budgets) -> Self {
+        let budget = io.peer_addr().ok().map(|remote| budgets.open(remote));
         Self {
             io,
             cut: Box::pin(token.clone().cancelled_owned()),
+            _budget: budget,
         }
     }
 

@@ -24,6 +24,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod budget;
 mod conn;
 mod peer;
 mod server;

@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::budget::{Budgeted, Budgets};
 use crate::conn::Cuttable;
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Ack, Frame};
@@ -25,8 +26,8 @@ const STOP_GRACE: Duration = Duration::from_millis(200);
 /// HTTP/2 keepalive: detects dead connections to crashed peers.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Streams one peer may have open at once: with the frame limit, what bounds the memory a
-/// peer's requests can hold here (`TransportConfig::max_inflight_bytes_per_peer` documents it).
+/// HTTP/2 streams one connection may have open at once; what they may hold in memory is
+/// bounded by [`crate::budget`].
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 pub(crate) struct Server {
@@ -50,10 +51,12 @@ impl Server {
             .map_err(|e| TransportError::Setup(format!("local address: {e}")))?;
         let cut = CancellationToken::new();
         let token = cut.clone();
+        let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+        let budgets = Budgets::new(me.config.max_inflight_bytes_per_peer.max(limit));
+        let incoming_budgets = budgets.clone();
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(move |accepted| accepted.map(|io| Cuttable::new(io, &token)));
-        let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+            .map(move |accepted| accepted.map(|io| Cuttable::new(io, &token, &incoming_budgets)));
         let tls = me.tls.as_ref().map(|p| crate::Pem {
             ca: p.ca.clone(),
             cert: p.cert.clone(),
@@ -75,7 +78,7 @@ impl Server {
                 .tls_config(config)
                 .map_err(|e| TransportError::Setup(format!("TLS server config: {e}")))?;
         }
-        let router = builder.add_service(service);
+        let router = builder.add_service(Budgeted::new(service, budgets));
         let task = tokio::spawn(async move {
             let stop = async {
                 let _ = stop_rx.await;
