@@ -454,6 +454,50 @@ pub(crate) struct RaftHandler {
     pub(crate) refused: RefusedMessages,
 }
 
+/// Most entries one inbound raft message may carry. A message is decoded in place (entry
+/// payloads share the frame's buffer), but every entry is a struct of its own, about 100 bytes
+/// for 2 bytes of wire: without a cap a frame of empty entries would decode to ~50x its size.
+/// 2^17 entries bound a message's decoded size to about 13 MiB beyond its frame, whatever the
+/// frame limit; raft-rs sends at most `max_size_per_msg` bytes of entries, far fewer.
+pub(crate) const MAX_ENTRIES_PER_MESSAGE: usize = 1 << 17;
+/// Largest snapshot field of an inbound raft message: it carries metadata only (the data
+/// travels as a file), whose membership lists would decode to 8 bytes per 1-byte number.
+pub(crate) const MAX_SNAPSHOT_FIELD_BYTES: u32 = 1 << 20;
+
+/// Checks an encoded `eraftpb::Message` against the decoded-size bounds
+/// ([`MAX_ENTRIES_PER_MESSAGE`], [`MAX_SNAPSHOT_FIELD_BYTES`]) by walking its fields, before
+/// anything is decoded; returns its number of entries.
+pub(crate) fn check_decoded_size(bytes: &[u8]) -> Result<usize, String> {
+    use protobuf::wire_format::WireType;
+    const ENTRIES: u32 = 7;
+    const SNAPSHOT: u32 = 9;
+    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
+    let mut entries = 0usize;
+    while !input.eof().map_err(|e| e.to_string())? {
+        let (field, wire) = input.read_tag_unpack().map_err(|e| e.to_string())?;
+        if wire != WireType::WireTypeLengthDelimited {
+            input.skip_field(wire).map_err(|e| e.to_string())?;
+            continue;
+        }
+        let len = input.read_raw_varint32().map_err(|e| e.to_string())?;
+        if field == ENTRIES {
+            entries += 1;
+            if entries > MAX_ENTRIES_PER_MESSAGE {
+                return Err(format!(
+                    "more than {MAX_ENTRIES_PER_MESSAGE} entries in one message"
+                ));
+            }
+        }
+        if field == SNAPSHOT && len > MAX_SNAPSHOT_FIELD_BYTES {
+            return Err(format!(
+                "a {len}-byte snapshot field (at most {MAX_SNAPSHOT_FIELD_BYTES})"
+            ));
+        }
+        input.skip_raw_bytes(len).map_err(|e| e.to_string())?;
+    }
+    Ok(entries)
+}
+
 /// Why an inbound frame was not passed on.
 enum NotPassed {
     /// Malformed or lying about its sender: counted as a refused message.
@@ -483,6 +527,12 @@ impl RaftHandler {
                 ))
             }
         }
+        check_decoded_size(&frame[1..]).map_err(|e| {
+            NotPassed::Refused(
+                "raft message",
+                format!("raft message from {from} would decode too large: {e}"),
+            )
+        })?;
         let msg = Message::parse_from_carllerche_bytes(&frame.slice(1..)).map_err(|e| {
             NotPassed::Refused(
                 "raft message",
@@ -568,5 +618,50 @@ impl InboundHandler for RaftHandler {
             .await
             .map_err(|_| "the node is shutting down".to_string())?;
         Ok(Bytes::new())
+    }
+}
+
+#[cfg(test)]
+mod decoded_size_tests {
+    use super::*;
+    use raft::eraftpb::{Entry, Snapshot};
+
+    fn encoded(entries: usize, voters: usize) -> Vec<u8> {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.set_entries(
+            (0..entries)
+                .map(|_| Entry::default())
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        if voters > 0 {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().mut_conf_state().voters = (0..voters as u64).collect();
+            m.set_snapshot(snap);
+        }
+        m.write_to_bytes().expect("encode")
+    }
+
+    #[test]
+    fn messages_that_would_decode_too_large_are_refused_unread() {
+        // What the bound in MAX_ENTRIES_PER_MESSAGE's documentation assumes.
+        let entry = std::mem::size_of::<Entry>();
+        assert!(entry <= 112, "an Entry is {entry} bytes");
+        assert_eq!(check_decoded_size(&encoded(3, 3)), Ok(3));
+        assert_eq!(
+            check_decoded_size(&encoded(MAX_ENTRIES_PER_MESSAGE, 0)),
+            Ok(MAX_ENTRIES_PER_MESSAGE)
+        );
+        let many = encoded(MAX_ENTRIES_PER_MESSAGE + 1, 0);
+        assert!(many.len() < 1 << 20, "{} bytes", many.len());
+        assert!(check_decoded_size(&many).is_err());
+        assert!(check_decoded_size(&encoded(0, 1 << 20)).is_err());
+        // Truncated or garbage input is an error too, never a panic.
+        let ok = encoded(5, 3);
+        assert!(check_decoded_size(&ok[..ok.len() - 1]).is_err());
+        assert!(check_decoded_size(&[0xff; 16]).is_err());
     }
 }
