@@ -180,8 +180,21 @@ fn alpn_list(alpn: &[u8]) -> Vec<Vec<u8>> {
 /// The client certificate is only chain-checked here; which node it names is checked later with
 /// [`verify_peer_id`], once the peer has said which node it claims to be.
 pub fn server_config(m: &TlsMaterial, alpn: &[u8]) -> Result<ServerConfig, String> {
+    tls13_server(m, alpn, true)
+}
+
+/// A TLS 1.3 server presenting `m`'s chain, checking client certificates against the cluster
+/// CA (`required`: a handshake without one fails; otherwise it is only asked for), without
+/// session tickets: every handshake carries the client's certificate.
+fn tls13_server(m: &TlsMaterial, alpn: &[u8], required: bool) -> Result<ServerConfig, String> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(m)?, provider.clone())
+    let builder = WebPkiClientVerifier::builder_with_provider(roots(m)?, provider.clone());
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder
         .build()
         .map_err(|e| format!("client certificate verifier: {e}"))?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -189,9 +202,8 @@ pub fn server_config(m: &TlsMaterial, alpn: &[u8]) -> Result<ServerConfig, Strin
         .map_err(|e| format!("TLS 1.3 with the ring provider: {e}"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain.clone(), m.key.clone_key())
-        .map_err(|e| format!("the node certificate and key are not a usable pair: {e}"))?;
+        .map_err(|e| format!("the certificate and key are not a usable pair: {e}"))?;
     config.alpn_protocols = alpn_list(alpn);
-    // No resumption: every handshake carries the client's certificate.
     config.send_tls13_tickets = 0;
     Ok(config)
 }
@@ -220,21 +232,7 @@ pub const HTTP1_ALPN: &[u8] = b"http/1.1";
 /// another CA ends it), none at all is allowed, so the API can take a bearer token instead.
 /// Whether one was presented is `ServerConnection::peer_certificates`.
 pub fn admin_server_config(m: &TlsMaterial) -> Result<ServerConfig, String> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(m)?, provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| format!("client certificate verifier: {e}"))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| format!("TLS 1.3 with the ring provider: {e}"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(m.chain.clone(), m.key.clone_key())
-        .map_err(|e| format!("the admin certificate and key are not a usable pair: {e}"))?;
-    config.alpn_protocols = alpn_list(HTTP1_ALPN);
-    // No resumption: a client certificate is checked in every handshake.
-    config.send_tls13_tickets = 0;
-    Ok(config)
+    tls13_server(m, HTTP1_ALPN, false)
 }
 
 /// A rustls client configuration for an admin client: trusts exactly the CA certificate in the
