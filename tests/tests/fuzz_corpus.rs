@@ -10,6 +10,8 @@ type Target = (&'static str, fn(&[u8]));
 const TARGETS: &[Target] = &[
     ("forwarded", consensus_api::fuzzing::forwarded),
     ("codec_values", consensus_api::fuzzing::codec_values),
+    #[cfg(feature = "grpc")]
+    ("grpc_frames", transport_grpc::fuzzing::frames),
     #[cfg(feature = "quic")]
     ("quic_wire", transport_quic::fuzzing::wire),
     #[cfg(feature = "tikv")]
@@ -68,6 +70,7 @@ fn every_fuzz_target_is_replayed() {
     let mut listed: Vec<String> = TARGETS.iter().map(|(n, _)| n.to_string()).collect();
     listed.sort();
     if cfg!(all(
+        feature = "grpc",
         feature = "quic",
         feature = "tikv",
         feature = "openraft"

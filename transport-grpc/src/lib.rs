@@ -26,6 +26,7 @@
 
 mod budget;
 mod conn;
+pub mod fuzzing;
 mod peer;
 mod server;
 mod status;

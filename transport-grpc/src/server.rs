@@ -62,7 +62,7 @@ impl Server {
             cert: p.cert.clone(),
             key: p.key.clone(),
         });
-        let service = PeerServer::new(PeerService { me, handler })
+        let service = PeerServer::new(PeerService::new(me, handler))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -118,12 +118,16 @@ impl Server {
     }
 }
 
-struct PeerService {
+pub(crate) struct PeerService {
     me: Arc<Identity>,
     handler: HandlerSlot,
 }
 
 impl PeerService {
+    pub(crate) fn new(me: Arc<Identity>, handler: HandlerSlot) -> Self {
+        Self { me, handler }
+    }
+
     /// Checks the cluster id and reads the sender's node id.
     fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
         let md = req.metadata();
