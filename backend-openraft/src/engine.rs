@@ -36,6 +36,13 @@ fn ms(d: std::time::Duration) -> u64 {
 
 /// Maps the shared config onto openraft's.
 pub(crate) fn raft_config(c: &consensus_api::NodeConfig) -> Result<Config, ConsensusError> {
+    let cap = crate::network::MAX_ENTRIES_PER_MESSAGE as u64;
+    if c.max_entries_per_message > cap {
+        return Err(ConsensusError::InvalidRequest(format!(
+            "max_entries_per_message {} is above {cap}, the most a follower accepts in one message",
+            c.max_entries_per_message
+        )));
+    }
     Config {
         cluster_name: c.cluster_id.clone(),
         heartbeat_interval: ms(c.heartbeat_interval),

@@ -76,3 +76,4 @@ pub(crate) use client::NetworkFactory;
 pub(crate) use guard::{fuzz, hostile_frames};
 pub(crate) use handler::RaftHandler;
 pub(crate) use routes::StreamRoutes;
+pub(crate) use wire::MAX_ENTRIES_PER_MESSAGE;

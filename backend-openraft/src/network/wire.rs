@@ -11,9 +11,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, VoteOf};
 use openraft::RPCTypes;
-use serde::{Deserialize, Serialize};
+use serde::de::{SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::types::C;
 
@@ -21,10 +22,69 @@ use crate::types::C;
 /// arrive one-way on the engine channel (and versions the stream protocol).
 pub(crate) const STREAM_FRAME_TAG: u8 = 0x5A;
 
+/// Most entries one inbound AppendEntries may carry. bincode decodes a blank entry from about 4
+/// bytes of wire into an `Entry` of about 100 bytes, so without a cap a frame of them would
+/// decode to ~25 times its size; with it, the entries add at most 2^17 x `size_of::<Entry>()`
+/// (about 13 MiB) to what the frame's bytes decode to. The leader sends at most
+/// `max_entries_per_message` (256 by default; start-up refuses more than this cap).
+pub(crate) const MAX_ENTRIES_PER_MESSAGE: usize = 1 << 17;
+
+/// An inbound AppendEntries, decoded with its entries capped at [`MAX_ENTRIES_PER_MESSAGE`]
+/// (the fields of openraft's `AppendEntriesRequest` in its serde order).
+#[derive(Deserialize)]
+#[serde(bound = "")]
+struct CappedAppend {
+    vote: VoteOf<C>,
+    prev_log_id: Option<LogIdOf<C>>,
+    #[serde(deserialize_with = "capped_entries")]
+    entries: Vec<EntryOf<C>>,
+    leader_commit: Option<LogIdOf<C>>,
+}
+
+fn capped_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<EntryOf<C>>, D::Error> {
+    struct Capped;
+    impl<'de> Visitor<'de> for Capped {
+        type Value = Vec<EntryOf<C>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_ENTRIES_PER_MESSAGE} log entries")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let claimed = seq.size_hint().unwrap_or(0);
+            if claimed > MAX_ENTRIES_PER_MESSAGE {
+                return Err(serde::de::Error::custom(format!(
+                    "{claimed} entries in one message, more than {MAX_ENTRIES_PER_MESSAGE}"
+                )));
+            }
+            let mut entries = Vec::with_capacity(claimed.min(1024));
+            while let Some(e) = seq.next_element()? {
+                if entries.len() == MAX_ENTRIES_PER_MESSAGE {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_ENTRIES_PER_MESSAGE} entries in one message"
+                    )));
+                }
+                entries.push(e);
+            }
+            Ok(entries)
+        }
+    }
+    d.deserialize_seq(Capped)
+}
+
+/// Decodes an AppendEntries through [`CappedAppend`]; encoding stays openraft's own.
+fn capped_append<'de, D: Deserializer<'de>>(d: D) -> Result<AppendEntriesRequest<C>, D::Error> {
+    let a = CappedAppend::deserialize(d)?;
+    Ok(AppendEntriesRequest {
+        vote: a.vote,
+        prev_log_id: a.prev_log_id,
+        entries: a.entries,
+        leader_commit: a.leader_commit,
+    })
+}
+
 /// One engine RPC on the wire (the call path).
 #[derive(Serialize, Deserialize)]
 pub(crate) enum Rpc {
-    Append(AppendEntriesRequest<C>),
+    Append(#[serde(deserialize_with = "capped_append")] AppendEntriesRequest<C>),
     Vote(VoteRequest<C>),
     PreVote(VoteRequest<C>),
     /// Install the snapshot `meta`, whose file was streamed beforehand over the snapshot
@@ -99,12 +159,14 @@ pub(crate) enum StreamFrame {
     Open {
         session: u64,
         reply_to: Option<String>,
+        #[serde(deserialize_with = "capped_append")]
         req: AppendEntriesRequest<C>,
     },
     /// Leader to follower: request `seq` (1, 2, ...) of stream `session`.
     Append {
         session: u64,
         seq: u64,
+        #[serde(deserialize_with = "capped_append")]
         req: AppendEntriesRequest<C>,
     },
     /// Leader to follower: the leader dropped stream `session`.
@@ -288,5 +350,40 @@ mod tests {
             CallError::Timeout(d).into_rpc(1, 2, RPCTypes::Vote),
             RPCError::Timeout(Timeout { id: 1, target: 2, timeout, .. }) if timeout == d
         ));
+    }
+
+    fn blank_append(n: usize) -> AppendEntriesRequest<C> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: (1..=n as u64)
+                .map(|i| EntryOf::<C>::new_blank(LogId::new_term_index(1, i)))
+                .collect(),
+        }
+    }
+
+    /// An AppendEntries with one entry more than the cap is refused on both paths, before it is
+    /// whole in memory; one at the cap round-trips. Fails without `capped_append`.
+    #[test]
+    fn an_append_with_more_entries_than_the_cap_is_refused() {
+        let at_cap = blank_append(MAX_ENTRIES_PER_MESSAGE);
+        let over = blank_append(MAX_ENTRIES_PER_MESSAGE + 1);
+        let bytes = codec::encode(&Rpc::Append(over.clone())).expect("encode");
+        assert!(bytes.len() < 2 << 20, "{} bytes of wire", bytes.len());
+        let err = codec::decode::<Rpc>(&bytes).err().expect("refused");
+        assert!(err.to_string().contains("entries in one message"), "{err}");
+        let frame = StreamFrame::Append {
+            session: 1,
+            seq: 1,
+            req: over,
+        };
+        let err = decode_frame(&encode_frame(&frame).expect("encode")).expect_err("refused");
+        assert!(err.contains("entries in one message"), "{err}");
+        let bytes = codec::encode(&Rpc::Append(at_cap)).expect("encode");
+        match codec::decode::<Rpc>(&bytes) {
+            Ok(Rpc::Append(req)) => assert_eq!(req.entries.len(), MAX_ENTRIES_PER_MESSAGE),
+            _ => panic!("an append at the cap does not round-trip"),
+        }
     }
 }
