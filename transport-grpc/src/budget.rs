@@ -165,6 +165,9 @@ where
                 budget: PollSemaphore::new(budget.bytes.clone()),
                 waiting: None,
                 cap: self.budgets.bytes,
+                prefix: Vec::new(),
+                received: 0,
+                charged: 0,
                 held: metered,
             })
         });
@@ -178,6 +181,12 @@ where
 }
 
 /// A request body that takes a permit per byte before handing data on.
+///
+/// Once its 5-byte gRPC prefix has arrived (it may come in pieces), a call pays for the whole
+/// message the prefix declares (up to the whole budget) at once: calls whose frames arrive interleaved on one connection must not each hold
+/// part of the budget while none can complete (with 4 calls of 60 KiB and a 128 KiB budget,
+/// 16 KiB frames in turn would take it all at 32 KiB each). Bytes beyond what was paid for are
+/// charged as they arrive.
 struct Metered {
     inner: Body,
     budget: PollSemaphore,
@@ -185,6 +194,12 @@ struct Metered {
     waiting: Option<Frame<Bytes>>,
     /// The whole budget: what one data frame is charged at most.
     cap: usize,
+    /// The gRPC prefix's bytes as far as they have arrived (at most 5).
+    prefix: Vec<u8>,
+    /// Data bytes handed on so far.
+    received: usize,
+    /// Bytes paid for so far.
+    charged: usize,
     held: Arc<Mutex<Vec<OwnedSemaphorePermit>>>,
 }
 
@@ -208,17 +223,38 @@ impl HttpBody for Metered {
             .as_ref()
             .and_then(Frame::data_ref)
             .map_or(0, Bytes::len);
-        if size > 0 {
-            // Never more than the whole budget, so a frame always fits eventually.
-            let want = u32::try_from(size.min(this.cap)).unwrap_or(u32::MAX);
-            match this.budget.poll_acquire_many(cx, want) {
+        // The prefix as it stands once this frame is counted (not kept until paid for, since a
+        // frame that has to wait is looked at again).
+        let mut prefix = this.prefix.clone();
+        if let Some(data) = this.waiting.as_ref().and_then(Frame::data_ref) {
+            let more = (5 - prefix.len().min(5)).min(data.len());
+            prefix.extend_from_slice(&data[..more]);
+        }
+        let declared = prefix
+            .get(1..5)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, |b| u32::from_be_bytes(b) as usize + 5);
+        // A call never holds more than the whole budget, so it can always be paid eventually
+        // (tonic's decode limit, below the budget, refuses a larger message).
+        let due = declared.max(this.received + size).min(this.cap);
+        if due > this.charged && size > 0 {
+            let want = due - this.charged;
+            match this
+                .budget
+                .poll_acquire_many(cx, u32::try_from(want).unwrap_or(u32::MAX))
+            {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(permit)) => this.held.lock().push(permit),
+                Poll::Ready(Some(permit)) => {
+                    this.held.lock().push(permit);
+                    this.charged += want;
+                }
                 Poll::Ready(None) => {
                     return Poll::Ready(Some(Err(Status::unavailable("the transport stopped"))))
                 }
             }
         }
+        this.prefix = prefix;
+        this.received += size;
         Poll::Ready(this.waiting.take().map(Ok))
     }
 
