@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use consensus_api::backend_support::RefusedMessages;
+use consensus_api::backend_support::{RefusedMessages, ReplicationTracker};
 use consensus_api::{ConsensusError, Engine, EngineContext, NodeId, Role, Status, Transport};
 use consensus_storage::transfer::{SnapshotReceiver, SnapshotSender, Transfers};
 use consensus_storage::Log;
@@ -187,9 +187,11 @@ impl OpenraftEngine {
 
         let mut metrics = raft.metrics();
         let mut refusals = refused.subscribe();
+        let tracker = parking_lot::Mutex::new(ReplicationTracker::new());
         let current = move |m: &openraft::RaftMetrics<crate::types::C>| {
             let mut st = mapping::status(m);
             st.refused_messages = refused.count();
+            st.replication = mapping::replication(m, &mut tracker.lock());
             st
         };
         let (tx, status) = watch::channel(current(&metrics.borrow_watched()));
@@ -295,7 +297,7 @@ impl Engine for OpenraftEngine {
         self.transport.set_peer(id, addr.clone());
         let resp = self
             .raft
-            .add_learner(id, BasicNode::new(addr), true)
+            .add_learner(id, BasicNode::new(addr), false)
             .await
             .map_err(mapping::write_handed)?;
         self.published(resp.log_id.index()).await;

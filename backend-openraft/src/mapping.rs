@@ -1,10 +1,13 @@
 //! openraft outcomes mapped onto the shared [`ConsensusError`] at this crate's boundary.
 
-use consensus_api::{ConsensusError, Role, Status};
+use std::collections::BTreeMap;
+
+use consensus_api::backend_support::ReplicationTracker;
+use consensus_api::{ConsensusError, NodeId, ReplicaProgress, Role, Status};
 use openraft::errors::{
     ChangeMembershipError, ClientWriteError, Fatal, LinearizableReadError, RaftError,
 };
-use openraft::{RaftMetrics, ServerState};
+use openraft::{Instant as _, RaftMetrics, ServerState};
 
 use crate::types::C;
 
@@ -70,6 +73,29 @@ pub(crate) fn read(e: RaftError<C, LinearizableReadError<C>>) -> ConsensusError 
             ConsensusError::Timeout(format!("a quorum to confirm leadership ({q})"))
         }
     }
+}
+
+/// The leader's replication view from openraft's replication and heartbeat metrics (both
+/// `Some` only on the leader).
+pub(crate) fn replication(
+    m: &RaftMetrics<C>,
+    tracker: &mut ReplicationTracker,
+) -> BTreeMap<NodeId, ReplicaProgress> {
+    let Some(replication) = &m.replication else {
+        tracker.clear();
+        return BTreeMap::new();
+    };
+    for (id, at) in m.heartbeat.iter().flatten() {
+        if let Some(at) = at {
+            tracker.heard_from_ago(*id, at.elapsed());
+        }
+    }
+    let commit = m.local_committed.map(|l| l.index).unwrap_or(0);
+    let matched = replication
+        .iter()
+        .filter(|(id, _)| **id != m.id)
+        .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)));
+    tracker.progress(commit, matched)
 }
 
 /// Builds the shared status from openraft's metrics.

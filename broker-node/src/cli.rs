@@ -219,6 +219,27 @@ pub enum BrokersCmd {
     },
 }
 
+/// `broker quorum ...`.
+#[derive(Subcommand, Debug)]
+pub enum QuorumCmd {
+    /// The quorum as its leader sees it, like `kafka-metadata-quorum describe`.
+    #[command(
+        after_help = "Examples:\n  broker quorum describe --status\n  broker quorum describe --replication -o json"
+    )]
+    Describe {
+        /// Leader, term, commit index, largest follower lag, voters and learners.
+        #[arg(
+            long,
+            conflicts_with = "replication",
+            required_unless_present = "replication"
+        )]
+        status: bool,
+        /// One row per member: matched index, lag, last contact, last caught up, role.
+        #[arg(long)]
+        replication: bool,
+    },
+}
+
 /// `broker cluster ...`.
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
@@ -236,7 +257,40 @@ pub enum ClusterCmd {
         #[arg(long)]
         address: String,
     },
-    /// Make a learner a voter (the voting set becomes the current one plus it).
+    /// Add a node as a voter: add it as a learner, wait until it has caught up with the
+    /// leader, then promote it.
+    #[command(
+        name = "add-voter",
+        after_help = "Example:\n  broker cluster add-voter 4 --address 10.0.0.4:7001 --wait 120"
+    )]
+    AddVoter {
+        /// Node id.
+        id: u64,
+        /// Its consensus transport address (host:port).
+        #[arg(long)]
+        address: String,
+        /// Seconds to wait for it to catch up before giving up (it stays a learner).
+        #[arg(long, default_value_t = 60.0)]
+        wait: f64,
+    },
+    /// Replace a voter: add the new node as a voter (as `add-voter`), then remove the old one.
+    #[command(
+        after_help = "Example (node 1 lost its disk; node 5 takes its place):\n  broker cluster replace 1 5 --address 10.0.0.5:7001"
+    )]
+    Replace {
+        /// The voter to replace.
+        old: u64,
+        /// The new node's id (started with `serve --join`).
+        new: u64,
+        /// The new node's consensus transport address (host:port).
+        #[arg(long)]
+        address: String,
+        /// Seconds to wait for the new node to catch up.
+        #[arg(long, default_value_t = 60.0)]
+        wait: f64,
+    },
+    /// Make a learner a voter (the voting set becomes the current one plus it). Refused while
+    /// the learner has not caught up with the leader.
     Promote {
         /// Node id.
         id: u64,
@@ -637,7 +691,49 @@ impl Client {
                 self.ok("POST", "/cluster/learners", &[], Some(&body))
                     .await?;
                 self.done(
-                    &format!("node {id} ({address}) added as a learner"),
+                    &format!(
+                        "node {id} ({address}) added as a learner; it catches up in the \
+                         background (broker quorum describe --replication)"
+                    ),
+                    &Value::Null,
+                )
+            }
+            ClusterCmd::AddVoter { id, address, wait } => {
+                self.add_voter(id, &address, wait).await?;
+                self.done(
+                    &format!("node {id} ({address}) caught up and is a voter"),
+                    &Value::Null,
+                )
+            }
+            ClusterCmd::Replace {
+                old,
+                new,
+                address,
+                wait,
+            } => {
+                if old == new {
+                    return Err(CliError::new(
+                        ExitKind::Invalid,
+                        "the new node must have another id than the one it replaces",
+                    ));
+                }
+                let st = self.ok("GET", "/cluster/status", &[], None).await?;
+                if !node_ids(&st["voters"]).contains(&old) {
+                    return Err(CliError::new(
+                        ExitKind::NotFound,
+                        format!("node {old} is not a voter"),
+                    ));
+                }
+                self.add_voter(new, &address, wait).await?;
+                self.ok(
+                    "DELETE",
+                    &segments(&["cluster", "members", &old.to_string()])?,
+                    &[],
+                    None,
+                )
+                .await?;
+                self.done(
+                    &format!("node {new} ({address}) replaced node {old}"),
                     &Value::Null,
                 )
             }
@@ -678,6 +774,111 @@ impl Client {
                 self.done(&format!("leadership moved to node {id}"), &Value::Null)
             }
         }
+    }
+
+    /// Adds `id` as a learner (unless it is one already), waits up to `wait` seconds for the
+    /// leader to see it caught up, then promotes it.
+    async fn add_voter(&self, id: u64, address: &str, wait: f64) -> Result<(), CliError> {
+        let st = self.ok("GET", "/cluster/status", &[], None).await?;
+        if node_ids(&st["voters"]).contains(&id) {
+            return Err(CliError::new(
+                ExitKind::Conflict,
+                format!("node {id} is already a voter"),
+            ));
+        }
+        if !node_ids(&st["learners"]).contains(&id) {
+            let body = serde_json::json!({ "id": id, "address": address });
+            self.ok("POST", "/cluster/learners", &[], Some(&body))
+                .await?;
+        }
+        let wait = Duration::try_from_secs_f64(wait)
+            .map_err(|e| CliError::new(ExitKind::Usage, format!("--wait: {e}")))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let q = self.ok("GET", "/cluster/quorum", &[], None).await?;
+            let row = q["replication"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["id"].as_u64() == Some(id)));
+            let caught_up = row.is_some_and(|r| r["last_caught_up_ms_ago"].as_u64() == Some(0));
+            if caught_up {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                let lag = row.map(|r| text(&r["lag"])).unwrap_or_else(|| "-".into());
+                return Err(CliError::new(
+                    ExitKind::Unavailable,
+                    format!(
+                        "node {id} has not caught up in {wait:?} (lag {lag} entries); it stays a \
+                         learner: check that it runs and is reachable at {address}, then \
+                         `broker cluster promote {id}`"
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut voters = node_ids(&st["voters"]);
+        voters.push(id);
+        let body = serde_json::json!({ "voters": voters });
+        self.ok("PUT", "/cluster/voters", &[], Some(&body)).await?;
+        Ok(())
+    }
+
+    /// Runs `broker quorum ...`.
+    pub async fn quorum(&self, cmd: QuorumCmd) -> Result<(), CliError> {
+        let QuorumCmd::Describe { replication, .. } = cmd;
+        let q = self.ok("GET", "/cluster/quorum", &[], None).await?;
+        if self.output == Output::Json {
+            return self.print_json(&q);
+        }
+        if replication {
+            let mut t = Table::new(&[
+                "NODE",
+                "ROLE",
+                "MATCHED",
+                "LAG",
+                "LAST_CONTACT_MS_AGO",
+                "LAST_CAUGHT_UP_MS_AGO",
+            ]);
+            for r in q["replication"].as_array().into_iter().flatten() {
+                t.row(
+                    [
+                        "id",
+                        "role",
+                        "matched",
+                        "lag",
+                        "last_contact_ms_ago",
+                        "last_caught_up_ms_ago",
+                    ]
+                    .iter()
+                    .map(|k| text(&r[*k]))
+                    .collect(),
+                );
+            }
+            return emit(&t.render());
+        }
+        let members = |k: &str| -> String {
+            q[k].as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| format!("{}@{}", text(&m["id"]), text(&m["address"])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut t = Table::new(&["FIELD", "VALUE"]);
+        for (label, v) in [
+            ("ClusterId", text(&q["cluster_id"])),
+            ("LeaderId", text(&q["leader"])),
+            ("Term", text(&q["term"])),
+            ("CommitIndex", text(&q["commit_index"])),
+            ("LastLogIndex", text(&q["last_log_index"])),
+            ("MaxFollowerLag", text(&q["max_follower_lag"])),
+            ("MaxFollowerLagTimeMs", text(&q["max_follower_lag_ms"])),
+            ("CurrentVoters", members("voters")),
+            ("CurrentObservers", members("learners")),
+        ] {
+            t.row(vec![label.to_string(), v]);
+        }
+        emit(&t.render())
     }
 
     /// A finished change: a one-line summary, or `{"ok": true, ...}` in JSON.

@@ -28,7 +28,9 @@ use std::time::Duration;
 use broker::admin::AdminAuth;
 use broker::server::{bind, BrokerNode, NodeSpec};
 use broker::LivenessConfig;
-use broker_node::cli::{self, BrokersCmd, CliError, ClusterCmd, Conn, ExitKind, TopicsCmd};
+use broker_node::cli::{
+    self, BrokersCmd, CliError, ClusterCmd, Conn, ExitKind, QuorumCmd, TopicsCmd,
+};
 use broker_node::{demo, wiring};
 use clap::{Args, Parser, Subcommand};
 use consensus_api::{NodeId, TlsConfig};
@@ -108,6 +110,13 @@ enum Cmd {
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The consensus quorum: `quorum describe --status | --replication`.
+    Quorum {
+        #[command(subcommand)]
+        cmd: QuorumCmd,
         #[command(flatten)]
         conn: Conn,
     },
@@ -615,6 +624,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Brokers { cmd, conn } => client(&conn)?.brokers(cmd).await,
         Cmd::Topics { cmd, conn } => client(&conn)?.topics(cmd).await,
         Cmd::Cluster { cmd, conn } => client(&conn)?.cluster(cmd).await,
+        Cmd::Quorum { cmd, conn } => client(&conn)?.quorum(cmd).await,
     }
 }
 

@@ -1220,34 +1220,20 @@ fn ids(v: &Value) -> BTreeSet<u64> {
         .unwrap_or_default()
 }
 
-/// Membership from the CLI on real processes: a fourth node started with `--join` is added as
-/// a learner, catches up, is promoted, takes the leadership, and node 1 is removed; the topic
-/// created before is on the new node, and unsafe requests are refused with a reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_changes_from_the_cli() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut nodes = start(dir.path());
-    let all: Vec<&Node> = nodes.iter().collect();
-    leader(&all).await;
-    let url = format!("https://{},https://{}", nodes[1].admin, nodes[2].admin);
-    let admin = url.as_str();
-    let deadline = Instant::now() + DEADLINE;
-    while create_topic(admin, "before", "2", &[]).0 != 0 {
-        assert!(Instant::now() < deadline, "no topic could be created");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // Node 4: same settings as node 1 but its own id, addresses and data dir, and --join.
-    let raft4 = free_udp();
-    let admin4 = free_tcp();
+/// A node started like `template` but with its own id, addresses and data dir, and `--join`
+/// instead of `--peers`: it creates no cluster and waits to be added. With its consensus
+/// address.
+fn joining(template: &Node, id: u64, dir: &Path) -> (Node, SocketAddr) {
+    let raft = free_udp();
+    let admin = free_tcp();
     let mut args = Vec::new();
-    let mut it = nodes[0].args.iter();
+    let mut it = template.args.iter();
     while let Some(flag) = it.next() {
         let replacement = match flag.as_str() {
-            "--id" => Some("4".to_string()),
-            "--listen" => Some(raft4.to_string()),
-            "--admin" => Some(admin4.to_string()),
-            "--data-dir" => Some(dir.path().join("node-4").display().to_string()),
+            "--id" => Some(id.to_string()),
+            "--listen" => Some(raft.to_string()),
+            "--admin" => Some(admin.to_string()),
+            "--data-dir" => Some(dir.join(format!("node-{id}")).display().to_string()),
             "--peers" => {
                 it.next();
                 args.push("--join".to_string());
@@ -1261,12 +1247,109 @@ async fn membership_changes_from_the_cli() {
             args.push(value);
         }
     }
-    let mut n4 = Node {
-        id: 4,
-        admin: admin4,
+    let n = Node {
+        id,
+        admin,
         args,
         child: None,
     };
+    (n, raft)
+}
+
+/// `broker quorum describe --replication -o json` through `admin`: the rows by node id.
+fn replication(admin: &str) -> Vec<(u64, String)> {
+    let (code, out, err) = cli(
+        admin,
+        &["quorum", "describe", "--replication", "-o", "json"],
+    );
+    assert_eq!(code, 0, "quorum describe: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["replication"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap_or(0),
+                r["role"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the quorum (as the leader describes it through `admin`) has these roles.
+async fn wait_roles(admin: &str, what: &str, roles: &[(u64, &str)]) {
+    let mut want: Vec<(u64, String)> = roles.iter().map(|(i, r)| (*i, r.to_string())).collect();
+    want.sort();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut got = replication(admin);
+        got.sort();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Membership from the CLI on real processes, each step checked with `quorum describe`: a
+/// fourth node started with `--join` is added as a learner (an observer), is promoted, a fifth
+/// replaces node 1 (`cluster replace`: added, caught up, promoted, node 1 removed), the
+/// leadership moves to node 4, node 2 is removed; the topic created before is on the new
+/// nodes, writes still commit, and unsafe requests are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start(dir.path());
+    let all: Vec<&Node> = nodes.iter().collect();
+    leader(&all).await;
+    let url = format!("https://{},https://{}", nodes[1].admin, nodes[2].admin);
+    let admin = url.as_str();
+    let deadline = Instant::now() + DEADLINE;
+    while create_topic(admin, "before", "2", &[]).0 != 0 {
+        assert!(Instant::now() < deadline, "no topic could be created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One leader and two followers, as the leader describes them.
+    let leader_id = loop {
+        let rows = replication(admin);
+        let leaders: Vec<u64> = rows
+            .iter()
+            .filter(|(_, r)| r == "leader")
+            .map(|(i, _)| *i)
+            .collect();
+        let followers = rows.iter().filter(|(_, r)| r == "follower").count();
+        if leaders.len() == 1 && followers == 2 {
+            break leaders[0];
+        }
+        assert!(Instant::now() < deadline, "three voters: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, status, err) = cli(admin, &["quorum", "describe", "--status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        status.contains("CurrentVoters") && status.contains("MaxFollowerLag"),
+        "{status}"
+    );
+    let (code, out, err) = cli(admin, &["quorum", "describe", "--status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let q: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(q["leader"].as_u64(), Some(leader_id), "{q}");
+    let voters: BTreeSet<u64> = q["voters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]), "{q}");
+    assert!(
+        q["cluster_id"].as_str().is_some_and(|c| !c.is_empty()),
+        "{q}"
+    );
+
+    let (mut n4, raft4) = joining(&nodes[0], 4, dir.path());
+    let admin4 = n4.admin;
     n4.spawn();
     wait_status(admin4, "node 4 up, outside the cluster", |st| {
         st["voters"].as_array().is_some()
@@ -1295,39 +1378,74 @@ async fn membership_changes_from_the_cli() {
         ],
     );
     assert_eq!(code, 0, "{err}");
-    let commit = wait_status(nodes[1].admin, "node 4 a learner", |st| {
-        ids(&st["learners"]).contains(&4)
-    })
-    .await["commit_index"]
-        .as_u64()
-        .unwrap_or(0);
-    wait_status(admin4, "node 4 caught up", |st| {
-        st["applied_index"].as_u64() >= Some(commit)
-    })
-    .await;
+    let mut roles = vec![
+        (1, "follower"),
+        (2, "follower"),
+        (3, "follower"),
+        (4, "observer"),
+    ];
+    roles.retain(|(i, _)| *i != leader_id);
+    roles.push((leader_id, "leader"));
+    wait_roles(admin, "node 4 an observer", &roles).await;
     let (code, _, err) = cli(admin, &["cluster", "promote", "4"]);
     assert_eq!(code, 0, "{err}");
     wait_status(nodes[1].admin, "node 4 a voter", |st| {
         ids(&st["voters"]) == BTreeSet::from([1, 2, 3, 4])
     })
     .await;
-    let (code, _, err) = cli(admin, &["cluster", "transfer-leader", "4"]);
-    assert_eq!(code, 0, "{err}");
-    wait_status(admin4, "node 4 leads", |st| {
-        st["leader"].as_u64() == Some(4)
-    })
-    .await;
-    let (code, _, err) = cli(admin, &["cluster", "remove", "1"]);
-    assert_eq!(code, 0, "{err}");
-    wait_status(admin4, "node 1 removed", |st| {
-        ids(&st["voters"]) == BTreeSet::from([2, 3, 4]) && !ids(&st["learners"]).contains(&1)
+
+    // Node 5 replaces node 1: added, caught up, promoted, node 1 removed, in one command.
+    let (mut n5, raft5) = joining(&nodes[0], 5, dir.path());
+    let admin5 = n5.admin;
+    n5.spawn();
+    let (code, out, err) = cli(
+        admin,
+        &[
+            "cluster",
+            "replace",
+            "1",
+            "5",
+            "--address",
+            &raft5.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    wait_status(admin5, "node 5 a voter, node 1 gone", |st| {
+        ids(&st["voters"]) == BTreeSet::from([2, 3, 4, 5]) && !ids(&st["learners"]).contains(&1)
     })
     .await;
     nodes[0].sigkill();
-    // The new node holds the metadata written before it joined, and the cluster still commits.
-    let (code, names, err) = cli(&format!("https://{admin4}"), &["topics", "list"]);
+
+    let (code, _, err) = cli(admin, &["cluster", "transfer-leader", "4"]);
     assert_eq!(code, 0, "{err}");
-    assert!(names.lines().any(|l| l == "before"), "{names}");
-    let (code, _, err) = create_topic(&format!("https://{admin4}"), "after", "2", &[]);
+    wait_roles(
+        admin,
+        "node 4 leads",
+        &[
+            (2, "follower"),
+            (3, "follower"),
+            (4, "leader"),
+            (5, "follower"),
+        ],
+    )
+    .await;
+    let (code, _, err) = cli(admin, &["cluster", "remove", "2"]);
     assert_eq!(code, 0, "{err}");
+    let admin45 = format!("https://{admin4},https://{admin5}");
+    wait_roles(
+        &admin45,
+        "node 2 removed",
+        &[(3, "follower"), (4, "leader"), (5, "follower")],
+    )
+    .await;
+    nodes[1].sigkill();
+    // The new nodes hold the metadata written before they joined, and the cluster commits.
+    for a in [admin4, admin5] {
+        let (code, names, err) = cli(&format!("https://{a}"), &["topics", "list"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(names.lines().any(|l| l == "before"), "{names}");
+    }
+    let (code, _, err) = create_topic(&admin45, "after", "2", &[]);
+    assert_eq!(code, 0, "{err}");
+    drop((n4, n5));
 }

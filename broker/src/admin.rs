@@ -3,6 +3,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /cluster/status` | this node's consensus status |
+//! | `GET /cluster/quorum` | the quorum as the leader sees it ([`crate::quorum::Quorum`]): lags, last contact, roles |
 //! | `POST /cluster/learners` | add `{id, address}` as a learner (it receives the log) |
 //! | `PUT /cluster/voters` | make `{voters}` the voting set (promote learners, demote voters) |
 //! | `DELETE /cluster/members/{id}` | remove a member (never the last voter) |
@@ -71,6 +72,7 @@ use subtle::ConstantTimeEq;
 use crate::configs;
 use crate::controller::{Controller, ControllerError};
 use crate::model::*;
+use crate::quorum::Quorum;
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -348,6 +350,7 @@ struct App {
 pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAuth) -> Router {
     Router::new()
         .route("/cluster/status", get(cluster_status))
+        .route("/cluster/quorum", get(cluster_quorum))
         .route("/cluster/learners", post(add_learner))
         .route("/cluster/voters", put(set_voters))
         .route("/cluster/members/{id}", delete(remove_member))
@@ -508,6 +511,12 @@ fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 
 async fn cluster_status(State(app): State<App>) -> Json<consensus_api::Status> {
     Json(app.ctl.node().status())
+}
+
+async fn cluster_quorum(State(app): State<App>) -> Result<Json<Quorum>, ApiError> {
+    let node = app.ctl.node();
+    let st = node.leader_status().await.map_err(ControllerError::from)?;
+    Ok(Json(Quorum::from_leader(node.cluster_id(), &st)))
 }
 
 /// `POST /cluster/learners`.
@@ -1397,6 +1406,7 @@ mod tests {
     /// The routes `router` serves, with their methods, as `METHOD /path`.
     const ROUTES: &[&str] = &[
         "get /cluster/status",
+        "get /cluster/quorum",
         "post /cluster/learners",
         "put /cluster/voters",
         "delete /cluster/members/{id}",

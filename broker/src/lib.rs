@@ -24,6 +24,7 @@ pub mod fuzzing;
 mod machine;
 pub mod model;
 mod placement;
+pub mod quorum;
 pub mod server;
 
 pub use controller::{BrokerAgent, Controller, ControllerError, LivenessConfig, MetadataNode};

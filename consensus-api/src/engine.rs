@@ -109,12 +109,16 @@ pub trait Engine: Send + Sync + 'static {
     /// has applied up to it, its state reflects every write committed before the call. Not the
     /// leader, deposed, or no quorum in time: `NotLeader` or `Timeout`, never a stale index.
     async fn read_index(&self) -> Result<u64, ConsensusError>;
-    /// Current status, updated on every change (see the status-before-answers rule).
+    /// Current status, updated on every change (see the status-before-answers rule). On the
+    /// leader, [`Status::replication`] has an entry for every other member (voters and
+    /// learners) with its matched index; empty on other nodes.
     fn status(&self) -> watch::Receiver<Status>;
     /// Adds a non-voting member and replicates to it (leader only). Returns once the learner
-    /// is in the committed membership and has caught up to the log index of that change (on
-    /// both engines), so a promotion right after it does not stall the cluster. An existing
-    /// learner with the same address: `Ok` without a change.
+    /// is in the committed membership, without waiting for it to catch up (it may be far away
+    /// or not running yet): the leader's [`Status::replication`] shows how far it has come,
+    /// and [`Consensus::change_voters`](crate::Consensus::change_voters) refuses to promote it
+    /// before it has caught up. An existing learner with the same address: `Ok` without a
+    /// change.
     async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError>;
     /// Makes `voters` the voting set (leader only), through joint consensus where the engine
     /// needs it; returns once the final configuration is committed. Current members not in it

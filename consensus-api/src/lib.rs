@@ -79,6 +79,7 @@ mod node;
 mod pacer;
 pub mod process;
 mod refusals;
+mod replication;
 mod state_machine;
 mod transport;
 pub mod transport_support;
@@ -89,6 +90,7 @@ mod wiring;
 pub mod backend_support {
     pub use crate::pacer::SnapshotPacer;
     pub use crate::refusals::{RefusedMessages, REFUSAL_LOG_EVERY};
+    pub use crate::replication::ReplicationTracker;
 }
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig, MAX_SNAPSHOT_CHUNK_BYTES};
@@ -98,5 +100,8 @@ pub use layer::TransportLayer;
 pub use node::{members, Consensus};
 pub use state_machine::{serialized_view, ByteStateMachine, SnapshotView, StateMachine};
 pub use transport::{InboundHandler, Transport, TransportFactory};
-pub use types::{NodeId, Role, Status, TransferDirection, TransferProgress};
+pub use types::{
+    NodeId, ReplicaProgress, Role, Status, TransferDirection, TransferProgress,
+    CONTACT_RESOLUTION_MS,
+};
 pub use wiring::Wiring;

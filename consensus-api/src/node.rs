@@ -35,6 +35,8 @@ enum Forwarded {
     ChangeVoters(BTreeSet<NodeId>),
     RemoveNode(NodeId),
     TransferLeader(NodeId),
+    /// The leader's status (with its replication view); read-only.
+    LeaderStatus,
 }
 
 impl Forwarded {
@@ -50,11 +52,15 @@ impl Forwarded {
             Forwarded::ChangeVoters(_) => "change voters",
             Forwarded::RemoveNode(_) => "remove node",
             Forwarded::TransferLeader(_) => "transfer leader",
+            Forwarded::LeaderStatus => "leader status",
         }
     }
     /// Whether it changes who the members or the leader are.
     fn changes_membership(&self) -> bool {
-        !matches!(self, Forwarded::Propose(_) | Forwarded::ReadIndex)
+        !matches!(
+            self,
+            Forwarded::Propose(_) | Forwarded::ReadIndex | Forwarded::LeaderStatus
+        )
     }
 }
 
@@ -63,6 +69,7 @@ enum Reply {
     Proposed(Vec<u8>),
     ReadIndex(u64),
     Done,
+    Status(Box<Status>),
 }
 
 /// See [`crate::fuzzing::forwarded`].
@@ -76,7 +83,62 @@ pub(crate) fn fuzz_forwarded(data: &[u8]) {
     }
 }
 
-async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, ConsensusError> {
+/// Before a promotion on the leader: every learner named in `voters` must have caught up with
+/// the leader's commit index as of now. Waits for that for at most half the time left before
+/// `deadline`, then refuses with how far each one is, so a learner far behind (or not running)
+/// never becomes a voter that quorums wait for. Not the leader: `Ok`, the engine answers.
+async fn caught_up_for_promotion(
+    engine: &dyn Engine,
+    voters: &BTreeSet<NodeId>,
+    deadline: Instant,
+) -> Result<(), ConsensusError> {
+    let mut rx = engine.status();
+    let (target, promoted) = {
+        let s = rx.borrow_and_update();
+        let promoted: Vec<NodeId> = voters
+            .iter()
+            .filter(|id| s.learners.contains(id))
+            .copied()
+            .collect();
+        if !s.is_leader() || promoted.is_empty() {
+            return Ok(());
+        }
+        (s.commit_index, promoted)
+    };
+    let behind = |s: &Status| -> Vec<(NodeId, u64)> {
+        promoted
+            .iter()
+            .map(|id| (*id, s.replication.get(id).map_or(0, |p| p.matched)))
+            .filter(|(_, matched)| *matched < target)
+            .collect()
+    };
+    let wait = deadline.saturating_duration_since(Instant::now()) / 2;
+    let settled = {
+        let settled = rx.wait_for(|s| !s.is_leader() || behind(s).is_empty());
+        tokio::time::timeout(wait, settled).await.map(|r| r.is_ok())
+    };
+    match settled {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ConsensusError::ShuttingDown),
+        Err(_) => {
+            let lagging: Vec<String> = behind(&rx.borrow())
+                .into_iter()
+                .map(|(id, m)| format!("node {id} has replicated up to index {m}"))
+                .collect();
+            Err(ConsensusError::InvalidRequest(format!(
+                "promotion refused: the leader had committed index {target}, but {}; promote \
+                 once it has caught up (see the leader's replication status)",
+                lagging.join(", ")
+            )))
+        }
+    }
+}
+
+async fn run_local(
+    engine: &dyn Engine,
+    op: Forwarded,
+    deadline: Instant,
+) -> Result<Reply, ConsensusError> {
     Ok(match op {
         Forwarded::Propose(cmd) => Reply::Proposed(engine.propose(cmd).await?),
         Forwarded::ReadIndex => Reply::ReadIndex(engine.read_index().await?),
@@ -85,6 +147,7 @@ async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, Consensu
             Reply::Done
         }
         Forwarded::ChangeVoters(v) => {
+            caught_up_for_promotion(engine, &v, deadline).await?;
             engine.change_voters(v).await?;
             Reply::Done
         }
@@ -95,6 +158,14 @@ async fn run_local(engine: &dyn Engine, op: Forwarded) -> Result<Reply, Consensu
         Forwarded::TransferLeader(to) => {
             engine.transfer_leader(to).await?;
             Reply::Done
+        }
+        Forwarded::LeaderStatus => {
+            let st = engine.status().borrow().clone();
+            if !st.is_leader() {
+                let leader = st.leader.filter(|l| *l != st.id);
+                return Err(ConsensusError::NotLeader { leader });
+            }
+            Reply::Status(Box::new(st))
         }
     })
 }
@@ -158,7 +229,8 @@ impl InboundHandler for ForwardHandler {
                 Err(e) => Err(e),
                 Ok(()) => {
                     let name = op.name();
-                    tokio::time::timeout(self.timeout, run_local(&*self.engine, op))
+                    let deadline = Instant::now() + self.timeout;
+                    tokio::time::timeout(self.timeout, run_local(&*self.engine, op, deadline))
                         .await
                         .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())))
                 }
@@ -184,6 +256,7 @@ struct Inner {
     request_timeout: Duration,
     max_command_bytes: usize,
     stopped: AtomicBool,
+    cluster_id: String,
 }
 
 /// A running consensus node replicating the state machine `SM`.
@@ -228,6 +301,7 @@ impl<SM: StateMachine> Consensus<SM> {
         let mux = Mux::new(transport.clone());
         let sm = Shared(Arc::new(RwLock::new(state_machine)));
         let id = config.id;
+        let cluster_id = config.cluster_id.clone();
         let request_timeout = config.request_timeout;
         let max_command_bytes = config.max_command_bytes();
         let engine = backend
@@ -258,6 +332,7 @@ impl<SM: StateMachine> Consensus<SM> {
                 request_timeout,
                 max_command_bytes,
                 stopped: AtomicBool::new(false),
+                cluster_id,
             }),
             sm,
         })
@@ -271,6 +346,22 @@ impl<SM: StateMachine> Consensus<SM> {
     /// The latest status of this node.
     pub fn status(&self) -> Status {
         self.inner.status.borrow().clone()
+    }
+
+    /// The cluster id this node was started with ([`NodeConfig::cluster_id`]).
+    pub fn cluster_id(&self) -> &str {
+        &self.inner.cluster_id
+    }
+
+    /// The leader's status, from the leader (forwarded to it from a follower): the one place
+    /// [`Status::replication`] (each member's matched index, last contact, last caught up) is
+    /// filled. `NotLeader`/`Timeout` while there is no leader.
+    pub async fn leader_status(&self) -> Result<Status, ConsensusError> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        match self.route(Forwarded::LeaderStatus, deadline).await? {
+            Reply::Status(st) => Ok(*st),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// A stream of status changes (role, term, leader, indexes, membership).
@@ -359,13 +450,19 @@ impl<SM: StateMachine> Consensus<SM> {
         f(&self.sm.0.read())
     }
 
-    /// Adds `id` (reachable at `addr`) as a non-voting learner that receives the log.
+    /// Adds `id` (reachable at `addr`) as a non-voting learner that receives the log. Returns
+    /// once it is a member, before it has caught up: watch the leader's
+    /// [`Status::replication`] (or call [`change_voters`](Self::change_voters), which waits
+    /// a while for it) before promoting it.
     pub async fn add_learner(&self, id: NodeId, addr: String) -> Result<(), ConsensusError> {
         self.admin(Forwarded::AddLearner(id, addr)).await
     }
 
     /// Makes `voters` the voting set (joint consensus where the engine needs it). Members that
-    /// are dropped stay as learners until [`remove_node`](Self::remove_node).
+    /// are dropped stay as learners until [`remove_node`](Self::remove_node). A learner named
+    /// in `voters` must have caught up with the leader's commit index first: the leader waits
+    /// up to half the request timeout for it, then refuses with `InvalidRequest` saying how
+    /// far behind it is (nothing changed).
     pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError> {
         if voters.is_empty() {
             return Err(ConsensusError::InvalidRequest(
@@ -454,9 +551,12 @@ impl<SM: StateMachine> Consensus<SM> {
                     None => ConsensusError::Timeout(name.into()),
                 });
             }
-            let local = tokio::time::timeout(remaining, run_local(&*self.inner.engine, op.clone()))
-                .await
-                .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())));
+            let local = tokio::time::timeout(
+                remaining,
+                run_local(&*self.inner.engine, op.clone(), deadline),
+            )
+            .await
+            .unwrap_or_else(|_| Err(ConsensusError::Timeout(name.into())));
             let leader = match local {
                 Err(ConsensusError::NotLeader {
                     leader: Some(leader),

@@ -111,7 +111,31 @@ pub struct Status {
     /// log, entries that are not contiguous, ...). A rising count means a faulty or hostile
     /// member, or a node whose disk lost acknowledged entries.
     pub refused_messages: u64,
+    /// On the leader: how far each other member (voter or learner) has replicated the log and
+    /// when it last answered; empty on every other node. The same fields on every engine
+    /// (built with [`backend_support::ReplicationTracker`](crate::backend_support::ReplicationTracker)).
+    #[serde(default)]
+    pub replication: BTreeMap<NodeId, ReplicaProgress>,
 }
+
+/// One member's replication, as its leader sees it (see [`Status::replication`]). Times are
+/// wall-clock milliseconds since the Unix epoch, rounded down to
+/// [`CONTACT_RESOLUTION_MS`], so that a status does not change on every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ReplicaProgress {
+    /// Highest log index known to be on the member (0: nothing confirmed yet).
+    pub matched: u64,
+    /// When the member last answered this leader; `None`: not since it became leader.
+    pub last_contact_unix_ms: Option<u64>,
+    /// When the member last had every entry this leader had committed (its `matched` at or
+    /// past the commit index); `None`: not since it became leader. Kafka's
+    /// `LastCaughtUpTimestamp`: now minus this is the member's lag in time.
+    pub caught_up_unix_ms: Option<u64>,
+}
+
+/// The resolution of the times in [`ReplicaProgress`], in milliseconds.
+pub const CONTACT_RESOLUTION_MS: u64 = 100;
 
 impl Status {
     /// The status of a node that has not started yet.
@@ -131,6 +155,7 @@ impl Status {
             addresses: BTreeMap::new(),
             stopped: None,
             refused_messages: 0,
+            replication: BTreeMap::new(),
         }
     }
 

@@ -115,8 +115,7 @@ impl Core {
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     let outcome = self.apply_conf(&e);
                     self.applied = e.index;
-                    let leader = self.is_leader();
-                    self.waiters.conf_applied(e.index, e.term, &outcome, leader);
+                    self.waiters.conf_applied(e.index, e.term, &outcome);
                 }
             }
         }

@@ -147,7 +147,6 @@ impl Core {
         &mut self,
         changes: Vec<ConfChangeSingle>,
         addresses: BTreeMap<NodeId, String>,
-        learner: Option<NodeId>,
         reply: Reply<()>,
     ) {
         if let Err(e) = self.check_leader() {
@@ -182,7 +181,7 @@ impl Core {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 let term = self.raw.raft.term;
-                self.waiters.conf_proposed(index, term, reply, learner);
+                self.waiters.conf_proposed(index, term, reply);
             }
             Err(e) => {
                 let _ = reply.send(Err(mapping::raft(e, self.leader_hint())));
@@ -190,8 +189,8 @@ impl Core {
         }
     }
 
-    /// Adds `id` as a learner; `reply` fires once it is a member and has caught up to the
-    /// change (or this node stopped leading, the change being committed).
+    /// Adds `id` as a learner; `reply` fires once the change is applied (its catching up shows
+    /// in the leader's status).
     pub(crate) fn add_learner(&mut self, id: NodeId, addr: String, reply: Reply<()>) {
         let cs = self.conf_state();
         if members(&cs).contains(&id) {
@@ -203,7 +202,7 @@ impl Core {
             self.book.announce(id, addr.clone());
         }
         let changes = vec![single(id, ConfChangeType::AddLearnerNode)];
-        self.propose_conf(changes, BTreeMap::from([(id, addr)]), Some(id), reply);
+        self.propose_conf(changes, BTreeMap::from([(id, addr)]), reply);
     }
 
     /// Makes `voters` the voting set (several changes go through joint consensus).
@@ -213,7 +212,7 @@ impl Core {
             return;
         }
         match voter_changes(&self.conf_state(), &voters) {
-            Ok(changes) => self.propose_conf(changes, BTreeMap::new(), None, reply),
+            Ok(changes) => self.propose_conf(changes, BTreeMap::new(), reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -240,7 +239,7 @@ impl Core {
             return;
         }
         let changes = vec![single(id, ConfChangeType::RemoveNode)];
-        self.propose_conf(changes, BTreeMap::new(), None, reply);
+        self.propose_conf(changes, BTreeMap::new(), reply);
     }
 
     /// Asks raft-rs to hand leadership to `to`.
@@ -306,12 +305,8 @@ impl Core {
         Ok(cs)
     }
 
-    /// On the leader: completes learner waits that caught up, and leaves a joint configuration
-    /// that a previous leader entered.
+    /// On the leader: leaves a joint configuration that a previous leader entered.
     pub(super) fn membership_progress(&mut self) {
-        let prs = self.raw.raft.prs();
-        self.waiters
-            .learners_progress(|id| prs.get(id).map(|p| p.matched));
         if is_joint(&self.conf_state()) && !self.raw.raft.has_pending_conf() {
             // raft-rs leaves a joint config automatically only if the leader that entered it
             // applied it; a later leader must propose the leave itself.

@@ -66,7 +66,7 @@ mod waiters;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use consensus_api::backend_support::{RefusedMessages, SnapshotPacer};
+use consensus_api::backend_support::{RefusedMessages, ReplicationTracker, SnapshotPacer};
 use consensus_api::{ByteStateMachine, ConsensusError, NodeConfig, NodeId, Status};
 use raft::eraftpb::{ConfState, Message};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -139,6 +139,9 @@ pub(crate) struct Core {
     pacer: SnapshotPacer,
     /// Peer messages refused before raft-rs saw them (shared with the transport's handler).
     refused: RefusedMessages,
+    /// When each member last answered and was last caught up (while this node leads), for
+    /// the status's replication view. Behind a lock because the status is built from `&self`.
+    replication: parking_lot::Mutex<ReplicationTracker>,
 }
 
 fn not_leader_hint(leader: u64, me: NodeId) -> Option<NodeId> {
@@ -198,6 +201,7 @@ impl Core {
             in_flight: 0,
             pacer,
             refused: RefusedMessages::new(id),
+            replication: Default::default(),
         };
         Ok((core, persist_events))
     }
@@ -245,6 +249,17 @@ impl Core {
     pub(crate) fn status(&self) -> Status {
         let mut st = mapping::status(&self.raw, self.applied, self.book.known());
         st.refused_messages = self.refused.count();
+        let mut tracker = self.replication.lock();
+        if self.is_leader() {
+            let prs = self.raw.raft.prs();
+            let matched = prs
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, p)| (*id, p.matched));
+            st.replication = tracker.progress(st.commit_index, matched);
+        } else {
+            tracker.clear();
+        }
         st
     }
 
@@ -280,6 +295,9 @@ impl Core {
             return;
         }
         let (from, ty) = (msg.from, msg.get_msg_type());
+        if self.is_leader() && msg.term == self.raw.raft.term {
+            self.replication.lock().heard_from(from);
+        }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(id = self.id, from, ?ty, "message not stepped: {e}");
         }

@@ -1,6 +1,6 @@
 //! Requests waiting on the log and the rules that complete them: a proposal by the entry at its
 //! index (and term), a read by its read state, a membership change by leaving a joint
-//! configuration or by its learner catching up, a `snapshot_now` by a snapshot that covers it.
+//! configuration, a `snapshot_now` by a snapshot that covers it.
 //!
 //! Answers are not sent when decided: they queue until [`Waiters::deliver`], which the driver
 //! calls after publishing the status that reflects them, so a client that sees its answer also
@@ -20,16 +20,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, ConsensusError>>;
 
 /// A proposal waiting for its entry to apply.
 enum Pending {
-    Command {
-        term: u64,
-        reply: Reply<Vec<u8>>,
-    },
-    Conf {
-        term: u64,
-        reply: Reply<()>,
-        /// The learner an `add_learner` waits to see caught up.
-        learner: Option<NodeId>,
-    },
+    Command { term: u64, reply: Reply<Vec<u8>> },
+    Conf { term: u64, reply: Reply<()> },
 }
 
 impl Pending {
@@ -73,8 +65,6 @@ pub(crate) struct Waiters {
     pending: BTreeMap<u64, Pending>,
     /// Membership changes that entered a joint configuration, waiting for it to be left.
     joint: Vec<Reply<()>>,
-    /// Added learners the leader waits to see caught up to the change's index.
-    learners: Vec<(NodeId, u64, Reply<()>)>,
     /// Read-index requests by their context number.
     reads: BTreeMap<u64, PendingRead>,
     next_read: u64,
@@ -89,7 +79,6 @@ impl Default for Waiters {
         Self {
             pending: BTreeMap::new(),
             joint: Vec::new(),
-            learners: Vec::new(),
             reads: BTreeMap::new(),
             next_read: 1,
             snapshots: Vec::new(),
@@ -130,21 +119,8 @@ impl Waiters {
     }
 
     /// A membership change entered the log at `index` in `term`.
-    pub(super) fn conf_proposed(
-        &mut self,
-        index: u64,
-        term: u64,
-        reply: Reply<()>,
-        learner: Option<NodeId>,
-    ) {
-        self.pending.insert(
-            index,
-            Pending::Conf {
-                term,
-                reply,
-                learner,
-            },
-        );
+    pub(super) fn conf_proposed(&mut self, index: u64, term: u64, reply: Reply<()>) {
+        self.pending.insert(index, Pending::Conf { term, reply });
     }
 
     /// Takes the proposal at `index` if it was made in `term`; proposals below it (or made in
@@ -194,21 +170,18 @@ impl Waiters {
     }
 
     /// A membership entry applied with `outcome`. Its change completes now, or once the joint
-    /// configuration it entered is left, or (on the leader, for an added learner) once the
-    /// learner has caught up; a configuration that is not joint completes every joint waiter.
+    /// configuration it entered is left; a configuration that is not joint completes every
+    /// joint waiter. (An added learner's catching up is not waited for: the status shows it.)
     pub(super) fn conf_applied(
         &mut self,
         index: u64,
         term: u64,
         outcome: &Result<ConfState, ConsensusError>,
-        leader: bool,
     ) {
         match (self.take(index, term), outcome) {
-            (Some(Pending::Conf { reply, learner, .. }), Ok(cs)) => {
+            (Some(Pending::Conf { reply, .. }), Ok(cs)) => {
                 if is_joint(cs) {
                     self.joint.push(reply);
-                } else if let (Some(l), true) = (learner, leader) {
-                    self.learners.push((l, index, reply));
                 } else {
                     self.later(reply, Ok(()));
                 }
@@ -266,28 +239,11 @@ impl Waiters {
         }
     }
 
-    /// This node does not lead: reads fail with the hint; learner waits complete (the learner
-    /// is a member, the change committed; catching up is the new leader's business).
+    /// This node does not lead: reads fail with the hint.
     pub(super) fn not_leading(&mut self, leader: Option<NodeId>) {
         for (_, r) in std::mem::take(&mut self.reads) {
             self.later(r.reply, Err(ConsensusError::NotLeader { leader }));
         }
-        for (_, _, r) in std::mem::take(&mut self.learners) {
-            self.later(r, Ok(()));
-        }
-    }
-
-    /// Completes the learner waits whose learner has replicated up to its change; `matched`
-    /// gives a node's match index (`None`: no longer tracked, so nothing to wait for).
-    pub(super) fn learners_progress(&mut self, matched: impl Fn(NodeId) -> Option<u64>) {
-        let mut waiting = Vec::new();
-        for (id, index, reply) in std::mem::take(&mut self.learners) {
-            match matched(id) {
-                Some(m) if m < index => waiting.push((id, index, reply)),
-                _ => self.later(reply, Ok(())),
-            }
-        }
-        self.learners = waiting;
     }
 
     /// A `snapshot_now` caller who needs a snapshot covering `applied`.
@@ -327,9 +283,6 @@ impl Waiters {
             let _ = r.reply.send(Err(e.clone()));
         }
         for r in self.joint.drain(..) {
-            let _ = r.send(Err(handed.clone()));
-        }
-        for (_, _, r) in self.learners.drain(..) {
             let _ = r.send(Err(handed.clone()));
         }
         for (_, r) in self.snapshots.drain(..) {
@@ -424,11 +377,11 @@ mod tests {
     fn a_kind_mismatch_between_proposal_and_entry_is_internal() {
         let mut w = Waiters::default();
         let (tx, mut rx) = reply();
-        w.conf_proposed(5, 1, tx, None);
+        w.conf_proposed(5, 1, tx);
         w.command_applied(5, 1, Some(Vec::new()));
         let (tx, mut rx2) = reply::<Vec<u8>>();
         w.command_proposed(6, 1, tx);
-        w.conf_applied(6, 1, &conf(&[1], &[]), true);
+        w.conf_applied(6, 1, &conf(&[1], &[]));
         w.deliver();
         assert_eq!(kind(&mut rx), ErrorKind::Internal);
         assert_eq!(kind(&mut rx2), ErrorKind::Internal);
@@ -438,9 +391,9 @@ mod tests {
     fn a_refused_membership_change_fails_with_its_error() {
         let mut w = Waiters::default();
         let (tx, mut rx) = reply();
-        w.conf_proposed(5, 1, tx, None);
+        w.conf_proposed(5, 1, tx);
         let refused = Err(ConsensusError::InvalidRequest("refused".into()));
-        w.conf_applied(5, 1, &refused, true);
+        w.conf_applied(5, 1, &refused);
         w.deliver();
         assert_eq!(kind(&mut rx), ErrorKind::InvalidRequest);
     }
@@ -449,48 +402,24 @@ mod tests {
     fn a_joint_change_completes_when_the_joint_configuration_is_left() {
         let mut w = Waiters::default();
         let (tx, mut rx) = reply();
-        w.conf_proposed(5, 1, tx, None);
-        w.conf_applied(5, 1, &conf(&[1, 2, 4], &[1, 2, 3]), true);
+        w.conf_proposed(5, 1, tx);
+        w.conf_applied(5, 1, &conf(&[1, 2, 4], &[1, 2, 3]));
         w.deliver();
         assert!(unanswered(&mut rx));
         // The leave entry has no proposal of its own.
-        w.conf_applied(6, 1, &conf(&[1, 2, 4], &[]), true);
+        w.conf_applied(6, 1, &conf(&[1, 2, 4], &[]));
         w.deliver();
         assert!(rx.try_recv().expect("answered").is_ok());
     }
 
     #[test]
-    fn an_added_learner_is_waited_for_until_it_matches_the_change() {
-        let mut w = Waiters::default();
-        let (tx, mut rx) = reply();
-        w.conf_proposed(5, 1, tx, Some(4));
-        w.conf_applied(5, 1, &conf(&[1, 2, 3], &[]), true);
-        w.learners_progress(|_| Some(4));
-        w.deliver();
-        assert!(unanswered(&mut rx));
-        w.learners_progress(|id| (id == 4).then_some(5));
-        w.deliver();
-        assert!(rx.try_recv().expect("answered").is_ok());
-    }
-
-    #[test]
-    fn a_follower_applying_an_added_learner_answers_at_once() {
-        let mut w = Waiters::default();
-        let (tx, mut rx) = reply();
-        w.conf_proposed(5, 1, tx, Some(4));
-        w.conf_applied(5, 1, &conf(&[1, 2, 3], &[]), false);
-        w.deliver();
-        assert!(rx.try_recv().expect("answered").is_ok());
-    }
-
-    #[test]
-    fn losing_leadership_fails_reads_with_the_hint_and_releases_learner_waits() {
+    fn losing_leadership_fails_reads_with_the_hint() {
         let mut w = Waiters::default();
         let (read, mut read_rx) = reply();
         let (learner, mut learner_rx) = reply();
         w.read_started(read, 0);
-        w.conf_proposed(5, 1, learner, Some(4));
-        w.conf_applied(5, 1, &conf(&[1, 2, 3], &[]), true);
+        w.conf_proposed(5, 1, learner);
+        w.conf_applied(5, 1, &conf(&[1, 2, 3], &[]));
         w.not_leading(Some(2));
         w.deliver();
         match read_rx.try_recv().expect("answered") {
@@ -557,8 +486,8 @@ mod tests {
         let (snap, mut snap_rx) = reply();
         w.command_proposed(1, 1, done);
         w.command_applied(1, 1, None);
-        w.conf_proposed(3, 1, joint, None);
-        w.conf_applied(3, 1, &conf(&[1, 2], &[1]), true);
+        w.conf_proposed(3, 1, joint);
+        w.conf_applied(3, 1, &conf(&[1, 2], &[1]));
         w.command_proposed(4, 1, cmd);
         w.read_started(read, 0);
         w.snapshot_requested(9, snap);

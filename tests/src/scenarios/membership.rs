@@ -17,6 +17,7 @@ macro_rules! __membership_family {
     ($make:ident) => {
         $crate::__tests!($make, membership;
             add_learner_promote_it_and_remove_a_voter,
+            a_learner_that_cannot_be_reached_is_added_but_not_promoted,
             leadership_transfers_to_the_named_node
         );
     };
@@ -91,6 +92,89 @@ pub async fn add_learner_promote_it_and_remove_a_voter(combo: Combo) {
         c.get(leader, "after").await.expect("read"),
         Some("change".into())
     );
+}
+
+/// Adding a learner returns once it is a member, even when nothing answers at its address;
+/// the leader's replication view shows it behind (and every voter with its progress), and a
+/// promotion of it is refused with a reason while the voters stay as they were and the cluster
+/// keeps committing. Removing it then works.
+///
+/// Reference: Raft paper §6 and Ongaro's thesis §4.2.1 (a new server catches up as a
+/// non-voting member before it counts toward quorums).
+pub async fn a_learner_that_cannot_be_reached_is_added_but_not_promoted(combo: Combo) {
+    let c = Cluster::start(
+        &combo,
+        "a_learner_that_cannot_be_reached_is_added_but_not_promoted",
+        3,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..5 {
+        c.put(leader, &format!("k{i}"), "v").await.expect("write");
+    }
+    // An address nothing listens on (over TCP or UDP): bound, then released.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free local port");
+    let started = std::time::Instant::now();
+    c.on(leader, move |n| async move {
+        n.add_learner(4, dead.to_string()).await
+    })
+    .await
+    .expect("adding a learner does not wait for it to answer");
+    let took = started.elapsed();
+    let st = c.statuses()[&leader].clone();
+    assert!(st.learners.contains(&4), "node 4 is a learner: {st:?}");
+    let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+    assert_eq!(st.voters, voters);
+    // Every other member is in the leader's view; the voters have matched something.
+    c.wait_statuses(SETTLE, |all| {
+        let r = &all[&leader].replication;
+        voters.iter().filter(|v| **v != leader).all(|v| {
+            r.get(v)
+                .is_some_and(|p| p.matched > 0 && p.last_contact_unix_ms.is_some())
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the leader's replication view lacks its voters: {e}"));
+    let commit = st.commit_index;
+    let matched = |c: &Cluster| {
+        c.statuses()[&leader]
+            .replication
+            .get(&4)
+            .map_or(0, |p| p.matched)
+    };
+    assert!(
+        matched(&c) < commit,
+        "the unreachable learner is shown behind"
+    );
+
+    let with_it: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+    let refused = c
+        .on(
+            leader,
+            move |n| async move { n.change_voters(with_it).await },
+        )
+        .await
+        .expect_err("promoting a learner that never answered");
+    assert_eq!(refused.kind(), ErrorKind::InvalidRequest, "{refused}");
+    assert!(
+        refused.to_string().contains("node 4"),
+        "the refusal names the learner: {refused}"
+    );
+    let st = c.statuses()[&leader].clone();
+    assert_eq!(st.voters, voters, "the refused promotion changed nothing");
+    assert!(st.learners.contains(&4));
+    c.put(leader, "after", "refusal")
+        .await
+        .expect("the cluster keeps committing");
+    c.on(leader, |n| async move { n.remove_node(4).await })
+        .await
+        .expect("remove the learner");
+    c.wait_statuses(SETTLE, |all| !all[&leader].learners.contains(&4))
+        .await
+        .unwrap_or_else(|e| panic!("the learner was not removed: {e}"));
+    eprintln!("added an unreachable learner in {took:?}");
 }
 
 /// Leadership moves to the node named in a transfer request, and it commits.
