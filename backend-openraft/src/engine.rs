@@ -109,7 +109,11 @@ impl OpenraftEngine {
         let storage = |e: consensus_storage::StorageError| ConsensusError::Storage(e.to_string());
         let dir = config.data_dir.clone();
         let (log, snapshots) = tokio::task::spawn_blocking(move || {
-            let log = Log::open(&dir)?;
+            let options = consensus_storage::LogOptions {
+                metrics_node: Some(id),
+                ..Default::default()
+            };
+            let log = Log::open_with(&dir, options)?;
             let snapshots = log.snapshot_store()?;
             Ok::<_, consensus_storage::StorageError>((log, snapshots))
         })
@@ -322,10 +326,12 @@ impl Engine for OpenraftEngine {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else if st.learners.contains(&id) {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else if st.is_leader() {
+            // Idempotent: already gone (a retried removal, whose first answer was lost when
+            // the leader removed itself, lands here).
+            return Ok(());
         } else {
-            return Err(ConsensusError::InvalidRequest(format!(
-                "node {id} is not a member"
-            )));
+            return Err(self.not_leader());
         };
         let resp = self
             .raft

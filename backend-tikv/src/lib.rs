@@ -105,7 +105,7 @@ impl TikvEngine {
         let id = config.id;
         let cfg = config.clone();
         let (core, persisted) = tokio::task::spawn_blocking(move || {
-            let storage = DiskStorage::open(&cfg.data_dir)
+            let storage = DiskStorage::open_for(Some(cfg.id), &cfg.data_dir)
                 .map_err(|e| ConsensusError::Storage(e.to_string()))?;
             Core::new(&cfg, storage, state_machine, &logger::logger(cfg.id))
         })

@@ -178,8 +178,18 @@ pub(crate) struct DiskStorage {
 impl DiskStorage {
     /// Opens the storage in `dir`, checking every record and repairing a snapshot that is ahead
     /// of the log (a crash between saving the snapshot and compacting the log).
+    #[cfg(test)]
     pub(crate) fn open(dir: &Path) -> raft::Result<Self> {
-        let log = Log::open(dir).map_err(disk)?;
+        Self::open_for(None, dir)
+    }
+
+    /// [`open`](Self::open), with the store's metrics labelled with node `id`.
+    pub(crate) fn open_for(id: Option<consensus_api::NodeId>, dir: &Path) -> raft::Result<Self> {
+        let options = consensus_storage::LogOptions {
+            metrics_node: id,
+            ..Default::default()
+        };
+        let log = Log::open_with(dir, options).map_err(disk)?;
         let snapshots = log.snapshot_store().map_err(disk)?;
         let hard_state = match log.meta(META_HARD_STATE) {
             Some(b) => HardState::parse_from_bytes(&b).map_err(other)?,

@@ -8,6 +8,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod cli;
+pub mod config_file;
 pub mod demo;
 pub mod http;
 pub mod wiring;

@@ -31,7 +31,7 @@ use broker::LivenessConfig;
 use broker_node::cli::{
     self, BrokersCmd, CliError, ClusterCmd, Conn, ExitKind, QuorumCmd, TopicsCmd,
 };
-use broker_node::{demo, wiring};
+use broker_node::{config_file, demo, wiring};
 use clap::{Args, Parser, Subcommand};
 use consensus_api::{NodeId, TlsConfig};
 
@@ -133,7 +133,15 @@ struct Engine {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Every flag may come from a TOML file instead (--config FILE): keys are \
+                        the flag names (`data-dir = \"/var/lib/broker\"`, `peers` a table of \
+                        id = \"host:port\"); flags on the command line override the file."
+)]
 struct Serve {
+    /// A TOML file with any of these flags (see below); flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// This node's id (also its broker id).
     #[arg(long)]
     id: NodeId,
@@ -508,9 +516,21 @@ async fn stop_signal() -> Result<&'static str, String> {
 }
 
 /// The Prometheus recorder (once per process).
+/// Latencies (`*_seconds`) are histograms with buckets from 100 µs to 10 s, batch sizes
+/// (`consensus_log_batch_writes`) from 1 to 4096 writes, so they aggregate across nodes.
 fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    const SECONDS: [f64; 16] = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    let batches: Vec<f64> = (0..13).map(|i| f64::from(1u32 << i)).collect();
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full("consensus_log_batch_writes".into()), &batches)
+        })
+        .and_then(|b| b.install_recorder())
         .map_err(|e| tracing::warn!("metrics disabled: {e}"))
         .ok()
 }
@@ -628,9 +648,37 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// The long flags `serve` accepts (its own and the global ones): the keys of a config file.
+fn serve_flags() -> std::collections::BTreeSet<String> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let longs = |c: &clap::Command| -> Vec<String> {
+        c.get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(String::from)
+            .collect()
+    };
+    let mut flags = longs(&cmd);
+    if let Some(serve) = cmd.find_subcommand("serve") {
+        flags.extend(longs(serve));
+    }
+    flags
+        .into_iter()
+        .filter(|f| f != "help" && f != "version")
+        .collect()
+}
+
 fn main() -> ExitCode {
     consensus_api::process::release_large_buffers();
-    let cli = Cli::parse();
+    let args = match config_file::expand(std::env::args_os().collect(), &serve_flags()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(ExitKind::Usage as u8);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(wiring::LOG_FILTER));
     let logs = tracing_subscriber::fmt()

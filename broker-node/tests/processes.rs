@@ -112,6 +112,63 @@ impl Drop for Node {
 }
 
 fn start(dir: &Path) -> Vec<Node> {
+    let mut nodes = configure(dir);
+    for n in &mut nodes {
+        n.spawn();
+    }
+    nodes
+}
+
+/// Writes `flags` (as `serve` takes them, without `serve`) to a TOML config file at `path`:
+/// numbers bare, `--peers` as a table, a flag without value as `true`.
+fn write_config(path: &Path, flags: &[String]) {
+    let mut top = String::new();
+    let mut peers = String::new();
+    let mut it = flags.iter().peekable();
+    while let Some(flag) = it.next() {
+        let key = flag.trim_start_matches("--");
+        let value = match it.peek() {
+            Some(v) if !v.starts_with("--") => it.next().cloned(),
+            _ => None,
+        };
+        match (key, value) {
+            ("peers", Some(v)) => {
+                peers.push_str("[peers]\n");
+                for pair in v.split(',') {
+                    let (id, addr) = pair.split_once('=').expect("ID=ADDR");
+                    peers.push_str(&format!("{id} = \"{addr}\"\n"));
+                }
+            }
+            (k, Some(v)) if v.parse::<u64>().is_ok() => top.push_str(&format!("{k} = {v}\n")),
+            (k, Some(v)) => top.push_str(&format!("{k} = {v:?}\n")),
+            (k, None) => top.push_str(&format!("{k} = true\n")),
+        }
+    }
+    std::fs::write(path, top + &peers).expect("write the config file");
+}
+
+/// Moves `node`'s settings into `dir/node-N.toml` with a wrong admin address in it: it is
+/// started as `serve --config FILE --admin ADDR`, so it only answers where the test looks if
+/// the command line overrides the file.
+fn from_config_file(node: &mut Node, dir: &Path) {
+    let decoy = free_tcp().to_string();
+    let mut flags: Vec<String> = node.args.iter().skip(1).cloned().collect();
+    if let Some(i) = flags.iter().position(|f| f == "--admin") {
+        flags[i + 1] = decoy;
+    }
+    let path = dir.join(format!("node-{}.toml", node.id));
+    write_config(&path, &flags);
+    node.args = vec![
+        "serve".into(),
+        "--config".into(),
+        path.display().to_string(),
+        "--admin".into(),
+        node.admin.to_string(),
+    ];
+}
+
+/// Three nodes' settings, not started.
+fn configure(dir: &Path) -> Vec<Node> {
     let token_file = dir.join("admin-token");
     std::fs::write(&token_file, TOKEN).expect("write the admin token");
     let broker_token_file = dir.join("broker-token");
@@ -123,7 +180,7 @@ fn start(dir: &Path) -> Vec<Node> {
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let mut nodes: Vec<Node> = (0..3)
+    let nodes: Vec<Node> = (0..3)
         .map(|i| {
             let id = i as u64 + 1;
             let admin = free_tcp();
@@ -158,9 +215,6 @@ fn start(dir: &Path) -> Vec<Node> {
             }
         })
         .collect();
-    for n in &mut nodes {
-        n.spawn();
-    }
     nodes
 }
 
@@ -1223,11 +1277,11 @@ fn ids(v: &Value) -> BTreeSet<u64> {
 /// A node started like `template` but with its own id, addresses and data dir, and `--join`
 /// instead of `--peers`: it creates no cluster and waits to be added. With its consensus
 /// address.
-fn joining(template: &Node, id: u64, dir: &Path) -> (Node, SocketAddr) {
+fn joining(template: &[String], id: u64, dir: &Path) -> (Node, SocketAddr) {
     let raft = free_udp();
     let admin = free_tcp();
     let mut args = Vec::new();
-    let mut it = template.args.iter();
+    let mut it = template.iter();
     while let Some(flag) = it.next() {
         let replacement = match flag.as_str() {
             "--id" => Some(id.to_string()),
@@ -1293,15 +1347,21 @@ async fn wait_roles(admin: &str, what: &str, roles: &[(u64, &str)]) {
     }
 }
 
-/// Membership from the CLI on real processes, each step checked with `quorum describe`: a
-/// fourth node started with `--join` is added as a learner (an observer), is promoted, a fifth
+/// Membership from the CLI on real processes started from config files (`serve --config`,
+/// the admin address overridden on the command line), each step checked with `quorum
+/// describe`: a fourth node started with `--join` is added as a learner (an observer), is promoted, a fifth
 /// replaces node 1 (`cluster replace`: added, caught up, promoted, node 1 removed), the
 /// leadership moves to node 4, node 2 is removed; the topic created before is on the new
 /// nodes, writes still commit, and unsafe requests are refused with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_from_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nodes = start(dir.path());
+    let mut nodes = configure(dir.path());
+    let template = nodes[0].args.clone();
+    for n in &mut nodes {
+        from_config_file(n, dir.path());
+        n.spawn();
+    }
     let all: Vec<&Node> = nodes.iter().collect();
     leader(&all).await;
     let url = format!("https://{},https://{}", nodes[1].admin, nodes[2].admin);
@@ -1348,7 +1408,8 @@ async fn membership_changes_from_the_cli() {
         "{q}"
     );
 
-    let (mut n4, raft4) = joining(&nodes[0], 4, dir.path());
+    let (mut n4, raft4) = joining(&template, 4, dir.path());
+    from_config_file(&mut n4, dir.path());
     let admin4 = n4.admin;
     n4.spawn();
     wait_status(admin4, "node 4 up, outside the cluster", |st| {
@@ -1395,7 +1456,8 @@ async fn membership_changes_from_the_cli() {
     .await;
 
     // Node 5 replaces node 1: added, caught up, promoted, node 1 removed, in one command.
-    let (mut n5, raft5) = joining(&nodes[0], 5, dir.path());
+    let (mut n5, raft5) = joining(&template, 5, dir.path());
+    from_config_file(&mut n5, dir.path());
     let admin5 = n5.admin;
     n5.spawn();
     let (code, out, err) = cli(
@@ -1447,5 +1509,97 @@ async fn membership_changes_from_the_cli() {
     }
     let (code, _, err) = create_topic(&admin45, "after", "2", &[]);
     assert_eq!(code, 0, "{err}");
+    leader_metrics_are_listed(admin4).await;
     drop((n4, n5));
+}
+
+/// The series named `name` in Prometheus text `text`: each one's labels and value.
+fn series(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match key.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (key, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `/metrics` of node 4, the consensus leader of three voters (3, 4, 5): the consensus series
+/// of the node, its log, its transport and its replication, with the same names on both engines.
+async fn leader_metrics_are_listed(admin4: SocketAddr) {
+    let deadline = Instant::now() + DEADLINE;
+    let text = loop {
+        let (status, text) = http::request(
+            &admin4.to_string(),
+            Some(&tls()),
+            "GET",
+            "/metrics",
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("metrics");
+        assert_eq!(status, 200);
+        // The status gauges refresh every 100 ms: wait for the leadership to show.
+        let leads = series(&text, "consensus_role")
+            .iter()
+            .any(|(l, v)| l.contains("role=\"leader\"") && l.contains("node=\"4\"") && *v == 1.0);
+        if leads {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never shows as leader: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let of_node4 = |name: &str| -> Vec<(String, f64)> {
+        series(&text, name)
+            .into_iter()
+            .filter(|(l, _)| l.contains("node=\"4\""))
+            .collect()
+    };
+    for name in [
+        "consensus_proposals_total",
+        "consensus_proposals_forwarded_total",
+        "consensus_proposal_duration_seconds_bucket",
+        "consensus_read_index_duration_seconds_bucket",
+        "consensus_term",
+        "consensus_commit_index",
+        "consensus_applied_index",
+        "consensus_leader_changes_total",
+        "consensus_refused_messages_total",
+        "consensus_log_fsyncs_total",
+        "consensus_log_fsync_duration_seconds_bucket",
+        "consensus_log_write_bytes_total",
+        "consensus_log_batch_writes_bucket",
+        "consensus_snapshots_installed_total",
+        "consensus_transport_frames_sent_total",
+        "consensus_transport_bytes_received_total",
+    ] {
+        assert!(!of_node4(name).is_empty(), "{name} missing: {text}");
+    }
+    let positive = |name: &str| of_node4(name).iter().map(|(_, v)| *v).sum::<f64>() > 0.0;
+    for name in [
+        "consensus_term",
+        "consensus_log_fsyncs_total",
+        "consensus_log_write_bytes_total",
+        "consensus_transport_frames_sent_total",
+        "consensus_read_index_duration_seconds_count",
+    ] {
+        assert!(positive(name), "{name} is zero: {text}");
+    }
+    let peers: BTreeSet<String> = of_node4("consensus_replication_lag_entries")
+        .into_iter()
+        .map(|(l, _)| l)
+        .filter(|l| l.contains("peer=\"3\"") || l.contains("peer=\"5\""))
+        .collect();
+    assert_eq!(peers.len(), 2, "replication lag of both followers: {text}");
 }

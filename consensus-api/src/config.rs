@@ -135,8 +135,11 @@ pub struct TransportConfig {
     /// are answered, so the peer is slowed by flow control instead of growing this node's
     /// memory. At least one frame always fits (the effective budget is the larger of this and
     /// `max_frame_bytes`). Default 64 MiB. Enforced per connection by both transports
-    /// (transport-grpc charges a call's body as it arrives and holds it until the answer, and
-    /// allows a connection 4 one-way streams, each holding at most one frame).
+    /// (transport-grpc charges a call for the whole message its gRPC prefix declares before
+    /// reading it and holds that until the answer, and allows a connection 4 one-way streams,
+    /// each holding at most one frame). A call beyond the budget waits, unread, for earlier
+    /// ones to be answered (backpressure, not an error); the conformance scenario
+    /// `a_peer_cannot_hold_more_call_bytes_than_its_budget` checks it on every transport.
     pub max_inflight_bytes_per_peer: usize,
     /// Bounded per-peer queue of one-way frames; when full, new frames are dropped.
     pub peer_queue_capacity: usize,

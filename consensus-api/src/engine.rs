@@ -126,7 +126,9 @@ pub trait Engine: Send + Sync + 'static {
     /// `InvalidRequest`.
     async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ConsensusError>;
     /// Removes a member (voter or learner) from the cluster entirely (leader only); returns
-    /// once the configuration without it is committed.
+    /// once the configuration without it is committed. A node that is not a member: `Ok`
+    /// without a change (the node handle retries a removal whose answer was lost, as when the
+    /// leader removed itself). Removing the last voter: `InvalidRequest`.
     async fn remove_node(&self, id: NodeId) -> Result<(), ConsensusError>;
     /// Hands leadership to `to` (leader only); returns once the request is made, not when `to`
     /// leads (the node handle waits for that).

@@ -74,6 +74,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod layer;
+pub mod metrics;
 mod mux;
 mod node;
 mod pacer;

@@ -9,11 +9,19 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::RwLock;
 
+use crate::metrics::ChannelMetrics;
 use crate::{InboundHandler, NodeId, Transport, TransportError, TransportLayer};
 
 pub(crate) use crate::channel::{ENGINE as ENGINE_CHANNEL, FORWARD as FORWARD_CHANNEL};
 
 type Handlers = Arc<RwLock<HashMap<u8, Weak<dyn InboundHandler>>>>;
+
+/// The frame counters of the known channels (engine, forward, snapshot) and of any other tag.
+type Counters = Arc<[ChannelMetrics; 4]>;
+
+fn counters_of(counters: &Counters, tag: u8) -> &ChannelMetrics {
+    &counters[usize::from(tag).min(3)]
+}
 
 /// Splits one transport into tagged channels.
 ///
@@ -24,16 +32,24 @@ type Handlers = Arc<RwLock<HashMap<u8, Weak<dyn InboundHandler>>>>;
 pub(crate) struct Mux {
     inner: Arc<dyn Transport>,
     handlers: Handlers,
+    counters: Counters,
 }
 
 impl Mux {
     /// Takes over `inner`'s inbound handler.
     pub(crate) fn new(inner: Arc<dyn Transport>) -> Arc<Self> {
         let handlers: Handlers = Arc::default();
+        let id = inner.local_id();
+        let counters: Counters = Arc::new([0u8, 1, 2, u8::MAX].map(|t| ChannelMetrics::new(id, t)));
         inner.set_handler(Arc::new(MuxHandler {
             handlers: handlers.clone(),
+            counters: counters.clone(),
         }));
-        Arc::new(Self { inner, handlers })
+        Arc::new(Self {
+            inner,
+            handlers,
+            counters,
+        })
     }
 
     /// A transport view whose frames carry `tag`.
@@ -42,12 +58,14 @@ impl Mux {
             inner: self.inner.clone(),
             tag,
             handlers: self.handlers.clone(),
+            counters: self.counters.clone(),
         })
     }
 }
 
 struct MuxHandler {
     handlers: Handlers,
+    counters: Counters,
 }
 
 impl MuxHandler {
@@ -55,6 +73,7 @@ impl MuxHandler {
         let Some(&tag) = frame.first() else {
             return Err("empty frame".into());
         };
+        counters_of(&self.counters, tag).received(frame.len());
         let handler = self
             .handlers
             .read()
@@ -85,6 +104,7 @@ struct MuxChannel {
     inner: Arc<dyn Transport>,
     tag: u8,
     handlers: Handlers,
+    counters: Counters,
 }
 
 impl MuxChannel {
@@ -102,7 +122,9 @@ impl TransportLayer for MuxChannel {
         &self.inner
     }
     fn send(&self, to: NodeId, frame: Bytes) -> Result<(), TransportError> {
-        self.inner.send(to, self.tagged(&frame))
+        let result = self.inner.send(to, self.tagged(&frame));
+        counters_of(&self.counters, self.tag).sent(frame.len() + 1, &result);
+        result
     }
     async fn call(
         &self,
@@ -110,7 +132,9 @@ impl TransportLayer for MuxChannel {
         frame: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, TransportError> {
-        self.inner.call(to, self.tagged(&frame), timeout).await
+        let result = self.inner.call(to, self.tagged(&frame), timeout).await;
+        counters_of(&self.counters, self.tag).sent(frame.len() + 1, &result);
+        result
     }
     fn set_handler(&self, handler: Arc<dyn InboundHandler>) {
         self.handlers

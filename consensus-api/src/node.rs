@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::{ProposalMetrics, StatusMetrics, STATUS_REFRESH};
 use crate::mux::{Mux, ENGINE_CHANNEL, FORWARD_CHANNEL};
 use crate::state_machine::{ApplyOutcome, Shared};
 use crate::{
@@ -257,6 +258,33 @@ struct Inner {
     max_command_bytes: usize,
     stopped: AtomicBool,
     cluster_id: String,
+    proposals: ProposalMetrics,
+    /// Refreshes the status gauges; ends with the node.
+    status_metrics: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.status_metrics.abort();
+    }
+}
+
+/// Keeps the status gauges of node `id` current, at most every [`STATUS_REFRESH`].
+fn spawn_status_metrics(
+    id: NodeId,
+    mut status: watch::Receiver<Status>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut gauges = StatusMetrics::new(id);
+        loop {
+            let st = status.borrow_and_update().clone();
+            gauges.update(&st);
+            tokio::time::sleep(STATUS_REFRESH).await;
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// A running consensus node replicating the state machine `SM`.
@@ -321,6 +349,7 @@ impl<SM: StateMachine> Consensus<SM> {
         });
         forward.set_handler(forward_handler.clone());
         let status = engine.status();
+        let status_metrics = spawn_status_metrics(id, engine.status());
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
@@ -333,6 +362,8 @@ impl<SM: StateMachine> Consensus<SM> {
                 max_command_bytes,
                 stopped: AtomicBool::new(false),
                 cluster_id,
+                proposals: ProposalMetrics::new(id),
+                status_metrics,
             }),
             sm,
         })
@@ -416,8 +447,11 @@ impl<SM: StateMachine> Consensus<SM> {
                 self.inner.max_command_bytes
             )));
         }
-        let deadline = Instant::now() + self.inner.request_timeout;
-        match self.route(Forwarded::Propose(bytes), deadline).await? {
+        let started = Instant::now();
+        let deadline = started + self.inner.request_timeout;
+        let routed = self.route(Forwarded::Propose(bytes), deadline).await;
+        self.inner.proposals.proposal(&routed, started.elapsed());
+        match routed? {
             Reply::Proposed(out) => codec::decode::<ApplyOutcome<SM::Response>>(&out)?
                 .map_err(ConsensusError::InvalidRequest),
             other => Err(unexpected(other)),
@@ -427,7 +461,8 @@ impl<SM: StateMachine> Consensus<SM> {
     /// A read barrier: when it returns, this node's state machine reflects every write committed
     /// before the call. Fails (never returns stale) when leadership cannot be confirmed.
     pub async fn linearizable_read(&self) -> Result<(), ConsensusError> {
-        let deadline = Instant::now() + self.inner.request_timeout;
+        let started = Instant::now();
+        let deadline = started + self.inner.request_timeout;
         let index = match self.route(Forwarded::ReadIndex, deadline).await? {
             Reply::ReadIndex(i) => i,
             other => return Err(unexpected(other)),
@@ -436,6 +471,7 @@ impl<SM: StateMachine> Consensus<SM> {
         self.wait_status(remaining, |s| s.applied_index >= index)
             .await
             .map_err(|_| ConsensusError::Timeout(format!("local apply to reach index {index}")))?;
+        self.inner.proposals.read_index(started.elapsed());
         Ok(())
     }
 
@@ -577,6 +613,9 @@ impl<SM: StateMachine> Consensus<SM> {
                 self.inner.forward.set_peer(leader, addr);
             }
             let frame = Bytes::from(codec::encode(&op)?);
+            if matches!(op, Forwarded::Propose(_)) {
+                self.inner.proposals.forwarded.increment(1);
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.inner.forward.call(leader, frame, remaining).await {
                 Ok(answer) => {

@@ -25,6 +25,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 mod log;
+mod metrics;
 mod record;
 mod snapshot;
 pub mod transfer;

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use crate::file::{sync_dir, write_atomic_parts};
 use crate::fs::{FileHandle, FileSystem, OpenMode};
 use crate::log::DirLock;
+use crate::metrics::StorageMetrics;
 use crate::{Result, StorageError};
 
 const MAGIC: &[u8; 8] = b"CSNAP001";
@@ -70,6 +71,7 @@ pub struct SnapshotStore {
     fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     _lock: Arc<DirLock>,
+    metrics: StorageMetrics,
 }
 
 impl std::fmt::Debug for SnapshotStore {
@@ -82,11 +84,17 @@ impl std::fmt::Debug for SnapshotStore {
 }
 
 impl SnapshotStore {
-    pub(crate) fn new(fs: Arc<dyn FileSystem>, dir: &Path, lock: Arc<DirLock>) -> Self {
+    pub(crate) fn new(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        lock: Arc<DirLock>,
+        metrics: StorageMetrics,
+    ) -> Self {
         Self {
             fs,
             dir: dir.to_path_buf(),
             _lock: lock,
+            metrics,
         }
     }
 
@@ -112,9 +120,18 @@ impl SnapshotStore {
         h.update(meta);
         h.update(data);
         let header = header(meta.len(), h.finalize())?;
+        let started = std::time::Instant::now();
         // Written in parts: a large state is never copied into one more buffer.
         write_atomic_parts(&*self.fs, &self.path(), &[&header, meta, data])
-            .map_err(|e| e.into_inner())
+            .map_err(|e| e.into_inner())?;
+        self.metrics
+            .snapshot_build_seconds
+            .record(started.elapsed());
+        self.metrics
+            .snapshot_bytes
+            .set((HEADER + meta.len() + data.len()) as f64);
+        self.metrics.snapshots_installed.increment(1);
+        Ok(())
     }
 
     /// The stored snapshot as `(meta, data)` in memory, or `None` when there is none. A damaged
@@ -163,6 +180,8 @@ impl SnapshotStore {
             hasher: crc32fast::Hasher::new(),
             meta_len: meta.len(),
             meta: Bytes::copy_from_slice(meta),
+            started: std::time::Instant::now(),
+            metrics: self.metrics.clone(),
         };
         // Header goes last (it carries the checksum); the metadata starts the body.
         sink.write_all(meta)
@@ -216,7 +235,9 @@ impl SnapshotStore {
             .rename(tmp, &path)
             .map_err(|e| StorageError::io("rename", &path, e))?;
         *pending = None;
-        sync_dir(&*self.fs, &self.dir)
+        sync_dir(&*self.fs, &self.dir)?;
+        self.metrics.snapshots_installed.increment(1);
+        Ok(())
     }
 }
 
@@ -276,6 +297,9 @@ pub struct SnapshotSink {
     hasher: crc32fast::Hasher,
     meta_len: usize,
     meta: Bytes,
+    /// When [`SnapshotStore::create`] made it, for the build-duration metric.
+    started: std::time::Instant,
+    metrics: StorageMetrics,
 }
 
 impl SnapshotSink {
@@ -325,6 +349,10 @@ impl SnapshotSink {
             .map_err(|e| io("write", &path, e))?;
         handle.sync_all().map_err(|e| io("fsync", &path, e))?;
         let len = self.at;
+        self.metrics
+            .snapshot_build_seconds
+            .record(self.started.elapsed());
+        self.metrics.snapshot_bytes.set(len as f64);
         Ok(SnapshotFile {
             inner: Arc::new(FileInner {
                 fs: self.fs.clone(),

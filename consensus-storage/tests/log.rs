@@ -293,6 +293,7 @@ fn rewrite_keeps_exactly_the_live_state() {
         let options = LogOptions {
             rewrite_min_bytes: 16 << 10,
             preallocate_bytes: 4 << 10,
+            ..Default::default()
         };
         let log = Log::open_with(dir.path(), options).unwrap();
         log.set_meta(7, Bytes::from_static(b"m"), None).unwrap();

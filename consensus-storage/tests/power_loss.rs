@@ -219,6 +219,7 @@ fn options(rng: &mut StdRng) -> LogOptions {
             1 => 8 << 10,
             _ => 64 << 10,
         },
+        ..Default::default()
     }
 }
 
@@ -338,6 +339,7 @@ fn log_due_for_rewrite(fs: &SimFs, dir: &Path) -> Log {
     let opts = LogOptions {
         rewrite_min_bytes: 64 << 10,
         preallocate_bytes: 0,
+        ..Default::default()
     };
     let log = open(fs, dir, opts);
     let entries = (1..=100)

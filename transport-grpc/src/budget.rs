@@ -165,7 +165,8 @@ where
                 budget: PollSemaphore::new(budget.bytes.clone()),
                 waiting: None,
                 cap: self.budgets.bytes,
-                prefix: Vec::new(),
+                prefix: [0; 5],
+                prefix_len: 0,
                 received: 0,
                 charged: 0,
                 held: metered,
@@ -183,8 +184,8 @@ where
 /// A request body that takes a permit per byte before handing data on.
 ///
 /// Once its 5-byte gRPC prefix has arrived (it may come in pieces), a call pays for the whole
-/// message the prefix declares (up to the whole budget) at once: calls whose frames arrive interleaved on one connection must not each hold
-/// part of the budget while none can complete (with 4 calls of 60 KiB and a 128 KiB budget,
+/// message the prefix declares (up to the whole budget) at once: calls whose frames arrive
+/// interleaved on one connection must not each hold part of the budget while none can complete (with 4 calls of 60 KiB and a 128 KiB budget,
 /// 16 KiB frames in turn would take it all at 32 KiB each). Bytes beyond what was paid for are
 /// charged as they arrive.
 struct Metered {
@@ -194,8 +195,9 @@ struct Metered {
     waiting: Option<Frame<Bytes>>,
     /// The whole budget: what one data frame is charged at most.
     cap: usize,
-    /// The gRPC prefix's bytes as far as they have arrived (at most 5).
-    prefix: Vec<u8>,
+    /// The gRPC prefix's bytes as far as they have arrived: the first `prefix_len` of 5.
+    prefix: [u8; 5],
+    prefix_len: usize,
     /// Data bytes handed on so far.
     received: usize,
     /// Bytes paid for so far.
@@ -225,15 +227,17 @@ impl HttpBody for Metered {
             .map_or(0, Bytes::len);
         // The prefix as it stands once this frame is counted (not kept until paid for, since a
         // frame that has to wait is looked at again).
-        let mut prefix = this.prefix.clone();
+        let (mut prefix, mut prefix_len) = (this.prefix, this.prefix_len);
         if let Some(data) = this.waiting.as_ref().and_then(Frame::data_ref) {
-            let more = (5 - prefix.len().min(5)).min(data.len());
-            prefix.extend_from_slice(&data[..more]);
+            let more = (5 - prefix_len).min(data.len());
+            prefix[prefix_len..prefix_len + more].copy_from_slice(&data[..more]);
+            prefix_len += more;
         }
-        let declared = prefix
-            .get(1..5)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map_or(0, |b| u32::from_be_bytes(b) as usize + 5);
+        let declared = if prefix_len == 5 {
+            u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize + 5
+        } else {
+            0
+        };
         // A call never holds more than the whole budget, so it can always be paid eventually
         // (tonic's decode limit, below the budget, refuses a larger message).
         let due = declared.max(this.received + size).min(this.cap);
@@ -253,7 +257,7 @@ impl HttpBody for Metered {
                 }
             }
         }
-        this.prefix = prefix;
+        (this.prefix, this.prefix_len) = (prefix, prefix_len);
         this.received += size;
         Poll::Ready(this.waiting.take().map(Ok))
     }

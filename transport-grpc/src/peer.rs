@@ -143,6 +143,13 @@ async fn stream_loop(
     let mut backoff = Backoff::from_config(&me.config);
     // Whether the peer's unreachability was reported: once per outage, not per attempt.
     let mut reported = false;
+    // `consensus_transport_reconnects_total`: streams opened after the first.
+    let reconnects = metrics::counter!(
+        "consensus_transport_reconnects_total",
+        "node" => me.id.to_string(),
+        "peer" => peer.to_string()
+    );
+    let mut opened_before = false;
     loop {
         // Connect only when there is something to send: idle peers cost nothing.
         let Some(first) = queue.recv().await else {
@@ -153,6 +160,9 @@ async fn stream_loop(
         let mut req = Request::new(ReceiverStream::new(rx));
         stamp(&me, &mut req);
         let mut client = client.clone();
+        if std::mem::replace(&mut opened_before, true) {
+            reconnects.increment(1);
+        }
         let opened = Instant::now();
         let call = client.stream(req);
         tokio::pin!(call);

@@ -149,6 +149,13 @@ impl PeerLink {
     async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Bytes>) {
         let mut backoff = Backoff::from_config(&self.ctx.config);
         let mut pending: Option<Bytes> = None;
+        // `consensus_transport_reconnects_total`: connections made after the first.
+        let reconnects = metrics::counter!(
+            "consensus_transport_reconnects_total",
+            "node" => self.ctx.id.to_string(),
+            "peer" => self.id.to_string()
+        );
+        let mut connected_before = false;
         // Whether the peer's unreachability was reported: once per outage, not per attempt.
         let mut reported = false;
         loop {
@@ -186,6 +193,9 @@ impl PeerLink {
                     continue;
                 }
             };
+            if std::mem::replace(&mut connected_before, true) {
+                reconnects.increment(1);
+            }
             if std::mem::take(&mut reported) {
                 tracing::info!(peer = self.id, addr = %self.addr, "peer reachable again");
             } else {

@@ -227,9 +227,9 @@ impl Core {
         }
         let cs = self.conf_state();
         if !members(&cs).contains(&id) {
-            let _ = reply.send(Err(ConsensusError::InvalidRequest(format!(
-                "node {id} is not a member"
-            ))));
+            // Idempotent: already gone (a retried removal, whose first answer was lost when
+            // the leader removed itself, lands here).
+            let _ = reply.send(Ok(()));
             return;
         }
         if cs.voters == [id] {

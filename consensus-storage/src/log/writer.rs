@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use super::{DirLock, LogOptions, State, SyncCallback};
 use crate::file::{write_atomic, AtomicWriteError};
 use crate::fs::{FileHandle, FileSystem, OpenMode};
+use crate::metrics::StorageMetrics;
 use crate::record::Record;
 use crate::StorageError;
 
@@ -53,6 +54,7 @@ pub(super) struct Writer {
     /// The file's size: zeros between `len` and here.
     pub(super) allocated: u64,
     pub(super) options: LogOptions,
+    pub(super) metrics: StorageMetrics,
 }
 
 impl Writer {
@@ -83,9 +85,11 @@ impl Writer {
         let mut callbacks = Vec::with_capacity(ops.len());
         let mut stop = None;
         let mut buf = Vec::new();
+        let mut writes = 0u32;
         for op in ops {
             match op {
                 Op::Write(bytes, cb) => {
+                    writes += 1;
                     if buf.is_empty() {
                         buf = bytes;
                     } else {
@@ -99,6 +103,10 @@ impl Writer {
         // Nobody waits on a batch without callbacks: write it, and let the next sync (or the
         // one at close) make it durable.
         let sync = !callbacks.is_empty() || stop.is_some();
+        if writes > 0 {
+            self.metrics.batch_writes.record(writes);
+            self.metrics.write_bytes.increment(buf.len() as u64);
+        }
         let result = match failed.as_ref() {
             Some(e) => Err(e.clone()),
             None => self.write(&buf, sync),
@@ -224,9 +232,12 @@ impl Writer {
         if !sync {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.file
             .sync_data()
             .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
+        self.metrics.fsync_seconds.record(started.elapsed());
+        self.metrics.fsyncs.increment(1);
         self.synced = self.len;
         Ok(())
     }

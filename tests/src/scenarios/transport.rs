@@ -1,5 +1,5 @@
-//! Transport-level scenarios, run for every transport: ordering, deadlines, size limits,
-//! cluster identity, and garbage on the socket.
+//! Transport-level scenarios, run for every transport: ordering, deadlines, size limits, the
+//! per-peer memory budget, cluster identity, and garbage on the socket.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,8 @@ macro_rules! __transport_family {
             garbage_on_the_socket_is_survived,
             a_restarted_peer_is_reconnected,
             frames_queued_for_an_unreachable_peer_are_not_delivered_after_it_returns,
-            a_failure_that_promises_non_delivery_was_not_delivered
+            a_failure_that_promises_non_delivery_was_not_delivered,
+            a_peer_cannot_hold_more_call_bytes_than_its_budget
         );
     };
 }
@@ -435,4 +436,80 @@ pub async fn a_failure_that_promises_non_delivery_was_not_delivered(
         Err(_) => {}
         Ok(_) => panic!("a stopped peer answered"),
     }
+}
+
+/// Holds every call until the test opens the gate; counts the calls that reached it.
+struct Gate {
+    entered: std::sync::atomic::AtomicUsize,
+    open: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl InboundHandler for Gate {
+    fn on_message(&self, _from: NodeId, _frame: Bytes) {}
+    async fn on_call(&self, _from: NodeId, _frame: Bytes) -> Result<Bytes, String> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let permit = self.open.acquire().await.map_err(|e| e.to_string())?;
+        permit.forget();
+        Ok(Bytes::from_static(b"ok"))
+    }
+}
+
+/// One peer cannot make the receiver hold more bytes of calls than
+/// `max_inflight_bytes_per_peer`: with a 128 KiB budget, two 60 KiB calls reach the handler
+/// and two more wait, unread, until the first are answered; then every call completes (none is
+/// refused or lost, and calls that each hold part of the budget cannot deadlock).
+pub async fn a_peer_cannot_hold_more_call_bytes_than_its_budget(
+    factory: Arc<dyn TransportFactory>,
+) {
+    use std::sync::atomic::Ordering;
+    crate::init_logging();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = crate::test_tls(dir.path());
+    let config = |id: NodeId| {
+        let mut c = NodeConfig::new(id, "c", dir.path());
+        c.transport.max_frame_bytes = 64 << 10;
+        c.transport.max_inflight_bytes_per_peer = 128 << 10;
+        c.transport.tls = tls.clone();
+        c
+    };
+    let a = factory.bind(&config(1)).await.expect("bind a");
+    let b = factory.bind(&config(2)).await.expect("bind b");
+    let gate = Arc::new(Gate {
+        entered: Default::default(),
+        open: tokio::sync::Semaphore::new(0),
+    });
+    b.set_handler(gate.clone());
+    a.set_handler(Arc::new(Recorder::default()));
+    a.set_peer(2, b.local_addr().to_string());
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.call(2, Bytes::from(vec![7u8; 60 << 10]), 20 * SECOND)
+                    .await
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + 10 * SECOND;
+    while gate.entered.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no call arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A window in which a transport without the budget lets the other two in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gate.entered.load(Ordering::SeqCst),
+        2,
+        "the receiver holds more call bytes than the budget"
+    );
+    gate.open.add_permits(4);
+    for c in calls {
+        let reply = c.await.expect("task").expect("call within the budget");
+        assert_eq!(reply.as_ref(), b"ok");
+    }
+    assert_eq!(gate.entered.load(Ordering::SeqCst), 4);
+    a.shutdown().await;
+    b.shutdown().await;
 }
