@@ -155,9 +155,16 @@ struct Serve {
     #[arg(long, value_parser = parse_peers, required_unless_present = "join", conflicts_with = "join")]
     peers: Option<BTreeMap<NodeId, String>>,
     /// Start as a new member of an existing cluster instead of creating one: the node waits,
-    /// with no membership, until a member adds it (`broker cluster add-learner`).
+    /// with no membership, until a member adds it (`broker cluster add-learner`). Records the
+    /// data dir's identity on the first start.
     #[arg(long)]
     join: bool,
+    /// Create the cluster from --peers: the first start of each initial member, once. Records
+    /// the data dir's identity (cluster id, node id, incarnation); without it (or --join) an
+    /// empty data dir is refused, so a node that lost its disk cannot come back empty under
+    /// its id. On a data dir that has an identity it changes nothing.
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
     /// Data directory.
     #[arg(long)]
     data_dir: PathBuf,
@@ -431,6 +438,13 @@ async fn serve(s: Serve, token_file: Option<PathBuf>) -> Result<(), String> {
         listen: s.listen,
         admin: s.admin,
         peers: s.peers.unwrap_or_default(),
+        new_data_dir: if s.bootstrap {
+            consensus_api::NewDataDir::Bootstrap
+        } else if s.join {
+            consensus_api::NewDataDir::Join
+        } else {
+            consensus_api::NewDataDir::Refuse
+        },
         data_dir: s.data_dir,
         tls,
         liveness: LivenessConfig {

@@ -194,6 +194,7 @@ fn configure(dir: &Path) -> Vec<Node> {
                 admin.to_string(),
                 "--peers".into(),
                 peers.clone(),
+                "--bootstrap".into(),
                 "--data-dir".into(),
                 dir.join(format!("node-{id}")).display().to_string(),
                 "--dev-certs".into(),
@@ -1077,6 +1078,18 @@ fn bad_serve_settings_are_refused_before_the_data_dir_is_created() {
         assert!(err.contains(why), "{err}");
         assert!(!data.exists(), "created the data dir for {extra:?}");
     }
+    // Good settings on an empty data dir, but neither --bootstrap nor --join: a node that lost
+    // its disk must not come back empty under its id, so this is refused and says what to pass.
+    let (ok, err) = run("1", "1=127.0.0.1:1", &[]);
+    assert!(
+        !ok,
+        "started on an empty data dir without --bootstrap or --join"
+    );
+    assert!(
+        err.contains("--bootstrap") && err.contains("--join") && err.contains("replace"),
+        "{err}"
+    );
+    assert!(!data.exists(), "created the data dir without --bootstrap");
     // Another node's certificate (node 2's, for node 1).
     let certs = dir.path().join("files");
     let paths = consensus_tls::dev::generate_dev_certs(&certs, &[1, 2]).expect("dev certs");
@@ -1293,6 +1306,7 @@ fn joining(template: &[String], id: u64, dir: &Path) -> (Node, SocketAddr) {
                 args.push("--join".to_string());
                 continue;
             }
+            "--bootstrap" => continue,
             _ => None,
         };
         args.push(flag.clone());

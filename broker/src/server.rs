@@ -33,6 +33,9 @@ pub struct NodeSpec {
     pub admin: SocketAddr,
     /// Initial voters with their consensus addresses (used once, on a fresh data dir).
     pub peers: BTreeMap<NodeId, String>,
+    /// What to do with a data dir that has no identity record: refuse, create the cluster
+    /// from `peers`, or join (see [`consensus_api::data_dir`]).
+    pub new_data_dir: consensus_api::NewDataDir,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Transport security.
@@ -52,6 +55,7 @@ impl NodeSpec {
     pub fn config(&self) -> NodeConfig {
         let mut c = NodeConfig::new(self.id, self.cluster_id.clone(), self.data_dir.clone());
         c.initial_members = self.peers.clone();
+        c.new_data_dir = self.new_data_dir;
         c.transport.listen_addr = self.listen;
         c.transport.tls = self.tls.clone();
         c

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     pub rpc_timeout: Duration,
     /// The transport settings of this node.
     pub transport: TransportConfig,
+    /// What to do with a data directory that has no identity record yet (a new or a wiped
+    /// one): refuse (the default), create the cluster, or join one. See [`crate::data_dir`].
+    pub new_data_dir: crate::data_dir::NewDataDir,
 }
 
 impl NodeConfig {
@@ -77,6 +80,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_millis(1000),
             transport: TransportConfig::default(),
+            new_data_dir: crate::data_dir::NewDataDir::Refuse,
         }
     }
 

@@ -69,6 +69,7 @@ pub mod channel {
 }
 
 mod config;
+pub mod data_dir;
 mod engine;
 mod error;
 #[doc(hidden)]
@@ -95,6 +96,7 @@ pub mod backend_support {
 }
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig, MAX_SNAPSHOT_CHUNK_BYTES};
+pub use data_dir::NewDataDir;
 pub use engine::{Backend, Engine, EngineContext};
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;

@@ -305,7 +305,10 @@ impl<SM: StateMachine> Clone for Consensus<SM> {
 }
 
 impl<SM: StateMachine> Consensus<SM> {
-    /// Starts a node: opens its durable state, bootstraps a fresh cluster once (see
+    /// Starts a node: checks (or, on a first start, records) its data directory's identity
+    /// ([`crate::data_dir`]: an empty directory is refused unless
+    /// [`NodeConfig::new_data_dir`] says to create or join a cluster; another cluster's or
+    /// node's is refused), opens its durable state, bootstraps a fresh cluster once (see
     /// [`NodeConfig::initial_members`]), and begins serving on `transport`.
     pub async fn start(
         backend: &dyn Backend,
@@ -314,6 +317,7 @@ impl<SM: StateMachine> Consensus<SM> {
         transport: Arc<dyn Transport>,
     ) -> Result<Self, ConsensusError> {
         config.validate()?;
+        let config = crate::data_dir::prepare(&config)?;
         if transport.local_id() != config.id {
             return Err(ConsensusError::InvalidRequest(format!(
                 "transport is bound for node {} but the config is for node {}",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use consensus_api::{ConsensusError, NodeConfig, NodeId, Status, TlsConfig};
+use consensus_api::{ConsensusError, NewDataDir, NodeConfig, NodeId, Status, TlsConfig};
 use consensus_storage::fs::{MountGuard, SimFs};
 use parking_lot::Mutex;
 use tokio::runtime::Runtime;
@@ -33,6 +33,9 @@ struct Member<N> {
     initial: BTreeMap<NodeId, String>,
     runtime: Option<Runtime>,
     node: Option<N>,
+    /// Whether it has started once: later starts refuse an empty data dir, as an operator's
+    /// restarts do (the first one creates the cluster or joins it).
+    started: bool,
 }
 
 /// Nodes of one cluster running `K`'s program. Dropping it kills every node.
@@ -99,6 +102,7 @@ impl<K: NodeKind + Default> LocalCluster<K> {
                     initial: initial.clone(),
                     runtime: None,
                     node: None,
+                    started: false,
                 },
             );
         }
@@ -144,6 +148,7 @@ impl<K: NodeKind> LocalCluster<K> {
                     initial: initial.clone(),
                     runtime: rt,
                     node: None,
+                    started: false,
                 },
             );
             starting.push((id, task));
@@ -153,7 +158,9 @@ impl<K: NodeKind> LocalCluster<K> {
                 .await
                 .map_err(internal)?
                 .map_err(|e| ConsensusError::Internal(format!("node {id} failed to start: {e}")))?;
-            cluster.member(id)?.node = Some(node);
+            let m = cluster.member(id)?;
+            m.node = Some(node);
+            m.started = true;
         }
         Ok(cluster)
     }
@@ -266,6 +273,14 @@ impl<K: NodeKind> LocalCluster<K> {
         initial: BTreeMap<NodeId, String>,
     ) -> NodeConfig {
         let mut c = NodeConfig::new(id, self.options.cluster_id.clone(), data_dir);
+        let started = self.members.get(&id).is_some_and(|m| m.started);
+        c.new_data_dir = if started {
+            NewDataDir::Refuse
+        } else if initial.is_empty() {
+            NewDataDir::Join
+        } else {
+            NewDataDir::Bootstrap
+        };
         c.initial_members = initial;
         c.transport.listen_addr = addr;
         c.transport.tls = self.tls();
@@ -456,7 +471,23 @@ impl<K: NodeKind> LocalCluster<K> {
         let m = self.member(id)?;
         m.node = Some(node);
         m.runtime = rt;
+        m.started = true;
         Ok(())
+    }
+
+    /// Removes the data dir of stopped node `id`, as a lost disk would (real file system).
+    pub fn wipe(&mut self, id: NodeId) -> Result<(), ConsensusError> {
+        let m = self.member(id)?;
+        if m.node.is_some() {
+            return Err(ConsensusError::InvalidRequest(format!(
+                "node {id} is still running"
+            )));
+        }
+        match std::fs::remove_dir_all(&m.data_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(internal(format!("wipe {}: {e}", m.data_dir.display()))),
+        }
     }
 
     /// Starts a brand-new node `id` with an empty data dir that joins later (no bootstrap);
@@ -481,6 +512,7 @@ impl<K: NodeKind> LocalCluster<K> {
                 initial: BTreeMap::new(),
                 runtime: rt,
                 node: Some(node),
+                started: true,
             },
         );
         addr
@@ -517,7 +549,16 @@ impl<K: NodeKind> LocalCluster<K> {
                     }
                     tokio::time::sleep(RETRY).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    match rt {
+                        Some(rt) => {
+                            rt.spawn(async move { transport.shutdown().await });
+                            rt.shutdown_background();
+                        }
+                        None => transport.shutdown().await,
+                    }
+                    return Err(e);
+                }
             }
         }
     }

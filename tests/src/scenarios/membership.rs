@@ -18,6 +18,7 @@ macro_rules! __membership_family {
         $crate::__tests!($make, membership;
             add_learner_promote_it_and_remove_a_voter,
             a_learner_that_cannot_be_reached_is_added_but_not_promoted,
+            a_wiped_initial_member_does_not_come_back_as_a_voter,
             leadership_transfers_to_the_named_node
         );
     };
@@ -175,6 +176,71 @@ pub async fn a_learner_that_cannot_be_reached_is_added_but_not_promoted(combo: C
         .await
         .unwrap_or_else(|e| panic!("the learner was not removed: {e}"));
     eprintln!("added an unreachable learner in {took:?}");
+}
+
+/// A voter whose data dir is lost cannot come back empty under its id (it would have forgotten
+/// its vote, and would count toward quorums for entries it no longer has): restarted as an
+/// operator restarts a node (neither creating nor joining a cluster), it is refused with a
+/// reason and records nothing, the membership is unchanged and the two others keep committing.
+/// It is then replaced under a new id, which catches up and becomes a voter.
+///
+/// Reference: Ongaro's thesis §3.8 (the vote must be durable); Kafka's storage format step
+/// (`kafka-storage format`) and KIP-853's directory ids.
+pub async fn a_wiped_initial_member_does_not_come_back_as_a_voter(combo: Combo) {
+    let mut c = Cluster::start(
+        &combo,
+        "a_wiped_initial_member_does_not_come_back_as_a_voter",
+        3,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..5 {
+        c.put(leader, &format!("k{i}"), "v").await.expect("write");
+    }
+    let lost = c.others(leader)[0];
+    c.stop(lost).await;
+    c.wipe(lost).expect("wipe the data dir");
+    let refused = c
+        .try_restart(lost)
+        .await
+        .expect_err("an empty data dir under a voter's id must not start");
+    assert_eq!(refused.kind(), ErrorKind::InvalidRequest, "{refused}");
+    assert!(
+        refused.to_string().contains("replace"),
+        "the refusal says what to do: {refused}"
+    );
+    let st = c.statuses()[&leader].clone();
+    assert!(st.voters.contains(&lost), "nothing changed the membership");
+    c.put(leader, "after", "loss")
+        .await
+        .expect("the two others keep committing");
+
+    // The replacement: a new id, added as a learner, promoted, the lost node removed.
+    let addr = c.add_fresh_node(4).await;
+    c.on(leader, move |n| async move {
+        n.add_learner(4, addr.to_string()).await
+    })
+    .await
+    .expect("add the replacement");
+    let voters: BTreeSet<NodeId> = [1, 2, 3, 4].into_iter().filter(|i| *i != lost).collect();
+    let set = voters.clone();
+    c.on(leader, move |n| async move {
+        n.change_voters(set).await?;
+        n.remove_node(lost).await
+    })
+    .await
+    .expect("promote the replacement and remove the lost node");
+    c.wait_members(&voters, &BTreeSet::new(), SETTLE).await;
+    c.put(4, "replaced", "yes")
+        .await
+        .expect("write through the replacement");
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[4], commit, SETTLE).await;
+    assert_eq!(
+        c.machine(4).get("k4"),
+        Some("v".into()),
+        "the replacement caught up"
+    );
 }
 
 /// Leadership moves to the node named in a transfer request, and it commits.

@@ -223,6 +223,8 @@ pub(crate) async fn start_processes(
     }
     let mut config = config;
     config.initial_members = members;
+    // Fresh temporary data dirs: this run creates the cluster.
+    config.new_data_dir = consensus_api::NewDataDir::Bootstrap;
     let node = Consensus::start(backend, config, Store::default(), transport)
         .await
         .map_err(|e| e.to_string())?;
@@ -273,6 +275,7 @@ pub(crate) async fn serve_node(args: &[String]) -> Result<(), String> {
     });
     let members = lines.recv().await.ok_or("no member list on stdin")?;
     config.initial_members = parse_members(&members)?;
+    config.new_data_dir = consensus_api::NewDataDir::Bootstrap;
     let node = Consensus::start(&*backend, config, Store::default(), t)
         .await
         .map_err(|e| e.to_string())?;
