@@ -29,6 +29,7 @@
 mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+mod inspect;
 mod log_store;
 mod mapping;
 mod network;
@@ -60,6 +61,14 @@ impl Backend for OpenraftBackend {
 
     async fn start(&self, ctx: EngineContext) -> Result<Arc<dyn Engine>, ConsensusError> {
         Ok(Arc::new(OpenraftEngine::start(ctx).await?))
+    }
+
+    fn inspect(
+        &self,
+        data_dir: &std::path::Path,
+        max_entries: usize,
+    ) -> Result<consensus_api::DataDirReport, ConsensusError> {
+        inspect::inspect(data_dir, max_entries)
     }
 
     fn hostile_frames(

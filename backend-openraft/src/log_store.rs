@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use crate::types::C;
 
 /// Metadata key of the vote.
-const META_VOTE: u8 = 1;
+pub(crate) const META_VOTE: u8 = 1;
 /// Metadata key of the committed log id.
-const META_COMMITTED: u8 = 2;
+pub(crate) const META_COMMITTED: u8 = 2;
 /// Metadata key set once this node bootstrapped a cluster.
 pub(crate) const META_BOOTSTRAPPED: u8 = 3;
 

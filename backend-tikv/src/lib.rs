@@ -30,6 +30,7 @@
 mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
+mod inspect;
 mod logger;
 mod mapping;
 mod node;
@@ -69,6 +70,14 @@ impl Backend for TikvBackend {
 
     async fn start(&self, ctx: EngineContext) -> Result<Arc<dyn Engine>, ConsensusError> {
         Ok(Arc::new(TikvEngine::start(ctx).await?))
+    }
+
+    fn inspect(
+        &self,
+        data_dir: &std::path::Path,
+        max_entries: usize,
+    ) -> Result<consensus_api::DataDirReport, ConsensusError> {
+        inspect::inspect(data_dir, max_entries)
     }
 
     fn hostile_frames(

@@ -24,7 +24,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 /// Metadata key of the hard state.
-const META_HARD_STATE: u8 = 1;
+pub(crate) const META_HARD_STATE: u8 = 1;
 
 /// Index and term of the snapshot every initial member writes when it bootstraps a cluster.
 /// Starting above zero means a node that joins later never replays the log from index 1 (it

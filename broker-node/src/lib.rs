@@ -10,5 +10,6 @@
 pub mod cli;
 pub mod config_file;
 pub mod demo;
+pub mod dump;
 pub mod http;
 pub mod wiring;

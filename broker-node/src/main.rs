@@ -120,6 +120,35 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Offline tools that read a data dir.
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Print a data dir's identity, hard state (term, vote, commit), membership, log bounds,
+    /// last entries and snapshot metadata, without starting a node (no lock is taken and
+    /// nothing is changed, so it also reads the dir of a running node, as it was when read).
+    #[command(
+        after_help = "Example:\n  broker debug dump --data-dir /var/lib/broker/1 --entries 50 -o json"
+    )]
+    Dump {
+        /// The data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How many of the last log entries to list.
+        #[arg(long, default_value_t = 20)]
+        entries: usize,
+        /// The engine that wrote it (default: the first compiled in).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = cli::Output::Table)]
+        output: cli::Output,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -659,6 +688,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Topics { cmd, conn } => client(&conn)?.topics(cmd).await,
         Cmd::Cluster { cmd, conn } => client(&conn)?.cluster(cmd).await,
         Cmd::Quorum { cmd, conn } => client(&conn)?.quorum(cmd).await,
+        Cmd::Debug {
+            cmd:
+                DebugCmd::Dump {
+                    data_dir,
+                    entries,
+                    backend,
+                    output,
+                },
+        } => {
+            let backend = wiring::backend(backend.as_deref())?;
+            let v = broker_node::dump::report(&*backend, &data_dir, entries)?;
+            println!("{}", broker_node::dump::render(&v, output)?);
+            Ok(())
+        }
     }
 }
 

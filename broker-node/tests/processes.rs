@@ -1243,6 +1243,46 @@ fn dev_keeps_its_cluster_across_restarts() {
     }
     stop(child);
 
+    // The stopped node's data dir, read offline: its identity, membership and log.
+    let node1 = data.join("node-1");
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "debug",
+            "dump",
+            "--data-dir",
+            &node1.display().to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("run debug dump");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(dump["identity"]["node_id"].as_u64(), Some(1), "{dump}");
+    assert_eq!(
+        ids(&dump["report"]["voters"]),
+        BTreeSet::from([1, 2, 3]),
+        "{dump}"
+    );
+    assert!(dump["report"]["term"].as_u64() > Some(0), "{dump}");
+    assert!(
+        dump["report"]["entries"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x["kind"] == "command")),
+        "{dump}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["debug", "dump", "--data-dir", &node1.display().to_string()])
+        .output()
+        .expect("run debug dump");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("membership   voters 1,2,3"), "{text}");
+
     let (child, lines) = dev(&args);
     assert!(
         lines

@@ -66,6 +66,80 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (leader, to, to_status);
         Vec::new()
     }
+
+    /// Reads the durable state in `data_dir` without starting a node, taking no lock and
+    /// changing nothing, for offline inspection (`broker debug dump`): the hard state (term,
+    /// vote, commit), the membership, the log's bounds and up to `max_entries` of its last
+    /// entries, and the snapshot's metadata, decoded from this engine's formats. The default
+    /// says the backend cannot.
+    fn inspect(
+        &self,
+        data_dir: &std::path::Path,
+        max_entries: usize,
+    ) -> Result<DataDirReport, ConsensusError> {
+        let _ = (data_dir, max_entries);
+        Err(ConsensusError::InvalidRequest(format!(
+            "the {} backend cannot inspect a data dir offline",
+            self.name()
+        )))
+    }
+}
+
+/// What [`Backend::inspect`] finds in a data directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DataDirReport {
+    /// The backend that read it.
+    pub backend: String,
+    /// The current term, as stored.
+    pub term: u64,
+    /// Whom this node voted for in `term`.
+    pub vote: Option<NodeId>,
+    /// The commit index as stored (engines may store a lower bound of it).
+    pub commit_index: u64,
+    /// Voters of the latest membership in the log or snapshot.
+    pub voters: BTreeSet<NodeId>,
+    /// Learners of that membership.
+    pub learners: BTreeSet<NodeId>,
+    /// First and last live log index (`None`: no entries).
+    pub log_bounds: Option<(u64, u64)>,
+    /// The last entry compacted away: index and term.
+    pub purged: Option<(u64, u64)>,
+    /// The last entries (at most the number asked for), oldest first.
+    pub entries: Vec<EntryReport>,
+    /// The stored snapshot, if any.
+    pub snapshot: Option<SnapshotReport>,
+    /// Anything unusual (a torn tail in the log file, an entry that does not decode).
+    pub notes: Vec<String>,
+}
+
+/// One log entry in a [`DataDirReport`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EntryReport {
+    /// Log index.
+    pub index: u64,
+    /// Term it was proposed in.
+    pub term: u64,
+    /// `command`, `membership` or `blank` (a new leader's empty entry).
+    pub kind: String,
+    /// Size of the command (or of the engine's payload), in bytes.
+    pub bytes: usize,
+    /// For membership entries, the change.
+    pub detail: Option<String>,
+}
+
+/// The stored snapshot in a [`DataDirReport`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotReport {
+    /// The last index it covers.
+    pub index: u64,
+    /// The term of that entry.
+    pub term: u64,
+    /// Size of the state machine's data in it.
+    pub data_bytes: u64,
+    /// Voters of the membership it records.
+    pub voters: BTreeSet<NodeId>,
+    /// Learners of that membership.
+    pub learners: BTreeSet<NodeId>,
 }
 
 /// One running Raft node, driven by a backend. Every method maps engine outcomes onto

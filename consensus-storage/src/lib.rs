@@ -30,7 +30,7 @@ mod record;
 mod snapshot;
 pub mod transfer;
 
-pub use log::{Entry, Log, LogOptions, LogState, SyncCallback};
+pub use log::{Entry, Log, LogOptions, LogState, LogView, SyncCallback};
 pub use snapshot::{SnapshotFile, SnapshotReader, SnapshotSink, SnapshotStore};
 
 /// Errors of the store. Every one names the file and what to do.

@@ -148,6 +148,20 @@ impl SnapshotStore {
         load(&*crate::fs::for_path(dir), &dir.join(FILE))
     }
 
+    /// The snapshot stored in data directory `dir`, opened read-only and checked (one pass over
+    /// the file, nothing held in memory but its metadata), without taking the directory's lock:
+    /// for offline inspection. `None` when there is none.
+    pub fn peek_file(dir: &Path) -> Result<Option<SnapshotFile>> {
+        let fs = crate::fs::for_path(dir);
+        let path = dir.join(FILE);
+        let handle = match fs.open(&path, OpenMode::Existing) {
+            Ok(h) => h,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io("open", &path, e)),
+        };
+        SnapshotFile::verify(fs, handle, &path, None).map(Some)
+    }
+
     /// The stored snapshot, opened for streaming and checked (one pass over the file), or
     /// `None` when there is none. The returned file stays readable after a newer snapshot
     /// replaces it.

@@ -249,7 +249,8 @@ impl<K: NodeKind> LocalCluster<K> {
         &self.combo
     }
 
-    fn data_dir(&self, id: NodeId) -> PathBuf {
+    /// The data dir of node `id`.
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
         self.root.path().join(format!("node-{id}"))
     }
 

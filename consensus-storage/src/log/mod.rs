@@ -427,3 +427,61 @@ impl Drop for Shared {
         }
     }
 }
+
+/// A read-only view of a data directory's log, for offline inspection (`broker debug dump`):
+/// reads and checks every record like [`Log::open`], but takes no lock and changes nothing (a
+/// torn tail is reported, not truncated), so it also works on the directory of a running node
+/// (then it shows the file as it was when read).
+#[derive(Debug)]
+pub struct LogView {
+    index: Index,
+    /// Size of the file and the end of its valid records.
+    pub file_bytes: u64,
+    /// End of the valid records (a torn tail starts here).
+    pub valid_bytes: u64,
+    /// Why the tail after `valid_bytes` is not valid, when it is torn.
+    pub torn: Option<String>,
+}
+
+impl LogView {
+    /// Reads the log of data directory `dir`; `None` when it has no log file.
+    pub fn read(dir: &Path) -> Result<Option<LogView>> {
+        let path = dir.join(LOG_FILE);
+        let buf = match crate::fs::for_path(dir).read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io("read", &path, e)),
+        };
+        let scan = replay::scan(&buf).map_err(|c| StorageError::Corrupt {
+            path: path.display().to_string(),
+            offset: c.offset,
+            reason: c.reason,
+        })?;
+        Ok(Some(LogView {
+            index: scan.index,
+            file_bytes: buf.len() as u64,
+            valid_bytes: scan.valid_len,
+            torn: scan.torn,
+        }))
+    }
+
+    /// First and last live index (`None` when no entry is live).
+    pub fn bounds(&self) -> Option<(u64, u64)> {
+        Some((self.index.first_index()?, self.index.last_index()?))
+    }
+
+    /// The last purged entry's index and term.
+    pub fn purged(&self) -> Option<(u64, u64)> {
+        self.index.purged().map(|(i, t, _)| (*i, *t))
+    }
+
+    /// Live entries in `[lo, hi)`.
+    pub fn entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
+        self.index.entries(lo, hi, None)
+    }
+
+    /// The metadata stored under `key`.
+    pub fn meta(&self, key: u8) -> Option<Bytes> {
+        self.index.meta(key).cloned()
+    }
+}

@@ -19,7 +19,8 @@ macro_rules! __durability_family {
             acknowledged_write_survives_leader_crash,
             full_cluster_restart_recovers_state_from_disk,
             snapshot_compacts_and_restart_restores_from_it,
-            lagging_node_catches_up_by_snapshot
+            lagging_node_catches_up_by_snapshot,
+            a_stopped_nodes_data_dir_reads_back_what_it_stored
         );
     };
 }
@@ -216,4 +217,54 @@ pub async fn lagging_node_catches_up_by_snapshot(combo: Combo) {
     c.put(lagging, "after", "catch-up")
         .await
         .expect("write through the caught-up node");
+}
+
+/// The backend's offline inspection (`Backend::inspect`, behind `broker debug dump`) of a
+/// stopped node's data dir reports what the node had: its term, its membership, a commit index
+/// and log end matching its last status, the commands it stored; and it changes nothing (the
+/// node restarts on the dir and catches up).
+///
+/// Reference: Raft paper §5.1, Figure 2 (the persistent state: current term, voted for, log).
+pub async fn a_stopped_nodes_data_dir_reads_back_what_it_stored(combo: Combo) {
+    let mut c = Cluster::start(
+        &combo,
+        "a_stopped_nodes_data_dir_reads_back_what_it_stored",
+        3,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..8 {
+        c.put(leader, &format!("k{i}"), "v").await.expect("write");
+    }
+    let follower = c.others(leader)[0];
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[follower], commit, SETTLE).await;
+    let last = c.statuses()[&follower].clone();
+    c.stop(follower).await;
+    let r = combo
+        .backend
+        .inspect(&c.data_dir(follower), 1_000)
+        .unwrap_or_else(|e| panic!("inspect node {follower}: {e}"));
+    assert_eq!(r.backend, combo.backend.name());
+    assert_eq!(r.term, last.term, "stored term: {r:?}");
+    assert_eq!(r.voters, last.voters, "membership: {r:?}");
+    assert!(r.learners.is_empty(), "{r:?}");
+    assert!(
+        r.commit_index > 0 && r.commit_index <= last.commit_index,
+        "stored commit {} against the status's {}: {r:?}",
+        r.commit_index,
+        last.commit_index
+    );
+    assert_eq!(
+        r.log_bounds.map(|b| b.1),
+        Some(last.last_log_index),
+        "log end: {r:?}"
+    );
+    let commands = r.entries.iter().filter(|e| e.kind == "command").count();
+    assert!(commands >= 8, "the 8 writes are commands in the log: {r:?}");
+    assert!(r.notes.is_empty(), "nothing unusual: {:?}", r.notes);
+    c.restart(follower).await;
+    c.put(leader, "after", "inspection").await.expect("write");
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[follower], commit, SETTLE).await;
 }

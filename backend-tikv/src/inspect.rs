@@ -1,0 +1,176 @@
+//! [`Backend::inspect`](consensus_api::Backend::inspect) for raft-rs data dirs: the hard state
+//! record, the conf state of the snapshot with the conf changes after it replayed, and the
+//! entries' protobuf encodings, read without a lock and without changing anything.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use consensus_api::{ConsensusError, DataDirReport, EntryReport, NodeId, SnapshotReport};
+use consensus_storage::{LogView, SnapshotStore};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    HardState, SnapshotMetadata,
+};
+
+use crate::storage::META_HARD_STATE;
+
+fn storage(e: impl std::fmt::Display) -> ConsensusError {
+    ConsensusError::Storage(e.to_string())
+}
+
+/// Applies one change to a voters/learners view.
+fn apply(voters: &mut BTreeSet<NodeId>, learners: &mut BTreeSet<NodeId>, c: &ConfChangeSingle) {
+    let id = c.node_id;
+    match c.get_change_type() {
+        ConfChangeType::AddNode => {
+            learners.remove(&id);
+            voters.insert(id);
+        }
+        ConfChangeType::AddLearnerNode => {
+            voters.remove(&id);
+            learners.insert(id);
+        }
+        ConfChangeType::RemoveNode => {
+            voters.remove(&id);
+            learners.remove(&id);
+        }
+    }
+}
+
+fn describe(changes: &[ConfChangeSingle]) -> String {
+    if changes.is_empty() {
+        return "leave the joint configuration".into();
+    }
+    changes
+        .iter()
+        .map(|c| {
+            let what = match c.get_change_type() {
+                ConfChangeType::AddNode => "voter",
+                ConfChangeType::AddLearnerNode => "learner",
+                ConfChangeType::RemoveNode => "remove",
+            };
+            format!("{what} {}", c.node_id)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The membership changes an entry carries, if it is a conf change.
+fn conf_changes(e: &Entry) -> Option<Result<Vec<ConfChangeSingle>, String>> {
+    match e.get_entry_type() {
+        EntryType::EntryConfChangeV2 => Some(
+            ConfChangeV2::parse_from_carllerche_bytes(&e.data)
+                .map(|cc| cc.changes.to_vec())
+                .map_err(|err| err.to_string()),
+        ),
+        EntryType::EntryConfChange => Some(
+            ConfChange::parse_from_carllerche_bytes(&e.data)
+                .map(|cc| {
+                    let mut s = ConfChangeSingle {
+                        node_id: cc.node_id,
+                        ..Default::default()
+                    };
+                    s.set_change_type(cc.get_change_type());
+                    vec![s]
+                })
+                .map_err(|err| err.to_string()),
+        ),
+        EntryType::EntryNormal => None,
+    }
+}
+
+pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, ConsensusError> {
+    let mut report = DataDirReport {
+        backend: "tikv".into(),
+        ..Default::default()
+    };
+    let mut conf = ConfState::default();
+    if let Some(file) = SnapshotStore::peek_file(dir).map_err(storage)? {
+        let meta = SnapshotMetadata::parse_from_bytes(file.meta()).map_err(storage)?;
+        conf = meta.get_conf_state().clone();
+        report.snapshot = Some(SnapshotReport {
+            index: meta.index,
+            term: meta.term,
+            data_bytes: file.data_len(),
+            voters: conf
+                .voters
+                .iter()
+                .chain(&conf.voters_outgoing)
+                .copied()
+                .collect(),
+            learners: conf
+                .learners
+                .iter()
+                .chain(&conf.learners_next)
+                .copied()
+                .collect(),
+        });
+    }
+    let mut voters: BTreeSet<NodeId> = conf.voters.iter().copied().collect();
+    let mut learners: BTreeSet<NodeId> = conf.learners.iter().copied().collect();
+    let Some(log) = LogView::read(dir).map_err(storage)? else {
+        report.notes.push("no log file".into());
+        report.voters = voters;
+        report.learners = learners;
+        return Ok(report);
+    };
+    if let Some(reason) = &log.torn {
+        report.notes.push(format!(
+            "torn tail: {} bytes after offset {} ({reason}); a start truncates it",
+            log.file_bytes - log.valid_bytes,
+            log.valid_bytes
+        ));
+    }
+    if let Some(b) = log.meta(META_HARD_STATE) {
+        let hs = HardState::parse_from_bytes(&b).map_err(storage)?;
+        report.term = hs.term;
+        report.vote = (hs.vote != 0).then_some(hs.vote);
+        report.commit_index = hs.commit;
+    }
+    report.purged = log.purged();
+    report.log_bounds = log.bounds();
+    let snapshot_index = report.snapshot.as_ref().map_or(0, |s| s.index);
+    if let Some((first, last)) = report.log_bounds {
+        let shown_from = last.saturating_sub(max_entries as u64 - 1).max(first);
+        for stored in log.entries(first, last + 1) {
+            let e = match Entry::parse_from_carllerche_bytes(&stored.data) {
+                Ok(e) => e,
+                Err(err) => {
+                    report
+                        .notes
+                        .push(format!("entry {}: undecodable: {err}", stored.index));
+                    continue;
+                }
+            };
+            let changes = conf_changes(&e);
+            // The membership as of the commit index: conf changes apply once committed.
+            if let Some(Ok(c)) = &changes {
+                if e.index > snapshot_index && e.index <= report.commit_index {
+                    for single in c {
+                        apply(&mut voters, &mut learners, single);
+                    }
+                }
+            }
+            if stored.index < shown_from || max_entries == 0 {
+                continue;
+            }
+            let (kind, detail) = match &changes {
+                Some(Ok(c)) => ("membership", Some(describe(c))),
+                Some(Err(err)) => ("membership", Some(format!("undecodable: {err}"))),
+                None if e.data.is_empty() => ("blank", None),
+                None => ("command", None),
+            };
+            report.entries.push(EntryReport {
+                index: e.index,
+                term: e.term,
+                kind: kind.into(),
+                bytes: e.data.len(),
+                detail,
+            });
+        }
+    }
+    report.voters = voters;
+    report.learners = learners;
+    Ok(report)
+}

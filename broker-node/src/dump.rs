@@ -1,0 +1,152 @@
+//! `broker debug dump`: a data dir's identity, hard state, membership, log and snapshot,
+//! read offline (no node is started, no lock taken, nothing changed), as text or JSON, like
+//! `kafka-dump-log` for the metadata log.
+
+use std::path::Path;
+
+use consensus_api::{data_dir, Backend};
+use serde_json::{json, Value};
+
+use crate::cli::{CliError, ExitKind, Output};
+
+fn ids(set: &std::collections::BTreeSet<u64>) -> String {
+    if set.is_empty() {
+        "-".into()
+    } else {
+        set.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// What `dump` prints for data dir `dir`, read with `backend`: the JSON form.
+pub fn report(backend: &dyn Backend, dir: &Path, entries: usize) -> Result<Value, CliError> {
+    if !dir.is_dir() {
+        return Err(CliError {
+            kind: ExitKind::NotFound,
+            message: format!("{} is not a directory", dir.display()),
+        });
+    }
+    let failed = |e: consensus_api::ConsensusError| CliError {
+        kind: ExitKind::Other,
+        message: format!(
+            "{}: {e} (read with the {} backend; another one may have written it: --backend)",
+            dir.display(),
+            backend.name()
+        ),
+    };
+    let identity = data_dir::read_identity(dir).map_err(failed)?;
+    let r = backend.inspect(dir, entries).map_err(failed)?;
+    Ok(json!({
+        "data_dir": dir.display().to_string(),
+        "identity": identity.map(|i| json!({
+            "cluster_id": i.cluster_id,
+            "node_id": i.node_id,
+            "incarnation": i.incarnation.to_string(),
+            "created_unix_ms": i.created_unix_ms,
+        })),
+        "report": serde_json::to_value(&r).map_err(|e| e.to_string())?,
+    }))
+}
+
+/// The text form of a [`report`].
+pub fn render(v: &Value, output: Output) -> Result<String, CliError> {
+    if output == Output::Json {
+        return serde_json::to_string_pretty(v).map_err(|e| CliError::from(e.to_string()));
+    }
+    let r = &v["report"];
+    let set = |k: &str| -> String {
+        let s: std::collections::BTreeSet<u64> = r[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        ids(&s)
+    };
+    let num = |x: &Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let mut out = vec![format!(
+        "data dir     {}",
+        v["data_dir"].as_str().unwrap_or("?")
+    )];
+    out.push(match &v["identity"] {
+        Value::Null => {
+            "identity     none (written before identity records, or not a data dir)".into()
+        }
+        i => format!(
+            "identity     cluster {}, node {}, incarnation {}, created {} (unix ms)",
+            i["cluster_id"].as_str().unwrap_or("?"),
+            num(&i["node_id"]),
+            i["incarnation"].as_str().unwrap_or("?"),
+            num(&i["created_unix_ms"])
+        ),
+    });
+    out.push(format!(
+        "backend      {}",
+        r["backend"].as_str().unwrap_or("?")
+    ));
+    out.push(format!(
+        "hard state   term {}, vote {}, commit {}",
+        num(&r["term"]),
+        num(&r["vote"]),
+        num(&r["commit_index"])
+    ));
+    out.push(format!(
+        "membership   voters {}; learners {}",
+        set("voters"),
+        set("learners")
+    ));
+    let bounds = match r["log_bounds"].as_array() {
+        Some(b) if b.len() == 2 => format!("entries {}..={}", num(&b[0]), num(&b[1])),
+        _ => "no entries".into(),
+    };
+    let purged = match r["purged"].as_array() {
+        Some(p) if p.len() == 2 => {
+            format!("; compacted through {} (term {})", num(&p[0]), num(&p[1]))
+        }
+        _ => String::new(),
+    };
+    out.push(format!("log          {bounds}{purged}"));
+    out.push(match &r["snapshot"] {
+        Value::Null => "snapshot     none".into(),
+        s => {
+            let of = |k: &str| -> String {
+                let ids: std::collections::BTreeSet<u64> = s[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                self::ids(&ids)
+            };
+            format!(
+                "snapshot     index {}, term {}, {} bytes of state; voters {}; learners {}",
+                num(&s["index"]),
+                num(&s["term"]),
+                num(&s["data_bytes"]),
+                of("voters"),
+                of("learners")
+            )
+        }
+    });
+    for n in r["notes"].as_array().into_iter().flatten() {
+        out.push(format!("note         {}", n.as_str().unwrap_or("?")));
+    }
+    let rows = r["entries"].as_array().cloned().unwrap_or_default();
+    if !rows.is_empty() {
+        out.push(String::new());
+        out.push(format!(
+            "{:>10}  {:>6}  {:<10}  {:>8}  DETAIL",
+            "INDEX", "TERM", "KIND", "BYTES"
+        ));
+        for e in rows {
+            out.push(format!(
+                "{:>10}  {:>6}  {:<10}  {:>8}  {}",
+                num(&e["index"]),
+                num(&e["term"]),
+                e["kind"].as_str().unwrap_or("?"),
+                num(&e["bytes"]),
+                e["detail"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    Ok(out.join("\n"))
+}
