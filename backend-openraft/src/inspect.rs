@@ -103,3 +103,87 @@ pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, C
     }
     Ok(report)
 }
+
+/// See [`consensus_api::Backend::force_voters`]: appends a membership entry with `voters` (the
+/// current learners stay learners; the addresses are the stored ones) in a term above every
+/// stored one, votes for this node in that term and records the entry as committed. openraft
+/// uses a membership as soon as it is in the log, so a restart runs with the new voters.
+pub(crate) fn force_voters(
+    dir: &Path,
+    me: NodeId,
+    voters: &BTreeSet<NodeId>,
+) -> Result<String, ConsensusError> {
+    use openraft::entry::RaftEntry as _;
+    // Takes the data dir's lock: a running node's dir is refused ("in use").
+    let log = consensus_storage::Log::open(dir).map_err(storage)?;
+    // The last membership: of the last membership entry in the log, else of the snapshot.
+    let mut last_membership: Option<openraft::Membership<NodeId, openraft::BasicNode>> = None;
+    if let Some(file) = SnapshotStore::peek_file(dir).map_err(storage)? {
+        let meta: SnapshotMetaOf<C> = codec::decode(file.meta()).map_err(storage)?;
+        last_membership = Some(meta.last_membership.membership().clone());
+    }
+    let st = log.state();
+    let (mut last, mut last_term) = st.purged.map_or((0, 0), |p| (p.0, p.1));
+    if let Some(l) = st.last_index {
+        last = l;
+        last_term = log.term(l).unwrap_or(0);
+        let first = st.first_index.unwrap_or(l);
+        for stored in log.entries(first, l + 1, None) {
+            let e: EntryOf<C> = codec::decode(&stored.data).map_err(storage)?;
+            if let EntryPayload::Membership(m) = e.payload {
+                last_membership = Some(m);
+            }
+        }
+    }
+    let Some(current) = last_membership else {
+        return Err(ConsensusError::InvalidRequest(
+            "this data dir holds no membership: nothing to recover".into(),
+        ));
+    };
+    let nodes: std::collections::BTreeMap<NodeId, openraft::BasicNode> =
+        current.nodes().map(|(id, n)| (*id, n.clone())).collect();
+    let members: BTreeSet<NodeId> = nodes.keys().copied().collect();
+    consensus_api::check_forced_voters(me, voters, &members)?;
+    let old_voters: BTreeSet<NodeId> = current.voter_ids().collect();
+    let learners: BTreeSet<NodeId> = current.learner_ids().collect();
+    let kept: std::collections::BTreeMap<NodeId, openraft::BasicNode> = nodes
+        .into_iter()
+        .filter(|(id, _)| voters.contains(id) || learners.contains(id))
+        .collect();
+    let membership = openraft::Membership::new(vec![voters.clone()], kept).map_err(storage)?;
+    let vote: Option<VoteOf<C>> = match log.meta(META_VOTE) {
+        Some(b) => Some(codec::decode(&b).map_err(storage)?),
+        None => None,
+    };
+    let term = vote.map_or(0, |v| v.leader_id.term).max(last_term) + 1;
+    let log_id: LogIdOf<C> = openraft::LogId::new_term_index(term, last + 1);
+    let entry = EntryOf::<C>::new_membership(log_id, membership);
+    let sync = |r: consensus_storage::Result<()>| r.map_err(storage);
+    sync(log.append(
+        vec![consensus_storage::Entry {
+            index: last + 1,
+            term,
+            data: codec::encode(&entry).map_err(storage)?.into(),
+        }],
+        None,
+    ))?;
+    let vote: VoteOf<C> = openraft::Vote::new(term, me);
+    sync(log.set_meta(
+        META_VOTE,
+        codec::encode(&vote).map_err(storage)?.into(),
+        None,
+    ))?;
+    let committed: Option<LogIdOf<C>> = Some(log_id);
+    sync(log.set_meta(
+        META_COMMITTED,
+        codec::encode(&committed).map_err(storage)?.into(),
+        None,
+    ))?;
+    sync(log.sync())?;
+    log.close();
+    Ok(format!(
+        "forced voters {voters:?} (were {old_voters:?}): a membership entry at index {} in term \
+         {term}; the log through it now counts as committed",
+        last + 1
+    ))
+}

@@ -71,6 +71,15 @@ impl Backend for OpenraftBackend {
         inspect::inspect(data_dir, max_entries)
     }
 
+    fn force_voters(
+        &self,
+        data_dir: &std::path::Path,
+        me: NodeId,
+        voters: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<String, ConsensusError> {
+        inspect::force_voters(data_dir, me, voters)
+    }
+
     fn hostile_frames(
         &self,
         leader: NodeId,

@@ -174,3 +174,101 @@ pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, C
     report.learners = learners;
     Ok(report)
 }
+
+/// The membership as of the end of the log: the snapshot's conf state with every conf change
+/// after it applied (a forced recovery commits the whole log).
+fn membership_at_log_end(
+    dir: &Path,
+) -> Result<(BTreeSet<NodeId>, BTreeSet<NodeId>), ConsensusError> {
+    let mut voters = BTreeSet::new();
+    let mut learners = BTreeSet::new();
+    let mut snapshot_index = 0;
+    if let Some(file) = SnapshotStore::peek_file(dir).map_err(storage)? {
+        let meta = SnapshotMetadata::parse_from_bytes(file.meta()).map_err(storage)?;
+        let cs = meta.get_conf_state();
+        voters = cs
+            .voters
+            .iter()
+            .chain(&cs.voters_outgoing)
+            .copied()
+            .collect();
+        learners = cs
+            .learners
+            .iter()
+            .chain(&cs.learners_next)
+            .copied()
+            .collect();
+        snapshot_index = meta.index;
+    }
+    if let Some(log) = LogView::read(dir).map_err(storage)? {
+        if let Some((first, last)) = log.bounds() {
+            for stored in log.entries(first.max(snapshot_index + 1), last + 1) {
+                let e = Entry::parse_from_carllerche_bytes(&stored.data).map_err(storage)?;
+                if let Some(changes) = conf_changes(&e) {
+                    for c in changes.map_err(storage)? {
+                        apply(&mut voters, &mut learners, &c);
+                    }
+                }
+            }
+        }
+    }
+    Ok((voters, learners))
+}
+
+/// See [`consensus_api::Backend::force_voters`]: appends one single-node conf change per voter
+/// to remove or learner to promote, in a term above every stored one, and a hard state that
+/// votes for this node and commits the whole log. raft-rs applies the changes on restart (a
+/// simple change each, no joint configuration that the lost nodes would have to leave).
+pub(crate) fn force_voters(
+    dir: &Path,
+    me: NodeId,
+    voters: &BTreeSet<NodeId>,
+) -> Result<String, ConsensusError> {
+    use raft::Storage as _;
+    // Takes the data dir's lock: a running node's dir is refused ("in use").
+    let mut st = crate::storage::DiskStorage::open_for(Some(me), dir).map_err(storage)?;
+    let (current, learners) = membership_at_log_end(dir)?;
+    let members: BTreeSet<NodeId> = current.union(&learners).copied().collect();
+    consensus_api::check_forced_voters(me, voters, &members)?;
+    let last = st.last_index().map_err(storage)?;
+    let last_term = st.term(last).map_err(storage)?;
+    let mut hs = st.hard_state().clone();
+    let term = hs.term.max(last_term) + 1;
+    let mut changes = Vec::new();
+    for id in current.difference(voters) {
+        changes.push((*id, ConfChangeType::RemoveNode));
+    }
+    for id in voters.difference(&current) {
+        changes.push((*id, ConfChangeType::AddNode));
+    }
+    let mut entries = Vec::new();
+    for (i, (id, ty)) in changes.iter().enumerate() {
+        let mut cc = ConfChange {
+            node_id: *id,
+            ..Default::default()
+        };
+        cc.set_change_type(*ty);
+        let mut e = Entry {
+            index: last + 1 + i as u64,
+            term,
+            data: cc.write_to_bytes().map_err(storage)?.into(),
+            ..Default::default()
+        };
+        e.set_entry_type(EntryType::EntryConfChange);
+        entries.push(e);
+    }
+    st.append(&entries).map_err(storage)?;
+    hs.term = term;
+    hs.vote = me;
+    hs.commit = last + entries.len() as u64;
+    st.set_hard_state(&hs).map_err(storage)?;
+    st.log().sync().map_err(storage)?;
+    Ok(format!(
+        "forced voters {voters:?} (were {current:?}): {} conf change(s) at {}..={} in term {term}; \
+         the log through index {} now counts as committed",
+        entries.len(),
+        last + 1,
+        last + entries.len() as u64,
+        hs.commit
+    ))
+}

@@ -322,6 +322,11 @@ impl DiskStorage {
         self.log.append(out, None).map_err(disk)
     }
 
+    /// The stored hard state.
+    pub(crate) fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
     /// Persists a new hard state.
     pub(crate) fn set_hard_state(&mut self, hs: &HardState) -> raft::Result<()> {
         let bytes = hs.write_to_bytes().map_err(other)?;

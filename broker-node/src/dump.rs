@@ -150,3 +150,56 @@ pub fn render(v: &Value, output: Output) -> Result<String, CliError> {
     }
     Ok(out.join("\n"))
 }
+
+/// `broker debug force-voters`: checks the data dir belongs to node `id`, runs the backend's
+/// forced recovery, and appends what it did to the data dir's `RECOVERY.log`.
+pub fn force_voters(
+    backend: &dyn Backend,
+    dir: &Path,
+    id: u64,
+    voters: &std::collections::BTreeSet<u64>,
+) -> Result<(), CliError> {
+    let failed = |kind, e: String| CliError {
+        kind,
+        message: format!("{}: {e}", dir.display()),
+    };
+    if let Some(identity) =
+        data_dir::read_identity(dir).map_err(|e| failed(ExitKind::Other, e.to_string()))?
+    {
+        if identity.node_id != id {
+            return Err(failed(
+                ExitKind::Invalid,
+                format!(
+                    "this data dir belongs to node {}, not {id}",
+                    identity.node_id
+                ),
+            ));
+        }
+    }
+    eprintln!(
+        "WARNING: forcing the voters of node {id} to {voters:?}: unsafe, for a permanent loss \
+         of quorum only"
+    );
+    let done = backend.force_voters(dir, id, voters).map_err(|e| {
+        let kind = match e.kind() {
+            consensus_api::ErrorKind::InvalidRequest => ExitKind::Invalid,
+            _ => ExitKind::Other,
+        };
+        failed(kind, e.to_string())
+    })?;
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let record = format!("{at} unix ms: node {id}: {done}\n");
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("RECOVERY.log"))
+        .and_then(|mut f| f.write_all(record.as_bytes()).and_then(|()| f.sync_all()))
+        .map_err(|e| failed(ExitKind::Other, format!("writing RECOVERY.log: {e}")))?;
+    println!("{done}");
+    println!("recorded in {}", dir.join("RECOVERY.log").display());
+    Ok(())
+}

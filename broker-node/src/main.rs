@@ -149,6 +149,35 @@ enum DebugCmd {
         #[arg(long, short, value_enum, default_value_t = cli::Output::Table)]
         output: cli::Output,
     },
+    /// UNSAFE disaster recovery after a permanent loss of a quorum: rewrite a stopped
+    /// survivor's data dir so that, started again, it runs with exactly --voters as the voting
+    /// set. Every entry in its log then counts as committed, and what only the lost nodes had
+    /// is gone. Run it on each survivor with the same --voters (or on the most up-to-date one
+    /// with itself alone), start them, then replace the lost nodes. Recorded in the data dir's
+    /// RECOVERY.log.
+    #[command(
+        name = "force-voters",
+        after_help = "Example (nodes 2 and 3 are lost for good; node 1 survives):\n  \
+                      broker debug force-voters --data-dir /var/lib/broker/1 --id 1 --voters 1 \\\n    \
+                      --unsafe-lose-uncommitted-writes"
+    )]
+    ForceVoters {
+        /// The stopped survivor's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The survivor's node id.
+        #[arg(long)]
+        id: NodeId,
+        /// The new voting set, comma-separated; must include --id.
+        #[arg(long, value_delimiter = ',', required = true)]
+        voters: Vec<NodeId>,
+        /// The engine that wrote the data dir (default: the first compiled in).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Says you understand this is unsafe (required).
+        #[arg(long)]
+        unsafe_lose_uncommitted_writes: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -701,6 +730,31 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let v = broker_node::dump::report(&*backend, &data_dir, entries)?;
             println!("{}", broker_node::dump::render(&v, output)?);
             Ok(())
+        }
+        Cmd::Debug {
+            cmd:
+                DebugCmd::ForceVoters {
+                    data_dir,
+                    id,
+                    voters,
+                    backend,
+                    unsafe_lose_uncommitted_writes,
+                },
+        } => {
+            if !unsafe_lose_uncommitted_writes {
+                return Err(CliError {
+                    kind: ExitKind::Usage,
+                    message: "force-voters is unsafe (entries the cluster never committed may \
+                              commit, and what only the lost nodes had is gone): pass \
+                              --unsafe-lose-uncommitted-writes to go ahead"
+                        .into(),
+                });
+            }
+            let backend = wiring::backend(backend.as_deref())?;
+            let voters: std::collections::BTreeSet<NodeId> = voters.into_iter().collect();
+            Ok(broker_node::dump::force_voters(
+                &*backend, &data_dir, id, &voters,
+            )?)
         }
     }
 }

@@ -83,6 +83,54 @@ pub trait Backend: Send + Sync + 'static {
             self.name()
         )))
     }
+
+    /// Disaster recovery, **unsafe**: rewrites the durable state in `data_dir` of the stopped
+    /// node `me` so that, started again, it runs with exactly `voters` as the voting set,
+    /// after a permanent loss of a quorum of the old one (hashicorp raft's `RecoverCluster`).
+    /// Every entry in this node's log counts as committed from then on: entries the cluster
+    /// had not committed may commit, and entries only the lost nodes had are gone. Run it on
+    /// each survivor with the same `voters` (or on the most up-to-date survivor with itself
+    /// alone, then add the others back), start them, and replace the lost nodes.
+    ///
+    /// Obligations: refuse a running node's data dir (its lock is held: "in use"), a `voters`
+    /// without `me`, and a voter that is not a member in the stored membership
+    /// (`InvalidRequest`), changing nothing; otherwise write the new configuration durably, in
+    /// the engine's own formats, so a plain restart uses it. Returns a description of what was
+    /// written, for the operator's record. The default says the backend cannot.
+    fn force_voters(
+        &self,
+        data_dir: &std::path::Path,
+        me: NodeId,
+        voters: &BTreeSet<NodeId>,
+    ) -> Result<String, ConsensusError> {
+        let _ = (data_dir, me, voters);
+        Err(ConsensusError::InvalidRequest(format!(
+            "the {} backend has no forced recovery",
+            self.name()
+        )))
+    }
+}
+
+/// Checks a forced voter set against the stored membership (for
+/// [`Backend::force_voters`] implementations): `me` must be in it and every voter a member.
+pub fn check_forced_voters(
+    me: NodeId,
+    voters: &BTreeSet<NodeId>,
+    members: &BTreeSet<NodeId>,
+) -> Result<(), ConsensusError> {
+    if !voters.contains(&me) {
+        return Err(ConsensusError::InvalidRequest(format!(
+            "node {me} must be one of the forced voters: run the recovery on each survivor \
+             that is to vote"
+        )));
+    }
+    if let Some(stranger) = voters.iter().find(|v| !members.contains(v)) {
+        return Err(ConsensusError::InvalidRequest(format!(
+            "node {stranger} is not a member in this data dir's membership {members:?}: only \
+             survivors that hold the log can be forced voters; add new nodes afterwards"
+        )));
+    }
+    Ok(())
 }
 
 /// What [`Backend::inspect`] finds in a data directory.

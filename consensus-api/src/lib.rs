@@ -97,7 +97,9 @@ pub mod backend_support {
 
 pub use config::{NodeConfig, TlsConfig, TransportConfig, MAX_SNAPSHOT_CHUNK_BYTES};
 pub use data_dir::NewDataDir;
-pub use engine::{Backend, DataDirReport, Engine, EngineContext, EntryReport, SnapshotReport};
+pub use engine::{
+    check_forced_voters, Backend, DataDirReport, Engine, EngineContext, EntryReport, SnapshotReport,
+};
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;
 pub use node::{members, Consensus};

@@ -19,6 +19,7 @@ macro_rules! __membership_family {
             add_learner_promote_it_and_remove_a_voter,
             a_learner_that_cannot_be_reached_is_added_but_not_promoted,
             a_wiped_initial_member_does_not_come_back_as_a_voter,
+            forced_recovery_brings_back_a_cluster_that_lost_its_majority,
             leadership_transfers_to_the_named_node
         );
     };
@@ -241,6 +242,87 @@ pub async fn a_wiped_initial_member_does_not_come_back_as_a_voter(combo: Combo) 
         Some("v".into()),
         "the replacement caught up"
     );
+}
+
+/// Disaster recovery: two of three voters are lost for good, so the survivor cannot commit.
+/// The forced recovery (`Backend::force_voters`, unsafe) is refused while the survivor runs and
+/// for a voter set without it or with a stranger; on its stopped data dir it makes the survivor
+/// the only voter, and restarted, the survivor leads and commits, with every acknowledged write
+/// still there. A replacement then joins it as usual.
+///
+/// Reference: hashicorp raft's `RecoverCluster` (manual recovery after a permanent loss of
+/// quorum); etcd's `--force-new-cluster`.
+pub async fn forced_recovery_brings_back_a_cluster_that_lost_its_majority(combo: Combo) {
+    let mut c = Cluster::start(
+        &combo,
+        "forced_recovery_brings_back_a_cluster_that_lost_its_majority",
+        3,
+    )
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    for i in 0..10 {
+        c.put(leader, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .expect("write");
+    }
+    let survivor = c.others(leader)[0];
+    let commit = c.statuses()[&leader].commit_index;
+    c.wait_applied(&[survivor], commit, SETTLE).await;
+    let dir = c.data_dir(survivor);
+    let alone = BTreeSet::from([survivor]);
+    let refused = combo
+        .backend
+        .force_voters(&dir, survivor, &alone)
+        .expect_err("a running node's data dir");
+    assert!(refused.to_string().contains("in use"), "{refused}");
+    for lost in [1, 2, 3].into_iter().filter(|i| *i != survivor) {
+        c.stop(lost).await;
+    }
+    c.stop(survivor).await;
+    let other = [1u64, 2, 3]
+        .into_iter()
+        .find(|i| *i != survivor)
+        .unwrap_or(1);
+    let without_me = BTreeSet::from([other]);
+    let e = combo
+        .backend
+        .force_voters(&dir, survivor, &without_me)
+        .expect_err("a voter set without this node");
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let e = combo
+        .backend
+        .force_voters(&dir, survivor, &BTreeSet::from([survivor, 9]))
+        .expect_err("a stranger as voter");
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let done = combo
+        .backend
+        .force_voters(&dir, survivor, &alone)
+        .unwrap_or_else(|e| panic!("forced recovery: {e}"));
+    eprintln!("node {survivor}: {done}");
+    c.restart(survivor).await;
+    assert_eq!(c.wait_leader_among(&[survivor], ELECTION).await, survivor);
+    c.wait_statuses(SETTLE, |st| st[&survivor].voters == alone)
+        .await
+        .unwrap_or_else(|e| panic!("the survivor is not the only voter: {e}"));
+    c.put(survivor, "after", "recovery")
+        .await
+        .expect("the survivor commits alone");
+    for i in 0..10 {
+        assert_eq!(
+            c.get(survivor, &format!("k{i}")).await.expect("read"),
+            Some(format!("v{i}")),
+            "an acknowledged write was lost in the recovery"
+        );
+    }
+    // Back to three: a new node joins the recovered cluster the usual way.
+    let addr = c.add_fresh_node(4).await;
+    c.on(survivor, move |n| async move {
+        n.add_learner(4, addr.to_string()).await?;
+        n.change_voters(BTreeSet::from([survivor, 4])).await
+    })
+    .await
+    .expect("grow the recovered cluster");
+    c.put(survivor, "grown", "yes").await.expect("write");
 }
 
 /// Leadership moves to the node named in a transfer request, and it commits.
