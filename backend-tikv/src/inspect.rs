@@ -115,13 +115,7 @@ pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, C
         report.learners = learners;
         return Ok(report);
     };
-    if let Some(reason) = &log.torn {
-        report.notes.push(format!(
-            "torn tail: {} bytes after offset {} ({reason}); a start truncates it",
-            log.file_bytes - log.valid_bytes,
-            log.valid_bytes
-        ));
-    }
+    report.notes.extend(log.torn_note());
     if let Some(b) = log.meta(META_HARD_STATE) {
         let hs = HardState::parse_from_bytes(&b).map_err(storage)?;
         report.term = hs.term;

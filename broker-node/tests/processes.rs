@@ -531,17 +531,7 @@ async fn topics_survive_sigkill_of_the_consensus_leader() {
         assert!(Instant::now() < deadline, "restarted node: {image:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, metrics) = http::request(
-        &nodes[victim].admin.to_string(),
-        Some(&tls()),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("metrics");
-    assert_eq!(status, 200);
+    let metrics = metrics_of(nodes[victim].admin).await;
     assert!(metrics.contains("broker_topics"), "{metrics}");
     for gauge in [
         "broker_offline_partitions",
@@ -1567,6 +1557,22 @@ async fn membership_changes_from_the_cli() {
     drop((n4, n5));
 }
 
+/// `GET /metrics` of node `admin`: the Prometheus text.
+async fn metrics_of(admin: SocketAddr) -> String {
+    let (status, text) = http::request(
+        &admin.to_string(),
+        Some(&tls()),
+        "GET",
+        "/metrics",
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("metrics");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
 /// The series named `name` in Prometheus text `text`: each one's labels and value.
 fn series(text: &str, name: &str) -> Vec<(String, f64)> {
     text.lines()
@@ -1590,17 +1596,7 @@ fn series(text: &str, name: &str) -> Vec<(String, f64)> {
 async fn leader_metrics_are_listed(admin4: SocketAddr) {
     let deadline = Instant::now() + DEADLINE;
     let text = loop {
-        let (status, text) = http::request(
-            &admin4.to_string(),
-            Some(&tls()),
-            "GET",
-            "/metrics",
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("metrics");
-        assert_eq!(status, 200);
+        let text = metrics_of(admin4).await;
         // The status gauges refresh every 100 ms: wait for the leadership to show.
         let leads = series(&text, "consensus_role")
             .iter()

@@ -465,6 +465,17 @@ impl LogView {
         }))
     }
 
+    /// A line for an operator about the torn tail, if there is one.
+    pub fn torn_note(&self) -> Option<String> {
+        self.torn.as_ref().map(|reason| {
+            format!(
+                "torn tail: {} bytes after offset {} ({reason}); a start truncates it",
+                self.file_bytes - self.valid_bytes,
+                self.valid_bytes
+            )
+        })
+    }
+
     /// First and last live index (`None` when no entry is live).
     pub fn bounds(&self) -> Option<(u64, u64)> {
         Some((self.index.first_index()?, self.index.last_index()?))
