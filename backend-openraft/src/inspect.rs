@@ -60,7 +60,9 @@ pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, C
     report.purged = log.purged();
     report.log_bounds = log.bounds();
     if let Some((first, last)) = report.log_bounds {
-        let shown_from = last.saturating_sub(max_entries as u64 - 1).max(first);
+        let shown_from = last
+            .saturating_sub((max_entries as u64).saturating_sub(1))
+            .max(first);
         for stored in log.entries(first, last + 1) {
             let e: EntryOf<C> = match codec::decode(&stored.data) {
                 Ok(e) => e,

@@ -126,7 +126,9 @@ pub(crate) fn inspect(dir: &Path, max_entries: usize) -> Result<DataDirReport, C
     report.log_bounds = log.bounds();
     let snapshot_index = report.snapshot.as_ref().map_or(0, |s| s.index);
     if let Some((first, last)) = report.log_bounds {
-        let shown_from = last.saturating_sub(max_entries as u64 - 1).max(first);
+        let shown_from = last
+            .saturating_sub((max_entries as u64).saturating_sub(1))
+            .max(first);
         for stored in log.entries(first, last + 1) {
             let e = match Entry::parse_from_carllerche_bytes(&stored.data) {
                 Ok(e) => e,

@@ -263,6 +263,12 @@ pub async fn a_stopped_nodes_data_dir_reads_back_what_it_stored(combo: Combo) {
     let commands = r.entries.iter().filter(|e| e.kind == "command").count();
     assert!(commands >= 8, "the 8 writes are commands in the log: {r:?}");
     assert!(r.notes.is_empty(), "nothing unusual: {:?}", r.notes);
+    let none = combo
+        .backend
+        .inspect(&c.data_dir(follower), 0)
+        .unwrap_or_else(|e| panic!("inspect without entries: {e}"));
+    assert!(none.entries.is_empty(), "no entry was asked for: {none:?}");
+    assert_eq!(none.log_bounds, r.log_bounds);
     c.restart(follower).await;
     c.put(leader, "after", "inspection").await.expect("write");
     let commit = c.statuses()[&leader].commit_index;
