@@ -8,7 +8,7 @@
 //! | name | kind | labels | what |
 //! |---|---|---|---|
 //! | `consensus_proposals_total` | counter | `outcome` | proposals made through this node: `ok`, `refused` (not taken: not leader, invalid, shutting down), `unknown` (timeout, outcome unknown), `failed` (storage, transport, internal) |
-//! | `consensus_proposals_forwarded_total` | counter | | proposals this node forwarded to the leader |
+//! | `consensus_proposals_forwarded_total` | counter | | proposals this node forwarded to the leader (each attempt) |
 //! | `consensus_proposal_duration_seconds` | histogram | | proposal to answer, successful ones |
 //! | `consensus_read_index_duration_seconds` | histogram | | a linearizable read barrier, successful ones |
 //! | `consensus_role` | gauge | `role` | 1 for the node's current role (`leader`, `candidate`, `follower`, `learner`, `shutdown`), 0 for the others |
