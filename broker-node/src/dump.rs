@@ -9,7 +9,14 @@ use serde_json::{json, Value};
 
 use crate::cli::{CliError, ExitKind, Output};
 
-fn ids(set: &std::collections::BTreeSet<u64>) -> String {
+/// A JSON array of node ids as `1,2,3` (`-` when empty).
+fn ids(v: &Value) -> String {
+    let set: std::collections::BTreeSet<u64> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
     if set.is_empty() {
         "-".into()
     } else {
@@ -53,15 +60,6 @@ pub fn render(v: &Value, output: Output) -> Result<String, CliError> {
         return serde_json::to_string_pretty(v).map_err(|e| CliError::from(e.to_string()));
     }
     let r = &v["report"];
-    let set = |k: &str| -> String {
-        let s: std::collections::BTreeSet<u64> = r[k]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_u64)
-            .collect();
-        ids(&s)
-    };
     let num = |x: &Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
     let mut out = vec![format!(
         "data dir     {}",
@@ -91,8 +89,8 @@ pub fn render(v: &Value, output: Output) -> Result<String, CliError> {
     ));
     out.push(format!(
         "membership   voters {}; learners {}",
-        set("voters"),
-        set("learners")
+        ids(&r["voters"]),
+        ids(&r["learners"])
     ));
     let bounds = match r["log_bounds"].as_array() {
         Some(b) if b.len() == 2 => format!("entries {}..={}", num(&b[0]), num(&b[1])),
@@ -108,22 +106,13 @@ pub fn render(v: &Value, output: Output) -> Result<String, CliError> {
     out.push(match &r["snapshot"] {
         Value::Null => "snapshot     none".into(),
         s => {
-            let of = |k: &str| -> String {
-                let ids: std::collections::BTreeSet<u64> = s[k]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_u64)
-                    .collect();
-                self::ids(&ids)
-            };
             format!(
                 "snapshot     index {}, term {}, {} bytes of state; voters {}; learners {}",
                 num(&s["index"]),
                 num(&s["term"]),
                 num(&s["data_bytes"]),
-                of("voters"),
-                of("learners")
+                ids(&s["voters"]),
+                ids(&s["learners"])
             )
         }
     });
