@@ -183,3 +183,64 @@ pub(crate) fn force_voters(
         last + 1
     ))
 }
+
+/// See [`consensus_api::Backend::seed`]: a snapshot file at log id (term 1, `index`) with the
+/// image and a membership of `members` as voters (the same on every member), the log purged up
+/// to that id and it recorded as committed, so openraft starts from the snapshot as after a
+/// compaction.
+pub(crate) fn seed(
+    dir: &Path,
+    members: &std::collections::BTreeMap<NodeId, String>,
+    index: u64,
+    image: &mut dyn std::io::Read,
+) -> Result<String, ConsensusError> {
+    // Takes the data dir's lock.
+    let log = consensus_storage::Log::open(dir).map_err(storage)?;
+    let store = crate::log_store::LogStore::new(log.clone(), u64::MAX);
+    let snapshots = log.snapshot_store().map_err(storage)?;
+    if !store.is_fresh() || snapshots.current().map_err(storage)?.is_some() {
+        log.close();
+        return Err(ConsensusError::InvalidRequest(format!(
+            "{} already holds a node's state: a restore writes only a new data dir",
+            dir.display()
+        )));
+    }
+    let index = index.max(1);
+    let log_id: LogIdOf<C> = openraft::LogId::new_term_index(1, index);
+    let nodes: std::collections::BTreeMap<NodeId, openraft::BasicNode> = members
+        .iter()
+        .map(|(id, addr)| (*id, openraft::BasicNode::new(addr)))
+        .collect();
+    let voters: BTreeSet<NodeId> = nodes.keys().copied().collect();
+    let membership = openraft::Membership::new(vec![voters], nodes).map_err(storage)?;
+    let meta: SnapshotMetaOf<C> = openraft::SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: openraft::StoredMembership::new(Some(log_id), membership),
+    };
+    let written = (|| {
+        let mut sink = snapshots
+            .create(&codec::encode(&meta).map_err(storage)?)
+            .map_err(storage)?;
+        std::io::copy(image, &mut sink)
+            .map_err(|e| storage(format!("reading the backup's image: {e}")))?;
+        let file = sink.seal().map_err(storage)?;
+        snapshots.install(&file).map_err(storage)?;
+        let note = bytes::Bytes::from(codec::encode(&log_id).map_err(storage)?);
+        log.purge(index, 1, note, None).map_err(storage)?;
+        let committed: Option<LogIdOf<C>> = Some(log_id);
+        log.set_meta(
+            META_COMMITTED,
+            codec::encode(&committed).map_err(storage)?.into(),
+            None,
+        )
+        .map_err(storage)?;
+        log.sync().map_err(storage)?;
+        Ok::<_, ConsensusError>(file.data_len())
+    })();
+    log.close();
+    let bytes = written?;
+    Ok(format!(
+        "a snapshot at index {index} (term 1) of {bytes} bytes with voters {:?}, committed",
+        members.keys().collect::<Vec<_>>()
+    ))
+}

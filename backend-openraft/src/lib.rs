@@ -80,6 +80,17 @@ impl Backend for OpenraftBackend {
         inspect::force_voters(data_dir, me, voters)
     }
 
+    fn seed(
+        &self,
+        data_dir: &std::path::Path,
+        _me: NodeId,
+        members: &std::collections::BTreeMap<NodeId, String>,
+        index: u64,
+        image: &mut dyn std::io::Read,
+    ) -> Result<String, ConsensusError> {
+        inspect::seed(data_dir, members, index, image)
+    }
+
     fn hostile_frames(
         &self,
         leader: NodeId,

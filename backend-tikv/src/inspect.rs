@@ -268,3 +268,30 @@ pub(crate) fn force_voters(
         hs.commit
     ))
 }
+
+/// See [`consensus_api::Backend::seed`]: a snapshot at `index` with the image and the members'
+/// addresses, its conf state naming them voters, and a hard state committing it: what an
+/// initial member writes when it bootstraps, at the backup's index.
+pub(crate) fn seed(
+    dir: &Path,
+    me: NodeId,
+    members: &std::collections::BTreeMap<NodeId, String>,
+    index: u64,
+    image: &mut dyn std::io::Read,
+) -> Result<String, ConsensusError> {
+    let mut st = crate::storage::DiskStorage::open_for(Some(me), dir).map_err(storage)?;
+    if !st.is_fresh() {
+        return Err(ConsensusError::InvalidRequest(format!(
+            "{} already holds a node's state: a restore writes only a new data dir",
+            dir.display()
+        )));
+    }
+    let index = index.max(1);
+    st.seed(members, index, image).map_err(storage)?;
+    let bytes = st.snapshot_file().map_or(0, |f| f.data_len());
+    st.log().close();
+    Ok(format!(
+        "a snapshot at index {index} (term 1) of {bytes} bytes with voters {:?}, committed",
+        members.keys().collect::<Vec<_>>()
+    ))
+}

@@ -39,7 +39,7 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -87,6 +87,17 @@ impl Backend for TikvBackend {
         voters: &std::collections::BTreeSet<NodeId>,
     ) -> Result<String, ConsensusError> {
         inspect::force_voters(data_dir, me, voters)
+    }
+
+    fn seed(
+        &self,
+        data_dir: &std::path::Path,
+        me: NodeId,
+        members: &BTreeMap<NodeId, String>,
+        index: u64,
+        image: &mut dyn std::io::Read,
+    ) -> Result<String, ConsensusError> {
+        inspect::seed(data_dir, me, members, index, image)
     }
 
     fn hostile_frames(

@@ -281,6 +281,44 @@ impl DiskStorage {
         self.log.sync().map_err(disk)
     }
 
+    /// Writes the state of a cluster restored from a backup: a snapshot file at `index` (in
+    /// [`BOOTSTRAP_TERM`], the same on every member) whose data is `addresses` and the image
+    /// streamed from `image`, with `addresses`' ids as its voters, and a hard state committing
+    /// it, durably. Only for a fresh data dir.
+    pub(crate) fn seed(
+        &mut self,
+        addresses: &BTreeMap<NodeId, String>,
+        index: u64,
+        image: &mut dyn Read,
+    ) -> raft::Result<()> {
+        let mut meta = SnapshotMetadata::default();
+        meta.set_conf_state(ConfState {
+            voters: addresses.keys().copied().collect(),
+            ..Default::default()
+        });
+        meta.index = index;
+        meta.term = BOOTSTRAP_TERM;
+        let meta_bytes = meta.write_to_bytes().map_err(other)?;
+        let mut sink = self.writer.store.create(&meta_bytes).map_err(disk)?;
+        SnapshotData::write_book(&mut sink, addresses).map_err(other)?;
+        std::io::copy(image, &mut sink)
+            .map_err(|e| other(format!("reading the backup's image: {e}")))?;
+        let file = sink.seal().map_err(disk)?;
+        if !self.writer.keep(index, &file)? {
+            return Err(other("a snapshot appeared in the data dir being restored"));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        self.record(snap, Some(file))?;
+        let hs = HardState {
+            term: BOOTSTRAP_TERM,
+            commit: index,
+            ..Default::default()
+        };
+        self.set_hard_state(&hs)?;
+        self.log.sync().map_err(disk)
+    }
+
     /// Index and term of the latest snapshot (0, 0 when there is none).
     pub(crate) fn snapshot_position(&self) -> (u64, u64) {
         let m = self.snapshot.get_metadata();

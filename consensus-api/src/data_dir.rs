@@ -45,6 +45,10 @@ pub enum NewDataDir {
     Join,
 }
 
+/// The marker a restore from a backup ([`crate::backup::restore_data_dir`]) keeps in a data
+/// directory until it is complete: a node refuses to start on a directory that has it.
+pub const RESTORING_FILE: &str = "RESTORING";
+
 /// A data directory's identity record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataDirIdentity {
@@ -120,7 +124,7 @@ pub fn read_identity(dir: &Path) -> Result<Option<DataDirIdentity>, ConsensusErr
 
 /// Writes `identity` into `dir` atomically and durably (temporary file, fsync, rename, fsync
 /// of the directory).
-fn write_identity(dir: &Path, identity: &DataDirIdentity) -> Result<(), ConsensusError> {
+pub(crate) fn write_identity(dir: &Path, identity: &DataDirIdentity) -> Result<(), ConsensusError> {
     std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let path = dir.join(IDENTITY_FILE);
     let tmp: PathBuf = dir.join(format!("{IDENTITY_FILE}.tmp"));
@@ -136,9 +140,27 @@ fn write_identity(dir: &Path, identity: &DataDirIdentity) -> Result<(), Consensu
         .map_err(|e| io("fsync", dir, e))
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new identity record for node `node_id` of `cluster_id`, with a random incarnation.
+pub(crate) fn new_identity(cluster_id: &str, node_id: NodeId) -> DataDirIdentity {
+    DataDirIdentity {
+        cluster_id: cluster_id.to_string(),
+        node_id,
+        incarnation: RandomState::new().build_hasher().finish(),
+        created_unix_ms: now_unix_ms(),
+    }
+}
+
 /// Whether `dir` holds anything but an identity record (a directory used before identity
 /// records existed).
-fn has_other_entries(dir: &Path) -> Result<bool, ConsensusError> {
+pub(crate) fn has_other_entries(dir: &Path) -> Result<bool, ConsensusError> {
     match std::fs::read_dir(dir) {
         Ok(entries) => {
             for e in entries {
@@ -164,6 +186,13 @@ pub(crate) fn prepare(config: &NodeConfig) -> Result<NodeConfig, ConsensusError>
             "config: cluster_id must be one line".into(),
         ));
     }
+    if dir.join(RESTORING_FILE).exists() {
+        return Err(ConsensusError::InvalidRequest(format!(
+            "data dir {} holds an interrupted restore from a backup ({RESTORING_FILE} is \
+             there): remove the directory and run the restore again",
+            dir.display()
+        )));
+    }
     if let Some(found) = read_identity(dir)? {
         if found.cluster_id != config.cluster_id {
             return Err(ConsensusError::InvalidRequest(format!(
@@ -184,15 +213,7 @@ pub(crate) fn prepare(config: &NodeConfig) -> Result<NodeConfig, ConsensusError>
         }
         return Ok(config.clone());
     }
-    let identity = DataDirIdentity {
-        cluster_id: config.cluster_id.clone(),
-        node_id: config.id,
-        incarnation: RandomState::new().build_hasher().finish(),
-        created_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    };
+    let identity = new_identity(&config.cluster_id, config.id);
     if has_other_entries(dir)? {
         // Written before identity records existed: adopt it as it is.
         tracing::warn!(
@@ -300,6 +321,17 @@ mod tests {
                 .kind(),
             crate::ErrorKind::Storage
         );
+    }
+
+    #[test]
+    fn a_dir_with_an_interrupted_restore_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(RESTORING_FILE), b"").expect("marker");
+        for mode in [NewDataDir::Refuse, NewDataDir::Bootstrap, NewDataDir::Join] {
+            let e = prepare(&config(dir.path(), mode)).expect_err("interrupted restore");
+            assert!(e.to_string().contains("interrupted restore"), "{e}");
+        }
+        assert!(read_identity(dir.path()).expect("read").is_none());
     }
 
     #[test]

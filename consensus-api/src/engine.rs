@@ -109,6 +109,36 @@ pub trait Backend: Send + Sync + 'static {
             self.name()
         )))
     }
+    /// Writes the durable state of node `me` of a **new** cluster into the empty directory
+    /// `data_dir`, as if that cluster, with `members` (id to transport address) as its voters,
+    /// had committed and compacted everything up to log index `index` (at least 1) into a
+    /// snapshot whose state is `image` (read to its end; what the state machine's
+    /// `snapshot_to` writes, as in a [`crate::backup`] file). For
+    /// [`backup::restore_data_dir`](crate::backup::restore_data_dir), which adds the identity
+    /// record.
+    ///
+    /// Obligations: refuse a directory that holds any durable state (`InvalidRequest`); write
+    /// the engine's own formats durably (fsync) and stream the image (never whole in memory);
+    /// write the same log state on every member given the same `members`, `index` and image, so
+    /// they agree on the log up to `index` (the same entry at `index`, in a term every member
+    /// knows); after it, a plain start of `me` restores `image` into its state machine, reports
+    /// `applied_index` >= `index` and the voters `members`, elects a leader among the members,
+    /// appends after `index`, and sends the image as a snapshot to nodes added later. The
+    /// default says the backend cannot.
+    fn seed(
+        &self,
+        data_dir: &std::path::Path,
+        me: NodeId,
+        members: &std::collections::BTreeMap<NodeId, String>,
+        index: u64,
+        image: &mut dyn std::io::Read,
+    ) -> Result<String, ConsensusError> {
+        let _ = (data_dir, me, members, index, image);
+        Err(ConsensusError::InvalidRequest(format!(
+            "the {} backend cannot restore a data dir from a backup",
+            self.name()
+        )))
+    }
 }
 
 /// Checks a forced voter set against the stored membership (for

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -331,7 +330,7 @@ impl<SM: StateMachine> Consensus<SM> {
             }
         }
         let mux = Mux::new(transport.clone());
-        let sm = Shared(Arc::new(RwLock::new(state_machine)));
+        let sm = Shared::new(state_machine);
         let id = config.id;
         let cluster_id = config.cluster_id.clone();
         let request_timeout = config.request_timeout;
@@ -483,6 +482,54 @@ impl<SM: StateMachine> Consensus<SM> {
     pub async fn read<R>(&self, f: impl FnOnce(&SM) -> R) -> Result<R, ConsensusError> {
         self.linearizable_read().await?;
         Ok(f(&self.sm.0.read()))
+    }
+
+    /// Captures a backup of the state machine ([`crate::backup`]): a read barrier (leadership
+    /// confirmed with a quorum, then this node's applies caught up with it, so the image holds
+    /// every write committed before the call), then a point-in-time view taken between applies,
+    /// with the header naming the last log index it reflects. Write it with
+    /// [`backup::write`](crate::backup::write) or [`backup::write_file`](crate::backup::write_file)
+    /// (blocking, off the runtime); applies continue meanwhile when the state machine has a
+    /// [`StateMachine::snapshot_view`], else they pause while it serializes. Fails like
+    /// [`linearizable_read`](Self::linearizable_read).
+    pub async fn backup(
+        &self,
+    ) -> Result<(crate::backup::BackupHeader, Box<dyn crate::SnapshotView>), ConsensusError> {
+        self.check_running()?;
+        self.linearizable_read().await?;
+        let sm = self.sm.clone();
+        let status = self.inner.status.clone();
+        let (view, index) = tokio::task::spawn_blocking(move || {
+            let guard = sm.0.read();
+            let view = match guard.snapshot_view() {
+                Some(view) => view,
+                None => {
+                    let mut bytes = Vec::new();
+                    guard.snapshot_to(&mut bytes).map_err(|e| {
+                        ConsensusError::Internal(format!("state machine snapshot failed: {e}"))
+                    })?;
+                    crate::serialized_view(bytes)
+                }
+            };
+            // Under the read lock nothing applies: the last command applied, or a later index
+            // the status has reached (entries that are not commands change no state).
+            let index =
+                sm.1.load(Ordering::SeqCst)
+                    .max(status.borrow().applied_index);
+            drop(guard);
+            Ok::<_, ConsensusError>((view, index))
+        })
+        .await
+        .map_err(|e| ConsensusError::Internal(format!("backup capture: {e}")))??;
+        Ok((
+            crate::backup::BackupHeader {
+                cluster_id: self.inner.cluster_id.clone(),
+                node_id: self.inner.id,
+                index,
+                created_unix_ms: crate::data_dir::now_unix_ms(),
+            },
+            view,
+        ))
     }
 
     /// Runs `f` on the local state machine without a barrier: fast, possibly stale.

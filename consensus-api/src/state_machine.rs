@@ -7,6 +7,7 @@
 //! so that applies continue while the snapshot is written.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -112,19 +113,30 @@ pub trait ByteStateMachine: Send + Sync + 'static {
 pub(crate) type ApplyOutcome<R> = Result<R, String>;
 
 /// A user's state machine shared between the engine (which applies) and the node handle (which
-/// reads after a barrier).
-pub(crate) struct Shared<SM>(pub(crate) Arc<RwLock<SM>>);
+/// reads after a barrier), with the index of the last command applied to it (set under the
+/// write lock, so a reader holding the read lock sees the index its state reflects).
+pub(crate) struct Shared<SM>(pub(crate) Arc<RwLock<SM>>, pub(crate) Arc<AtomicU64>);
+
+impl<SM> Shared<SM> {
+    pub(crate) fn new(sm: SM) -> Self {
+        Self(Arc::new(RwLock::new(sm)), Arc::new(AtomicU64::new(0)))
+    }
+}
 
 impl<SM> Clone for Shared<SM> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self(self.0.clone(), self.1.clone())
     }
 }
 
 impl<SM: StateMachine> ByteStateMachine for Shared<SM> {
     fn apply(&self, index: u64, command: &[u8]) -> Vec<u8> {
         let outcome: ApplyOutcome<SM::Response> = match codec::decode::<SM::Command>(command) {
-            Ok(cmd) => Ok(self.0.write().apply(index, cmd)),
+            Ok(cmd) => {
+                let mut sm = self.0.write();
+                self.1.fetch_max(index, Ordering::SeqCst);
+                Ok(sm.apply(index, cmd))
+            }
             Err(e) => Err(format!(
                 "command at index {index} could not be decoded: {e}"
             )),

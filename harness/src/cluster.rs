@@ -564,6 +564,40 @@ impl<K: NodeKind> LocalCluster<K> {
         }
     }
 
+    /// Writes the data dir of every node of this cluster, none of which may have started (a
+    /// [`planned`](LocalCluster::planned) cluster), from `backup`, as the initial members of a
+    /// new cluster with this cluster's id and addresses
+    /// ([`restore_data_dir`](consensus_api::backup::restore_data_dir)); start them with
+    /// [`start_node`](Self::start_node) afterwards. Returns what each backend wrote.
+    pub fn restore_from(
+        &self,
+        backup: &consensus_api::backup::Backup,
+    ) -> Result<Vec<String>, ConsensusError> {
+        let members: BTreeMap<NodeId, String> = self
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.addr.to_string()))
+            .collect();
+        let mut written = Vec::new();
+        for (id, m) in &self.members {
+            if m.started {
+                return Err(ConsensusError::InvalidRequest(format!(
+                    "node {id} has started: only a new cluster's data dirs are restored"
+                )));
+            }
+            self.mount_disk(*id, &m.data_dir);
+            written.push(consensus_api::backup::restore_data_dir(
+                &*self.combo.backend,
+                backup,
+                &m.data_dir,
+                &self.options.cluster_id,
+                *id,
+                &members,
+            )?);
+        }
+        Ok(written)
+    }
+
     /// Shuts every running node down gracefully.
     pub async fn stop_all(&mut self) {
         for id in self.live() {
