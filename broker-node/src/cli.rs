@@ -300,6 +300,16 @@ pub enum ClusterCmd {
         /// Node id.
         id: u64,
     },
+    /// Save a backup of the metadata image to FILE (taken after a read barrier: every write
+    /// acknowledged before it is in it), checked (length, checksum) before it is given its
+    /// name. Restore a new cluster from it with `broker restore`.
+    #[command(
+        after_help = "Example:\n  broker cluster backup /backups/metadata-2026-12-03.backup"
+    )]
+    Backup {
+        /// Where to write it; an existing file is refused.
+        file: std::path::PathBuf,
+    },
     /// Move the consensus leadership to a voter.
     #[command(name = "transfer-leader")]
     TransferLeader {
@@ -768,12 +778,112 @@ impl Client {
                 .await?;
                 self.done(&format!("node {id} removed"), &Value::Null)
             }
+            ClusterCmd::Backup { file } => self.backup(&file).await,
             ClusterCmd::TransferLeader { id } => {
                 let body = serde_json::json!({ "id": id });
                 self.ok("POST", "/cluster/leader", &[], Some(&body)).await?;
                 self.done(&format!("leadership moved to node {id}"), &Value::Null)
             }
         }
+    }
+
+    /// `broker cluster backup FILE`: downloads the backup into `FILE.partial` from the first
+    /// node that serves it, checks it whole, then renames it to `FILE`.
+    async fn backup(&self, file: &Path) -> Result<(), CliError> {
+        let other = |m: String| CliError::new(ExitKind::Other, m);
+        if file.exists() {
+            return Err(CliError::new(
+                ExitKind::Usage,
+                format!(
+                    "{} exists: a backup never overwrites a file",
+                    file.display()
+                ),
+            ));
+        }
+        let mut name = file.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let partial = file.with_file_name(name);
+        let mut last = None;
+        for addr in &self.endpoints {
+            let mut out = std::fs::File::create(&partial)
+                .map_err(|e| other(format!("create {}: {e}", partial.display())))?;
+            let sent = http::Request::new(addr, "GET", broker::admin::BACKUP_PATH)
+                .tls(Some(&self.tls))
+                .token(self.token.as_deref())
+                .send_into(self.timeout, &mut out)
+                .await;
+            let synced = out.sync_all();
+            drop(out);
+            let status = match sent {
+                Ok(status) => status,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    match e {
+                        http::SendError::Request(m) => {
+                            return Err(CliError::new(ExitKind::Usage, m))
+                        }
+                        http::SendError::Unreachable(m) => {
+                            last = Some(CliError::new(ExitKind::Unavailable, m));
+                            continue;
+                        }
+                    }
+                }
+            };
+            if status != 200 {
+                let bytes = std::fs::read(&partial).unwrap_or_default();
+                let _ = std::fs::remove_file(&partial);
+                let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                });
+                let answer = Answer { status, body };
+                if status == 503 && self.endpoints.len() > 1 {
+                    last = Some(error_of(&answer));
+                    continue;
+                }
+                return Err(error_of(&answer));
+            }
+            let checked = synced
+                .map_err(|e| other(format!("fsync {}: {e}", partial.display())))
+                .and_then(|()| {
+                    consensus_api::backup::Backup::open(&partial).map_err(|e| {
+                        other(format!("the node's answer is not a complete backup: {e}"))
+                    })
+                });
+            let backup = match checked {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            };
+            std::fs::rename(&partial, file)
+                .map_err(|e| other(format!("rename to {}: {e}", file.display())))?;
+            let dir = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| other(format!("fsync {}: {e}", dir.display())))?;
+            let info = backup.info();
+            let h = &info.header;
+            let summary = format!(
+                "backup of cluster {} at index {} (taken on node {}): {} bytes of image, \
+                 crc32 {:08x}, saved to {}",
+                h.cluster_id,
+                h.index,
+                h.node_id,
+                info.image_bytes,
+                info.crc32,
+                file.display()
+            );
+            let mut body = serde_json::to_value(info).map_err(|e| other(e.to_string()))?;
+            if let Some(o) = body.as_object_mut() {
+                o.insert("file".into(), Value::String(file.display().to_string()));
+            }
+            return self.done(&summary, &body);
+        }
+        Err(last.unwrap_or_else(|| CliError::new(ExitKind::Unavailable, "no endpoint")))
     }
 
     /// Adds `id` as a learner (unless it is one already), waits up to `wait` seconds for the

@@ -192,3 +192,51 @@ pub fn force_voters(
     println!("recorded in {}", dir.join("RECOVERY.log").display());
     Ok(())
 }
+
+/// `broker restore`: checks the backup whole, then writes node `id`'s data dir of the new
+/// cluster `cluster_id` with voters `peers` from it
+/// ([`restore_data_dir`](consensus_api::backup::restore_data_dir)).
+pub fn restore(
+    backend: &dyn Backend,
+    backup: &Path,
+    dir: &Path,
+    cluster_id: &str,
+    id: u64,
+    peers: &std::collections::BTreeMap<u64, String>,
+) -> Result<(), CliError> {
+    let failed = |e: consensus_api::ConsensusError| CliError {
+        kind: match e.kind() {
+            consensus_api::ErrorKind::InvalidRequest => ExitKind::Invalid,
+            _ => ExitKind::Other,
+        },
+        message: e.to_string(),
+    };
+    let b = consensus_api::backup::Backup::open(backup).map_err(failed)?;
+    let info = b.info();
+    println!(
+        "backup of cluster {} at index {} (taken on node {} at {} unix ms): {} bytes of image, \
+         checksum ok",
+        info.header.cluster_id,
+        info.header.index,
+        info.header.node_id,
+        info.header.created_unix_ms,
+        info.image_bytes
+    );
+    let done = consensus_api::backup::restore_data_dir(backend, &b, dir, cluster_id, id, peers)
+        .map_err(failed)?;
+    println!(
+        "{}: node {id} of cluster {cluster_id}: {done}",
+        dir.display()
+    );
+    println!(
+        "start it with: broker serve --id {id} --data-dir {} --cluster-id {cluster_id} --peers {} \
+         ... (no --bootstrap)",
+        dir.display(),
+        peers
+            .iter()
+            .map(|(i, a)| format!("{i}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Ok(())
+}

@@ -117,6 +117,18 @@ impl<'a> Request<'a> {
 
     /// Sends it; returns the status and the raw body.
     pub async fn send_bytes(self, timeout: Duration) -> Result<(u16, Vec<u8>), SendError> {
+        let mut body = Vec::new();
+        let status = self.send_into(timeout, &mut body).await?;
+        Ok((status, body))
+    }
+
+    /// Sends it and writes the body to `out` as it arrives (a large download); returns the
+    /// status. A body cut short is an `Unreachable` error.
+    pub async fn send_into(
+        self,
+        timeout: Duration,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u16, SendError> {
         let base = endpoint(self.addr).map_err(SendError::Request)?;
         let method = Method::from_bytes(self.method.as_bytes())
             .map_err(|e| SendError::Request(format!("method {:?}: {e}", self.method)))?;
@@ -146,11 +158,11 @@ impl<'a> Request<'a> {
         }
         let mut resp = req.send().await.map_err(|e| classify(&shown, e))?;
         let status = resp.status().as_u16();
-        let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| classify(&shown, e))? {
-            body.extend_from_slice(&chunk);
+            out.write_all(&chunk)
+                .map_err(|e| SendError::Request(format!("{shown}: writing the answer: {e}")))?;
         }
-        Ok((status, body))
+        Ok(status)
     }
 }
 

@@ -120,6 +120,35 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Write the data dir of one initial member of a NEW cluster from a backup (`broker
+    /// cluster backup`), offline: run it for each member with the same backup, --peers and
+    /// --cluster-id, then start each with `serve` and the same --peers (no --bootstrap: the
+    /// data dir has its identity). The new cluster's log continues after the backup's index.
+    #[command(
+        after_help = "Example (a new three-node cluster from last night's backup):\n  \
+                            broker restore --backup metadata.backup --data-dir /var/lib/broker/1 --id 1 \\\n    \
+                            --peers 1=10.0.0.1:7001,2=10.0.0.2:7001,3=10.0.0.3:7001 --cluster-id metadata-2"
+    )]
+    Restore {
+        /// The backup file (checked whole first: format, length, checksum).
+        #[arg(long)]
+        backup: PathBuf,
+        /// The new node's data dir: must not exist or be empty.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The new node's id; one of --peers.
+        #[arg(long)]
+        id: NodeId,
+        /// The new cluster's voters: `1=host:port,2=host:port,...`.
+        #[arg(long, value_parser = parse_peers)]
+        peers: BTreeMap<NodeId, String>,
+        /// The new cluster's id (what `serve --cluster-id` will say).
+        #[arg(long)]
+        cluster_id: String,
+        /// The engine the new cluster runs (default: the first compiled in).
+        #[arg(long)]
+        backend: Option<String>,
+    },
     /// Offline tools that read a data dir.
     Debug {
         #[command(subcommand)]
@@ -717,6 +746,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Topics { cmd, conn } => client(&conn)?.topics(cmd).await,
         Cmd::Cluster { cmd, conn } => client(&conn)?.cluster(cmd).await,
         Cmd::Quorum { cmd, conn } => client(&conn)?.quorum(cmd).await,
+        Cmd::Restore {
+            backup,
+            data_dir,
+            id,
+            peers,
+            cluster_id,
+            backend,
+        } => {
+            let backend = wiring::backend(backend.as_deref())?;
+            Ok(broker_node::dump::restore(
+                &*backend,
+                &backup,
+                &data_dir,
+                &cluster_id,
+                id,
+                &peers,
+            )?)
+        }
         Cmd::Debug {
             cmd:
                 DebugCmd::Dump {

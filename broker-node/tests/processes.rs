@@ -1653,3 +1653,137 @@ async fn leader_metrics_are_listed(admin4: SocketAddr) {
         .collect();
     assert_eq!(peers.len(), 2, "replication lag of both followers: {text}");
 }
+
+/// The value of `--flag` in a node's serve arguments.
+fn flag<'a>(node: &'a Node, flag: &str) -> &'a str {
+    let i = node
+        .args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {:?}", node.args));
+    &node.args[i + 1]
+}
+
+/// Disaster recovery from a backup, as an operator runs it: `cluster backup` through a
+/// follower (refused without the admin credential, never over an existing file), then a new
+/// three-node cluster under another cluster id, each data dir written by `broker restore`
+/// (refused over a data dir it wrote), started with plain `serve`: it has the topics the
+/// backup had and not the one created after it, takes new topics, and its log continues after
+/// the backup's index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_restored_from_a_cli_backup_has_its_topics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start(dir.path());
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_id = leader(&all).await;
+    let follower = nodes
+        .iter()
+        .find(|n| n.id != leader_id)
+        .expect("a follower");
+    let admin = format!("https://{}", follower.admin);
+    let deadline = Instant::now() + DEADLINE;
+    while create_topic(&admin, "alpha", "2", &[]).0 != 0 {
+        assert!(Instant::now() < deadline, "no topic could be created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(create_topic(&admin, "beta", "2", &[]).0, 0);
+
+    let (status, v) = call_as(None, follower.admin, "GET", "/cluster/backup", None)
+        .await
+        .expect("the node answers");
+    assert_eq!(status, 401, "a backup without the admin credential: {v}");
+    let file = dir.path().join("metadata.backup");
+    let path = file.display().to_string();
+    let (code, out, err) = cli(&admin, &["cluster", "backup", &path, "-o", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let info: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let index = info["index"].as_u64().expect("the backup's index");
+    assert!(
+        info["image_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{info}"
+    );
+    let saved = std::fs::read(&file).expect("the backup file");
+    let (code, _, err) = cli(&admin, &["cluster", "backup", &path]);
+    assert_eq!(code, 2, "a backup over an existing file: {err}");
+    assert_eq!(
+        std::fs::read(&file).expect("read"),
+        saved,
+        "the file changed"
+    );
+    assert_eq!(create_topic(&admin, "after-backup", "2", &[]).0, 0);
+    for n in &mut nodes {
+        n.sigterm_and_wait();
+    }
+
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let mut restored = configure(dir2.path());
+    for n in &mut restored {
+        n.args.retain(|a| a != "--bootstrap");
+        n.args
+            .extend(["--cluster-id".to_string(), "restored".to_string()]);
+        let args = [
+            "restore",
+            "--backup",
+            &path,
+            "--data-dir",
+            flag(n, "--data-dir"),
+            "--id",
+            &n.id.to_string(),
+            "--peers",
+            flag(n, "--peers"),
+            "--cluster-id",
+            "restored",
+        ];
+        let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .output()
+            .expect("run restore");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "restore: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("checksum ok"), "{text}");
+        let again = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .output()
+            .expect("run restore");
+        assert_eq!(
+            again.status.code(),
+            Some(5),
+            "a restore over a restored data dir"
+        );
+        n.spawn();
+    }
+    let all: Vec<&Node> = restored.iter().collect();
+    leader(&all).await;
+    let admin = restored
+        .iter()
+        .map(|n| format!("https://{}", n.admin))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, out, err) = cli(&admin, &["topics", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let names: BTreeSet<&str> = out.lines().collect();
+    assert_eq!(names, BTreeSet::from(["alpha", "beta"]), "{out}");
+    let deadline = Instant::now() + DEADLINE;
+    while create_topic(&admin, "gamma", "2", &[]).0 != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restored cluster takes no topic"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out, err) = cli(&admin, &["cluster", "status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let st: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (code, out, err) = cli(&admin, &["quorum", "describe", "--status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let q: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(q["cluster_id"].as_str(), Some("restored"), "{q}");
+    assert!(
+        st["commit_index"].as_u64().is_some_and(|c| c > index),
+        "the log continues after the backup's index {index}: {st}"
+    );
+}

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /cluster/status` | this node's consensus status |
 //! | `GET /cluster/quorum` | the quorum as the leader sees it ([`crate::quorum::Quorum`]): lags, last contact, roles |
+//! | `GET /cluster/backup` | a backup of the metadata image ([`consensus_api::backup`] file format), after a read barrier; streamed; needs the admin credential even where reads are open |
 //! | `POST /cluster/learners` | add `{id, address}` as a learner (it receives the log) |
 //! | `PUT /cluster/voters` | make `{voters}` the voting set (promote learners, demote voters) |
 //! | `DELETE /cluster/members/{id}` | remove a member (never the last voter) |
@@ -240,7 +241,8 @@ impl AdminAuth {
         };
         let broker_rpc = path.starts_with(BROKER_RPC_PREFIX);
         let read = method == Method::GET || method == Method::HEAD;
-        if read && !protect_reads && !broker_rpc {
+        // A backup is every byte of the metadata: an admin's request even where reads are open.
+        if read && !protect_reads && !broker_rpc && path != BACKUP_PATH {
             return Ok(());
         }
         let (expected, takes_cert, which) = match (broker_rpc, broker_token) {
@@ -351,6 +353,7 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
     Router::new()
         .route("/cluster/status", get(cluster_status))
         .route("/cluster/quorum", get(cluster_quorum))
+        .route(BACKUP_PATH, get(cluster_backup))
         .route("/cluster/learners", post(add_learner))
         .route("/cluster/voters", put(set_voters))
         .route("/cluster/members/{id}", delete(remove_member))
@@ -517,6 +520,85 @@ async fn cluster_quorum(State(app): State<App>) -> Result<Json<Quorum>, ApiError
     let node = app.ctl.node();
     let st = node.leader_status().await.map_err(ControllerError::from)?;
     Ok(Json(Quorum::from_leader(node.cluster_id(), &st)))
+}
+
+/// The path of the backup download.
+pub const BACKUP_PATH: &str = "/cluster/backup";
+
+/// Bytes per chunk of a streamed backup.
+const BACKUP_CHUNK_BYTES: usize = 256 << 10;
+
+/// A blocking writer that hands full chunks to an async body stream (a bounded channel: the
+/// writer waits while the client is slow). A client that went away ends the write.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_CHUNK_BYTES));
+        self.tx
+            .blocking_send(Ok(chunk.into()))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = BACKUP_CHUNK_BYTES - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= BACKUP_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// `GET /cluster/backup`: a read barrier, a point-in-time view of the image, then the backup
+/// file streamed as it is written. A failure after the first byte aborts the body, which the
+/// client's check of the file (length, checksum) then refuses.
+async fn cluster_backup(State(app): State<App>) -> Result<Response, ApiError> {
+    let node = app.ctl.node();
+    let (header, view) = node.backup().await.map_err(ControllerError::from)?;
+    let index = header.index;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChunkWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(BACKUP_CHUNK_BYTES),
+        };
+        match consensus_api::backup::write(&mut w, header, view) {
+            Ok(info) => tracing::info!(
+                index = info.header.index,
+                bytes = info.image_bytes,
+                "backup sent"
+            ),
+            Err(e) => {
+                tracing::warn!("backup stream failed: {e}");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"metadata-{index}.backup\""),
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// `POST /cluster/learners`.
@@ -1407,6 +1489,7 @@ mod tests {
     const ROUTES: &[&str] = &[
         "get /cluster/status",
         "get /cluster/quorum",
+        "get /cluster/backup",
         "post /cluster/learners",
         "put /cluster/voters",
         "delete /cluster/members/{id}",
