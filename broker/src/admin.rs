@@ -353,7 +353,7 @@ pub fn router(ctl: Controller, metrics: Option<PrometheusHandle>, auth: AdminAut
     Router::new()
         .route("/cluster/status", get(cluster_status))
         .route("/cluster/quorum", get(cluster_quorum))
-        .route(BACKUP_PATH, get(cluster_backup))
+        .route("/cluster/backup", get(cluster_backup))
         .route("/cluster/learners", post(add_learner))
         .route("/cluster/voters", put(set_voters))
         .route("/cluster/members/{id}", delete(remove_member))
@@ -1570,7 +1570,7 @@ mod tests {
         // Every write is marked as needing the token.
         for (path, ops) in spec["paths"].as_object().expect("paths") {
             for (method, op) in ops.as_object().expect("operations") {
-                if method != "get" {
+                if method != "get" || path == BACKUP_PATH {
                     assert!(op.get("security").is_some(), "{method} {path}: no security");
                 }
             }
