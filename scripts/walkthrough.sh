@@ -2,8 +2,9 @@
 # The README's operator walkthrough on one machine: three `broker serve` processes started
 # from TOML config files, then membership from the CLI one step at a time (add a voter,
 # replace node 1, move the leadership, remove a node), `quorum describe` after each step, the
-# consensus metrics, and an offline `debug dump` of a stopped node. Outside CI; prints the
-# session. Ports: a random base B (node N: consensus B+N, admin B+100+N).
+# consensus metrics, an offline `debug dump` of a stopped node, and a backup restored as a new
+# three-node cluster. Outside CI; prints the session. Ports: a random base B (node N:
+# consensus B+N, admin B+100+N; restored node N: B+10+N and B+110+N).
 #   scripts/walkthrough.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,7 @@ kill "${pid[2]}"; unset 'pid[2]'
 export BROKER_ADMIN="https://127.0.0.1:$((base + 104)),https://127.0.0.1:$((base + 105))"
 run quorum describe --replication
 run topics describe orders
+run cluster backup "$dir/metadata.backup"
 echo "\$ curl -s --cacert ca.pem https://127.0.0.1:$((base + 104))/metrics | grep -E '^consensus_(role|proposals_total|replication_lag_entries|log_fsyncs_total)'"
 curl -s --cacert "$BROKER_ADMIN_CA" "https://127.0.0.1:$((base + 104))/metrics" \
   | grep -E '^consensus_(role|proposals_total|replication_lag_entries|log_fsyncs_total)\{' || true
@@ -85,3 +87,28 @@ kill "${pid[5]}"; unset 'pid[5]'
 wait "${pid[5]:-}" 2>/dev/null || true
 sleep 0.5
 run debug dump --data-dir "$dir/node-5" --entries 6
+
+# Disaster recovery from the backup: a new cluster of three on new ports and data dirs.
+kill "${pid[4]}"; unset 'pid[4]'
+restored="1=127.0.0.1:$((base + 11)),2=127.0.0.1:$((base + 12)),3=127.0.0.1:$((base + 13))"
+for id in 1 2 3; do
+  run restore --backup "$dir/metadata.backup" --data-dir "$dir/restored-$id" --id "$id" \
+    --peers "$restored" --cluster-id walkthrough-restored
+  {
+    echo "id = $id"
+    echo "listen = \"127.0.0.1:$((base + 10 + id))\""
+    echo "admin = \"127.0.0.1:$((base + 110 + id))\""
+    echo "data-dir = \"$dir/restored-$id\""
+    echo "cluster-id = \"walkthrough-restored\""
+    echo "dev-certs = \"$dir/certs\""
+    echo "admin-token-file = \"$dir/admin-token\""
+    printf '\n[peers]\n'
+    for p in 1 2 3; do echo "$p = \"127.0.0.1:$((base + 10 + p))\""; done
+  } > "$dir/restored-$id.toml"
+  RUST_LOG=error "$broker" serve --config "$dir/restored-$id.toml" > "$dir/restored-$id.out" 2>&1 &
+  pid[r$id]=$!
+done
+export BROKER_ADMIN="https://127.0.0.1:$((base + 111)),https://127.0.0.1:$((base + 112))"
+until_ok topics describe orders
+run quorum describe --status
+run topics list
