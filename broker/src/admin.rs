@@ -492,6 +492,11 @@ impl From<ControllerError> for ApiError {
                 ConsensusError::InvalidRequest(_) => {
                     api(StatusCode::BAD_REQUEST, "invalid", reason)
                 }
+                // The leader could not be reached, with nothing taken that could commit later
+                // (a request that may have been is `OutcomeUnknown`): another try may succeed.
+                ConsensusError::Transport(_) => {
+                    api(StatusCode::SERVICE_UNAVAILABLE, "unreachable", reason)
+                }
                 _ => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", reason),
             },
         }

@@ -668,7 +668,28 @@ impl<SM: StateMachine> Consensus<SM> {
                 self.inner.proposals.forwarded.increment(1);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match self.inner.forward.call(leader, frame, remaining).await {
+            let call = self.inner.forward.call(leader, frame, remaining);
+            // (Only when the view agrees with the engine's hint now, so that the two cannot race.)
+            let view_agrees = self
+                .inner
+                .status
+                .borrow()
+                .leader
+                .is_none_or(|l| l == leader);
+            let result = if op.idempotent() && view_agrees {
+                // A leader that died with the call in flight answers nothing until the transport
+                // gives up on it; a repeatable request goes to its successor as soon as one is known.
+                tokio::select! {
+                    r = call => r,
+                    () = self.leader_moves_from(leader) => {
+                        tracing::debug!(leader, "a new leader is known; {name} goes to it");
+                        continue;
+                    }
+                }
+            } else {
+                call.await
+            };
+            match result {
                 Ok(answer) => {
                     match codec::decode::<Result<Reply, ConsensusError>>(&answer)? {
                         // The leader we knew has been deposed: it did not take the request.
@@ -685,6 +706,19 @@ impl<SM: StateMachine> Consensus<SM> {
                 // Delivered, perhaps taken by the leader: a stop here leaves it unknown.
                 Err(e) => return Err(ConsensusError::from(e).after_handoff()),
             }
+        }
+    }
+
+    /// Returns once this node's view names a leader other than `leader`.
+    async fn leader_moves_from(&self, leader: NodeId) {
+        let mut rx = self.inner.status.clone();
+        let moved = rx
+            .wait_for(|s| s.leader.is_some_and(|l| l != leader))
+            .await
+            .is_ok();
+        if !moved {
+            // The engine stopped: the call's own outcome decides.
+            std::future::pending::<()>().await;
         }
     }
 

@@ -20,7 +20,8 @@ macro_rules! __faults_family {
         $crate::__tests!($make, faults;
             minority_leader_cannot_commit_and_heals,
             deposed_leader_never_serves_a_stale_read,
-            acknowledged_writes_survive_message_loss_and_delay
+            acknowledged_writes_survive_message_loss_and_delay,
+            a_request_held_by_a_silent_leader_goes_to_its_successor
         );
     };
 }
@@ -181,4 +182,41 @@ pub async fn acknowledged_writes_survive_message_loss_and_delay(combo: Combo) {
     for id in c.live() {
         assert_eq!(c.machine(id), reference, "node {id} diverged");
     }
+}
+
+/// A leader that stops answering without closing its connections (a killed process, a frozen
+/// host) holds the requests forwarded to it until the transport gives up. A repeatable request
+/// (here the leader's status) goes to the successor as soon as the forwarding node knows one,
+/// well inside its deadline, instead of failing when the held call times out.
+pub async fn a_request_held_by_a_silent_leader_goes_to_its_successor(combo: Combo) {
+    let timeout = Duration::from_secs(8);
+    let c = Cluster::start_with(
+        &combo,
+        "a_request_held_by_a_silent_leader_goes_to_its_successor",
+        3,
+        move |cfg| cfg.request_timeout = timeout,
+    )
+    .await;
+    let old = c.wait_leader(ELECTION).await;
+    let via = c.others(old)[0];
+    c.put(old, "k", "v").await.expect("write before the pause");
+    c.wait_applied(&c.live(), c.statuses()[&old].commit_index, SETTLE)
+        .await;
+    c.faults.pause(old);
+    let started = Instant::now();
+    let status = c
+        .on(via, |n| async move { n.leader_status().await })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the status request through node {via} failed after {:?} (seed {}): {e}",
+                started.elapsed(),
+                c.seed()
+            )
+        });
+    assert!(
+        status.leader.is_some_and(|l| l != old),
+        "the answer names the silent leader {old} as leader: {status:?}"
+    );
+    c.faults.heal();
 }
