@@ -54,6 +54,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod backup;
+pub mod batch;
 pub mod codec;
 
 /// The channel tags of a node's shared transport: every frame a [`Consensus`] node sends

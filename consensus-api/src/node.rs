@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::batch::{self, Batcher, Waiting};
 use crate::metrics::{ProposalMetrics, StatusMetrics, STATUS_REFRESH};
 use crate::mux::{Mux, ENGINE_CHANNEL, FORWARD_CHANNEL};
 use crate::state_machine::{ApplyOutcome, Shared};
@@ -255,6 +256,8 @@ struct Inner {
     status: watch::Receiver<Status>,
     request_timeout: Duration,
     max_command_bytes: usize,
+    /// Proposals waiting for a batch (used when the state machine [`StateMachine::BATCHES`]).
+    batcher: Batcher,
     stopped: AtomicBool,
     cluster_id: String,
     proposals: ProposalMetrics,
@@ -334,7 +337,13 @@ impl<SM: StateMachine> Consensus<SM> {
         let id = config.id;
         let cluster_id = config.cluster_id.clone();
         let request_timeout = config.request_timeout;
-        let max_command_bytes = config.max_command_bytes();
+        let entry_limit = config.max_command_bytes();
+        // A batched command shares its entry with the batch framing.
+        let max_command_bytes = if SM::BATCHES {
+            entry_limit.saturating_sub(batch::OVERHEAD)
+        } else {
+            entry_limit
+        };
         let engine = backend
             .start(EngineContext {
                 config,
@@ -363,6 +372,7 @@ impl<SM: StateMachine> Consensus<SM> {
                 status,
                 request_timeout,
                 max_command_bytes,
+                batcher: Batcher::new(entry_limit),
                 stopped: AtomicBool::new(false),
                 cluster_id,
                 proposals: ProposalMetrics::new(id),
@@ -452,12 +462,56 @@ impl<SM: StateMachine> Consensus<SM> {
         }
         let started = Instant::now();
         let deadline = started + self.inner.request_timeout;
-        let routed = self.route(Forwarded::Propose(bytes), deadline).await;
-        self.inner.proposals.proposal(&routed, started.elapsed());
-        match routed? {
-            Reply::Proposed(out) => codec::decode::<ApplyOutcome<SM::Response>>(&out)?
-                .map_err(ConsensusError::InvalidRequest),
-            other => Err(unexpected(other)),
+        let outcome = if SM::BATCHES {
+            self.propose_batched(bytes, deadline).await
+        } else {
+            match self.route(Forwarded::Propose(bytes), deadline).await {
+                Ok(Reply::Proposed(out)) => Ok(out),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            }
+        };
+        self.inner.proposals.proposal(&outcome, started.elapsed());
+        codec::decode::<ApplyOutcome<SM::Response>>(&outcome?)?
+            .map_err(ConsensusError::InvalidRequest)
+    }
+
+    /// Queues an encoded command for the next batch ([`crate::batch`]); sends a batch at once
+    /// when a slot is free. The command's own part of the batch's outcome.
+    async fn propose_batched(
+        &self,
+        command: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ConsensusError> {
+        self.check_running()?;
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let w = Waiting {
+            command,
+            deadline,
+            answer,
+        };
+        if let Some(batch) = self.inner.batcher.push(w) {
+            let node = self.clone();
+            tokio::spawn(async move { node.send_batches(batch).await });
+        }
+        rx.await.unwrap_or(Err(ConsensusError::ShuttingDown))
+    }
+
+    /// Sends `batch` and the batches queued behind it on one slot until the queue is empty.
+    async fn send_batches(self, mut batch: Vec<Waiting>) {
+        loop {
+            let deadline = batch
+                .iter()
+                .map(|w| w.deadline)
+                .min()
+                .unwrap_or_else(Instant::now);
+            let frame = batch::encode(batch.iter().map(|w| w.command.as_slice()));
+            let routed = self.route(Forwarded::Propose(frame), deadline).await;
+            answer_batch(batch, routed);
+            match self.inner.batcher.next() {
+                Some(b) => batch = b,
+                None => return,
+            }
         }
     }
 
@@ -728,6 +782,41 @@ impl<SM: StateMachine> Consensus<SM> {
         rx.mark_unchanged();
         let wait = LEADER_POLL.min(deadline.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(wait, rx.changed()).await;
+    }
+}
+
+/// Answers each proposal of a batch with its part of the outcome, or with the batch's error.
+fn answer_batch(batch: Vec<Waiting>, routed: Result<Reply, ConsensusError>) {
+    let out = match routed {
+        Ok(Reply::Proposed(out)) => out,
+        Ok(other) => {
+            let e = unexpected(other);
+            return batch.into_iter().for_each(|w| {
+                let _ = w.answer.send(Err(e.clone()));
+            });
+        }
+        Err(e) => {
+            return batch.into_iter().for_each(|w| {
+                let _ = w.answer.send(Err(e.clone()));
+            })
+        }
+    };
+    match batch::split(&out) {
+        Ok(parts) if parts.len() == batch.len() => {
+            for (w, part) in batch.into_iter().zip(parts) {
+                let _ = w.answer.send(Ok(part.to_vec()));
+            }
+        }
+        other => {
+            let e = ConsensusError::Internal(format!(
+                "the outcome of a batch of {} commands does not match it: {:?}",
+                batch.len(),
+                other.map(|p| p.len())
+            ));
+            for w in batch {
+                let _ = w.answer.send(Err(e.clone()));
+            }
+        }
     }
 }
 

@@ -493,3 +493,34 @@ mod tests {
         assert_eq!(a.difference(&a.clone()), None);
     }
 }
+
+/// [`KvMachine`] with [`StateMachine::BATCHES`]: concurrent proposals on a node share log
+/// entries (the commands of one entry are applied in order with the same index). For the
+/// scenarios of the batching path; everything else is the plain machine's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchedKv(pub KvMachine);
+
+impl StateMachine for BatchedKv {
+    type Command = KvCommand;
+    type Response = KvResponse;
+    const BATCHES: bool = true;
+
+    fn apply(&mut self, index: u64, command: KvCommand) -> KvResponse {
+        self.0.apply(index, command)
+    }
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.0.restore(snapshot)
+    }
+    fn snapshot_to(&self, sink: &mut dyn Write) -> Result<(), String> {
+        self.0.snapshot_to(sink)
+    }
+    fn restore_from(&mut self, source: &mut dyn Read) -> Result<(), String> {
+        self.0.restore_from(source)
+    }
+    fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
+        self.0.snapshot_view()
+    }
+}

@@ -95,6 +95,8 @@ impl StateMachine for Store {
     type Command = Command;
     /// The previous value of the key.
     type Response = Option<String>;
+    /// The store never looks at log indexes, so concurrent puts share entries.
+    const BATCHES: bool = true;
 
     fn apply(&mut self, _index: u64, command: Command) -> Option<String> {
         let old = match command {

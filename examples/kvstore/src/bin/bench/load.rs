@@ -1,12 +1,15 @@
 //! Closed-loop clients: each puts a value through the leader and waits for the answer before
-//! the next, until stopped.
+//! the next, until stopped. The leader is a node in this process, a node's client API over the
+//! network ([`kvstore::service`]), or etcd's `KV.Put` (side-by-side runs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvstore::service::{etcd, Client};
 use kvstore::Command;
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 use crate::nodes::Node;
 use crate::stats::percentile;
@@ -16,6 +19,52 @@ const KEYS_PER_CLIENT: u64 = 1024;
 /// Pause of a client after a failed proposal: a node that fails at once (stopped, no leader)
 /// must not turn the client into a loop that never yields.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// What the clients put to.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// A node's API in this process.
+    Local(Node),
+    /// A node's client API over the network; client `c` uses connection `c % len`.
+    Kv(Vec<Client>),
+    /// etcd's `KV.Put` over gRPC; client `c` uses connection `c % len`.
+    Etcd(Vec<etcd::kv_client::KvClient<Channel>>),
+}
+
+/// One client's handle on the target.
+enum Conn {
+    Local(Node),
+    Kv(Client),
+    Etcd(etcd::kv_client::KvClient<Channel>),
+}
+
+impl Target {
+    fn conn(&self, c: usize) -> Conn {
+        match self {
+            Target::Local(n) => Conn::Local(n.clone()),
+            Target::Kv(v) => Conn::Kv(v[c % v.len()].clone()),
+            Target::Etcd(v) => Conn::Etcd(v[c % v.len()].clone()),
+        }
+    }
+}
+
+impl Conn {
+    /// Puts and waits for the answer; whether it was acknowledged.
+    async fn put(&mut self, key: String, value: String) -> bool {
+        match self {
+            Conn::Local(n) => n.propose(Command::Put { key, value }).await.is_ok(),
+            Conn::Kv(c) => c.put(key, value).await.is_ok(),
+            Conn::Etcd(c) => c
+                .put(etcd::PutRequest {
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok(),
+        }
+    }
+}
 
 /// Clients running against a node; dropping it stops them.
 pub(crate) struct Load {
@@ -44,24 +93,26 @@ impl Samples {
 impl Load {
     /// Starts `clients` clients putting `value_bytes` values through `leader`.
     pub(crate) fn start(leader: &Node, clients: usize, value_bytes: usize) -> Load {
+        Self::start_on(&Target::Local(leader.clone()), clients, value_bytes)
+    }
+
+    /// Starts `clients` clients putting `value_bytes` values to `target`.
+    pub(crate) fn start_on(target: &Target, clients: usize, value_bytes: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let value = "v".repeat(value_bytes);
         let tasks = (0..clients)
             .map(|c| {
-                let (node, stop, value) = (leader.clone(), stop.clone(), value.clone());
+                let (mut conn, stop, value) = (target.conn(c), stop.clone(), value.clone());
                 tokio::spawn(async move {
                     let mut lat = Vec::with_capacity(4096);
                     let mut errors = 0u64;
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        let cmd = Command::Put {
-                            key: format!("c{c}-k{}", i % KEYS_PER_CLIENT),
-                            value: value.clone(),
-                        };
+                        let key = format!("c{c}-k{}", i % KEYS_PER_CLIENT);
                         let t = Instant::now();
-                        match node.propose(cmd).await {
-                            Ok(_) => lat.push(t.elapsed().as_micros() as u64),
-                            Err(_) => {
+                        match conn.put(key, value.clone()).await {
+                            true => lat.push(t.elapsed().as_micros() as u64),
+                            false => {
                                 errors += 1;
                                 tokio::time::sleep(ERROR_PAUSE).await;
                             }
@@ -112,7 +163,17 @@ pub(crate) async fn closed_loop(
     secs: u64,
     value_bytes: usize,
 ) -> Samples {
-    let load = Load::start(leader, clients, value_bytes);
+    closed_loop_on(&Target::Local(leader.clone()), clients, secs, value_bytes).await
+}
+
+/// Runs `clients` closed-loop clients against `target` for `secs`.
+pub(crate) async fn closed_loop_on(
+    target: &Target,
+    clients: usize,
+    secs: u64,
+    value_bytes: usize,
+) -> Samples {
+    let load = Load::start_on(target, clients, value_bytes);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     load.stop().await
 }

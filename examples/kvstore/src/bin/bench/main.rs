@@ -16,7 +16,11 @@
 //! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go),
 //! `--processes` (nodes 2..N run as child processes of this binary; node 1 runs here, next to
 //! the clients, and is made leader; `rss_mib_max` is then the largest child's peak RSS, i.e.
-//! per node).
+//! per node), `--network` (every node its own child process serving the client API of
+//! [`kvstore::service`]; this process only runs the clients, over gRPC with mutual TLS, sharing
+//! `--conns` HTTP/2 connections to the leader), `--etcd URL` (first run the same clients against
+//! etcd's `KV.Put` at that plaintext gRPC endpoint, e.g. `http://127.0.0.1:2379`, and print every
+//! row's ratio to etcd's row with the same client count; `scripts/side-by-side.sh` starts etcd).
 //!
 //! # Large state
 //!
@@ -53,7 +57,7 @@ use consensus_api::{Backend, ConsensusError, TransportFactory};
 use consensus_harness::Runtimes;
 
 use floor::Floor;
-use load::closed_loop;
+use load::{closed_loop_on, Target};
 
 /// Closed-loop put benchmark of every compiled-in backend x transport combination: a cluster
 /// per combination on 127.0.0.1 with fsync on, clients putting values through the leader.
@@ -85,6 +89,15 @@ struct Args {
     /// Each node in its own process (node 1 in this one); `rss_mib` is then per node.
     #[arg(long)]
     processes: bool,
+    /// Every node its own process; the clients use the client API over the network.
+    #[arg(long, conflicts_with = "processes")]
+    network: bool,
+    /// Network clients (`--network`, `--etcd`) share this many HTTP/2 connections.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    conns: u64,
+    /// Also run the clients against etcd at this gRPC endpoint (plaintext), first.
+    #[arg(long)]
+    etcd: Option<String>,
     /// Run the large-state benchmark with this much state, in MiB (see the module docs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     large_state_mib: Option<u64>,
@@ -125,6 +138,30 @@ async fn bench_combo(
 ) -> Result<Vec<Row>, ConsensusError> {
     let combo = format!("{}_{}", backend.name(), factory.name());
     let dir = root.join(&combo);
+    if args.network {
+        let (children, leader, addr) =
+            nodes::start_children(&*backend, &*factory, args.nodes, &dir)
+                .await
+                .map_err(ConsensusError::Internal)?;
+        let tls = consensus_api::TlsConfig::DevCerts {
+            dir: dir.join("certs"),
+        };
+        let mut conns = Vec::new();
+        for _ in 0..args.conns {
+            let c = kvstore::service::Client::connect(addr, leader, &tls, Duration::from_secs(10))
+                .await
+                .map_err(ConsensusError::Transport)?;
+            conns.push(c);
+        }
+        let name = format!("{combo}_net");
+        let rss = || {
+            children
+                .iter()
+                .map(|c| c.peak_rss_mib())
+                .fold(0.0, f64::max)
+        };
+        return Ok(run_rows(&name, &Target::Kv(conns), args, floor, rss).await);
+    }
     // Kept until the end of the run: the in-process cluster's nodes live in it.
     let mut cluster = None;
     let (nodes, children) = if args.processes {
@@ -152,30 +189,48 @@ async fn bench_combo(
         .find(|n| n.status().id == leader_id)
         .cloned()
         .ok_or_else(|| ConsensusError::Internal("leader handle missing".into()))?;
-    // Warm up connections and the log.
-    let _ = closed_loop(&leader, 4, 1, args.value_bytes).await;
+    // Processes: the largest pure node process (node 1 shares this process with the clients);
+    // in-process: the whole cluster's peak.
+    let rss = || match &children {
+        Some(c) => c.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max),
+        None => stats::peak_rss_mib(None),
+    };
+    let rows = run_rows(&combo, &Target::Local(leader), args, floor, rss).await;
+    for n in nodes {
+        let _ = n.shutdown().await;
+    }
+    drop(children);
+    drop(cluster);
+    Ok(rows)
+}
+
+/// One row per client count of `args` against `target` (after a short warm-up of connections
+/// and the log), printed as it is measured.
+async fn run_rows(
+    combo: &str,
+    target: &Target,
+    args: &Args,
+    floor: Floor,
+    rss_mib: impl Fn() -> f64,
+) -> Vec<Row> {
+    let _ = closed_loop_on(target, 4, 1, args.value_bytes).await;
     let mut rows = Vec::new();
     for clients in args.clients.iter().map(|&c| c as usize) {
-        let samples = closed_loop(&leader, clients, args.secs, args.value_bytes).await;
+        let samples = closed_loop_on(target, clients, args.secs, args.value_bytes).await;
         let row = Row {
-            combo: combo.clone(),
+            combo: combo.to_string(),
             clients,
             ops: samples.latencies_us.len() as u64,
             ops_per_sec: samples.ops_per_sec(),
             p50_us: samples.p(0.5),
             p99_us: samples.p(0.99),
             p999_us: samples.p(0.999),
-            // Processes: the largest pure node process (node 1 shares this process with the
-            // clients); in-process: the whole cluster's peak.
-            rss_mib_max: match &children {
-                Some(c) => c.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max),
-                None => stats::peak_rss_mib(None),
-            },
+            rss_mib_max: rss_mib(),
             errors: samples.errors,
             floor,
         };
         println!(
-            "{:<14} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6} {:>9}",
+            "{:<18} {:>7} {:>9.0} {:>8} {:>8} {:>8} {:>9.1} {:>6} {:>9}",
             row.combo,
             row.clients,
             row.ops_per_sec,
@@ -188,12 +243,23 @@ async fn bench_combo(
         );
         rows.push(row);
     }
-    for n in nodes {
-        let _ = n.shutdown().await;
+    rows
+}
+
+/// etcd's rows: the same clients against its `KV.Put` at `url`.
+async fn etcd_rows(url: &str, args: &Args, floor: Floor) -> Result<Vec<Row>, String> {
+    let mut conns = Vec::new();
+    for _ in 0..args.conns {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to etcd at {url}: {e}"))?;
+        conns.push(kvstore::service::etcd::kv_client::KvClient::new(channel));
     }
-    drop(children);
-    drop(cluster);
-    Ok(rows)
+    // etcd runs outside this process: no RSS of its own here.
+    Ok(run_rows("etcd", &Target::Etcd(conns), args, floor, || 0.0).await)
 }
 
 fn json(rows: &[Row]) -> String {
@@ -254,10 +320,14 @@ async fn run(args: Args) -> Result<(), String> {
         args.nodes, args.value_bytes, args.secs
     );
     println!(
-        "{:<14} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9}",
+        "{:<18} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9}",
         "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors", "floor_us"
     );
     let mut rows = Vec::new();
+    if let Some(url) = &args.etcd {
+        let floor = Floor::measure(&root)?;
+        rows.extend(etcd_rows(url, &args, floor).await?);
+    }
     for (b, f) in selected(&args)? {
         let name = format!("{}_{}", b.name(), f.name());
         let floor = Floor::measure(&root)?;
@@ -275,6 +345,24 @@ async fn run(args: Args) -> Result<(), String> {
             r.floor.total_us(),
             r.floor.fsync_us,
             r.floor.rtt_us
+        );
+    }
+    for r in rows.iter().filter(|r| r.combo != "etcd") {
+        let Some(e) = rows
+            .iter()
+            .find(|e| e.combo == "etcd" && e.clients == r.clients)
+        else {
+            continue;
+        };
+        println!(
+            "{} at {} clients: {:.2} x etcd's puts/s ({:.0} vs {:.0}); p99 {} vs {} us",
+            r.combo,
+            r.clients,
+            r.ops_per_sec / e.ops_per_sec.max(1.0),
+            r.ops_per_sec,
+            e.ops_per_sec,
+            r.p99_us,
+            e.p99_us
         );
     }
     if let Some(path) = &args.json {

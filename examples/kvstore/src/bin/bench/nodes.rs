@@ -5,7 +5,8 @@
 //! 1. the child binds its transport and prints `ADDR <addr>`;
 //! 2. the parent writes one line: the initial members (`1=addr,2=addr,...`), or an empty line
 //!    for a node that joins later through `add_learner`;
-//! 3. the child starts its node and prints `STATUS <applied_index> <role>` whenever its status
+//! 3. the child starts its node and its client API ([`kvstore::service`], on 127.0.0.1, any
+//!    port), prints `KV <addr>`, then `STATUS <applied_index> <role>` whenever its status
 //!    changes (at most every [`STATUS_INTERVAL`]), and `STOPPED <reason>` if its engine stops;
 //! 4. the child shuts its node down and exits when its stdin closes.
 
@@ -58,6 +59,8 @@ fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, String> {
 pub(crate) struct Report {
     pub(crate) applied_index: u64,
     pub(crate) role: String,
+    /// Where its client API listens.
+    pub(crate) kv_addr: Option<std::net::SocketAddr>,
     /// Why the node stopped, or why its reports ended (the child exited).
     pub(crate) stopped: Option<String>,
 }
@@ -172,6 +175,10 @@ fn read_reports(out: impl BufRead, tx: watch::Sender<Report>) {
                     r.role = role;
                 });
             }
+        } else if let Some(addr) = line.strip_prefix("KV ") {
+            if let Ok(addr) = addr.trim().parse() {
+                tx.send_modify(|r| r.kv_addr = Some(addr));
+            }
         } else if let Some(why) = line.strip_prefix("STOPPED ") {
             tx.send_modify(|r| r.stopped = Some(why.to_string()));
         }
@@ -199,6 +206,46 @@ impl Drop for ChildNode {
         );
         let _ = self.process.kill();
         let _ = self.process.wait();
+    }
+}
+
+/// Every node as a child process (`--network`): the children, and the leader's id and client
+/// API address once the cluster has one.
+pub(crate) async fn start_children(
+    backend: &dyn Backend,
+    factory: &dyn TransportFactory,
+    nodes: u64,
+    root: &Path,
+) -> Result<(Vec<ChildNode>, u64, std::net::SocketAddr), String> {
+    let mut members = BTreeMap::new();
+    let mut children = Vec::new();
+    for id in 1..=nodes {
+        let child = ChildNode::spawn(id, backend, factory, root)?;
+        members.insert(id, child.addr.clone());
+        children.push(child);
+    }
+    for c in &mut children {
+        c.start(&members)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut found = None;
+        for c in &children {
+            let r = c.reports.borrow().clone();
+            if let Some(why) = r.stopped {
+                return Err(format!("node {} stopped: {why}", c.id));
+            }
+            if let (true, Some(addr)) = (r.role == "Leader", r.kv_addr) {
+                found = Some((c.id, addr));
+            }
+        }
+        if let Some((id, addr)) = found {
+            return Ok((children, id, addr));
+        }
+        if Instant::now() >= deadline {
+            return Err("no leader with a client API within 20 s".into());
+        }
+        tokio::time::sleep(STATUS_INTERVAL).await;
     }
 }
 
@@ -279,9 +326,18 @@ pub(crate) async fn serve_node(args: &[String]) -> Result<(), String> {
     let node = Consensus::start(&*backend, config, Store::default(), t)
         .await
         .map_err(|e| e.to_string())?;
+    let api = kvstore::service::Server::start(
+        node.clone(),
+        id,
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        &node_config(id, Path::new(root)).transport.tls,
+    )
+    .await?;
+    say(&format!("KV {}", api.addr()));
     let reporter = tokio::spawn(report_status(node.clone()));
     while lines.recv().await.is_some() {}
     reporter.abort();
+    drop(api);
     let _ = node.shutdown().await;
     Ok(())
 }

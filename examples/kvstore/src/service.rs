@@ -1,0 +1,222 @@
+//! The store's client API over the network: `proto/kv.proto` served with gRPC (tonic, HTTP/2)
+//! over mutual TLS with the cluster's CA, on any node (a follower forwards puts to the leader,
+//! reads are linearizable). [`Client`] is its client; the bench drives it from its own process
+//! the way etcd's clients drive etcd.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use consensus_api::{Consensus, ConsensusError, NodeId, TlsConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{Command, Store};
+
+/// The generated messages and service of `proto/kv.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("kvstore");
+}
+
+/// The generated client of etcd's `KV.Put` (`proto/etcd.proto`), for side-by-side runs.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// Largest request or answer the API takes: a put's key and value together stay well under the
+/// consensus layer's command limit.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+struct KvService {
+    node: Consensus<Store>,
+}
+
+/// A consensus error as a gRPC status a client can act on.
+fn status(e: ConsensusError) -> Status {
+    use consensus_api::ErrorKind as K;
+    let msg = e.to_string();
+    match e.kind() {
+        K::NotLeader | K::ShuttingDown | K::Transport => Status::unavailable(msg),
+        K::Timeout => Status::deadline_exceeded(msg),
+        K::InvalidRequest => Status::invalid_argument(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for KvService {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let pb::PutRequest { key, value } = request.into_inner();
+        let previous = self
+            .node
+            .propose(Command::Put { key, value })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PutResponse { previous }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let key = request.into_inner().key;
+        let value = self
+            .node
+            .read(|s| s.get(&key).map(str::to_string))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GetResponse { value }))
+    }
+}
+
+/// PEM bytes: the CA certificate, a certificate and its key.
+type Pem = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// The PEM material of node `id` (or of the operator, for a client) as `tls` names it.
+fn pem(tls: &TlsConfig, id: Option<NodeId>) -> Result<Pem, String> {
+    let (ca, cert, key) = match tls {
+        TlsConfig::Files {
+            ca_cert,
+            node_cert,
+            node_key,
+        } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
+        TlsConfig::DevCerts { dir } => {
+            let p = match id {
+                Some(id) => consensus_tls::dev::ensure(dir, id)?,
+                None => consensus_tls::dev::ensure_operator(dir)?,
+            };
+            (p.ca_cert, p.node_cert, p.node_key)
+        }
+        other => {
+            return Err(format!(
+                "the client API always uses mutual TLS; {other:?} gives it no certificates"
+            ))
+        }
+    };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    Ok((read(&ca)?, read(&cert)?, read(&key)?))
+}
+
+/// A running client API server; dropping it stops it.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `node`'s store on `listen` (port 0 for any) with node `id`'s certificate from
+    /// `tls`; clients must present a certificate of the same CA.
+    pub async fn start(
+        node: Consensus<Store>,
+        id: NodeId,
+        listen: SocketAddr,
+        tls: &TlsConfig,
+    ) -> Result<Self, String> {
+        let (ca, cert, key) = pem(tls, Some(id))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("bind {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let service = pb::kv_server::KvServer::new(KvService { node })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let router = tonic::transport::Server::builder()
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(cert, key))
+                    .client_ca_root(Certificate::from_pem(ca)),
+            )
+            .map_err(|e| format!("TLS server config: {e}"))?
+            .add_service(service);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                tracing::warn!(%addr, "client API stopped: {e}");
+            }
+        });
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// A client of the API: one HTTP/2 connection (clone it to share the connection).
+#[derive(Clone)]
+pub struct Client {
+    inner: pb::kv_client::KvClient<Channel>,
+}
+
+impl Client {
+    /// Connects to node `server` at `addr` with the operator's certificate from `tls`.
+    pub async fn connect(
+        addr: SocketAddr,
+        server: NodeId,
+        tls: &TlsConfig,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let (ca, cert, key) = pem(tls, None)?;
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .domain_name(consensus_tls::node_name(server))
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert, key)),
+            )
+            .map_err(|e| format!("TLS client config: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        Ok(Self {
+            // The server enforces the request limit (and says so); the client bounds answers.
+            inner: pb::kv_client::KvClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// Puts `value` under `key`; the previous value.
+    pub async fn put(&mut self, key: String, value: String) -> Result<Option<String>, Status> {
+        let r = self.inner.put(pb::PutRequest { key, value }).await?;
+        Ok(r.into_inner().previous)
+    }
+
+    /// The value of `key`, read linearizably.
+    pub async fn get(&mut self, key: String) -> Result<Option<String>, Status> {
+        let r = self.inner.get(pb::GetRequest { key }).await?;
+        Ok(r.into_inner().value)
+    }
+}

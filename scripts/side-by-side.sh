@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# etcd and the project's bench in the same run, one after the other, with the ratios printed:
+# nobody has to compare figures from different days.
+#
+#   scripts/side-by-side.sh [RUNS] [BENCH ARGS...]
+#
+# Needs `etcd` and `etcdctl` (Debian: apt-get install etcd-server etcd-client); not run in CI.
+# Starts a 3-member etcd cluster on 127.0.0.1 (free ports, fsync on, as etcd always runs), then
+# per run (default 3): `bench --etcd <leader>` with in-process clients (every combination), and
+# `bench --etcd <leader> --network` (every node its own process, the clients over gRPC like
+# etcd's). Each bench invocation measures etcd's rows itself, right before its own, with the
+# same clients (`--clients`, default here 1,64), values and connections. At the end: per mode,
+# combination and client count the median of the runs, and the ratio to etcd's median.
+# Extra arguments go to every bench invocation (e.g. `--combos tikv_grpc --secs 10`).
+set -euo pipefail
+
+runs=3
+if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
+    runs=$1
+    shift
+fi
+for tool in etcd etcdctl python3; do
+    command -v "$tool" >/dev/null || {
+        echo "side-by-side: $tool not found (Debian: apt-get install etcd-server etcd-client)" >&2
+        exit 2
+    }
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+(cd "$root" && cargo build --release -q -p kvstore --bin bench)
+bench=$target/release/bench
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+read -r -a ports < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(6)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks: s.close()')
+cluster=""
+for i in 1 2 3; do
+    cluster+="${cluster:+,}m$i=http://127.0.0.1:${ports[$((i + 2))]}"
+done
+for i in 1 2 3; do
+    c=${ports[$((i - 1))]}
+    p=${ports[$((i + 2))]}
+    etcd --name "m$i" --data-dir "$work/m$i" \
+        --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+        --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+        --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token side-by-side \
+        --logger zap --log-level error >"$work/m$i.log" 2>&1 &
+    pids+=($!)
+done
+endpoints="http://127.0.0.1:${ports[0]},http://127.0.0.1:${ports[1]},http://127.0.0.1:${ports[2]}"
+for _ in $(seq 100); do
+    if etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; then break; fi
+    sleep 0.2
+done
+leader=$(etcdctl --endpoints "$endpoints" endpoint status -w json | python3 -c '
+import json, sys
+for s in json.load(sys.stdin):
+    if s["Status"]["leader"] == s["Status"]["header"]["member_id"]:
+        print(s["Endpoint"])')
+[[ -n $leader ]] || { echo "side-by-side: etcd has no leader" >&2; exit 1; }
+echo "etcd $(etcd --version | head -1 | awk '{print $3}'): 3 members, leader at $leader"
+
+for run in $(seq "$runs"); do
+    for mode in inproc net; do
+        extra=()
+        [[ $mode == net ]] && extra=(--network)
+        echo "== run $run, $mode"
+        "$bench" --etcd "$leader" --clients 1,64 "${extra[@]}" --json "$work/$mode-$run.json" "$@"
+    done
+done
+
+python3 - "$work" "$runs" <<'EOF'
+import json, statistics, sys
+work, runs = sys.argv[1], int(sys.argv[2])
+for mode in ("inproc", "net"):
+    rows = {}
+    for run in range(1, runs + 1):
+        for r in json.load(open(f"{work}/{mode}-{run}.json")):
+            rows.setdefault((r["combo"], r["clients"]), []).append(r)
+    med = {k: {f: statistics.median(x[f] for x in v) for f in
+               ("ops_per_sec", "p50_us", "p99_us", "rss_mib_max", "floor_us")}
+           for k, v in rows.items()}
+    print(f"\n{mode}: medians of {runs} runs (etcd measured in each run, right before)")
+    print(f"{'combo':<18} {'clients':>7} {'puts/s':>9} {'x etcd':>7} {'p50_us':>8} {'p99_us':>8} "
+          f"{'etcd_p99':>8} {'p50/floor':>9} {'rss_mib':>8}")
+    for (combo, clients), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0] != "etcd", kv[0][0])):
+        e = med.get(("etcd", clients))
+        ratio = m["ops_per_sec"] / e["ops_per_sec"] if e and e["ops_per_sec"] else float("nan")
+        print(f"{combo:<18} {clients:>7} {m['ops_per_sec']:>9.0f} {ratio:>7.2f} {m['p50_us']:>8.0f} "
+              f"{m['p99_us']:>8.0f} {e['p99_us'] if e else 0:>8.0f} "
+              f"{m['p50_us'] / max(m['floor_us'], 1):>9.2f} {m['rss_mib_max']:>8.1f}")
+EOF
