@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// An encoded command of the user's state machine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Request(pub Vec<u8>);
+pub struct Request(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -16,7 +16,7 @@ impl fmt::Display for Request {
 
 /// The encoded outcome of applying a command (empty for blank and membership entries).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct Response(pub Vec<u8>);
+pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of this backend.
@@ -39,3 +39,29 @@ pub(crate) type C = TypeConfig;
 /// open handle: the current snapshot, what a leader streams to followers in chunks, and what a
 /// follower receives and installs. Never the state bytes in memory.
 pub(crate) type SnapshotData = consensus_storage::SnapshotFile;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consensus_api::codec;
+
+    /// The byte-string encoding is the same bytes as the sequence of `u8` that logs written
+    /// before it hold: old entries still decode.
+    #[test]
+    fn commands_encode_as_they_did_as_a_sequence_of_bytes() {
+        let bytes: Vec<u8> = (0..=255u8).chain([7; 300]).collect();
+        let before = codec::encode(&bytes).expect("encode");
+        assert_eq!(
+            codec::encode(&Request(bytes.clone())).expect("encode"),
+            before
+        );
+        assert_eq!(
+            codec::encode(&Response(bytes.clone())).expect("encode"),
+            before
+        );
+        assert_eq!(
+            codec::decode::<Request>(&before).expect("decode"),
+            Request(bytes)
+        );
+    }
+}

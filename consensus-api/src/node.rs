@@ -30,7 +30,7 @@ const LEADER_POLL: Duration = Duration::from_millis(20);
 /// An operation that a follower forwards to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Forwarded {
-    Propose(Vec<u8>),
+    Propose(#[serde(with = "serde_bytes")] Vec<u8>),
     ReadIndex,
     AddLearner(NodeId, String),
     ChangeVoters(BTreeSet<NodeId>),
@@ -67,7 +67,7 @@ impl Forwarded {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Reply {
-    Proposed(Vec<u8>),
+    Proposed(#[serde(with = "serde_bytes")] Vec<u8>),
     ReadIndex(u64),
     Done,
     Status(Box<Status>),
