@@ -6,9 +6,11 @@
 #
 # Needs `etcd` and `etcdctl` (Debian: apt-get install etcd-server etcd-client); not run in CI.
 # Starts a 3-member etcd cluster on 127.0.0.1 (free ports, fsync on, as etcd always runs), then
-# per run (default 3): `bench --etcd <leader>` with in-process clients (every combination), and
-# `bench --etcd <leader> --network` (every node its own process, the clients over gRPC like
-# etcd's). Each bench invocation measures etcd's rows itself, right before its own, with the
+# per run (default 3): `bench --etcd <leader>` with in-process clients (every combination),
+# `bench --etcd <leader> --network` (every node its own process, the clients over gRPC with one
+# unary call per put, exactly as etcd's are driven) and the same with `--streams` (each client
+# puts on a long-lived gRPC stream of the kvstore API; etcd's row stays unary, since etcd's KV
+# API has no such call). Each bench invocation measures etcd's rows itself, right before its own, with the
 # same clients (`--clients`, default here 1,64), values and connections. At the end: per mode,
 # combination and client count the median of the runs, and the ratio to etcd's median.
 # Extra arguments go to every bench invocation (e.g. `--combos tikv_grpc --secs 10`).
@@ -72,11 +74,13 @@ for s in json.load(sys.stdin):
         print(s["Endpoint"])')
 [[ -n $leader ]] || { echo "side-by-side: etcd has no leader" >&2; exit 1; }
 echo "etcd $(etcd --version | head -1 | awk '{print $3}'): 3 members, leader at $leader"
+echo "bench at $(cd "$root" && git rev-parse --short HEAD), $(nproc) cores"
 
 for run in $(seq "$runs"); do
-    for mode in inproc net; do
+    for mode in inproc net net-streams; do
         extra=()
         [[ $mode == net ]] && extra=(--network)
+        [[ $mode == net-streams ]] && extra=(--network --streams)
         echo "== run $run, $mode"
         "$bench" --etcd "$leader" --clients 1,64 "${extra[@]}" --json "$work/$mode-$run.json" "$@"
     done
@@ -85,7 +89,7 @@ done
 python3 - "$work" "$runs" <<'EOF'
 import json, statistics, sys
 work, runs = sys.argv[1], int(sys.argv[2])
-for mode in ("inproc", "net"):
+for mode in ("inproc", "net", "net-streams"):
     rows = {}
     for run in range(1, runs + 1):
         for r in json.load(open(f"{work}/{mode}-{run}.json")):

@@ -64,6 +64,36 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(pb::PutResponse { previous }))
     }
 
+    type PutStreamStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::PutResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn put_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PutRequest>>,
+    ) -> Result<Response<Self::PutStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let node = self.node.clone();
+        // One put at a time per stream, answered in order; the first failure ends the stream.
+        let answers = async_stream_of(move |tx| async move {
+            while let Some(req) = requests.message().await.transpose() {
+                let answer = match req {
+                    Ok(pb::PutRequest { key, value }) => node
+                        .propose(Command::Put { key, value })
+                        .await
+                        .map(|previous| pb::PutResponse { previous })
+                        .map_err(status),
+                    Err(e) => Err(e),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
@@ -76,6 +106,18 @@ impl pb::kv_server::Kv for KvService {
             .map_err(status)?;
         Ok(Response::new(pb::GetResponse { value }))
     }
+}
+
+/// The stream of what `produce` sends on its channel (bounded: a slow reader holds it back).
+fn async_stream_of<T, F, Fut>(produce: F) -> tokio_stream::wrappers::ReceiverStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// PEM bytes: the CA certificate, a certificate and its key.
@@ -214,9 +256,42 @@ impl Client {
         Ok(r.into_inner().previous)
     }
 
+    /// Opens a put stream ([`PutStream`]) on this client's connection.
+    pub async fn put_stream(&mut self) -> Result<PutStream, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let answers = self
+            .inner
+            .put_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(PutStream { tx, answers })
+    }
+
     /// The value of `key`, read linearizably.
     pub async fn get(&mut self, key: String) -> Result<Option<String>, Status> {
         let r = self.inner.get(pb::GetRequest { key }).await?;
         Ok(r.into_inner().value)
+    }
+}
+
+/// One put stream of a [`Client`]: puts answered in order on a long-lived gRPC stream, without
+/// a new HTTP/2 stream (headers, trailers) per put.
+pub struct PutStream {
+    tx: tokio::sync::mpsc::Sender<pb::PutRequest>,
+    answers: tonic::Streaming<pb::PutResponse>,
+}
+
+impl PutStream {
+    /// Puts `value` under `key` and waits for its answer: the previous value. After an error
+    /// the stream is over; open another.
+    pub async fn put(&mut self, key: String, value: String) -> Result<Option<String>, Status> {
+        self.tx
+            .send(pb::PutRequest { key, value })
+            .await
+            .map_err(|_| Status::unavailable("the put stream is closed"))?;
+        match self.answers.message().await? {
+            Some(r) => Ok(r.previous),
+            None => Err(Status::unavailable("the server ended the put stream")),
+        }
     }
 }

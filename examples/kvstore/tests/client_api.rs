@@ -57,6 +57,21 @@ async fn puts_and_gets_through_every_node_over_mutual_tls() {
         assert_eq!(c.get("k".into()).await.expect("get"), Some(format!("v{i}")));
         assert_eq!(c.get("absent".into()).await.expect("get"), None);
     }
+    // A put stream through a follower: each put answered in order, with the previous value.
+    let (id, s) = &servers[servers.len() - 1];
+    let mut c = Client::connect(s.addr(), *id, &tls, TIMEOUT)
+        .await
+        .expect("connect");
+    let mut stream = c.put_stream().await.expect("put stream");
+    for i in 0..5 {
+        let prev = stream
+            .put("s".into(), format!("{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("streamed put {i}: {e}"));
+        assert_eq!(prev, (i > 0).then(|| format!("{}", i - 1)));
+    }
+    assert_eq!(c.get("s".into()).await.expect("get"), Some("4".into()));
+
     // A request over the size limit is refused and changes nothing.
     let (id, s) = &servers[0];
     let mut c = Client::connect(s.addr(), *id, &tls, TIMEOUT)

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvstore::service::{etcd, Client};
+use kvstore::service::{etcd, Client, PutStream};
 use kvstore::Command;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -27,6 +27,8 @@ pub(crate) enum Target {
     Local(Node),
     /// A node's client API over the network; client `c` uses connection `c % len`.
     Kv(Vec<Client>),
+    /// The same, each client with a put stream of its own (`PutStream`).
+    KvStream(Vec<Client>),
     /// etcd's `KV.Put` over gRPC; client `c` uses connection `c % len`.
     Etcd(Vec<etcd::kv_client::KvClient<Channel>>),
 }
@@ -35,6 +37,7 @@ pub(crate) enum Target {
 enum Conn {
     Local(Node),
     Kv(Client),
+    KvStream(Client, Option<Box<PutStream>>),
     Etcd(etcd::kv_client::KvClient<Channel>),
 }
 
@@ -43,6 +46,7 @@ impl Target {
         match self {
             Target::Local(n) => Conn::Local(n.clone()),
             Target::Kv(v) => Conn::Kv(v[c % v.len()].clone()),
+            Target::KvStream(v) => Conn::KvStream(v[c % v.len()].clone(), None),
             Target::Etcd(v) => Conn::Etcd(v[c % v.len()].clone()),
         }
     }
@@ -54,6 +58,18 @@ impl Conn {
         match self {
             Conn::Local(n) => n.propose(Command::Put { key, value }).await.is_ok(),
             Conn::Kv(c) => c.put(key, value).await.is_ok(),
+            Conn::KvStream(c, stream) => {
+                if stream.is_none() {
+                    *stream = c.put_stream().await.ok().map(Box::new);
+                }
+                let Some(s) = stream else { return false };
+                let ok = s.put(key, value).await.is_ok();
+                if !ok {
+                    // A failed put ends its stream: the next put opens another.
+                    *stream = None;
+                }
+                ok
+            }
             Conn::Etcd(c) => c
                 .put(etcd::PutRequest {
                     key: key.into_bytes(),

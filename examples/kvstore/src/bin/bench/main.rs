@@ -95,9 +95,18 @@ struct Args {
     /// Network clients (`--network`, `--etcd`) share this many HTTP/2 connections.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     conns: u64,
-    /// Also run the clients against etcd at this gRPC endpoint (plaintext), first.
+    /// Also run the clients against etcd at these gRPC endpoints (plaintext, the leader
+    /// first), first.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Network clients (`--network`, `--etcd`) spread their connections over every node (as
+    /// etcd's client balancer does) instead of all connecting to the leader; followers forward.
     #[arg(long)]
-    etcd: Option<String>,
+    spread: bool,
+    /// `--network` clients put on long-lived gRPC streams (`PutStream`, one per client) instead
+    /// of one unary call per put.
+    #[arg(long)]
+    streams: bool,
     /// Run the large-state benchmark with this much state, in MiB (see the module docs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     large_state_mib: Option<u64>,
@@ -139,28 +148,39 @@ async fn bench_combo(
     let combo = format!("{}_{}", backend.name(), factory.name());
     let dir = root.join(&combo);
     if args.network {
-        let (children, leader, addr) =
-            nodes::start_children(&*backend, &*factory, args.nodes, &dir)
-                .await
-                .map_err(ConsensusError::Internal)?;
+        let (children, apis) = nodes::start_children(&*backend, &*factory, args.nodes, &dir)
+            .await
+            .map_err(ConsensusError::Internal)?;
         let tls = consensus_api::TlsConfig::DevCerts {
             dir: dir.join("certs"),
         };
+        // The leader's API only, or (`--spread`) every node's in turn.
+        let apis = if args.spread { &apis[..] } else { &apis[..1] };
         let mut conns = Vec::new();
-        for _ in 0..args.conns {
-            let c = kvstore::service::Client::connect(addr, leader, &tls, Duration::from_secs(10))
+        for i in 0..args.conns as usize {
+            let (id, addr) = apis[i % apis.len()];
+            let c = kvstore::service::Client::connect(addr, id, &tls, Duration::from_secs(10))
                 .await
                 .map_err(ConsensusError::Transport)?;
             conns.push(c);
         }
-        let name = format!("{combo}_net");
+        let name = format!(
+            "{combo}_net{}{}",
+            if args.streams { "_stream" } else { "" },
+            if args.spread { "_spread" } else { "" }
+        );
+        let target = if args.streams {
+            Target::KvStream(conns)
+        } else {
+            Target::Kv(conns)
+        };
         let rss = || {
             children
                 .iter()
                 .map(|c| c.peak_rss_mib())
                 .fold(0.0, f64::max)
         };
-        return Ok(run_rows(&name, &Target::Kv(conns), args, floor, rss).await);
+        return Ok(run_rows(&name, &target, args, floor, rss).await);
     }
     // Kept until the end of the run: the in-process cluster's nodes live in it.
     let mut cluster = None;
@@ -246,10 +266,13 @@ async fn run_rows(
     rows
 }
 
-/// etcd's rows: the same clients against its `KV.Put` at `url`.
-async fn etcd_rows(url: &str, args: &Args, floor: Floor) -> Result<Vec<Row>, String> {
+/// etcd's rows: the same clients against its `KV.Put` at `urls` (the first, or with
+/// `--spread` each in turn).
+async fn etcd_rows(urls: &[String], args: &Args, floor: Floor) -> Result<Vec<Row>, String> {
+    let urls = if args.spread { urls } else { &urls[..1] };
     let mut conns = Vec::new();
-    for _ in 0..args.conns {
+    for i in 0..args.conns as usize {
+        let url = &urls[i % urls.len()];
         let channel = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
             .tcp_nodelay(true)
@@ -259,7 +282,8 @@ async fn etcd_rows(url: &str, args: &Args, floor: Floor) -> Result<Vec<Row>, Str
         conns.push(kvstore::service::etcd::kv_client::KvClient::new(channel));
     }
     // etcd runs outside this process: no RSS of its own here.
-    Ok(run_rows("etcd", &Target::Etcd(conns), args, floor, || 0.0).await)
+    let name = if args.spread { "etcd_spread" } else { "etcd" };
+    Ok(run_rows(name, &Target::Etcd(conns), args, floor, || 0.0).await)
 }
 
 fn json(rows: &[Row]) -> String {
@@ -324,9 +348,9 @@ async fn run(args: Args) -> Result<(), String> {
         "combo", "clients", "ops/s", "p50_us", "p99_us", "p999_us", "rss_mib", "errors", "floor_us"
     );
     let mut rows = Vec::new();
-    if let Some(url) = &args.etcd {
+    if !args.etcd.is_empty() {
         let floor = Floor::measure(&root)?;
-        rows.extend(etcd_rows(url, &args, floor).await?);
+        rows.extend(etcd_rows(&args.etcd, &args, floor).await?);
     }
     for (b, f) in selected(&args)? {
         let name = format!("{}_{}", b.name(), f.name());
@@ -347,10 +371,10 @@ async fn run(args: Args) -> Result<(), String> {
             r.floor.rtt_us
         );
     }
-    for r in rows.iter().filter(|r| r.combo != "etcd") {
+    for r in rows.iter().filter(|r| !r.combo.starts_with("etcd")) {
         let Some(e) = rows
             .iter()
-            .find(|e| e.combo == "etcd" && e.clients == r.clients)
+            .find(|e| e.combo.starts_with("etcd") && e.clients == r.clients)
         else {
             continue;
         };

@@ -209,14 +209,15 @@ impl Drop for ChildNode {
     }
 }
 
-/// Every node as a child process (`--network`): the children, and the leader's id and client
-/// API address once the cluster has one.
+/// Every node as a child process (`--network`): the children, and once the cluster has a
+/// leader and every node serves its client API, each node's id and client API address, the
+/// leader's first.
 pub(crate) async fn start_children(
     backend: &dyn Backend,
     factory: &dyn TransportFactory,
     nodes: u64,
     root: &Path,
-) -> Result<(Vec<ChildNode>, u64, std::net::SocketAddr), String> {
+) -> Result<(Vec<ChildNode>, Vec<(u64, std::net::SocketAddr)>), String> {
     let mut members = BTreeMap::new();
     let mut children = Vec::new();
     for id in 1..=nodes {
@@ -229,21 +230,23 @@ pub(crate) async fn start_children(
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut found = None;
+        let mut apis = Vec::new();
         for c in &children {
             let r = c.reports.borrow().clone();
             if let Some(why) = r.stopped {
                 return Err(format!("node {} stopped: {why}", c.id));
             }
-            if let (true, Some(addr)) = (r.role == "Leader", r.kv_addr) {
-                found = Some((c.id, addr));
+            if let Some(addr) = r.kv_addr {
+                apis.push((r.role == "Leader", c.id, addr));
             }
         }
-        if let Some((id, addr)) = found {
-            return Ok((children, id, addr));
+        if apis.len() == children.len() && apis.iter().any(|a| a.0) {
+            // The leader first.
+            apis.sort_by_key(|a| !a.0);
+            return Ok((children, apis.into_iter().map(|a| (a.1, a.2)).collect()));
         }
         if Instant::now() >= deadline {
-            return Err("no leader with a client API within 20 s".into());
+            return Err("no leader, or not every client API up, within 20 s".into());
         }
         tokio::time::sleep(STATUS_INTERVAL).await;
     }
