@@ -37,6 +37,21 @@ struct KvService {
     node: Consensus<Store>,
 }
 
+/// The command of a put request: `Put` (answers the previous value) when it asks for the
+/// previous value, else `Set`.
+fn put_command(r: pb::PutRequest) -> Command {
+    let pb::PutRequest {
+        key,
+        value,
+        prev_kv,
+    } = r;
+    if prev_kv {
+        Command::Put { key, value }
+    } else {
+        Command::Set { key, value }
+    }
+}
+
 /// A consensus error as a gRPC status a client can act on.
 fn status(e: ConsensusError) -> Status {
     use consensus_api::ErrorKind as K;
@@ -55,10 +70,9 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let pb::PutRequest { key, value } = request.into_inner();
         let previous = self
             .node
-            .propose(Command::Put { key, value })
+            .propose(put_command(request.into_inner()))
             .await
             .map_err(status)?;
         Ok(Response::new(pb::PutResponse { previous }))
@@ -78,8 +92,8 @@ impl pb::kv_server::Kv for KvService {
         let answers = async_stream_of(move |tx| async move {
             while let Some(req) = requests.message().await.transpose() {
                 let answer = match req {
-                    Ok(pb::PutRequest { key, value }) => node
-                        .propose(Command::Put { key, value })
+                    Ok(req) => node
+                        .propose(put_command(req))
                         .await
                         .map(|previous| pb::PutResponse { previous })
                         .map_err(status),
@@ -252,8 +266,15 @@ impl Client {
 
     /// Puts `value` under `key`; the previous value.
     pub async fn put(&mut self, key: String, value: String) -> Result<Option<String>, Status> {
-        let r = self.inner.put(pb::PutRequest { key, value }).await?;
+        let r = self.inner.put(put_request(key, value, true)).await?;
         Ok(r.into_inner().previous)
+    }
+
+    /// Puts `value` under `key` without asking for the previous value (etcd's put without
+    /// `prev_kv`).
+    pub async fn set(&mut self, key: String, value: String) -> Result<(), Status> {
+        self.inner.put(put_request(key, value, false)).await?;
+        Ok(())
     }
 
     /// Opens a put stream ([`PutStream`]) on this client's connection.
@@ -282,16 +303,29 @@ pub struct PutStream {
 }
 
 impl PutStream {
-    /// Puts `value` under `key` and waits for its answer: the previous value. After an error
-    /// the stream is over; open another.
-    pub async fn put(&mut self, key: String, value: String) -> Result<Option<String>, Status> {
+    /// Puts `value` under `key` and waits for its answer: the previous value if `prev_kv`.
+    /// After an error the stream is over; open another.
+    pub async fn put(
+        &mut self,
+        key: String,
+        value: String,
+        prev_kv: bool,
+    ) -> Result<Option<String>, Status> {
         self.tx
-            .send(pb::PutRequest { key, value })
+            .send(put_request(key, value, prev_kv))
             .await
             .map_err(|_| Status::unavailable("the put stream is closed"))?;
         match self.answers.message().await? {
             Some(r) => Ok(r.previous),
             None => Err(Status::unavailable("the server ended the put stream")),
         }
+    }
+}
+
+fn put_request(key: String, value: String, prev_kv: bool) -> pb::PutRequest {
+    pb::PutRequest {
+        key,
+        value,
+        prev_kv,
     }
 }

@@ -38,6 +38,14 @@ pub enum Command {
         /// The key.
         key: String,
     },
+    /// Sets a key without answering the previous value (answers `None`): etcd's put without
+    /// `prev_kv`, for writers that do not need it (nothing is copied back).
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
 }
 
 /// The store's state: deterministic, so every replica computes the same.
@@ -101,6 +109,10 @@ impl StateMachine for Store {
     fn apply(&mut self, _index: u64, command: Command) -> Option<String> {
         let old = match command {
             Command::Put { key, value } => self.put(key.into(), value.into()),
+            Command::Set { key, value } => {
+                self.put(key.into(), value.into());
+                None
+            }
             Command::Delete { key } => {
                 let old = self.data.remove(key.as_str());
                 if let Some(old) = &old {
@@ -184,6 +196,19 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn set_answers_nothing_and_sets_like_put() {
+        let mut s = Store::default();
+        put(&mut s, 1, "k", "v1");
+        let set = Command::Set {
+            key: "k".into(),
+            value: "v22".into(),
+        };
+        assert_eq!(s.apply(2, set), None);
+        assert_eq!(s.get("k"), Some("v22"));
+        assert_eq!(s.data_bytes(), 4);
     }
 
     #[test]

@@ -65,12 +65,22 @@ async fn puts_and_gets_through_every_node_over_mutual_tls() {
     let mut stream = c.put_stream().await.expect("put stream");
     for i in 0..5 {
         let prev = stream
-            .put("s".into(), format!("{i}"))
+            .put("s".into(), format!("{i}"), true)
             .await
             .unwrap_or_else(|e| panic!("streamed put {i}: {e}"));
         assert_eq!(prev, (i > 0).then(|| format!("{}", i - 1)));
     }
     assert_eq!(c.get("s".into()).await.expect("get"), Some("4".into()));
+    // Without the previous value: nothing is answered, the value is set.
+    c.set("s".into(), "5".into()).await.expect("set");
+    assert_eq!(
+        stream
+            .put("s".into(), "6".into(), false)
+            .await
+            .expect("put"),
+        None
+    );
+    assert_eq!(c.get("s".into()).await.expect("get"), Some("6".into()));
 
     // A request over the size limit is refused and changes nothing.
     let (id, s) = &servers[0];

@@ -489,7 +489,7 @@ async fn fill(leader: &Node, target_bytes: u64, value_bytes: usize) -> Result<()
                     }
                     let mut attempt = 0;
                     loop {
-                        let cmd = Command::Put {
+                        let cmd = Command::Set {
                             key: key(i),
                             value: value.to_string(),
                         };

@@ -56,14 +56,15 @@ impl Conn {
     /// Puts and waits for the answer; whether it was acknowledged.
     async fn put(&mut self, key: String, value: String) -> bool {
         match self {
-            Conn::Local(n) => n.propose(Command::Put { key, value }).await.is_ok(),
-            Conn::Kv(c) => c.put(key, value).await.is_ok(),
+            // Puts as etcd's clients make them: without the previous value.
+            Conn::Local(n) => n.propose(Command::Set { key, value }).await.is_ok(),
+            Conn::Kv(c) => c.set(key, value).await.is_ok(),
             Conn::KvStream(c, stream) => {
                 if stream.is_none() {
                     *stream = c.put_stream().await.ok().map(Box::new);
                 }
                 let Some(s) = stream else { return false };
-                let ok = s.put(key, value).await.is_ok();
+                let ok = s.put(key, value, false).await.is_ok();
                 if !ok {
                     // A failed put ends its stream: the next put opens another.
                     *stream = None;
