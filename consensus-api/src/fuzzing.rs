@@ -13,3 +13,12 @@ pub fn codec_values(data: &[u8]) {
     let _ = crate::codec::decode::<std::collections::BTreeMap<crate::NodeId, String>>(data);
     let _ = crate::codec::decode::<crate::Status>(data);
 }
+
+/// `data` as a batch entry ([`crate::batch`]): what a state machine that batches applies from
+/// the log, and what a proposer splits an outcome with. Split into parts or refused; the parts
+/// of an accepted one frame back to exactly `data`.
+pub fn batch_frames(data: &[u8]) {
+    if let Ok(parts) = crate::batch::split(data) {
+        assert_eq!(crate::batch::encode(parts.iter().copied()), data);
+    }
+}

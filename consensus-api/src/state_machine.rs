@@ -214,3 +214,58 @@ impl<SM: StateMachine> ByteStateMachine for Shared<SM> {
 pub fn serialized_view(bytes: Vec<u8>) -> Box<dyn SnapshotView> {
     Box::new(Serialized(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch;
+
+    /// Appends each command to a list, with the index it was applied at.
+    #[derive(Default)]
+    struct Listing(Vec<(u64, String)>);
+
+    impl StateMachine for Listing {
+        type Command = String;
+        type Response = usize;
+        const BATCHES: bool = true;
+
+        fn apply(&mut self, index: u64, command: String) -> usize {
+            self.0.push((index, command));
+            self.0.len()
+        }
+        fn snapshot(&self) -> Result<Vec<u8>, String> {
+            Ok(Vec::new())
+        }
+        fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_at_one_index_and_a_malformed_one_applies_nothing() {
+        let sm = Shared::new(Listing::default());
+        let cmds: Vec<Vec<u8>> = ["a", "b", "c"]
+            .iter()
+            .map(|c| codec::encode(&c.to_string()).expect("encode"))
+            .collect();
+        let out = sm.apply(7, &batch::encode(cmds.iter().map(Vec::as_slice)));
+        let parts = batch::split(&out).expect("framed outcome");
+        let answers: Vec<ApplyOutcome<usize>> = parts
+            .iter()
+            .map(|p| codec::decode(p).expect("outcome"))
+            .collect();
+        assert_eq!(answers, vec![Ok(1), Ok(2), Ok(3)]);
+        let applied: Vec<(u64, String)> = sm.0.read().0.clone();
+        assert_eq!(
+            applied,
+            vec![(7, "a".into()), (7, "b".into()), (7, "c".into())]
+        );
+        // A command alone (not framed as a batch) or garbage: nothing applied, no parts back.
+        for bad in [&cmds[0][..], &[0xff; 9][..]] {
+            let out = sm.apply(8, bad);
+            assert_eq!(batch::split(&out).expect("framed"), Vec::<&[u8]>::new());
+        }
+        assert_eq!(sm.0.read().0.len(), 3);
+        assert_eq!(sm.1.load(Ordering::SeqCst), 8);
+    }
+}

@@ -10,6 +10,7 @@ type Target = (&'static str, fn(&[u8]));
 const TARGETS: &[Target] = &[
     ("forwarded", consensus_api::fuzzing::forwarded),
     ("codec_values", consensus_api::fuzzing::codec_values),
+    ("batch_frames", consensus_api::fuzzing::batch_frames),
     #[cfg(feature = "grpc")]
     ("grpc_frames", transport_grpc::fuzzing::frames),
     #[cfg(feature = "quic")]
