@@ -106,6 +106,63 @@ pub fn load(tls: &TlsConfig, id: NodeId) -> Result<TlsMaterial, String> {
     }
 }
 
+/// The three PEM files of node `id` as `tls` names them: `Files` as given, `DevCerts` generated
+/// (once per directory, see [`dev::ensure`]). `Unset` and `InsecurePlaintext` are errors that
+/// say what to configure: a caller that allows plaintext decides that before asking.
+pub fn paths(tls: &TlsConfig, id: NodeId) -> Result<DevPaths, String> {
+    match tls {
+        TlsConfig::Files {
+            ca_cert,
+            node_cert,
+            node_key,
+        } => Ok(DevPaths {
+            ca_cert: ca_cert.clone(),
+            node_cert: node_cert.clone(),
+            node_key: node_key.clone(),
+        }),
+        TlsConfig::DevCerts { dir } => dev::ensure(dir, id),
+        TlsConfig::Unset => Err(
+            "no TLS configured: set TlsConfig::Files { ca_cert, node_cert, node_key } (cluster              CA, node certificate and key) or TlsConfig::DevCerts { dir } for development"
+                .into(),
+        ),
+        other => Err(format!("{other:?} names no certificates; mutual TLS needs them")),
+    }
+}
+
+/// PEM bytes of a CA certificate, a certificate chain and its key, for libraries that take PEM
+/// (tonic).
+#[derive(Clone)]
+pub struct PemBytes {
+    /// The CA certificate.
+    pub ca: Vec<u8>,
+    /// The certificate chain.
+    pub cert: Vec<u8>,
+    /// The private key.
+    pub key: Vec<u8>,
+}
+
+impl fmt::Debug for PemBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemBytes")
+            .field("ca", &format_args!("{} bytes", self.ca.len()))
+            .field("cert", &format_args!("{} bytes", self.cert.len()))
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Reads the files of `paths` as PEM bytes, after checking them with [`load_files`] (so a bad
+/// file fails here, with its path and what is wrong, not later in a handshake).
+pub fn read_pem(paths: &DevPaths) -> Result<PemBytes, String> {
+    load_files(&paths.ca_cert, &paths.node_cert, &paths.node_key)?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    Ok(PemBytes {
+        ca: read(&paths.ca_cert)?,
+        cert: read(&paths.node_cert)?,
+        key: read(&paths.node_key)?,
+    })
+}
+
 /// Reads the cluster CA (exactly one certificate), the node's chain and its private key from PEM
 /// files.
 pub fn load_files(

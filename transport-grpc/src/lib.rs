@@ -87,55 +87,30 @@ pub(crate) struct Identity {
 }
 
 /// The cluster CA, this node's certificate chain and key, as PEM.
-pub(crate) struct Pem {
-    pub(crate) ca: Vec<u8>,
-    pub(crate) cert: Vec<u8>,
-    pub(crate) key: Vec<u8>,
-}
+pub(crate) type Pem = consensus_tls::PemBytes;
 
 /// Reads the PEM files `tls` names for node `id` (generating development ones if asked).
 fn pem(tls: &TlsConfig, id: NodeId) -> Result<Option<Pem>, TransportError> {
-    let (ca, cert, key) =
-        match tls {
-            TlsConfig::Unset => return Err(TransportError::Setup(
-                "no TLS configured: set transport.tls to TlsConfig::Files { ca_cert, node_cert, \
-                 node_key } or TlsConfig::DevCerts { dir }, or choose \
-                 TlsConfig::InsecurePlaintext explicitly for a local experiment"
-                    .into(),
-            )),
-            TlsConfig::InsecurePlaintext => {
-                tracing::warn!(
-                    node = id,
-                    "INSECURE: gRPC transport without TLS; traffic is readable and anyone who \
+    match tls {
+        TlsConfig::Unset => Err(TransportError::Setup(
+            "no TLS configured: set transport.tls to TlsConfig::Files { ca_cert, node_cert, \
+             node_key } or TlsConfig::DevCerts { dir }, or choose \
+             TlsConfig::InsecurePlaintext explicitly for a local experiment"
+                .into(),
+        )),
+        TlsConfig::InsecurePlaintext => {
+            tracing::warn!(
+                node = id,
+                "INSECURE: gRPC transport without TLS; traffic is readable and anyone who \
                  reaches the port can claim to be any member. For local experiments only."
-                );
-                return Ok(None);
-            }
-            TlsConfig::Files {
-                ca_cert,
-                node_cert,
-                node_key,
-            } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
-            TlsConfig::DevCerts { dir } => {
-                let p = consensus_tls::dev::ensure(dir, id).map_err(TransportError::Setup)?;
-                (p.ca_cert, p.node_cert, p.node_key)
-            }
-            other => {
-                return Err(TransportError::Setup(format!(
-                    "unsupported TLS setting {other:?}"
-                )))
-            }
-        };
-    // Parse once with the shared loader so bad files fail here, with the path in the message.
-    consensus_tls::load_files(&ca, &cert, &key).map_err(TransportError::Setup)?;
-    let read = |p: &std::path::PathBuf| {
-        std::fs::read(p).map_err(|e| TransportError::Setup(format!("{}: {e}", p.display())))
-    };
-    Ok(Some(Pem {
-        ca: read(&ca)?,
-        cert: read(&cert)?,
-        key: read(&key)?,
-    }))
+            );
+            Ok(None)
+        }
+        other => consensus_tls::paths(other, id)
+            .and_then(|p| consensus_tls::read_pem(&p))
+            .map(Some)
+            .map_err(TransportError::Setup),
+    }
 }
 
 /// A running gRPC transport: a server for inbound frames and a connection per peer.

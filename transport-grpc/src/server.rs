@@ -57,11 +57,7 @@ impl Server {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .map(move |accepted| accepted.map(|io| Cuttable::new(io, &token, &incoming_budgets)));
-        let tls = me.tls.as_ref().map(|p| crate::Pem {
-            ca: p.ca.clone(),
-            cert: p.cert.clone(),
-            key: p.key.clone(),
-        });
+        let tls = me.tls.clone();
         let service = PeerServer::new(PeerService::new(me, handler))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);

@@ -4,7 +4,6 @@
 //! the way etcd's clients drive etcd.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use consensus_api::{Consensus, ConsensusError, NodeId, TlsConfig};
@@ -134,32 +133,19 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// PEM bytes: the CA certificate, a certificate and its key.
-type Pem = (Vec<u8>, Vec<u8>, Vec<u8>);
-
-/// The PEM material of node `id` (or of the operator, for a client) as `tls` names it.
-fn pem(tls: &TlsConfig, id: Option<NodeId>) -> Result<Pem, String> {
-    let (ca, cert, key) = match tls {
-        TlsConfig::Files {
-            ca_cert,
-            node_cert,
-            node_key,
-        } => (ca_cert.clone(), node_cert.clone(), node_key.clone()),
-        TlsConfig::DevCerts { dir } => {
-            let p = match id {
-                Some(id) => consensus_tls::dev::ensure(dir, id)?,
-                None => consensus_tls::dev::ensure_operator(dir)?,
-            };
-            (p.ca_cert, p.node_cert, p.node_key)
-        }
-        other => {
+/// The PEM material of node `id` (or, for a client, of the operator) as `tls` names it.
+fn pem(tls: &TlsConfig, id: Option<NodeId>) -> Result<consensus_tls::PemBytes, String> {
+    let paths = match (tls, id) {
+        (_, Some(id)) => consensus_tls::paths(tls, id)?,
+        (TlsConfig::DevCerts { dir }, None) => consensus_tls::dev::ensure_operator(dir)?,
+        (TlsConfig::Files { .. }, None) => consensus_tls::paths(tls, 0)?,
+        (other, None) => {
             return Err(format!(
                 "the client API always uses mutual TLS; {other:?} gives it no certificates"
             ))
         }
     };
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    Ok((read(&ca)?, read(&cert)?, read(&key)?))
+    consensus_tls::read_pem(&paths)
 }
 
 /// A running client API server; dropping it stops it.
@@ -178,7 +164,7 @@ impl Server {
         listen: SocketAddr,
         tls: &TlsConfig,
     ) -> Result<Self, String> {
-        let (ca, cert, key) = pem(tls, Some(id))?;
+        let consensus_tls::PemBytes { ca, cert, key } = pem(tls, Some(id))?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("bind {listen}: {e}"))?;
@@ -234,14 +220,15 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to node `server` at `addr` with the operator's certificate from `tls`.
+    /// Connects to node `server` at `addr`, presenting the client certificate `tls` names
+    /// (`DevCerts`: the development operator certificate; `Files`: those files).
     pub async fn connect(
         addr: SocketAddr,
         server: NodeId,
         tls: &TlsConfig,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let (ca, cert, key) = pem(tls, None)?;
+        let consensus_tls::PemBytes { ca, cert, key } = pem(tls, None)?;
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| e.to_string())?
             .tls_config(
