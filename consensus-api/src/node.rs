@@ -465,11 +465,7 @@ impl<SM: StateMachine> Consensus<SM> {
         let outcome = if SM::BATCHES {
             self.propose_batched(bytes, deadline).await
         } else {
-            match self.route(Forwarded::Propose(bytes), deadline).await {
-                Ok(Reply::Proposed(out)) => Ok(out),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            }
+            proposed(self.route(Forwarded::Propose(bytes), deadline).await)
         };
         self.inner.proposals.proposal(&outcome, started.elapsed());
         codec::decode::<ApplyOutcome<SM::Response>>(&outcome?)?
@@ -785,34 +781,33 @@ impl<SM: StateMachine> Consensus<SM> {
     }
 }
 
+/// The state machine's encoded outcome from the leader's answer to a proposal.
+fn proposed(routed: Result<Reply, ConsensusError>) -> Result<Vec<u8>, ConsensusError> {
+    match routed? {
+        Reply::Proposed(out) => Ok(out),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// Answers each proposal of a batch with its part of the outcome, or with the batch's error.
 fn answer_batch(batch: Vec<Waiting>, routed: Result<Reply, ConsensusError>) {
-    let out = match routed {
-        Ok(Reply::Proposed(out)) => out,
-        Ok(other) => {
-            let e = unexpected(other);
-            return batch.into_iter().for_each(|w| {
-                let _ = w.answer.send(Err(e.clone()));
-            });
-        }
-        Err(e) => {
-            return batch.into_iter().for_each(|w| {
-                let _ = w.answer.send(Err(e.clone()));
-            })
-        }
-    };
-    match batch::split(&out) {
+    let parts = proposed(routed).and_then(|out| match batch::split(&out) {
         Ok(parts) if parts.len() == batch.len() => {
+            Ok(parts.into_iter().map(<[u8]>::to_vec).collect::<Vec<_>>())
+        }
+        other => Err(ConsensusError::Internal(format!(
+            "the outcome of a batch of {} commands does not match it: {:?}",
+            batch.len(),
+            other.map(|p| p.len())
+        ))),
+    });
+    match parts {
+        Ok(parts) => {
             for (w, part) in batch.into_iter().zip(parts) {
-                let _ = w.answer.send(Ok(part.to_vec()));
+                let _ = w.answer.send(Ok(part));
             }
         }
-        other => {
-            let e = ConsensusError::Internal(format!(
-                "the outcome of a batch of {} commands does not match it: {:?}",
-                batch.len(),
-                other.map(|p| p.len())
-            ));
+        Err(e) => {
             for w in batch {
                 let _ = w.answer.send(Err(e.clone()));
             }
