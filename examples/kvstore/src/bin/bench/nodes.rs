@@ -209,6 +209,27 @@ impl Drop for ChildNode {
     }
 }
 
+/// Child processes for nodes `ids`, started as initial members together with `members` (nodes
+/// that run elsewhere, id to address); the children and the whole member list.
+fn spawn_members(
+    backend: &dyn Backend,
+    factory: &dyn TransportFactory,
+    ids: std::ops::RangeInclusive<u64>,
+    root: &Path,
+    mut members: BTreeMap<u64, String>,
+) -> Result<(Vec<ChildNode>, BTreeMap<u64, String>), String> {
+    let mut children = Vec::new();
+    for id in ids {
+        let child = ChildNode::spawn(id, backend, factory, root)?;
+        members.insert(id, child.addr.clone());
+        children.push(child);
+    }
+    for c in &mut children {
+        c.start(&members)?;
+    }
+    Ok((children, members))
+}
+
 /// Every node as a child process (`--network`): the children, and once the cluster has a
 /// leader and every node serves its client API, each node's id and client API address, the
 /// leader's first.
@@ -218,16 +239,7 @@ pub(crate) async fn start_children(
     nodes: u64,
     root: &Path,
 ) -> Result<(Vec<ChildNode>, Vec<(u64, std::net::SocketAddr)>), String> {
-    let mut members = BTreeMap::new();
-    let mut children = Vec::new();
-    for id in 1..=nodes {
-        let child = ChildNode::spawn(id, backend, factory, root)?;
-        members.insert(id, child.addr.clone());
-        children.push(child);
-    }
-    for c in &mut children {
-        c.start(&members)?;
-    }
+    let (children, _) = spawn_members(backend, factory, 1..=nodes, root, BTreeMap::new())?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut apis = Vec::new();
@@ -261,16 +273,8 @@ pub(crate) async fn start_processes(
 ) -> Result<(Node, Vec<ChildNode>), String> {
     let config = node_config(1, root);
     let transport = factory.bind(&config).await.map_err(|e| e.to_string())?;
-    let mut members = BTreeMap::from([(1u64, transport.local_addr().to_string())]);
-    let mut children = Vec::new();
-    for id in 2..=nodes {
-        let child = ChildNode::spawn(id, backend, factory, root)?;
-        members.insert(id, child.addr.clone());
-        children.push(child);
-    }
-    for c in &mut children {
-        c.start(&members)?;
-    }
+    let local = BTreeMap::from([(1u64, transport.local_addr().to_string())]);
+    let (children, members) = spawn_members(backend, factory, 2..=nodes, root, local)?;
     let mut config = config;
     config.initial_members = members;
     // Fresh temporary data dirs: this run creates the cluster.
