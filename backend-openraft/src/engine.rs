@@ -22,12 +22,15 @@ use crate::state_machine::StateMachineStore;
 use crate::types::Request;
 use crate::OpenRaft;
 
+/// How often `snapshot_now` repeats its trigger while no snapshot covers its index yet.
+const SNAPSHOT_RETRIGGER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Longest wait of a write's answer for the status watch to show it applied. openraft's
 /// metrics follow the apply within microseconds; this only bounds a stalled forwarder.
 const STATUS_PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Deadline of one snapshot-chunk call, in multiples of `rpc_timeout`: a chunk (up to 1 MiB) is
-/// written on the receiver before it answers, and up to four are in flight.
+/// written on the receiver before it answers, and up to
+/// [`consensus_storage::transfer::WINDOW`] are in flight.
 const SNAPSHOT_CHUNK_TIMEOUT_RPCS: u32 = 4;
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -370,20 +373,24 @@ impl Engine for OpenraftEngine {
     async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
         self.running()?;
         let applied = self.status.borrow().applied_index;
-        self.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(mapping::fatal)?;
         let mut rx = self.status.clone();
         loop {
+            // openraft ignores a trigger while it is building a snapshot: one that started
+            // earlier (paced by the log's size) may end below `applied`, so the trigger is
+            // repeated until a snapshot covers it.
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(mapping::fatal)?;
             let snap = rx.borrow_and_update().snapshot_index;
             if snap >= applied {
                 return Ok(snap);
             }
-            rx.changed()
-                .await
-                .map_err(|_| ConsensusError::ShuttingDown)?;
+            match tokio::time::timeout(SNAPSHOT_RETRIGGER, rx.changed()).await {
+                Ok(Err(_)) => return Err(ConsensusError::ShuttingDown),
+                Ok(Ok(())) | Err(_) => self.running()?,
+            }
         }
     }
 

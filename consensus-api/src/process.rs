@@ -8,6 +8,10 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// Free heap (bytes) above which the trimmer hands pages back.
 const TRIM_ABOVE: usize = 64 << 20;
 
+/// Free bytes an arena keeps at its top on a free (glibc's `M_TRIM_THRESHOLD`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const KEEP_AT_TOP: libc::c_int = 16 << 20;
+
 /// Lets freed snapshot-sized buffers go back to the operating system. Call once, early in
 /// `main`, in a process that runs nodes; it does nothing where it does not apply, and calling
 /// it again does nothing more.
@@ -38,6 +42,16 @@ pub fn release_large_buffers() {
             let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
             if ok != 1 {
                 tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused");
+            }
+            // Fixing the mapping threshold also fixes the trim threshold at its 128 KiB
+            // default: every free that leaves more than that at the top of an arena hands the
+            // pages back, and the next snapshot chunk faults them in again (in the large-state
+            // bench, zeroing fresh pages was most of the sender's page faults). The trimmer
+            // below returns what stays free.
+            // SAFETY: as above.
+            let ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_AT_TOP) };
+            if ok != 1 {
+                tracing::debug!("mallopt(M_TRIM_THRESHOLD) was refused");
             }
             let started = std::thread::Builder::new()
                 .name("malloc-trim".into())

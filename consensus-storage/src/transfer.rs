@@ -43,7 +43,7 @@ use crate::snapshot::SnapshotFile;
 use crate::SnapshotStore;
 
 /// Chunks in flight per transfer.
-pub const WINDOW: usize = 4;
+pub const WINDOW: usize = 8;
 /// Attempts per chunk before the transfer fails.
 const CHUNK_ATTEMPTS: u32 = 3;
 /// An incoming transfer without a chunk for this long is dropped at the next start of any
@@ -405,6 +405,52 @@ struct Incoming {
     last: Instant,
     /// Bytes written since the file was last synced (see `snapshot::WRITE_BEHIND`).
     unsynced: u64,
+    writeback: Arc<Writeback>,
+}
+
+/// The write-behind syncs of a file being received (see `snapshot::WRITE_BEHIND`): they run
+/// in the background, one at a time, so a chunk's answer waits on the disk only while the
+/// previous sync is still running. The first error is kept: the file's final sync could no
+/// longer report it (an error is reported once per file), so the transfer fails at `Finish`.
+struct Writeback {
+    gate: Arc<tokio::sync::Semaphore>,
+    error: Mutex<Option<String>>,
+}
+
+impl Writeback {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            error: Mutex::new(None),
+        })
+    }
+
+    /// Starts syncing `handle` once the previous sync ended.
+    async fn start(self: &Arc<Self>, handle: Arc<dyn FileHandle>) -> Result<(), String> {
+        let permit = self
+            .gate
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = handle.sync_data() {
+                me.error.lock().get_or_insert(e.to_string());
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Waits for a running sync; the first error any of them met.
+    async fn settle(&self) -> Result<(), String> {
+        let _idle = self.gate.acquire().await.map_err(|e| e.to_string())?;
+        match self.error.lock().clone() {
+            Some(e) => Err(format!("syncing the received snapshot: {e}")),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -522,6 +568,7 @@ impl SnapshotReceiver {
                 have,
                 last: Instant::now(),
                 unsynced: 0,
+                writeback: Writeback::new(),
             },
         );
         drop(st);
@@ -559,7 +606,7 @@ impl SnapshotReceiver {
         let mut head = &frame[..12];
         let (id, index) = (head.get_u64_le(), head.get_u32_le() as u64);
         let data = frame.slice(12..);
-        let (handle, at, sync) = {
+        let (handle, at, sync, writeback) = {
             let mut st = self.state.lock();
             let inc = st
                 .incoming
@@ -583,19 +630,17 @@ impl SnapshotReceiver {
             if sync {
                 inc.unsynced = 0;
             }
-            (inc.handle.clone(), at, sync)
+            (inc.handle.clone(), at, sync, inc.writeback.clone())
         };
         let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || {
-            handle.write_all_at(&data, at)?;
-            if sync {
-                handle.sync_data()?;
-            }
-            Ok::<(), std::io::Error>(())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("writing chunk {index}: {e}"))?;
+        let file = handle.clone();
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing chunk {index}: {e}"))?;
+        if sync {
+            writeback.start(handle).await?;
+        }
         let mut st = self.state.lock();
         if let Some(inc) = st.incoming.get_mut(&from).filter(|i| i.id == id) {
             inc.have.set(index);
@@ -635,7 +680,9 @@ impl SnapshotReceiver {
         let fs = self.store.fs().clone();
         let (path, len, crc) = (inc.path.clone(), inc.len, inc.crc);
         let received = inc.path.clone();
+        let settled = inc.writeback.settle().await;
         let checked = tokio::task::spawn_blocking(move || {
+            settled?;
             inc.handle
                 .sync_all()
                 .map_err(|e| format!("syncing the received snapshot: {e}"))?;

@@ -62,6 +62,38 @@ pub const CLUSTER_HEADER: &str = "x-cluster-id";
 pub const NODE_HEADER: &str = "x-node-id";
 /// Room for protobuf framing on top of a payload of `max_frame_bytes`.
 const FRAMING_SLACK: usize = 64;
+/// Smallest HTTP/2 stream window, whatever the frame limit.
+const MIN_STREAM_WINDOW: u32 = 1 << 20;
+/// The HTTP/2 connection window holds this many full streams.
+const STREAMS_PER_CONNECTION_WINDOW: u32 = 4;
+/// Largest HTTP/2 frame either side accepts (the unit `DATA` is cut into; the protocol's
+/// default is 16 KiB).
+const HTTP2_MAX_FRAME: u32 = 256 << 10;
+
+/// HTTP/2 flow-control windows for a frame limit, the same on both sides of a connection: a
+/// whole frame fits one stream's window, so one call never waits on window updates in the
+/// middle, and the connection's window holds [`STREAMS_PER_CONNECTION_WINDOW`] of them (the
+/// snapshot transfer keeps a few chunks in flight beside the engine's messages). With hyper's
+/// defaults (1 MiB for the connection on the server side) a transfer of 1 MiB chunks waited on
+/// window updates for every chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Windows {
+    pub(crate) stream: u32,
+    pub(crate) connection: u32,
+}
+
+impl Windows {
+    pub(crate) fn for_frame_limit(max_frame_bytes: usize) -> Self {
+        let frame =
+            u32::try_from(max_frame_bytes.saturating_add(FRAMING_SLACK + 5)).unwrap_or(u32::MAX);
+        // HTTP/2 windows are at most 2^31 - 1.
+        let stream = frame.clamp(MIN_STREAM_WINDOW, i32::MAX as u32);
+        let connection = stream
+            .saturating_mul(STREAMS_PER_CONNECTION_WINDOW)
+            .min(i32::MAX as u32);
+        Self { stream, connection }
+    }
+}
 
 /// Binds gRPC transports; the value a program names at wiring time.
 #[derive(Debug, Clone, Copy, Default)]

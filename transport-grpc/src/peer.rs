@@ -20,7 +20,7 @@ use crate::pb::peer_client::PeerClient;
 use crate::pb::Frame;
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::status::call_error;
-use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
+use crate::{Identity, Windows, CLUSTER_HEADER, FRAMING_SLACK, HTTP2_MAX_FRAME, NODE_HEADER};
 
 /// Frames in flight inside one open stream (HTTP/2 flow control applies beyond it).
 const STREAM_BUFFER: usize = 256;
@@ -64,6 +64,11 @@ impl Peer {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let windows = Windows::for_frame_limit(me.config.max_frame_bytes);
+        let endpoint = endpoint
+            .initial_stream_window_size(windows.stream)
+            .initial_connection_window_size(windows.connection)
+            .max_frame_size(HTTP2_MAX_FRAME);
         let limit = me.config.max_frame_bytes + FRAMING_SLACK;
         let client = PeerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(limit)

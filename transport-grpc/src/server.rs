@@ -19,7 +19,7 @@ use crate::budget::{Budgeted, Budgets};
 use crate::conn::Cuttable;
 use crate::pb::peer_server::{Peer, PeerServer};
 use crate::pb::{Ack, Frame};
-use crate::{Identity, CLUSTER_HEADER, FRAMING_SLACK, NODE_HEADER};
+use crate::{Identity, Windows, CLUSTER_HEADER, FRAMING_SLACK, HTTP2_MAX_FRAME, NODE_HEADER};
 
 /// How long a graceful stop may wait for open streams before the server task is aborted.
 const STOP_GRACE: Duration = Duration::from_millis(200);
@@ -52,6 +52,7 @@ impl Server {
         let cut = CancellationToken::new();
         let token = cut.clone();
         let limit = me.config.max_frame_bytes + FRAMING_SLACK;
+        let windows = Windows::for_frame_limit(me.config.max_frame_bytes);
         let budgets = Budgets::new(me.config.max_inflight_bytes_per_peer.max(limit));
         let incoming_budgets = budgets.clone();
         let incoming = TcpIncoming::from(listener)
@@ -65,7 +66,10 @@ impl Server {
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .initial_stream_window_size(windows.stream)
+            .initial_connection_window_size(windows.connection)
+            .max_frame_size(HTTP2_MAX_FRAME);
         if let Some(pem) = &tls {
             let config = ServerTlsConfig::new()
                 .identity(TlsIdentity::from_pem(&pem.cert, &pem.key))

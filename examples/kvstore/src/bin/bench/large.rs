@@ -38,6 +38,8 @@ const FILL_ATTEMPTS: u32 = 5;
 const WARMUP_SECS: u64 = 1;
 /// How long to wait for `add_learner`'s answer once the learner has caught up.
 const ADD_ANSWER_GRACE: Duration = Duration::from_secs(2);
+/// How long the learner's process may take to start its node.
+const LEARNER_START: Duration = Duration::from_secs(30);
 /// How often the leader's transfer progress is sampled during the catch-up.
 const TRANSFER_POLL: Duration = Duration::from_millis(20);
 /// Catch-up deadline: this much, plus one second per [`CATCH_UP_MIB_PER_SEC_MIN`] MiB.
@@ -332,6 +334,7 @@ async fn measure(
     let learner_id = opts.nodes + 1;
     let mut learner = ChildNode::spawn(learner_id, backend, factory, dir)?;
     learner.start(&Default::default())?;
+    learner.wait_serving(LEARNER_START).await?;
     let load = Load::start(leader, opts.clients, opts.value_bytes);
     let added = Instant::now();
     let (target, term_at_add) = {

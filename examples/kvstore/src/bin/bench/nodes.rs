@@ -136,6 +136,22 @@ impl ChildNode {
         crate::stats::peak_rss_mib(Some(self.process.id()))
     }
 
+    /// Waits until the child's node has started and serves its client API (an operator adds a
+    /// learner once its process is up: a message sent before would wait out an RPC deadline).
+    pub(crate) async fn wait_serving(&self, timeout: Duration) -> Result<(), String> {
+        let mut rx = self.reports.clone();
+        let wait = rx.wait_for(|r| r.kv_addr.is_some() || r.stopped.is_some());
+        let report = tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| format!("node {} did not start within {timeout:?}", self.id))?
+            .map_err(|_| format!("node {}'s reports ended", self.id))?
+            .clone();
+        match report.stopped {
+            Some(why) => Err(format!("node {} stopped: {why}", self.id)),
+            None => Ok(()),
+        }
+    }
+
     /// Waits until the child reports an applied index of at least `index`; fails when its node
     /// stops or `timeout` passes.
     pub(crate) async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), String> {
@@ -278,7 +294,12 @@ pub(crate) async fn start_processes(
     let mut config = config;
     config.initial_members = members;
     // Fresh temporary data dirs: this run creates the cluster.
-    config.new_data_dir = consensus_api::NewDataDir::Bootstrap;
+    // An empty member list: this node joins a running cluster later (`add_learner`).
+    config.new_data_dir = if config.initial_members.is_empty() {
+        consensus_api::NewDataDir::Join
+    } else {
+        consensus_api::NewDataDir::Bootstrap
+    };
     let node = Consensus::start(backend, config, Store::default(), transport)
         .await
         .map_err(|e| e.to_string())?;
@@ -329,7 +350,12 @@ pub(crate) async fn serve_node(args: &[String]) -> Result<(), String> {
     });
     let members = lines.recv().await.ok_or("no member list on stdin")?;
     config.initial_members = parse_members(&members)?;
-    config.new_data_dir = consensus_api::NewDataDir::Bootstrap;
+    // An empty member list: this node joins a running cluster later (`add_learner`).
+    config.new_data_dir = if config.initial_members.is_empty() {
+        consensus_api::NewDataDir::Join
+    } else {
+        consensus_api::NewDataDir::Bootstrap
+    };
     let node = Consensus::start(&*backend, config, Store::default(), t)
         .await
         .map_err(|e| e.to_string())?;
