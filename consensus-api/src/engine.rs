@@ -287,6 +287,12 @@ pub trait Engine: Send + Sync + 'static {
     async fn transfer_leader(&self, to: NodeId) -> Result<(), ConsensusError>;
     /// Takes a snapshot of this node's applied state now and compacts the log behind it (on
     /// any node); returns the snapshot's last index.
+    ///
+    /// Obligations: the snapshot returned covers at least every entry applied when the call was
+    /// made, also when a snapshot is being built already (an engine that ignores requests
+    /// during a build takes another one after it, rather than answer with the older snapshot
+    /// or never answer); applies go on while a state machine's view is written; the call
+    /// fails with `ShuttingDown` if the node stops first.
     async fn snapshot_now(&self) -> Result<u64, ConsensusError>;
     /// The snapshot transfers this node is running, sending or receiving, and the last one that
     /// ended with each peer and direction (with its outcome).

@@ -630,7 +630,8 @@ impl<SM: StateMachine> Consensus<SM> {
         self.inner.engine.snapshot_transfers()
     }
 
-    /// Takes a snapshot on this node now and compacts its log; returns the snapshot index.
+    /// Takes a snapshot on this node now and compacts its log; returns the snapshot index, which
+    /// covers everything applied when the call was made (even if a snapshot was being built).
     pub async fn snapshot_now(&self) -> Result<u64, ConsensusError> {
         self.check_running()?;
         self.inner.engine.snapshot_now().await

@@ -242,6 +242,7 @@ struct KvView {
 
 impl SnapshotView for KvView {
     fn write_to(self: Box<Self>, sink: &mut dyn Write) -> Result<(), String> {
+        crate::snapshot_hold::pause_if_held(self.data.get(crate::snapshot_hold::HOLD_KEY));
         write_snapshot(&self.header, &self.data, sink)
     }
 }

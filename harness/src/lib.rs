@@ -36,6 +36,7 @@ pub mod linearizability;
 mod node;
 mod options;
 mod run;
+pub mod snapshot_hold;
 mod waits;
 
 pub use cluster::{LocalCluster, Remote};

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use consensus_harness::snapshot_hold::{SnapshotHold, HOLD_KEY};
 use tokio::time::Instant;
 
 use super::{ELECTION, FAILOVER_LIMIT, SETTLE};
@@ -21,7 +22,8 @@ macro_rules! __durability_family {
             snapshot_compacts_and_restart_restores_from_it,
             lagging_node_catches_up_by_snapshot,
             a_stopped_nodes_data_dir_reads_back_what_it_stored,
-            a_new_cluster_restored_from_a_backup_serves_its_image
+            a_new_cluster_restored_from_a_backup_serves_its_image,
+            snapshot_now_during_a_build_covers_what_was_applied_at_the_call
         );
     };
 }
@@ -383,4 +385,98 @@ pub async fn a_new_cluster_restored_from_a_backup_serves_its_image(combo: Combo)
     r.wait_applied(&[4], commit, SETTLE).await;
     assert_eq!(r.machine(4).get("k11"), Some("v11".into()));
     assert_eq!(r.machine(4).get("restored"), Some("yes".into()));
+}
+
+/// How long a `snapshot_now` made while a build is held gets to make its request before the
+/// build is released. Not a wait for an outcome: the call cannot answer rightly while the hold
+/// lasts (no snapshot can cover its index yet), so this only gives it the time to reach the
+/// engine; an answer within it is checked like any other.
+const REQUEST_GRACE: Duration = Duration::from_millis(300);
+
+/// `snapshot_now` made while another snapshot is being built (held mid-write with a
+/// [`SnapshotHold`], applies going on meanwhile) answers only with a snapshot covering what was
+/// applied when it was called: an engine that ignores a snapshot request while it builds one
+/// must take another after it, not leave the caller waiting or hand it the older one. The held
+/// build itself finishes and covers what was applied when it started.
+///
+/// Reference: Raft paper §7 (each server snapshots independently, covering committed entries).
+pub async fn snapshot_now_during_a_build_covers_what_was_applied_at_the_call(combo: Combo) {
+    let test = "snapshot_now_during_a_build_covers_what_was_applied_at_the_call";
+    let c = Cluster::start(&combo, test, 3).await;
+    let leader = c.wait_leader(ELECTION).await;
+    let hold = SnapshotHold::new(c.root().display().to_string());
+    c.put(leader, HOLD_KEY, hold.name())
+        .await
+        .expect("putting the hold in the state");
+    for i in 0..10 {
+        c.put(leader, &format!("before{i}"), "v")
+            .await
+            .expect("write before the first snapshot");
+    }
+    let node = c.remote(leader).expect("the leader runs");
+    let first_applied = c.statuses()[&leader].applied_index;
+    let first =
+        tokio::spawn(async move { node.run(|n| async move { n.snapshot_now().await }).await });
+    hold.wait_held(1, SETTLE).await.unwrap_or_else(|e| {
+        panic!("the first snapshot_now's build never started writing from a view: {e}")
+    });
+
+    // Applies go on while the build is held.
+    for i in 0..10 {
+        c.put(leader, &format!("during{i}"), "v")
+            .await
+            .expect("write while a snapshot is being built");
+    }
+    let applied = c.statuses()[&leader].applied_index;
+    assert!(applied > first_applied, "{applied} <= {first_applied}");
+    let node = c.remote(leader).expect("the leader runs");
+    let mut second =
+        tokio::spawn(async move { node.run(|n| async move { n.snapshot_now().await }).await });
+    if let Ok(early) = tokio::time::timeout(REQUEST_GRACE, &mut second).await {
+        let early = early.expect("the second snapshot_now task");
+        panic!(
+            "snapshot_now answered {early:?} while the only build was held below its applied \
+             index {applied}"
+        );
+    }
+    println!(
+        "{test}: first build held at applied {first_applied}, second call at applied {applied}; \
+         releasing ({} writes reached the hold)",
+        hold.reached()
+    );
+    hold.release();
+
+    let first = tokio::time::timeout(SETTLE, first)
+        .await
+        .unwrap_or_else(|_| panic!("the held snapshot_now never returned after the release"))
+        .expect("the first snapshot_now task")
+        .expect("the first snapshot_now");
+    assert!(
+        first >= first_applied,
+        "the first snapshot ends at {first}, below its call's applied {first_applied}"
+    );
+    let second = tokio::time::timeout(SETTLE, second)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "snapshot_now called during a build (applied {applied}) never returned: the \
+                 engine dropped its request; statuses {:#?}",
+                c.statuses()
+            )
+        })
+        .expect("the second snapshot_now task")
+        .expect("the second snapshot_now");
+    assert!(
+        second >= applied,
+        "snapshot_now called at applied {applied} answered a snapshot ending at {second}"
+    );
+    let status = &c.statuses()[&leader];
+    assert!(
+        status.snapshot_index >= applied,
+        "the node's snapshot index {} is below {applied}",
+        status.snapshot_index
+    );
+    c.put(leader, "after", "v")
+        .await
+        .expect("write after both snapshots");
 }
