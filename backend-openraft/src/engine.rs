@@ -88,6 +88,8 @@ pub struct OpenraftEngine {
     status_task: JoinHandle<()>,
     /// Triggers the snapshots the pacer asks for.
     snapshot_task: JoinHandle<()>,
+    /// Purges the entries behind each new snapshot beyond `keep_log_bytes_after_snapshot`.
+    purge_task: JoinHandle<()>,
     stopped: AtomicBool,
 }
 
@@ -96,6 +98,7 @@ impl Drop for OpenraftEngine {
         // Dropped without `shutdown`: the helper tasks must not outlive the handle.
         self.status_task.abort();
         self.snapshot_task.abort();
+        self.purge_task.abort();
     }
 }
 
@@ -221,6 +224,13 @@ impl OpenraftEngine {
             }
             tx.send_modify(|s| s.role = Role::Shutdown);
         });
+        let purge_task = tokio::spawn(purge_by_bytes(
+            raft.clone(),
+            log.clone(),
+            status.clone(),
+            config.keep_logs_after_snapshot,
+            config.keep_log_bytes_after_snapshot,
+        ));
         Ok(Self {
             id,
             raft,
@@ -232,6 +242,7 @@ impl OpenraftEngine {
             status,
             status_task,
             snapshot_task,
+            purge_task,
             stopped: AtomicBool::new(false),
         })
     }
@@ -408,8 +419,44 @@ impl Engine for OpenraftEngine {
             .map_err(|e| ConsensusError::Internal(format!("openraft shutdown: {e}")));
         self.status_task.abort();
         self.snapshot_task.abort();
+        self.purge_task.abort();
         let log = self.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         result
+    }
+}
+
+/// openraft keeps `max_in_snapshot_log_to_keep` entries behind a snapshot, whatever their size;
+/// the log holds its live entries in memory, so after each new snapshot this asks openraft to
+/// purge further, leaving at most `keep_bytes` of entry data at or below the snapshot (openraft
+/// purges only what a snapshot covers, and waits for replication still reading those entries).
+async fn purge_by_bytes(
+    raft: OpenRaft,
+    log: Log,
+    mut status: watch::Receiver<Status>,
+    keep_entries: u64,
+    keep_bytes: u64,
+) {
+    let (mut asked, mut seen) = (0u64, 0u64);
+    loop {
+        let (snap, purged) = {
+            let s = status.borrow_and_update();
+            (s.snapshot_index, s.purged_index)
+        };
+        // Only a new snapshot moves the bound: status changes with every commit.
+        if snap > seen {
+            seen = snap;
+            let by_count = snap.saturating_sub(keep_entries);
+            let bound = log.purge_bound_keeping(snap, keep_bytes).unwrap_or(0);
+            if bound > by_count && bound > purged && bound > asked {
+                if raft.trigger().purge_log(bound).await.is_err() {
+                    return;
+                }
+                asked = bound;
+            }
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -45,6 +45,11 @@ pub struct NodeConfig {
     pub snapshot_log_percent: u32,
     /// Entries kept in the log behind a snapshot, so slightly lagging followers avoid a snapshot.
     pub keep_logs_after_snapshot: u64,
+    /// At most this many bytes of entry data kept behind a snapshot, whatever
+    /// `keep_logs_after_snapshot` allows: the log's live entries are held in memory, and a
+    /// thousand large commands would otherwise stay resident next to the state they built.
+    /// 0 keeps none.
+    pub keep_log_bytes_after_snapshot: u64,
     /// Most entries sent in one replication message. openraft: `max_payload_entries`. raft-rs
     /// has no entry-count limit; it bounds a message by bytes instead (`max_size_per_msg`, a
     /// quarter of `transport.max_frame_bytes`, clamped to 64 KiB..1 MiB), so this setting has no
@@ -76,6 +81,7 @@ impl NodeConfig {
             snapshot_threshold: 10_000,
             snapshot_log_percent: 100,
             keep_logs_after_snapshot: 1_000,
+            keep_log_bytes_after_snapshot: 8 << 20,
             max_entries_per_message: 256,
             request_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_millis(1000),

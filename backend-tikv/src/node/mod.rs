@@ -92,6 +92,8 @@ const COMMAND_CONTEXT: &[u8] = b"c";
 pub(crate) struct Settings {
     /// Entries kept behind a snapshot.
     pub(crate) keep_logs_after_snapshot: u64,
+    /// Most bytes of entry data kept behind a snapshot.
+    pub(crate) keep_log_bytes_after_snapshot: u64,
     /// Largest command accepted (it must fit in one transport frame).
     pub(crate) max_command_bytes: usize,
     /// Re-issue a read-index request after this many ticks without an answer (raft-rs drops
@@ -103,6 +105,7 @@ impl Settings {
     pub(crate) fn from_config(c: &NodeConfig) -> Self {
         Self {
             keep_logs_after_snapshot: c.keep_logs_after_snapshot,
+            keep_log_bytes_after_snapshot: c.keep_log_bytes_after_snapshot,
             max_command_bytes: c.max_command_bytes(),
             read_retry_ticks: 3,
         }

@@ -47,7 +47,7 @@ impl Core {
     pub(crate) fn snapshot_now(&mut self, reply: Reply<u64>) {
         let (snap_index, _) = self.raw.store().snapshot_position();
         if self.saving.is_none() && self.applied <= snap_index {
-            let to = snap_index.saturating_sub(self.settings.keep_logs_after_snapshot);
+            let to = self.compact_bound(snap_index);
             let r = self
                 .raw
                 .mut_store()
@@ -104,11 +104,24 @@ impl Core {
             meta,
             addresses: self.book.known().clone(),
             view: Some(view),
-            compact_to: applied.saturating_sub(self.settings.keep_logs_after_snapshot),
+            compact_to: self.compact_bound(applied),
             writer: self.raw.store().snapshot_writer(),
             file: None,
         });
         Ok(())
+    }
+
+    /// Where the log is compacted to behind a snapshot at `snap`: keeping at most
+    /// `keep_logs_after_snapshot` entries and `keep_log_bytes_after_snapshot` bytes of them.
+    fn compact_bound(&self, snap: u64) -> u64 {
+        let by_count = snap.saturating_sub(self.settings.keep_logs_after_snapshot);
+        let by_bytes = self
+            .raw
+            .store()
+            .log()
+            .purge_bound_keeping(snap, self.settings.keep_log_bytes_after_snapshot)
+            .unwrap_or(0);
+        by_count.max(by_bytes).min(snap)
     }
 
     /// A snapshot to write off the driver (file + fsync), if one was started.

@@ -217,6 +217,22 @@ impl Index {
 
     /// Where the entry at `index` sits in `entries`: the entries are contiguous, so it is the
     /// distance from the first.
+    /// The highest index up to which the log can be purged so that the live entries at or
+    /// below `upto` hold at most `max_bytes` of data: `upto` itself when even the entry at
+    /// `upto` is larger, the index before the first live entry when they all fit.
+    pub(crate) fn purge_bound_keeping(&self, upto: u64, max_bytes: u64) -> Option<u64> {
+        let first = self.first_index()?;
+        let last = self.position(upto.min(self.last_index()?))?;
+        let mut kept = 0u64;
+        for pos in (0..=last).rev() {
+            kept += self.entries[pos].data.len() as u64;
+            if kept > max_bytes {
+                return Some(first + pos as u64);
+            }
+        }
+        Some(first - 1)
+    }
+
     fn position(&self, index: u64) -> Option<usize> {
         let first = self.first_index()?;
         let pos = index.checked_sub(first)? as usize;
@@ -255,6 +271,25 @@ mod tests {
             ix.push(e(i, 1, "v")).unwrap();
         }
         ix
+    }
+
+    #[test]
+    fn the_purge_bound_keeps_at_most_the_bytes_asked_at_or_below_upto() {
+        // Entries 1..=10 of one byte each.
+        let ix = filled(10);
+        assert_eq!(ix.purge_bound_keeping(8, 3), Some(5), "keeps 6, 7, 8");
+        assert_eq!(
+            ix.purge_bound_keeping(8, 0),
+            Some(8),
+            "keeps nothing at or below 8"
+        );
+        assert_eq!(ix.purge_bound_keeping(8, 100), Some(0), "everything fits");
+        assert_eq!(
+            ix.purge_bound_keeping(50, 2),
+            Some(8),
+            "upto past the end: the end"
+        );
+        assert_eq!(Index::default().purge_bound_keeping(8, 2), None);
     }
 
     #[test]

@@ -249,6 +249,17 @@ impl Log {
         self.shared.state.lock().index.term(index)
     }
 
+    /// The highest index up to which purging leaves at most `max_bytes` of entry data at or
+    /// below `upto` (for a byte bound on the entries kept behind a snapshot at `upto`); `None`
+    /// when no entry is live.
+    pub fn purge_bound_keeping(&self, upto: u64, max_bytes: u64) -> Option<u64> {
+        self.shared
+            .state
+            .lock()
+            .index
+            .purge_bound_keeping(upto, max_bytes)
+    }
+
     /// Live entries with index in `[lo, hi)`, at most `max_bytes` of data (at least one entry).
     pub fn entries(&self, lo: u64, hi: u64, max_bytes: Option<u64>) -> Vec<Entry> {
         self.shared.state.lock().index.entries(lo, hi, max_bytes)

@@ -23,7 +23,8 @@ macro_rules! __durability_family {
             lagging_node_catches_up_by_snapshot,
             a_stopped_nodes_data_dir_reads_back_what_it_stored,
             a_new_cluster_restored_from_a_backup_serves_its_image,
-            snapshot_now_during_a_build_covers_what_was_applied_at_the_call
+            snapshot_now_during_a_build_covers_what_was_applied_at_the_call,
+            the_log_kept_behind_a_snapshot_is_bounded_by_bytes
         );
     };
 }
@@ -479,4 +480,58 @@ pub async fn snapshot_now_during_a_build_covers_what_was_applied_at_the_call(com
     c.put(leader, "after", "v")
         .await
         .expect("write after both snapshots");
+}
+
+/// With room for a thousand entries behind a snapshot (`keep_logs_after_snapshot`) but only
+/// 16 KiB of them (`keep_log_bytes_after_snapshot`), a snapshot after forty 4 KiB writes
+/// leaves at most four entries at or below it on the node that took it, and at least one;
+/// the cluster keeps committing.
+///
+/// Reference: Raft paper §7 (a server may discard the log up to its snapshot).
+pub async fn the_log_kept_behind_a_snapshot_is_bounded_by_bytes(combo: Combo) {
+    const KEEP_BYTES: u64 = 16 << 10;
+    let test = "the_log_kept_behind_a_snapshot_is_bounded_by_bytes";
+    let c = Cluster::start_with(&combo, test, 3, |cfg| {
+        cfg.keep_logs_after_snapshot = 1_000;
+        cfg.keep_log_bytes_after_snapshot = KEEP_BYTES;
+    })
+    .await;
+    let leader = c.wait_leader(ELECTION).await;
+    let value = "x".repeat(4096);
+    for i in 0..40 {
+        c.put(leader, &format!("k{i}"), &value)
+            .await
+            .expect("write before the snapshot");
+    }
+    for node in [leader, c.follower_of(leader)] {
+        let snap = c
+            .on(node, |n| async move { n.snapshot_now().await })
+            .await
+            .unwrap_or_else(|e| panic!("snapshot on node {node}: {e}"));
+        let status = c
+            .on(node, move |n| async move {
+                n.wait_status(SETTLE, |s| s.purged_index + 4 >= snap).await
+            })
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "node {node} kept more than 4 entries of 4 KiB behind its snapshot at \
+                     {snap} with a 16 KiB bound ({e}): {:#?}",
+                    c.statuses()[&node]
+                )
+            });
+        println!(
+            "{test}: node {node} snapshot at {snap}, purged to {}",
+            status.purged_index
+        );
+        assert!(
+            status.purged_index < snap,
+            "node {node} purged its whole log to {} (snapshot {snap}): 16 KiB leave room for \
+             an entry",
+            status.purged_index
+        );
+    }
+    c.put(leader, "after", "v")
+        .await
+        .expect("write after the purge");
 }
