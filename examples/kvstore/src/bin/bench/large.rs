@@ -9,7 +9,8 @@
 //! reaches the leader's at the time of the add. Measured: the catch-up time and its phases,
 //! the catch-up throughput against the slower floor, peak RSS of the sender (this process:
 //! node 1 and the clients, peak reset before the add) and of the learner, and proposal latency
-//! during the catch-up against the baseline. `--runs` repeats it; medians are judged against
+//! during the catch-up against the baseline (overall, and per phase: the snapshot for the
+//! learner, the copy, the restore and tail). `--runs` repeats it; medians are judged against
 //! the targets.
 
 use std::path::Path;
@@ -102,12 +103,18 @@ pub(crate) struct Figures {
     pub(crate) sender_rss_mib: f64,
     /// Peak RSS of this process during the fill and baseline.
     pub(crate) sender_fill_rss_mib: f64,
-    /// Free memory the allocator of this process held (resident, not returned) at the add.
+    /// Free memory in the allocator of this process at the add (`mallinfo2` counts pages the
+    /// trimmer already handed back as well, so this is not all resident).
     pub(crate) sender_heap_free_mib: f64,
     pub(crate) learner_rss_mib: f64,
     pub(crate) during_p50_ms: f64,
     pub(crate) during_p99_ms: f64,
     pub(crate) during_ops_s: f64,
+    /// Proposal p99 of the puts answered during each phase of the catch-up: the leader's
+    /// snapshot for the learner, the copy, and the restore and tail.
+    pub(crate) build_p99_ms: f64,
+    pub(crate) copy_p99_ms: f64,
+    pub(crate) restore_p99_ms: f64,
     pub(crate) p99_ratio: f64,
     pub(crate) errors: f64,
 }
@@ -189,8 +196,8 @@ impl Figures {
             self.transfer_failures
         );
         println!(
-            "  catch-up {:.0} MiB/s = {:.0}% of floor; peak RSS sender {:.0} MiB ({:.0} MiB of it free heap \
-             the allocator kept from the fill), learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
+            "  catch-up {:.0} MiB/s = {:.0}% of floor; peak RSS sender {:.0} MiB (the allocator's free heap at \
+             the add, resident or handed back: {:.0} MiB), learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
             self.catch_up_mib_s,
             self.catch_up_pct_floor,
             self.sender_rss_mib,
@@ -202,6 +209,10 @@ impl Figures {
         println!(
             "  during   p50 {:.2} ms, p99 {:.2} ms ({:.2} x baseline), {:.0} ops/s; {:.0} failed proposals in the run",
             self.during_p50_ms, self.during_p99_ms, self.p99_ratio, self.during_ops_s, self.errors
+        );
+        println!(
+            "           p99 by phase: snapshot for it {:.2} ms, copy {:.2} ms, restore and tail {:.2} ms",
+            self.build_p99_ms, self.copy_p99_ms, self.restore_p99_ms
         );
     }
 }
@@ -337,6 +348,7 @@ async fn measure(
     learner.wait_serving(LEARNER_START).await?;
     let load = Load::start(leader, opts.clients, opts.value_bytes);
     let added = Instant::now();
+    let load_before_add = added.duration_since(load.started());
     let (target, term_at_add) = {
         let st = leader.status();
         (st.applied_index, st.term)
@@ -420,6 +432,11 @@ async fn measure(
     let catch_up_mib_s = file_mib / catch_up_secs;
     let transfer_mib_s = file_mib / transfer_secs.max(1e-3);
     let state_mib = state_bytes as f64 / MIB;
+    let phase_p99_ms = |from: f64, to: f64| {
+        let at = |secs: f64| load_before_add + Duration::from_secs_f64(secs.max(0.0));
+        ms(during.p_between(0.99, at(from), at(to)).0)
+    };
+    let copied_at = build_secs + transfer_secs;
     Ok(Figures {
         disk_mib_s: floor.disk_mib_s,
         loopback_mib_s: floor.loopback_mib_s,
@@ -448,6 +465,9 @@ async fn measure(
         during_p50_ms: ms(during.p(0.5)),
         during_p99_ms: ms(during.p(0.99)),
         during_ops_s: during.ops_per_sec(),
+        build_p99_ms: phase_p99_ms(0.0, build_secs),
+        copy_p99_ms: phase_p99_ms(build_secs, copied_at),
+        restore_p99_ms: phase_p99_ms(copied_at, catch_up_secs),
         p99_ratio: during.p(0.99) as f64 / baseline.p(0.99).max(1) as f64,
         errors: (baseline.errors + during.errors) as f64,
     })

@@ -87,12 +87,19 @@ impl Conn {
 pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     started: Instant,
-    tasks: Vec<JoinHandle<(Vec<u64>, u64)>>,
+    tasks: Vec<JoinHandle<ClientSamples>>,
 }
+
+/// One client's acknowledged puts as `(answered at, latency)` in microseconds from the start of
+/// the load, and its failed proposals.
+type ClientSamples = (Vec<(u64, u64)>, u64);
 
 /// What a load measured: sorted latencies in microseconds, failed proposals, duration.
 pub(crate) struct Samples {
     pub(crate) latencies_us: Vec<u64>,
+    /// Every acknowledged put as `(answered at, latency)`, in microseconds from the start of
+    /// the load, sorted by the time of the answer.
+    pub(crate) timed_us: Vec<(u64, u64)>,
     pub(crate) errors: u64,
     pub(crate) elapsed: Duration,
 }
@@ -104,6 +111,17 @@ impl Samples {
 
     pub(crate) fn p(&self, q: f64) -> u64 {
         percentile(&self.latencies_us, q)
+    }
+
+    /// The `q` quantile of the latencies of the puts answered in `[from, to)` after the start
+    /// of the load, and how many there were.
+    pub(crate) fn p_between(&self, q: f64, from: Duration, to: Duration) -> (u64, usize) {
+        let (from, to) = (from.as_micros() as u64, to.as_micros() as u64);
+        let lo = self.timed_us.partition_point(|(at, _)| *at < from);
+        let hi = self.timed_us.partition_point(|(at, _)| *at < to);
+        let mut window: Vec<u64> = self.timed_us[lo..hi.max(lo)].iter().map(|t| t.1).collect();
+        window.sort_unstable();
+        (percentile(&window, q), window.len())
     }
 }
 
@@ -117,6 +135,7 @@ impl Load {
     pub(crate) fn start_on(target: &Target, clients: usize, value_bytes: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let value = "v".repeat(value_bytes);
+        let started = Instant::now();
         let tasks = (0..clients)
             .map(|c| {
                 let (mut conn, stop, value) = (target.conn(c), stop.clone(), value.clone());
@@ -128,7 +147,10 @@ impl Load {
                         let key = format!("c{c}-k{}", i % KEYS_PER_CLIENT);
                         let t = Instant::now();
                         match conn.put(key, value.clone()).await {
-                            true => lat.push(t.elapsed().as_micros() as u64),
+                            true => lat.push((
+                                started.elapsed().as_micros() as u64,
+                                t.elapsed().as_micros() as u64,
+                            )),
                             false => {
                                 errors += 1;
                                 tokio::time::sleep(ERROR_PAUSE).await;
@@ -142,25 +164,33 @@ impl Load {
             .collect();
         Load {
             stop,
-            started: Instant::now(),
+            started,
             tasks,
         }
+    }
+
+    /// When the clients started: the origin of [`Samples::timed_us`].
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 
     /// Stops the clients (each finishes its proposal in flight) and collects their samples.
     pub(crate) async fn stop(mut self) -> Samples {
         self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
+        let mut timed = Vec::new();
         let mut errors = 0;
         for t in std::mem::take(&mut self.tasks) {
             if let Ok((lat, e)) = t.await {
-                all.extend(lat);
+                timed.extend(lat);
                 errors += e;
             }
         }
+        timed.sort_unstable();
+        let mut all: Vec<u64> = timed.iter().map(|t| t.1).collect();
         all.sort_unstable();
         Samples {
             latencies_us: all,
+            timed_us: timed,
             errors,
             elapsed: self.started.elapsed(),
         }
