@@ -296,8 +296,11 @@ async fn send_chunk(
 ) -> Result<u64, String> {
     let at = index * chunk as u64;
     let size = (t.len - at).min(chunk as u64) as usize;
+    // Allocated here, on the runtime's thread, and only filled on the blocking one: glibc
+    // serves a thread from its own arena, and the blocking pool's many threads would spread
+    // the chunk buffers over as many arenas, each keeping its free pages resident.
+    let mut buf = BytesMut::with_capacity(13 + size);
     let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-        let mut buf = BytesMut::with_capacity(13 + size);
         buf.put_u8(CHUNK);
         buf.put_u64_le(t.id);
         buf.put_u32_le(index as u32);
