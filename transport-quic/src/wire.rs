@@ -35,8 +35,9 @@ pub(crate) const MAX_CLUSTER_ID: usize = MAX_HELLO - HELLO_FIXED;
 pub(crate) const MAX_FRAME: usize = u32::MAX as usize;
 /// Bytes of framing around one payload: the length prefix, plus the status byte of a reply.
 pub(crate) const FRAME_OVERHEAD: usize = 4 + 1;
-/// Memory reserved up front for a frame whose bytes have not arrived yet; beyond this the buffer
-/// grows as data comes, so a peer announcing a large frame cannot make us allocate it for free.
+/// Memory reserved up front for a frame whose bytes have not arrived yet (outside a byte budget;
+/// see [`read_frame_within`]); beyond this the buffer grows as data comes, so a peer announcing a
+/// large frame cannot make us allocate it for free.
 const PREALLOC: usize = 64 << 10;
 
 /// Connection closed normally (shutdown, peer removed or replaced).
@@ -228,7 +229,7 @@ pub(crate) async fn read_frame(
     let Some(size) = read_size(recv, limit).await? else {
         return Ok(None);
     };
-    read_body(recv, size as usize).await.map(Some)
+    read_body(recv, size as usize, PREALLOC).await.map(Some)
 }
 
 /// [`read_frame`] within a byte budget shared by the calls of one connection: the body is read
@@ -247,12 +248,19 @@ pub(crate) async fn read_frame_within(
         .acquire_many_owned(size)
         .await
         .map_err(|_| FrameError::Truncated)?;
-    read_body(recv, size as usize)
+    // The budget already holds the whole size for this frame: reserve it at once instead of
+    // growing the buffer (and copying it) as the chunks arrive.
+    read_body(recv, size as usize, size as usize)
         .await
         .map(|b| Some((b, permit)))
 }
 
-async fn read_body(recv: &mut RecvStream, size: usize) -> Result<Bytes, FrameError> {
+/// Reads a body of `size` bytes, reserving at most `prealloc` of it before it arrives.
+async fn read_body(
+    recv: &mut RecvStream,
+    size: usize,
+    prealloc: usize,
+) -> Result<Bytes, FrameError> {
     let mut buf = BytesMut::new();
     while buf.len() < size {
         let chunk = match recv.read_chunk(size - buf.len(), true).await {
@@ -265,7 +273,7 @@ async fn read_body(recv: &mut RecvStream, size: usize) -> Result<Bytes, FrameErr
             if chunk.len() == size {
                 return Ok(chunk);
             }
-            buf.reserve(size.min(PREALLOC));
+            buf.reserve(size.min(prealloc));
         }
         buf.extend_from_slice(&chunk);
     }
