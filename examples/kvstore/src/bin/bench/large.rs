@@ -434,7 +434,7 @@ async fn measure(
     let state_mib = state_bytes as f64 / MIB;
     let phase_p99_ms = |from: f64, to: f64| {
         let at = |secs: f64| load_before_add + Duration::from_secs_f64(secs.max(0.0));
-        ms(during.p_between(0.99, at(from), at(to)).0)
+        ms(during.p_between(0.99, at(from), at(to)))
     };
     let copied_at = build_secs + transfer_secs;
     Ok(Figures {

@@ -114,14 +114,14 @@ impl Samples {
     }
 
     /// The `q` quantile of the latencies of the puts answered in `[from, to)` after the start
-    /// of the load, and how many there were.
-    pub(crate) fn p_between(&self, q: f64, from: Duration, to: Duration) -> (u64, usize) {
+    /// of the load.
+    pub(crate) fn p_between(&self, q: f64, from: Duration, to: Duration) -> u64 {
         let (from, to) = (from.as_micros() as u64, to.as_micros() as u64);
         let lo = self.timed_us.partition_point(|(at, _)| *at < from);
         let hi = self.timed_us.partition_point(|(at, _)| *at < to);
         let mut window: Vec<u64> = self.timed_us[lo..hi.max(lo)].iter().map(|t| t.1).collect();
         window.sort_unstable();
-        (percentile(&window, q), window.len())
+        percentile(&window, q)
     }
 }
 
