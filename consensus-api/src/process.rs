@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// How often the trimmer started by [`release_large_buffers`] looks at the allocator.
+/// How often the trimmer started by [`trim_heap_with`] looks at the allocator.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 
 /// Free heap (bytes) above which the trimmer hands pages back.
@@ -12,9 +12,32 @@ const TRIM_ABOVE: usize = 64 << 20;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const KEEP_AT_TOP: libc::c_int = 16 << 20;
 
-/// Lets freed snapshot-sized buffers go back to the operating system. Call once, early in
-/// `main`, in a process that runs nodes; it does nothing where it does not apply, and calling
-/// it again does nothing more.
+/// How the trimmer started by [`trim_heap_with`] reads and releases the free memory of the
+/// program's allocator.
+#[derive(Debug, Clone, Copy)]
+pub struct HeapTrim {
+    /// Free memory the allocator holds (bytes). It may still count pages already handed back
+    /// (glibc's figure does): the trimmer then trims again only once it moved.
+    pub free_bytes: fn() -> usize,
+    /// Hands the allocator's free pages back to the operating system.
+    pub release: fn(),
+}
+
+/// glibc's allocator: [`free_heap_bytes`] and `malloc_trim`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const GLIBC: HeapTrim = HeapTrim {
+    free_bytes: free_heap_bytes,
+    release: || {
+        // SAFETY: malloc_trim only returns free pages to the system.
+        unsafe { libc::malloc_trim(0) };
+    },
+};
+
+/// Lets freed snapshot-sized buffers go back to the operating system under glibc's allocator.
+/// Call once, early in `main`, in a process that runs nodes on the system allocator; it does
+/// nothing where it does not apply, and calling it again does nothing more. (A program with
+/// another global allocator calls [`trim_heap_with`] with that allocator's functions instead;
+/// the kvstore example does, for jemalloc.)
 ///
 /// A node builds and drops buffers the size of its state (snapshots taken, received, encoded)
 /// over and over. glibc's allocator serves large blocks from their own mappings and returns them
@@ -26,10 +49,10 @@ const KEEP_AT_TOP: libc::c_int = 16 << 20;
 ///
 /// Blocks under the threshold (log entries, replication batches, snapshot chunks) come from the
 /// arenas, and glibc keeps freed arena pages resident: after a burst of writes (filling a large
-/// state) hundreds of MiB of free heap stay in RSS. So this also starts one thread that, every
-/// 2 s, hands the free pages back (`malloc_trim`) when more than 64 MiB of the heap is free.
-/// Measured with the large-state bench (1 GiB filled in 64 KiB values): the leader's RSS at the
-/// snapshot transfer 1525 MiB without, about 1130 MiB with.
+/// state) hundreds of MiB of free heap stay in RSS. So this also starts the trimmer of
+/// [`trim_heap_with`] with `malloc_trim`. Measured with the large-state bench (1 GiB filled in
+/// 64 KiB values): the leader's RSS at the snapshot transfer 1525 MiB without, about 1130 MiB
+/// with.
 ///
 /// Not called by the library itself: the allocator is the program's choice.
 pub fn release_large_buffers() {
@@ -47,38 +70,50 @@ pub fn release_large_buffers() {
             // default: every free that leaves more than that at the top of an arena hands the
             // pages back, and the next snapshot chunk faults them in again (in the large-state
             // bench, zeroing fresh pages was most of the sender's page faults). The trimmer
-            // below returns what stays free.
+            // returns what stays free.
             // SAFETY: as above.
             let ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_AT_TOP) };
             if ok != 1 {
                 tracing::debug!("mallopt(M_TRIM_THRESHOLD) was refused");
             }
-            let started = std::thread::Builder::new()
-                .name("malloc-trim".into())
-                .spawn(|| {
-                    // The free figure still counts pages already handed back, so trim again
-                    // only when it moved (blocks reused and freed again) or a while has passed.
-                    let (mut at_last, mut last) = (0usize, std::time::Instant::now());
-                    loop {
-                        std::thread::sleep(TRIM_EVERY);
-                        let free = free_heap_bytes();
-                        let moved = free.abs_diff(at_last) > TRIM_ABOVE / 4;
-                        if free > TRIM_ABOVE && (moved || last.elapsed() > TRIM_EVERY * 15) {
-                            // SAFETY: malloc_trim only returns free pages to the system.
-                            unsafe { libc::malloc_trim(0) };
-                            (at_last, last) = (free, std::time::Instant::now());
-                        }
-                    }
-                });
-            if let Err(e) = started {
-                tracing::warn!("the heap trimmer thread could not start: {e}");
-            }
+            trim_heap_with(GLIBC);
         });
     }
 }
 
+/// Starts one thread that, every 2 s, hands the allocator's free pages back (`trim.release`)
+/// when it holds more than 64 MiB free (`trim.free_bytes`): after a burst (filling a large
+/// state, a snapshot built or received) the free memory leaves RSS within seconds, while under
+/// small-value load nothing is released and reused at once. Only the first call in a process
+/// starts the thread; later calls do nothing.
+pub fn trim_heap_with(trim: HeapTrim) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let started = std::thread::Builder::new()
+            .name("heap-trim".into())
+            .spawn(move || {
+                // The free figure may still count pages already handed back, so trim again
+                // only when it moved (blocks reused and freed again) or a while has passed.
+                let (mut at_last, mut last) = (0usize, std::time::Instant::now());
+                loop {
+                    std::thread::sleep(TRIM_EVERY);
+                    let free = (trim.free_bytes)();
+                    let moved = free.abs_diff(at_last) > TRIM_ABOVE / 4;
+                    if free > TRIM_ABOVE && (moved || last.elapsed() > TRIM_EVERY * 15) {
+                        (trim.release)();
+                        (at_last, last) = (free, std::time::Instant::now());
+                    }
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("the heap trimmer thread could not start: {e}");
+        }
+    });
+}
+
 /// Free memory glibc's allocator holds in its arenas (`mallinfo2().fordblks`), in bytes; 0 where
-/// that does not apply. After a trim the figure still counts the pages handed back.
+/// that does not apply (another global allocator, another C library). After a trim the figure
+/// still counts the pages handed back.
 pub fn free_heap_bytes() -> usize {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use consensus_api::{Backend, ConsensusError, NodeConfig, TlsConfig, TransportFactory, Wiring};
 use consensus_harness::{ClusterOptions, Combo, Machines, Runtimes, SmCluster, TlsChoice};
 
+pub mod alloc;
 pub mod records;
 pub mod service;
 pub mod store;
@@ -76,10 +77,10 @@ pub async fn start_local_cluster(
     .await
 }
 
-/// Process setup shared by the kvstore binaries: the allocator setting for nodes
-/// ([`consensus_api::process::release_large_buffers`]) and logging (`RUST_LOG`, else `default_filter`).
+/// Process setup shared by the kvstore binaries: the allocator's setup for nodes
+/// ([`alloc::init`]) and logging (`RUST_LOG`, else `default_filter`).
 pub fn init_process(default_filter: &str) {
-    consensus_api::process::release_large_buffers();
+    alloc::init();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -14,7 +14,9 @@ use std::io::{BufReader, BufWriter, Read, Write};
 
 use imbl::OrdMap;
 
-use crate::store::Text;
+use std::sync::Arc;
+
+use crate::store::{Key, Value};
 
 /// Identifies the format and its version.
 const MAGIC: &[u8; 8] = b"kvstore\x01";
@@ -24,14 +26,14 @@ const IO_BUF: usize = 64 << 10;
 const RESERVE_MAX: usize = 1 << 20;
 
 /// Writes every entry of `map` to `sink` in the snapshot format.
-pub(crate) fn write(map: &OrdMap<Text, Text>, sink: &mut dyn Write) -> Result<(), String> {
+pub(crate) fn write(map: &OrdMap<Key, Value>, sink: &mut dyn Write) -> Result<(), String> {
     let io = |e: std::io::Error| format!("writing the store's snapshot: {e}");
     let mut out = BufWriter::with_capacity(IO_BUF, sink);
     out.write_all(MAGIC).map_err(io)?;
     out.write_all(&(map.len() as u64).to_le_bytes())
         .map_err(io)?;
     for (key, value) in map.iter() {
-        for text in [key, value] {
+        for text in [&**key, value.as_str()] {
             let len = u32::try_from(text.len())
                 .map_err(|_| format!("an entry of {} bytes does not fit a u32", text.len()))?;
             out.write_all(&len.to_le_bytes()).map_err(io)?;
@@ -43,7 +45,7 @@ pub(crate) fn write(map: &OrdMap<Text, Text>, sink: &mut dyn Write) -> Result<()
 
 /// Reads a snapshot from `source` to its end, handing each entry to `entry` in key order.
 /// On an error some entries may have been handed over already; the caller discards them.
-pub(crate) fn read(source: &mut dyn Read, mut entry: impl FnMut(Text, Text)) -> Result<(), String> {
+pub(crate) fn read(source: &mut dyn Read, mut entry: impl FnMut(Key, Value)) -> Result<(), String> {
     let mut input = BufReader::with_capacity(IO_BUF, source);
     let mut magic = [0u8; 8];
     read_exact(&mut input, &mut magic, "the header")?;
@@ -53,10 +55,10 @@ pub(crate) fn read(source: &mut dyn Read, mut entry: impl FnMut(Text, Text)) -> 
     let mut count = [0u8; 8];
     read_exact(&mut input, &mut count, "the entry count")?;
     let count = u64::from_le_bytes(count);
-    let mut previous: Option<Text> = None;
+    let mut previous: Option<Key> = None;
     for n in 0..count {
-        let key = read_text(&mut input, n, "key")?;
-        let value = read_text(&mut input, n, "value")?;
+        let key = Key::from(read_text(&mut input, n, "key")?);
+        let value = Arc::new(read_text(&mut input, n, "value")?);
         if previous.as_ref().is_some_and(|p| *p >= key) {
             return Err(format!(
                 "snapshot damaged: entry {n}'s key is not above the previous one"
@@ -83,7 +85,7 @@ fn read_exact(input: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), S
 }
 
 /// One length-prefixed text of entry `n`.
-fn read_text(input: &mut impl Read, n: u64, what: &str) -> Result<Text, String> {
+fn read_text(input: &mut impl Read, n: u64, what: &str) -> Result<String, String> {
     let mut len = [0u8; 4];
     read_exact(input, &mut len, &format!("entry {n}'s {what} length"))?;
     let len = u32::from_le_bytes(len) as usize;
@@ -98,19 +100,18 @@ fn read_text(input: &mut impl Read, n: u64, what: &str) -> Result<Text, String> 
             bytes.len()
         ));
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| format!("snapshot damaged: entry {n}'s {what} is not UTF-8"))?;
-    Ok(text.into())
+    String::from_utf8(bytes)
+        .map_err(|_| format!("snapshot damaged: entry {n}'s {what} is not UTF-8"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> OrdMap<Text, Text> {
+    fn map(pairs: &[(&str, &str)]) -> OrdMap<Key, Value> {
         pairs
             .iter()
-            .map(|(k, v)| (Text::from(*k), Text::from(*v)))
+            .map(|(k, v)| (Key::from(*k), Arc::new(v.to_string())))
             .collect()
     }
 

@@ -103,8 +103,9 @@ pub(crate) struct Figures {
     pub(crate) sender_rss_mib: f64,
     /// Peak RSS of this process during the fill and baseline.
     pub(crate) sender_fill_rss_mib: f64,
-    /// Free memory in the allocator of this process at the add (`mallinfo2` counts pages the
-    /// trimmer already handed back as well, so this is not all resident).
+    /// Free memory in the allocator of this process at the add ([`kvstore::alloc::free_bytes`]:
+    /// jemalloc's unpurged pages; under glibc, `mallinfo2` also counts pages the trimmer
+    /// already handed back, so that figure is not all resident).
     pub(crate) sender_heap_free_mib: f64,
     pub(crate) learner_rss_mib: f64,
     pub(crate) during_p50_ms: f64,
@@ -197,7 +198,7 @@ impl Figures {
         );
         println!(
             "  catch-up {:.0} MiB/s = {:.0}% of floor; peak RSS sender {:.0} MiB (the allocator's free heap at \
-             the add, resident or handed back: {:.0} MiB), learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
+             the add: {:.0} MiB), learner {:.0} MiB (state + {:.0} = {:.0} MiB)",
             self.catch_up_mib_s,
             self.catch_up_pct_floor,
             self.sender_rss_mib,

@@ -49,10 +49,9 @@ fn status_mib(pid: Option<u32>, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Free memory the allocator holds in its arenas, in MiB (see
-/// [`consensus_api::process::free_heap_bytes`]).
+/// Free memory the allocator holds, in MiB (see [`kvstore::alloc::free_bytes`]).
 pub(crate) fn heap_free_mib() -> f64 {
-    consensus_api::process::free_heap_bytes() as f64 / (1u64 << 20) as f64
+    kvstore::alloc::free_bytes() as f64 / (1u64 << 20) as f64
 }
 
 /// Resets this process's peak RSS to its current RSS (Linux `clear_refs` 5), so that a later
