@@ -92,8 +92,9 @@ pub fn trim_heap_with(trim: HeapTrim) {
         let started = std::thread::Builder::new()
             .name("heap-trim".into())
             .spawn(move || {
-                // The free figure may still count pages already handed back, so trim again
-                // only when it moved (blocks reused and freed again) or a while has passed.
+                // The free figure may still count pages already handed back (glibc's does),
+                // so trim again only when it moved from what it read after the last release
+                // (blocks reused and freed again) or a while has passed.
                 let (mut at_last, mut last) = (0usize, std::time::Instant::now());
                 loop {
                     std::thread::sleep(TRIM_EVERY);
@@ -101,7 +102,7 @@ pub fn trim_heap_with(trim: HeapTrim) {
                     let moved = free.abs_diff(at_last) > TRIM_ABOVE / 4;
                     if free > TRIM_ABOVE && (moved || last.elapsed() > TRIM_EVERY * 15) {
                         (trim.release)();
-                        (at_last, last) = (free, std::time::Instant::now());
+                        (at_last, last) = ((trim.free_bytes)(), std::time::Instant::now());
                     }
                 }
             });

@@ -33,7 +33,7 @@ pub(crate) fn write(map: &OrdMap<Key, Value>, sink: &mut dyn Write) -> Result<()
     out.write_all(&(map.len() as u64).to_le_bytes())
         .map_err(io)?;
     for (key, value) in map.iter() {
-        for text in [&**key, value.as_str()] {
+        for text in [key.as_str(), value.as_str()] {
             let len = u32::try_from(text.len())
                 .map_err(|_| format!("an entry of {} bytes does not fit a u32", text.len()))?;
             out.write_all(&len.to_le_bytes()).map_err(io)?;
@@ -124,7 +124,7 @@ mod tests {
     fn decode(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
         let mut got = Vec::new();
         read(&mut &bytes[..], |k, v| {
-            got.push((k.to_string(), v.to_string()))
+            got.push((k.as_str().to_owned(), v.to_string()))
         })?;
         Ok(got)
     }

@@ -20,8 +20,86 @@ use serde::{Deserialize, Serialize};
 
 use crate::records;
 
-/// A key held by the store: shared, so a copied map node or a snapshot view never copies it.
-pub type Key = Arc<str>;
+/// A key held by the store: shared text (a copied map node or a snapshot view never copies
+/// it) with its first 8 bytes kept inline as a number, so that most comparisons in the map
+/// (about 16 per insert into a map of 65 k keys) are one integer comparison instead of a call
+/// to `memcmp` through the pointer (`memcmp` was 5% of all CPU at 64 clients). Ordered exactly
+/// as its text is, byte by byte.
+#[derive(Clone)]
+pub struct Key {
+    /// The first 8 bytes of `text`, big-endian, padded with zeros: comparing two heads
+    /// compares the texts' first 8 bytes, and equal heads fall back to the whole texts.
+    head: u64,
+    text: Arc<str>,
+}
+
+impl Key {
+    /// The key's text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl From<&str> for Key {
+    fn from(text: &str) -> Self {
+        Key::from(Arc::<str>::from(text))
+    }
+}
+
+impl From<String> for Key {
+    fn from(text: String) -> Self {
+        Key::from(Arc::<str>::from(text))
+    }
+}
+
+impl From<Arc<str>> for Key {
+    fn from(text: Arc<str>) -> Self {
+        let mut head = [0u8; 8];
+        let n = text.len().min(8);
+        head[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Key {
+            head: u64::from_be_bytes(head),
+            text,
+        }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.head == other.head && self.text == other.text
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Heads that differ differ at a byte both texts have, or where the shorter one ended
+        // (a zero against a byte of the longer one): either way the texts order the same.
+        self.head
+            .cmp(&other.head)
+            .then_with(|| self.text.as_bytes().cmp(other.text.as_bytes()))
+    }
+}
+
+/// Lookups by `&str` (`get`, `remove`) compare as the text does, which is how keys order.
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text, f)
+    }
+}
 
 /// A value held by the store: shared like a key, and holding the very buffer it arrived in
 /// (decoded from a command, read from a snapshot) instead of a copy behind the reference
@@ -96,8 +174,8 @@ impl Store {
     }
 
     fn put(&mut self, key: Key, value: Value) -> Option<Value> {
-        self.bytes += (key.len() + value.len()) as u64;
-        let key_len = key.len() as u64;
+        let key_len = key.as_str().len() as u64;
+        self.bytes += key_len + value.len() as u64;
         let old = self.data.insert(key, value);
         if let Some(old) = &old {
             self.bytes -= key_len + old.len() as u64;
@@ -202,8 +280,46 @@ mod tests {
     fn entries(s: &Store) -> Vec<(String, String)> {
         s.data
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_string()))
             .collect()
+    }
+
+    /// Keys order exactly as their texts do, across the 8-byte head and past it, with
+    /// prefixes, zero bytes and texts that differ only after the head.
+    #[test]
+    fn keys_order_as_their_texts() {
+        let texts = [
+            "",
+            "\0",
+            "\0\0",
+            "a",
+            "a\0",
+            "a\0\0\0\0\0\0\0",
+            "a\0\0\0\0\0\0\0\0",
+            "ab",
+            "abcdefgh",
+            "abcdefgh\0",
+            "abcdefgha",
+            "abcdefghb",
+            "abcdefgi",
+            "b",
+            "c12-k1",
+            "c12-k10",
+            "c12-k2",
+            "c1-k999",
+            "\u{ff}",
+            "\u{ff}\u{ff}",
+        ];
+        for a in texts {
+            for b in texts {
+                assert_eq!(
+                    Key::from(a).cmp(&Key::from(b)),
+                    a.as_bytes().cmp(b.as_bytes()),
+                    "{a:?} against {b:?}"
+                );
+                assert_eq!(Key::from(a) == Key::from(b), a == b, "{a:?} == {b:?}");
+            }
+        }
     }
 
     #[test]
