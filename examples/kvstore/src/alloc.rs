@@ -5,7 +5,8 @@
 //! allocator. The kvstore sets jemalloc here, for everything that links it, because in the bench
 //! glibc's allocator was the largest item of the profile under small puts (malloc and free about
 //! 14% of all CPU at 64 clients, most of it decoding commands and the store's apply), and jemalloc
-//! took 15-26% more puts/s on every combination (see the README's performance section).
+//! took 4-22% more puts/s depending on the combination (64 clients, two runs of each build
+//! alternated in the same hour; see the README's performance section).
 //!
 //! jemalloc keeps freed pages for a while (10 s of decay, purged by its background threads) so
 //! that a busy node reuses them; after a burst the size of a large state (a fill, a snapshot

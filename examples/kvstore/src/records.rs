@@ -11,10 +11,9 @@
 //! It never allocates by a length it has not read yet the bytes for.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
 
 use imbl::OrdMap;
-
-use std::sync::Arc;
 
 use crate::store::{Key, Value};
 

@@ -207,7 +207,7 @@ impl StateMachine for Store {
             }
         };
         // The last holder (no snapshot view shares it) gives its buffer back without a copy.
-        old.map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| shared.as_str().to_owned()))
+        old.map(Arc::unwrap_or_clone)
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, String> {
