@@ -21,19 +21,33 @@ pub(crate) struct Floor {
     pub(crate) fsync_us: u64,
     /// p50 of a 64-byte loopback TCP round trip, in microseconds.
     pub(crate) rtt_us: u64,
+    /// p50 of the time until a majority of one writer per node, started together, each made
+    /// a 4 KiB write durable in preallocated space of its own file in `dir` (as the log
+    /// writes; cheaper than the append above): what a quorum of the cluster's logs
+    /// needs when its nodes share one disk (a device that serves cache flushes one at a time
+    /// makes concurrent syncs wait for each other, so a quorum costs more than one flush).
+    pub(crate) fsync_shared_us: u64,
 }
 
 impl Floor {
-    pub(crate) fn measure(dir: &Path) -> Result<Floor, String> {
+    /// Measures the floors in `dir`, the shared-disk one with `nodes` writers.
+    pub(crate) fn measure(dir: &Path, nodes: usize) -> Result<Floor, String> {
         Ok(Floor {
             fsync_us: fsync_floor(dir)?,
             rtt_us: rtt_floor()?,
+            fsync_shared_us: fsync_quorum_floor(dir, nodes)?,
         })
     }
 
     /// `fsync p50 + 2 x RTT p50`.
     pub(crate) fn total_us(&self) -> u64 {
         self.fsync_us + 2 * self.rtt_us
+    }
+
+    /// `quorum fsync p50 + 2 x RTT p50`: the same floor for a cluster whose nodes share one
+    /// disk, as the bench's do.
+    pub(crate) fn shared_total_us(&self) -> u64 {
+        self.fsync_shared_us + 2 * self.rtt_us
     }
 }
 
@@ -69,23 +83,101 @@ impl Bandwidth {
 
 /// p50 of a 4 KiB append + fdatasync in `dir`, in microseconds.
 fn fsync_floor(dir: &Path) -> Result<u64, String> {
-    let path = dir.join("fsync-probe");
+    let mut samples = fsync_samples(&dir.join("fsync-probe"), 500)?;
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+/// p50 of the time until a majority of `nodes` writers, starting together, each finished a 4 KiB
+/// write + fdatasync into preallocated space of its own file in `dir`, in microseconds: one round per sample, all
+/// writers released at once (as one entry reaches every node's log), timed until the
+/// majority-th of them is done (when the entry is durable on a quorum).
+fn fsync_quorum_floor(dir: &Path, nodes: usize) -> Result<u64, String> {
+    const ROUNDS: usize = 300;
+    let nodes = nodes.max(1);
+    let quorum = nodes / 2 + 1;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(nodes));
+    let threads: Vec<_> = (0..nodes)
+        .map(|i| {
+            let path = dir.join(format!("fsync-probe-{i}"));
+            let start = start.clone();
+            std::thread::spawn(move || fsync_rounds(&path, ROUNDS, &start))
+        })
+        .collect();
+    let mut per_writer = Vec::new();
+    for t in threads {
+        per_writer.push(
+            t.join()
+                .map_err(|_| "fsync probe thread panicked".to_string())??,
+        );
+    }
+    let mut samples: Vec<u64> = (0..ROUNDS)
+        .map(|round| {
+            let began = per_writer.iter().map(|w| w[round].0).min();
+            let mut done: Vec<Instant> = per_writer.iter().map(|w| w[round].1).collect();
+            done.sort_unstable();
+            match began {
+                Some(began) => done[quorum - 1].duration_since(began).as_micros() as u64,
+                None => 0,
+            }
+        })
+        .collect();
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+/// `rounds` (start, end) times of a 4 KiB write + fdatasync into zero-filled space of a new file
+/// at `path` (removed afterwards), as the log writes into its preallocated space (cheaper than
+/// an append: no size change to commit), each round starting once `start` lets every writer go.
+fn fsync_rounds(
+    path: &Path,
+    rounds: usize,
+    start: &std::sync::Barrier,
+) -> Result<Vec<(Instant, Instant)>, String> {
+    use std::os::unix::fs::FileExt;
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    let block = vec![0x5au8; 4096];
+    f.write_all_at(&vec![0u8; rounds * block.len()], 0)
+        .and_then(|_| f.sync_all())
+        .map_err(err)?;
+    let mut out = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        start.wait();
+        let t = Instant::now();
+        f.write_all_at(&block, (round * block.len()) as u64)
+            .map_err(err)?;
+        f.sync_data().map_err(err)?;
+        out.push((t, Instant::now()));
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(out)
+}
+
+/// `n` timings (microseconds) of a 4 KiB append + fdatasync to a new file at `path` (removed
+/// afterwards).
+fn fsync_samples(path: &Path, n: usize) -> Result<Vec<u64>, String> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let block = vec![0x5au8; 4096];
-    let mut samples = Vec::with_capacity(500);
-    for _ in 0..500 {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
         let t = Instant::now();
         f.write_all(&block).map_err(|e| e.to_string())?;
         f.sync_data().map_err(|e| e.to_string())?;
         samples.push(t.elapsed().as_micros() as u64);
     }
-    let _ = std::fs::remove_file(&path);
-    samples.sort_unstable();
-    Ok(percentile(&samples, 0.5))
+    let _ = std::fs::remove_file(path);
+    Ok(samples)
 }
 
 /// p50 of a 64-byte loopback TCP round trip, in microseconds.

@@ -10,7 +10,12 @@
 //! of a loopback TCP round trip, measured again right before each combination (the disk of a
 //! shared machine drifts within minutes, so each combination is compared with the floor of its
 //! own moment); single-client p50 is printed as a multiple of `fsync p50 + 2 x RTT p50` (a
-//! leader must make its entry durable and hear from a follower that did the same).
+//! leader must make its entry durable and hear from a follower that did the same). Next to it,
+//! the shared-disk floor: the same with the fsync replaced by the p50 time until a majority of
+//! `--nodes` writers, started together, each synced a 4 KiB write into preallocated space of
+//! its own file (as the log writes, which is cheaper than an append), as the cluster's nodes do
+//! on the one disk they share here (a device that serves cache flushes one at a time makes
+//! concurrent syncs wait for each other).
 //!
 //! Flags: `--combos all|tikv_quic,openraft_grpc,...`, `--clients 1,16,64,256`, `--secs 5`,
 //! `--value-bytes 256`, `--nodes 3`, `--json PATH`, `--dir PATH` (where data dirs go),
@@ -19,7 +24,8 @@
 //! per node), `--network` (every node its own child process serving the client API of
 //! [`kvstore::service`]; this process only runs the clients, over gRPC with mutual TLS, sharing
 //! `--conns` HTTP/2 connections to the leader), `--etcd URL` (first run the same clients against
-//! etcd's `KV.Put` at that plaintext gRPC endpoint, e.g. `http://127.0.0.1:2379`, and print every
+//! etcd's `KV.Put` at that gRPC endpoint, e.g. `http://127.0.0.1:2379`, or `https://...` with
+//! `--etcd-tls DIR` for TLS with a client certificate, and print every
 //! row's ratio to etcd's row with the same client count; `scripts/side-by-side.sh` starts etcd).
 //!
 //! # Large state
@@ -95,10 +101,16 @@ struct Args {
     /// Network clients (`--network`, `--etcd`) share this many HTTP/2 connections.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     conns: u64,
-    /// Also run the clients against etcd at these gRPC endpoints (plaintext, the leader
-    /// first), first.
+    /// Also run the clients against etcd at these gRPC endpoints (the leader first), first:
+    /// `http://` plaintext, `https://` with TLS (`--etcd-tls`).
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    /// TLS to etcd's `https://` endpoints with client certificates, as the project's own
+    /// clients and peers always use: a directory holding `ca.pem` (the CA etcd's certificate
+    /// is checked against) and `client.pem` / `client-key.pem` (the client's certificate and
+    /// key; `scripts/side-by-side.sh` writes them).
+    #[arg(long)]
+    etcd_tls: Option<PathBuf>,
     /// Network clients (`--network`, `--etcd`) spread their connections over every node (as
     /// etcd's client balancer does) instead of all connecting to the leader; followers forward.
     #[arg(long)]
@@ -273,9 +285,15 @@ async fn etcd_rows(urls: &[String], args: &Args, floor: Floor) -> Result<Vec<Row
     let mut conns = Vec::new();
     for i in 0..args.conns as usize {
         let url = &urls[i % urls.len()];
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(dir) = &args.etcd_tls {
+            endpoint = endpoint
+                .tls_config(etcd_tls(dir)?)
+                .map_err(|e| format!("etcd TLS for {url}: {e}"))?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| format!("connecting to etcd at {url}: {e}"))?;
@@ -286,14 +304,28 @@ async fn etcd_rows(urls: &[String], args: &Args, floor: Floor) -> Result<Vec<Row
     Ok(run_rows(name, &Target::Etcd(conns), args, floor, || 0.0).await)
 }
 
+/// The client TLS to etcd from `dir` (`ca.pem`, `client.pem`, `client-key.pem`).
+fn etcd_tls(dir: &Path) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|e| format!("--etcd-tls: {}: {e}", path.display()))
+    };
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
+        .identity(tonic::transport::Identity::from_pem(
+            read("client.pem")?,
+            read("client-key.pem")?,
+        )))
+}
+
 fn json(rows: &[Row]) -> String {
     let items: Vec<String> = rows
         .iter()
         .map(|r| {
             format!(
-                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {}, \"rtt_p50_us\": {}, \"floor_us\": {}}}",
+                "  {{\"combo\": \"{}\", \"clients\": {}, \"ops\": {}, \"ops_per_sec\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"rss_mib_max\": {:.1}, \"errors\": {}, \"fsync_p50_us\": {}, \"rtt_p50_us\": {}, \"floor_us\": {}, \"fsync_shared_p50_us\": {}, \"shared_floor_us\": {}}}",
                 r.combo, r.clients, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.rss_mib_max, r.errors,
-                r.floor.fsync_us, r.floor.rtt_us, r.floor.total_us()
+                r.floor.fsync_us, r.floor.rtt_us, r.floor.total_us(), r.floor.fsync_shared_us, r.floor.shared_total_us()
             )
         })
         .collect();
@@ -349,12 +381,12 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let mut rows = Vec::new();
     if !args.etcd.is_empty() {
-        let floor = Floor::measure(&root)?;
+        let floor = Floor::measure(&root, args.nodes as usize)?;
         rows.extend(etcd_rows(&args.etcd, &args, floor).await?);
     }
     for (b, f) in selected(&args)? {
         let name = format!("{}_{}", b.name(), f.name());
-        let floor = Floor::measure(&root)?;
+        let floor = Floor::measure(&root, args.nodes as usize)?;
         let r = bench_combo(b, f, &args, &root, floor)
             .await
             .map_err(|e| format!("{name}: {e}"))?;
@@ -362,13 +394,17 @@ async fn run(args: Args) -> Result<(), String> {
     }
     for r in rows.iter().filter(|r| r.clients == 1) {
         println!(
-            "{}: single-client p50 {} us = {:.2} x floor ({} us: fsync {} + 2 x RTT {})",
+            "{}: single-client p50 {} us = {:.2} x floor ({} us: fsync {} + 2 x RTT {}); {:.2} x the shared-disk floor ({} us: a quorum of {} fsyncs at once {} + 2 x RTT)",
             r.combo,
             r.p50_us,
             r.p50_us as f64 / r.floor.total_us().max(1) as f64,
             r.floor.total_us(),
             r.floor.fsync_us,
-            r.floor.rtt_us
+            r.floor.rtt_us,
+            r.p50_us as f64 / r.floor.shared_total_us().max(1) as f64,
+            r.floor.shared_total_us(),
+            args.nodes,
+            r.floor.fsync_shared_us,
         );
     }
     for r in rows.iter().filter(|r| !r.combo.starts_with("etcd")) {
