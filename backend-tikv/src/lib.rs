@@ -13,6 +13,7 @@
 //! | logs only in `MemStorage` | [`consensus_storage::Log`]: CRC-checked records, group-committed `fdatasync` before anything is acknowledged, snapshots in an atomic file, restart rebuilds from disk |
 //!
 //! Engine settings: `pre_vote` and `check_quorum` on, `ReadOnlySafe` read-index reads,
+//! `skip_bcast_commit` (followers learn a new commit index from the next append or heartbeat),
 //! membership by `ConfChangeV2` (joint consensus when several voters change, left
 //! automatically), leader transfer by `transfer_leader`, log compaction after
 //! `snapshot_threshold` applied entries. New nodes (learners) start empty and catch up by

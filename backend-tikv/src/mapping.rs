@@ -16,6 +16,16 @@ use crate::storage::DiskStorage;
 /// ([`NodeConfig::max_command_bytes`]), at most 1 MiB: raft-rs puts at least one entry in an
 /// append and then adds entries while the total stays within it, so every append fits in one
 /// frame with room for its envelope.
+///
+/// `skip_bcast_commit`: a leader whose commit index moved does not send every follower an
+/// empty append just to say so; followers learn it from the next append or heartbeat (at most
+/// one heartbeat interval later, and at once for a read-index read, whose heartbeats carry
+/// it). Nothing the contract promises waits on a follower's apply: proposals are answered by
+/// the leader's, forwarded ones too, and a follower's linearizable read waits for its own
+/// apply of the index the leader confirmed. Saves two messages per commit on the leader and
+/// one Ready with a hard-state write on each follower. Alternated in-process runs (64 clients,
+/// two runs each): tikv_grpc 30.5/31.5k against 29.0/26.9k puts/s, tikv_quic 28.0/30.0k
+/// against 23.8/24.2k; one client p50 571/567 against 674/649 us (tikv_grpc).
 pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, ConsensusError> {
     let hb = c.heartbeat_interval.as_micros().max(1);
     let ticks = |d: std::time::Duration| d.as_micros().div_ceil(hb) as usize;
@@ -33,6 +43,7 @@ pub(crate) fn raft_config(c: &NodeConfig, applied: u64) -> Result<raft::Config, 
         check_quorum: true,
         pre_vote: true,
         read_only_option: ReadOnlyOption::Safe,
+        skip_bcast_commit: true,
         ..Default::default()
     };
     cfg.validate()
