@@ -31,9 +31,11 @@ if [[ $# -gt 0 && $1 == --etcd-plaintext ]]; then
     tls=0
     shift
 fi
-for tool in etcd etcdctl python3 openssl; do
+tools=(etcd etcdctl python3)
+((tls)) && tools+=(openssl)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || {
-        echo "side-by-side: $tool not found (Debian: apt-get install etcd-server etcd-client)" >&2
+        echo "side-by-side: $tool not found (Debian: apt-get install etcd-server etcd-client openssl)" >&2
         exit 2
     }
 done

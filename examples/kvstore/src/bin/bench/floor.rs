@@ -88,10 +88,10 @@ fn fsync_floor(dir: &Path) -> Result<u64, String> {
     Ok(percentile(&samples, 0.5))
 }
 
-/// p50 of the time until a majority of `nodes` writers, starting together, each finished a 4 KiB
-/// write + fdatasync into preallocated space of its own file in `dir`, in microseconds: one round per sample, all
-/// writers released at once (as one entry reaches every node's log), timed until the
-/// majority-th of them is done (when the entry is durable on a quorum).
+/// p50 of the time until a majority of `nodes` writers, starting together, each finished a
+/// 4 KiB write + fdatasync into preallocated space of its own file in `dir`, in microseconds:
+/// one round per sample, all writers released at once (as one entry reaches every node's log),
+/// timed until the majority-th of them is done (when the entry is durable on a quorum).
 fn fsync_quorum_floor(dir: &Path, nodes: usize) -> Result<u64, String> {
     const ROUNDS: usize = 300;
     let nodes = nodes.max(1);
@@ -129,6 +129,8 @@ fn fsync_quorum_floor(dir: &Path, nodes: usize) -> Result<u64, String> {
 /// `rounds` (start, end) times of a 4 KiB write + fdatasync into zero-filled space of a new file
 /// at `path` (removed afterwards), as the log writes into its preallocated space (cheaper than
 /// an append: no size change to commit), each round starting once `start` lets every writer go.
+/// A writer that fails keeps meeting the others at `start` until the last round (without
+/// writing), so they finish instead of waiting for it forever, and then reports the failure.
 fn fsync_rounds(
     path: &Path,
     rounds: usize,
@@ -136,28 +138,34 @@ fn fsync_rounds(
 ) -> Result<Vec<(Instant, Instant)>, String> {
     use std::os::unix::fs::FileExt;
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    let f = std::fs::OpenOptions::new()
+    let block = vec![0x5au8; 4096];
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .read(true)
         .write(true)
         .open(path)
-        .map_err(err)?;
-    let block = vec![0x5au8; 4096];
-    f.write_all_at(&vec![0u8; rounds * block.len()], 0)
-        .and_then(|_| f.sync_all())
-        .map_err(err)?;
+        .and_then(|f| {
+            f.write_all_at(&vec![0u8; rounds * block.len()], 0)?;
+            f.sync_all()?;
+            Ok(f)
+        })
+        .map_err(err);
     let mut out = Vec::with_capacity(rounds);
     for round in 0..rounds {
         start.wait();
+        let Ok(f) = &file else { continue };
         let t = Instant::now();
-        f.write_all_at(&block, (round * block.len()) as u64)
-            .map_err(err)?;
-        f.sync_data().map_err(err)?;
-        out.push((t, Instant::now()));
+        let wrote = f
+            .write_all_at(&block, (round * block.len()) as u64)
+            .and_then(|_| f.sync_data());
+        match wrote {
+            Ok(()) => out.push((t, Instant::now())),
+            Err(e) => file = Err(err(e)),
+        }
     }
     let _ = std::fs::remove_file(path);
-    Ok(out)
+    file.map(|_| out)
 }
 
 /// `n` timings (microseconds) of a 4 KiB append + fdatasync to a new file at `path` (removed
