@@ -14,6 +14,7 @@ use consensus_api::{Backend, ConsensusError, NodeConfig, TlsConfig, TransportFac
 use consensus_harness::{ClusterOptions, Combo, Machines, Runtimes, SmCluster, TlsChoice};
 
 pub mod alloc;
+pub mod gather;
 pub mod records;
 pub mod service;
 pub mod store;

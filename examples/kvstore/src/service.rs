@@ -9,9 +9,7 @@ use std::time::Duration;
 use consensus_api::{Consensus, ConsensusError, NodeId, TlsConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
+use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::{Command, Store};
@@ -169,8 +167,11 @@ impl Server {
             .await
             .map_err(|e| format!("bind {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Answers that are ready together leave in one write ([`crate::gather`]).
+        let incoming = tokio_stream::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            |accepted| accepted.map(crate::gather::Gathered::new),
+        );
         let service = pb::kv_server::KvServer::new(KvService { node })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -228,22 +229,19 @@ impl Client {
         tls: &TlsConfig,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let consensus_tls::PemBytes { ca, cert, key } = pem(tls, None)?;
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
-            .map_err(|e| e.to_string())?
-            .tls_config(
-                ClientTlsConfig::new()
-                    .domain_name(consensus_tls::node_name(server))
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .identity(Identity::from_pem(cert, key)),
-            )
-            .map_err(|e| format!("TLS client config: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let paths = match tls {
+            TlsConfig::DevCerts { dir } => consensus_tls::dev::ensure_operator(dir)?,
+            TlsConfig::Files { .. } => consensus_tls::paths(tls, 0)?,
+            other => {
+                return Err(format!(
+                    "the client API always uses mutual TLS; {other:?} gives it no certificates"
+                ))
+            }
+        };
+        let material =
+            consensus_tls::load_files(&paths.ca_cert, &paths.node_cert, &paths.node_key)?;
+        let config = consensus_tls::client_config(&material, H2_ALPN)?;
+        let channel = tls_channel(addr, &consensus_tls::node_name(server), config, timeout).await?;
         Ok(Self {
             // The server enforces the request limit (and says so); the client bounds answers.
             inner: pb::kv_client::KvClient::new(channel)
@@ -307,6 +305,76 @@ impl PutStream {
             None => Err(Status::unavailable("the server ended the put stream")),
         }
     }
+}
+
+/// The ALPN protocol of gRPC over TLS.
+pub const H2_ALPN: &[u8] = b"h2";
+
+/// A gRPC channel to `addr` over TLS with `config`, expecting the server certificate to name
+/// `server_name`; `timeout` bounds the connection attempt and every call.
+///
+/// The TLS stream is set up here rather than by tonic so that it can sit on
+/// [`Gathered`](crate::gather::Gathered) (the requests of many callers that are ready together
+/// leave in one write) and under [`Unvectored`](crate::gather::Unvectored) (h2 hands them over
+/// in one TLS record). The channel's URI says `http://` only because tonic is not asked to do
+/// the TLS itself.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    server_name: &str,
+    config: rustls::ClientConfig,
+    timeout: Duration,
+) -> Result<Channel, String> {
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| format!("TLS server name {server_name:?}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connect = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tls = connector.connect(name, gathered_tcp(addr).await?).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::gather::Unvectored(tls)))
+        }
+    });
+    channel_with(addr, timeout, connect).await
+}
+
+/// A plaintext gRPC channel to `addr` with the same write gathering as [`tls_channel`], for
+/// servers that are run without TLS (side-by-side runs against a plaintext etcd).
+pub async fn plaintext_channel(addr: SocketAddr, timeout: Duration) -> Result<Channel, String> {
+    let connect = tower::service_fn(move |_: tonic::transport::Uri| async move {
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::gather::Unvectored(
+            gathered_tcp(addr).await?,
+        )))
+    });
+    channel_with(addr, timeout, connect).await
+}
+
+async fn gathered_tcp(
+    addr: SocketAddr,
+) -> std::io::Result<crate::gather::Gathered<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(crate::gather::Gathered::new(tcp))
+}
+
+async fn channel_with<C, Io>(
+    addr: SocketAddr,
+    timeout: Duration,
+    connect: C,
+) -> Result<Channel, String>
+where
+    C: tower::Service<tonic::transport::Uri, Response = Io, Error = std::io::Error>
+        + Send
+        + 'static,
+    C::Future: Send,
+    Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin,
+{
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))
 }
 
 fn put_request(key: String, value: String, prev_kv: bool) -> pb::PutRequest {

@@ -120,4 +120,34 @@ async fn puts_and_gets_through_every_node_over_mutual_tls() {
             .is_ok(),
     };
     assert!(!served, "a client with another CA's certificate was served");
+
+    // The client checks the server as strictly: a server whose certificate names another node
+    // (a stale address), or a client that trusts another CA, gets no answer.
+    let wrong = servers
+        .iter()
+        .map(|(i, _)| *i)
+        .find(|i| i != id)
+        .expect("another node");
+    let answered = |c: Result<Client, String>| async move {
+        match c {
+            Err(_) => false,
+            Ok(mut c) => c.get("k".into()).await.is_ok(),
+        }
+    };
+    assert!(
+        !answered(Client::connect(s.addr(), wrong, &tls, TIMEOUT).await).await,
+        "a client dialing node {wrong} was answered by node {id}"
+    );
+    let foreign = TlsConfig::DevCerts {
+        dir: other.path().join("certs"),
+    };
+    assert!(
+        !answered(Client::connect(s.addr(), *id, &foreign, TIMEOUT).await).await,
+        "a client of another CA was answered"
+    );
+    // The honest client still works on the same server.
+    let mut c = Client::connect(s.addr(), *id, &tls, TIMEOUT)
+        .await
+        .expect("connect");
+    assert_eq!(c.get("k".into()).await.expect("get"), Some("v2".into()));
 }

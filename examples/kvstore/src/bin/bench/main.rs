@@ -283,20 +283,38 @@ async fn run_rows(
 async fn etcd_rows(urls: &[String], args: &Args, floor: Floor) -> Result<Vec<Row>, String> {
     let urls = if args.spread { urls } else { &urls[..1] };
     let mut conns = Vec::new();
+    let tls = match &args.etcd_tls {
+        Some(dir) => Some(etcd_tls(dir)?),
+        None => None,
+    };
     for i in 0..args.conns as usize {
         let url = &urls[i % urls.len()];
-        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
-            .tcp_nodelay(true);
-        if let Some(dir) = &args.etcd_tls {
-            endpoint = endpoint
-                .tls_config(etcd_tls(dir)?)
-                .map_err(|e| format!("etcd TLS for {url}: {e}"))?;
-        }
-        let channel = endpoint
-            .connect()
+        // The same client stack as against the project's nodes (kvstore::service).
+        let (https, host_port) = match url.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            _ => {
+                return Err(format!(
+                    "etcd endpoint {url:?}: expected http://HOST:PORT or https://HOST:PORT"
+                ))
+            }
+        };
+        let host_port = host_port.trim_end_matches('/');
+        let addr = tokio::net::lookup_host(host_port)
             .await
-            .map_err(|e| format!("connecting to etcd at {url}: {e}"))?;
+            .map_err(|e| format!("etcd endpoint {url:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("etcd endpoint {url:?}: no address"))?;
+        let timeout = Duration::from_secs(10);
+        let channel = match (https, &tls) {
+            (true, Some(config)) => {
+                let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+                kvstore::service::tls_channel(addr, host, config.clone(), timeout).await
+            }
+            (true, None) => return Err(format!("etcd endpoint {url}: https:// needs --etcd-tls")),
+            (false, _) => kvstore::service::plaintext_channel(addr, timeout).await,
+        }
+        .map_err(|e| format!("etcd at {url}: {e}"))?;
         conns.push(kvstore::service::etcd::kv_client::KvClient::new(channel));
     }
     // etcd runs outside this process: no RSS of its own here.
@@ -304,18 +322,17 @@ async fn etcd_rows(urls: &[String], args: &Args, floor: Floor) -> Result<Vec<Row
     Ok(run_rows(name, &Target::Etcd(conns), args, floor, || 0.0).await)
 }
 
-/// The client TLS to etcd from `dir` (`ca.pem`, `client.pem`, `client-key.pem`).
-fn etcd_tls(dir: &Path) -> Result<tonic::transport::ClientTlsConfig, String> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read(&path).map_err(|e| format!("--etcd-tls: {}: {e}", path.display()))
-    };
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
-        .identity(tonic::transport::Identity::from_pem(
-            read("client.pem")?,
-            read("client-key.pem")?,
-        )))
+/// The client TLS to etcd from `dir` (`ca.pem`, `client.pem`, `client-key.pem`): the same
+/// rustls configuration as the project's clients use (TLS 1.3, ALPN `h2`).
+fn etcd_tls(dir: &Path) -> Result<rustls::ClientConfig, String> {
+    let material = consensus_tls::load_files(
+        &dir.join("ca.pem"),
+        &dir.join("client.pem"),
+        &dir.join("client-key.pem"),
+    )
+    .map_err(|e| format!("--etcd-tls: {e}"))?;
+    consensus_tls::client_config(&material, kvstore::service::H2_ALPN)
+        .map_err(|e| format!("--etcd-tls: {e}"))
 }
 
 fn json(rows: &[Row]) -> String {
