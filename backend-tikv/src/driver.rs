@@ -20,7 +20,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType, SnapshotMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::node::{Core, PersistEvents, Reply, SaveJob};
+use crate::node::{Core, PersistEvents, Persisted, Reply, SaveJob};
 
 /// Requests from the engine handle.
 pub(crate) enum Command {
@@ -125,6 +125,29 @@ enum Flow {
     Fail(ConsensusError),
 }
 
+/// What woke the driver's loop.
+enum Woke {
+    Command(Option<Command>),
+    Message(Inbound),
+    Persisted(Persisted),
+    Report(NodeId, bool),
+    Saved(SaveJob, Result<(), String>),
+    Tick,
+}
+
+impl Woke {
+    fn name(&self) -> &'static str {
+        match self {
+            Woke::Command(_) => "command",
+            Woke::Message(_) => "message",
+            Woke::Persisted(_) => "persisted",
+            Woke::Report(..) => "snapshot report",
+            Woke::Saved(..) => "snapshot saved",
+            Woke::Tick => "tick",
+        }
+    }
+}
+
 /// A driver step longer than this is logged: heartbeats and acknowledgements wait for it.
 const SLOW_STEP: Duration = Duration::from_millis(200);
 
@@ -133,43 +156,58 @@ impl Driver {
         let (report_tx, mut reports) = mpsc::unbounded_channel::<(NodeId, bool)>();
         let (saved_tx, mut saved) = mpsc::unbounded_channel::<(SaveJob, Result<(), String>)>();
         let mut ticks = 0u64;
+        let mut last_tick = std::time::Instant::now();
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.ship(&report_tx);
         self.publish();
         let mut failure = None;
         let stop = loop {
-            let mut event = "command";
-            let flow = tokio::select! {
-                cmd = self.commands.recv() => match cmd {
-                    Some(c) => self.handle(c),
-                    // The engine handle is gone: nobody can ask anything any more.
-                    None => Flow::Stop(None),
-                },
-                Some(m) = self.messages.recv() => {
-                    event = "message";
+            // What woke the loop is handled below, inside the timed step: a slow handler
+            // (of a command, a message, a saved snapshot) shows in the warning as well.
+            let woke = tokio::select! {
+                cmd = self.commands.recv() => Woke::Command(cmd),
+                Some(m) = self.messages.recv() => Woke::Message(m),
+                Some(p) = self.persisted.recv() => Woke::Persisted(p),
+                Some((to, ok)) = reports.recv() => Woke::Report(to, ok),
+                Some((job, outcome)) = saved.recv() => Woke::Saved(job, outcome),
+                _ = ticker.tick() => Woke::Tick,
+            };
+            let started = std::time::Instant::now();
+            let event = woke.name();
+            let flow = match woke {
+                Woke::Command(Some(c)) => self.handle(c),
+                // The engine handle is gone: nobody can ask anything any more.
+                Woke::Command(None) => Flow::Stop(None),
+                Woke::Message(m) => {
                     self.inbound(m);
                     Flow::Continue
                 }
-                Some(p) = self.persisted.recv() => {
-                    event = "persisted";
-                    match self.core.persisted(p) {
-                        Ok(()) => Flow::Continue,
-                        Err(e) => Flow::Fail(e),
-                    }
-                }
-                Some((to, ok)) = reports.recv() => {
-                    event = "snapshot report";
+                Woke::Persisted(p) => match self.core.persisted(p) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => Flow::Fail(e),
+                },
+                Woke::Report(to, ok) => {
                     self.core.report_snapshot(to, ok);
                     Flow::Continue
                 }
-                Some((job, outcome)) = saved.recv() => {
-                    event = "snapshot saved";
+                Woke::Saved(job, outcome) => {
                     self.core.snapshot_saved(job, outcome);
                     Flow::Continue
                 }
-                _ = ticker.tick() => {
-                    event = "tick";
+                Woke::Tick => {
+                    let gap = last_tick.elapsed();
+                    last_tick = started;
+                    if gap > self.tick * 3 + SLOW_STEP {
+                        // A slow step (warned about below) or a runtime that did not run
+                        // this task: the election clock stood still, and heartbeats and
+                        // answers waited as long.
+                        tracing::warn!(
+                            id = self.status.borrow().id,
+                            gap_ms = gap.as_millis() as u64,
+                            "raft-rs driver ticked late"
+                        );
+                    }
                     self.core.tick();
                     ticks += 1;
                     if ticks.is_multiple_of(ADDRESS_BOOK_TICKS) {
@@ -178,12 +216,12 @@ impl Driver {
                     Flow::Continue
                 }
             };
-            let started = std::time::Instant::now();
+            let handled = started.elapsed();
             let flow = match flow {
                 Flow::Continue => self.drain(),
                 other => other,
             };
-            let drained = started.elapsed();
+            let drained = started.elapsed() - handled;
             let flow = match flow {
                 Flow::Continue => match self.cycles(&report_tx) {
                     Ok(()) => Flow::Continue,
@@ -195,6 +233,7 @@ impl Driver {
                 tracing::warn!(
                     id = self.status.borrow().id,
                     event,
+                    handle_ms = handled.as_millis() as u64,
                     drain_ms = drained.as_millis() as u64,
                     total_ms = started.elapsed().as_millis() as u64,
                     "slow raft-rs driver step: heartbeats wait for it"

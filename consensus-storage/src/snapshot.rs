@@ -375,7 +375,7 @@ impl SnapshotSink {
         Ok(SnapshotFile {
             inner: Arc::new(FileInner {
                 fs: self.fs.clone(),
-                handle,
+                handle: Some(handle),
                 meta: self.meta.clone(),
                 len,
                 crc,
@@ -420,7 +420,8 @@ impl Drop for SnapshotSink {
 
 struct FileInner {
     fs: Arc<dyn FileSystem>,
-    handle: Box<dyn FileHandle>,
+    /// Always set while the file is alive; taken by `drop` (see [`close_later`]).
+    handle: Option<Box<dyn FileHandle>>,
     meta: Bytes,
     len: u64,
     crc: u32,
@@ -431,12 +432,61 @@ struct FileInner {
 impl Drop for FileInner {
     /// A file never installed (a build overtaken by a newer snapshot, a received file the
     /// engine did not install) is removed with its last handle, not left to the next open.
+    /// The handle itself is closed on another thread ([`close_later`]).
     fn drop(&mut self) {
         if let Some(tmp) = self.pending.get_mut().take() {
             if let Err(e) = self.fs.remove_file(&tmp) {
                 tracing::debug!(file = %tmp.display(), "cannot remove an unused snapshot file: {e}");
             }
         }
+        if let Some(handle) = self.handle.take() {
+            close_later(handle);
+        }
+    }
+}
+
+impl FileInner {
+    fn handle(&self) -> io::Result<&dyn FileHandle> {
+        self.handle
+            .as_deref()
+            .ok_or_else(|| io::Error::other("the snapshot file is closed"))
+    }
+}
+
+/// Closes `handle` on the `file-closer` thread (started on first use; inline if it cannot be).
+///
+/// A replaced or removed snapshot file is already unlinked while a handle keeps it readable, so
+/// closing the last handle is what frees the file: its blocks and every page of it in the page
+/// cache go in that `close`. For a snapshot of 1 GiB that took 750-1200 ms on the bench
+/// machine, and raft-rs's driver, which drops the previous snapshot when it records a new one,
+/// sent no heartbeats meanwhile: the followers elected another leader, whose next snapshot did
+/// the same (the large-state bench voided every tikv run that way on a slow disk).
+pub(crate) fn close_later(handle: Box<dyn FileHandle>) {
+    use std::sync::mpsc::{channel, Sender};
+    type Closer = Mutex<Sender<Box<dyn FileHandle>>>;
+    static CLOSER: std::sync::OnceLock<Option<Closer>> = std::sync::OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = channel::<Box<dyn FileHandle>>();
+        let started = consensus_api::process::spawn_background("file-closer", move || {
+            for handle in rx {
+                drop(handle);
+            }
+        });
+        match started {
+            Ok(()) => Some(Mutex::new(tx)),
+            Err(e) => {
+                tracing::warn!("no file-closer thread ({e}): large files are closed inline");
+                None
+            }
+        }
+    });
+    match closer {
+        Some(tx) => {
+            if let Err(back) = tx.lock().send(handle) {
+                drop(back.0);
+            }
+        }
+        None => drop(handle),
     }
 }
 
@@ -500,7 +550,7 @@ impl SnapshotFile {
         Ok(Self {
             inner: Arc::new(FileInner {
                 fs,
-                handle,
+                handle: Some(handle),
                 meta: Bytes::from(meta),
                 len,
                 crc,
@@ -542,7 +592,7 @@ impl SnapshotFile {
 
     /// Reads raw file bytes at `offset` (header included): what a transfer sends.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.handle.read_at(buf, offset)
+        self.inner.handle()?.read_at(buf, offset)
     }
 
     /// A buffered reader over the state machine's bytes, from the first to the last.
@@ -602,7 +652,7 @@ impl Read for SnapshotReader {
             }
             let want = (left as usize).min(IO_BUF);
             self.buf.resize(want, 0);
-            let n = self.file.inner.handle.read_at(&mut self.buf, self.at)?;
+            let n = self.file.inner.handle()?.read_at(&mut self.buf, self.at)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
