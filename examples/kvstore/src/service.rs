@@ -131,19 +131,16 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The PEM material of node `id` (or, for a client, of the operator) as `tls` names it.
-fn pem(tls: &TlsConfig, id: Option<NodeId>) -> Result<consensus_tls::PemBytes, String> {
-    let paths = match (tls, id) {
-        (_, Some(id)) => consensus_tls::paths(tls, id)?,
-        (TlsConfig::DevCerts { dir }, None) => consensus_tls::dev::ensure_operator(dir)?,
-        (TlsConfig::Files { .. }, None) => consensus_tls::paths(tls, 0)?,
-        (other, None) => {
-            return Err(format!(
-                "the client API always uses mutual TLS; {other:?} gives it no certificates"
-            ))
-        }
-    };
-    consensus_tls::read_pem(&paths)
+/// The PEM files of a client of the API as `tls` names them: the development operator
+/// certificate (`DevCerts`) or those files (`Files`).
+fn client_paths(tls: &TlsConfig) -> Result<consensus_tls::DevPaths, String> {
+    match tls {
+        TlsConfig::DevCerts { dir } => consensus_tls::dev::ensure_operator(dir),
+        TlsConfig::Files { .. } => consensus_tls::paths(tls, 0),
+        other => Err(format!(
+            "the client API always uses mutual TLS; {other:?} gives it no certificates"
+        )),
+    }
 }
 
 /// A running client API server; dropping it stops it.
@@ -162,7 +159,8 @@ impl Server {
         listen: SocketAddr,
         tls: &TlsConfig,
     ) -> Result<Self, String> {
-        let consensus_tls::PemBytes { ca, cert, key } = pem(tls, Some(id))?;
+        let consensus_tls::PemBytes { ca, cert, key } =
+            consensus_tls::read_pem(&consensus_tls::paths(tls, id)?)?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("bind {listen}: {e}"))?;
@@ -229,15 +227,7 @@ impl Client {
         tls: &TlsConfig,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let paths = match tls {
-            TlsConfig::DevCerts { dir } => consensus_tls::dev::ensure_operator(dir)?,
-            TlsConfig::Files { .. } => consensus_tls::paths(tls, 0)?,
-            other => {
-                return Err(format!(
-                    "the client API always uses mutual TLS; {other:?} gives it no certificates"
-                ))
-            }
-        };
+        let paths = client_paths(tls)?;
         let material =
             consensus_tls::load_files(&paths.ca_cert, &paths.node_cert, &paths.node_key)?;
         let config = consensus_tls::client_config(&material, H2_ALPN)?;
