@@ -129,6 +129,7 @@ impl OpenraftEngine {
         let log_store = LogStore::new(log.clone(), config.max_command_bytes() as u64);
         // Opening the state machine restores it from the snapshot file (streamed, possibly
         // large: off the runtime); freshness is derived from it.
+        let preparing = state_machine.clone();
         let (sm_snapshots, sm) = (snapshots.clone(), state_machine);
         let (sm, snapshot_due) =
             tokio::task::spawn_blocking(move || StateMachineStore::open(sm, sm_snapshots))
@@ -139,6 +140,8 @@ impl OpenraftEngine {
         let fresh = log_store.is_fresh() && !sm.has_snapshot();
         let transfers = Transfers::default();
         let receiver = SnapshotReceiver::install(&snapshot_transport, snapshots, transfers.clone());
+        // A snapshot's file holds the state machine's bytes only: they go to it as they arrive.
+        receiver.restore_while_receiving(Arc::new(move |source| preparing.prepare_restore(source)));
         let sender = Arc::new(SnapshotSender::new(
             snapshot_transport,
             transfers.clone(),

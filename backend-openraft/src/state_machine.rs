@@ -9,8 +9,10 @@
 //!   the current one.
 //! - **Install.** A snapshot received from the leader arrives as a complete, checked file
 //!   (streamed in chunks by `consensus_storage::transfer`, see `network`). An older one is
-//!   refused; otherwise the file is installed in the store (durable) first, then the state
-//!   machine is restored from it ([`ByteStateMachine::restore_from`]) under the applied lock.
+//!   refused; otherwise the file is installed in the store (durable) first, then, under the
+//!   applied lock, the state machine takes the state it built aside while the file arrived
+//!   ([`ByteStateMachine::install_prepared`], see `consensus_storage::aside`) or, when there is
+//!   none, is restored from the file ([`ByteStateMachine::restore_from`]).
 //! - **Current.** The current snapshot is kept as its metadata and an open
 //!   [`SnapshotFile`](consensus_storage::SnapshotFile), which is what openraft hands the
 //!   network to send to a lagging follower; it stays readable after a newer snapshot replaces
@@ -286,13 +288,19 @@ impl RaftStateMachine<C> for StateMachineStore {
                 "refusing to install snapshot {meta}: its file holds snapshot {stored}"
             )));
         }
+        // The state built aside while the file arrived, if any (see consensus_storage::aside).
+        let prepared = snapshot.take_prepared();
         let file = self.adopt(snapshot).await?;
         // Durable first: a crash after restoring memory but before installing the file would
         // lose the state the log no longer has.
         self.replace(current, meta, &file).await?;
         let mut a = self.applied.lock().await;
         let sm = self.sm.clone();
-        blocking(move || sm.restore_from(&mut file.data()).map_err(io_err)).await?;
+        blocking(move || match prepared.and_then(|p| p.wait(&file)) {
+            Some(state) => sm.install_prepared(state).map_err(io_err),
+            None => sm.restore_from(&mut file.data()).map_err(io_err),
+        })
+        .await?;
         a.last_applied = meta.last_log_id;
         a.last_membership = meta.last_membership.clone();
         Ok(())

@@ -134,6 +134,7 @@ impl TikvEngine {
         config.validate()?;
         let id = config.id;
         let cfg = config.clone();
+        let preparing = state_machine.clone();
         let (core, persisted) = tokio::task::spawn_blocking(move || {
             let storage = DiskStorage::open_for(Some(cfg.id), &cfg.data_dir)
                 .map_err(|e| ConsensusError::Storage(e.to_string()))?;
@@ -149,6 +150,12 @@ impl TikvEngine {
             core.storage().snapshot_store(),
             transfers.clone(),
         );
+        // A snapshot's data is the address book, then the state machine's bytes: those go to
+        // it as they arrive.
+        receiver.restore_while_receiving(Arc::new(move |source| {
+            storage::SnapshotData::read_book(source)?;
+            preparing.prepare_restore(source)
+        }));
         let sender = Arc::new(SnapshotSender::new(
             snapshot_transport,
             transfers.clone(),

@@ -105,7 +105,9 @@ pub use engine::{
 pub use error::{ConsensusError, ErrorKind, TransportError};
 pub use layer::TransportLayer;
 pub use node::{members, Consensus};
-pub use state_machine::{serialized_view, ByteStateMachine, SnapshotView, StateMachine};
+pub use state_machine::{
+    serialized_view, ByteStateMachine, PreparedRestore, SnapshotView, StateMachine,
+};
 pub use transport::{InboundHandler, Transport, TransportFactory};
 pub use types::{
     NodeId, ReplicaProgress, Role, Status, TransferDirection, TransferProgress,

@@ -72,6 +72,58 @@ pub trait StateMachine: Send + Sync + 'static {
     fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
         None
     }
+
+    /// Builds, from a snapshot read from `source` to its end, the state it describes **aside**:
+    /// without looking at or changing the live state. `Ok(Some(state))` is installed later with
+    /// [`install_restored`](Self::install_restored); `Ok(None)` (the default) says this state
+    /// machine does not build aside, and the node restores with
+    /// [`restore_from`](Self::restore_from) when it installs the snapshot.
+    ///
+    /// The node calls it on a thread of its own while a snapshot sent by the leader is still
+    /// arriving (`source` follows the file as its chunks land, so the restore overlaps the
+    /// copy), while applies and reads of the live state go on. Obligations: from the same bytes
+    /// it must build exactly the state `restore_from` would; it must read `source` to its end;
+    /// an error from `source` (the transfer was abandoned) must be returned, not worked around.
+    /// The node installs the result only if the snapshot arrived whole, its checksum holds over
+    /// exactly the bytes read here, and the engine installs that snapshot; otherwise it drops it.
+    fn restore_aside(source: &mut dyn Read) -> Result<Option<Self>, String>
+    where
+        Self: Sized,
+    {
+        let _ = source;
+        Ok(None)
+    }
+
+    /// Replaces the whole state with one [`restore_aside`](Self::restore_aside) built, when the
+    /// engine installs its snapshot (between applies). The default assigns it.
+    fn install_restored(&mut self, restored: Self)
+    where
+        Self: Sized,
+    {
+        *self = restored;
+    }
+}
+
+/// A state built aside from a snapshot ([`ByteStateMachine::prepare_restore`]), waiting to be
+/// installed by the state machine that built it ([`ByteStateMachine::install_prepared`]).
+pub struct PreparedRestore(Box<dyn std::any::Any + Send>);
+
+impl PreparedRestore {
+    /// Wraps a state built aside.
+    pub fn new<T: Send + 'static>(state: T) -> Self {
+        Self(Box::new(state))
+    }
+
+    /// The state, if it is a `T`.
+    pub fn downcast<T: 'static>(self) -> Result<T, Self> {
+        self.0.downcast::<T>().map(|b| *b).map_err(Self)
+    }
+}
+
+impl std::fmt::Debug for PreparedRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreparedRestore")
+    }
 }
 
 /// A point-in-time view of a state machine's state ([`StateMachine::snapshot_view`]).
@@ -116,6 +168,23 @@ pub trait ByteStateMachine: Send + Sync + 'static {
             .read_to_end(&mut bytes)
             .map_err(|e| ConsensusError::Storage(format!("reading the snapshot: {e}")))?;
         self.restore(&bytes)
+    }
+    /// Builds the state of a snapshot read from `source` to its end aside, without taking the
+    /// live state's lock (see [`StateMachine::restore_aside`], whose obligations hold here):
+    /// `Ok(None)` when the state machine does not build aside. The default does not.
+    fn prepare_restore(
+        &self,
+        source: &mut dyn Read,
+    ) -> Result<Option<PreparedRestore>, ConsensusError> {
+        let _ = source;
+        Ok(None)
+    }
+    /// Replaces the whole state with what [`prepare_restore`](Self::prepare_restore) built.
+    fn install_prepared(&self, prepared: PreparedRestore) -> Result<(), ConsensusError> {
+        let _ = prepared;
+        Err(ConsensusError::Internal(
+            "this state machine builds no state aside".into(),
+        ))
     }
 }
 
@@ -206,6 +275,23 @@ impl<SM: StateMachine> ByteStateMachine for Shared<SM> {
             .write()
             .restore_from(source)
             .map_err(|e| ConsensusError::Storage(format!("state machine restore failed: {e}")))
+    }
+
+    fn prepare_restore(
+        &self,
+        source: &mut dyn Read,
+    ) -> Result<Option<PreparedRestore>, ConsensusError> {
+        SM::restore_aside(source)
+            .map(|built| built.map(PreparedRestore::new))
+            .map_err(|e| ConsensusError::Storage(format!("state machine restore failed: {e}")))
+    }
+
+    fn install_prepared(&self, prepared: PreparedRestore) -> Result<(), ConsensusError> {
+        let state = prepared.downcast::<SM>().map_err(|_| {
+            ConsensusError::Internal("a state built aside by another state machine".into())
+        })?;
+        self.0.write().install_restored(state);
+        Ok(())
     }
 }
 

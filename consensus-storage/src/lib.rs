@@ -20,6 +20,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod aside;
 mod file;
 pub mod fs;
 #[doc(hidden)]

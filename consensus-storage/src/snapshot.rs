@@ -19,17 +19,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::aside::PendingRestore;
 use crate::file::{sync_dir, write_atomic_parts};
 use crate::fs::{FileHandle, FileSystem, OpenMode};
 use crate::log::DirLock;
 use crate::metrics::StorageMetrics;
 use crate::{Result, StorageError};
 
-const MAGIC: &[u8; 8] = b"CSNAP001";
+pub(crate) const MAGIC: &[u8; 8] = b"CSNAP001";
 const FILE: &str = "snapshot.bin";
-const HEADER: usize = 16;
+pub(crate) const HEADER: usize = 16;
 /// Size of the buffered writes and reads of a snapshot file.
-const IO_BUF: usize = 256 << 10;
+pub(crate) const IO_BUF: usize = 256 << 10;
 /// A snapshot file being written (built here or received from a leader) is synced every this
 /// many bytes, so the disk never holds more of it unwritten. Without it the whole file sits in
 /// the page cache until the final fsync, which then flushes it all at once, and every log
@@ -380,6 +381,7 @@ impl SnapshotSink {
                 len,
                 crc,
                 pending: Mutex::new(Some(path)),
+                prepared: Mutex::new(None),
             }),
         })
     }
@@ -427,6 +429,8 @@ struct FileInner {
     crc: u32,
     /// The temporary path while not yet installed.
     pending: Mutex<Option<PathBuf>>,
+    /// A received file's state, built aside while it arrived ([`crate::aside`]).
+    prepared: Mutex<Option<PendingRestore>>,
 }
 
 impl Drop for FileInner {
@@ -555,6 +559,7 @@ impl SnapshotFile {
                 len,
                 crc,
                 pending: Mutex::new(pending),
+                prepared: Mutex::new(None),
             }),
         })
     }
@@ -603,6 +608,18 @@ impl SnapshotFile {
             buf: Vec::new(),
             pos: 0,
         }
+    }
+
+    /// The state built aside while this file was received ([`crate::aside`]), if any; taken
+    /// once. An engine installing the file takes it and restores from the file only when
+    /// [`PendingRestore::wait`] gives nothing.
+    pub fn take_prepared(&self) -> Option<PendingRestore> {
+        self.inner.prepared.lock().take()
+    }
+
+    /// Attaches the state being built aside from this (received) file.
+    pub(crate) fn attach_prepared(&self, pending: PendingRestore) {
+        *self.inner.prepared.lock() = Some(pending);
     }
 
     /// The state machine's bytes in one buffer (small states, tests).

@@ -38,6 +38,7 @@ use consensus_api::{
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 
+use crate::aside::{Follower, Preparer};
 use crate::fs::{FileHandle, OpenMode};
 use crate::snapshot::SnapshotFile;
 use crate::SnapshotStore;
@@ -409,6 +410,8 @@ struct Incoming {
     /// Bytes written since the file was last synced (see `snapshot::WRITE_BEHIND`).
     unsynced: u64,
     writeback: Arc<Writeback>,
+    /// The state being built aside from the chunks written so far ([`crate::aside`]).
+    restore: Option<Follower>,
 }
 
 /// The write-behind syncs of a file being received (see `snapshot::WRITE_BEHIND`): they run
@@ -469,6 +472,8 @@ pub struct SnapshotReceiver {
     store: SnapshotStore,
     transfers: Transfers,
     state: Mutex<ReceiverState>,
+    /// Builds the state of an arriving file aside ([`SnapshotReceiver::restore_while_receiving`]).
+    preparer: Mutex<Option<Preparer>>,
 }
 
 impl SnapshotReceiver {
@@ -482,9 +487,17 @@ impl SnapshotReceiver {
             store,
             transfers,
             state: Mutex::new(ReceiverState::default()),
+            preparer: Mutex::new(None),
         });
         transport.set_handler(r.clone());
         r
+    }
+
+    /// From now on, every new incoming transfer also starts building its state aside with
+    /// `preparer`, reading the file as it arrives ([`crate::aside`]); the checked file then
+    /// carries it ([`SnapshotFile::take_prepared`]).
+    pub fn restore_while_receiving(&self, preparer: Preparer) {
+        *self.preparer.lock() = Some(preparer);
     }
 
     /// The complete, checked file `from` sent under `ticket`, if it is here; it is then no
@@ -559,6 +572,9 @@ impl SnapshotReceiver {
             .into();
         let have = Bitmap::new(count);
         let bits = Bytes::from(have.bits.clone());
+        let restore = self.preparer.lock().clone().and_then(|preparer| {
+            Follower::start(preparer, handle.clone(), len, chunk, |i| have.get(i))
+        });
         st.incoming.insert(
             from,
             Incoming {
@@ -572,6 +588,7 @@ impl SnapshotReceiver {
                 last: Instant::now(),
                 unsynced: 0,
                 writeback: Writeback::new(),
+                restore,
             },
         );
         drop(st);
@@ -648,6 +665,9 @@ impl SnapshotReceiver {
         if let Some(inc) = st.incoming.get_mut(&from).filter(|i| i.id == id) {
             inc.have.set(index);
             inc.last = Instant::now();
+            if let Some(restore) = &inc.restore {
+                restore.arrived(|i| inc.have.get(i));
+            }
             drop(st);
             self.transfers
                 .advance(from, TransferDirection::Receiving, n);
@@ -677,9 +697,10 @@ impl SnapshotReceiver {
                 _ => return Err(format!("no snapshot transfer {id:x} from node {from}")),
             }
         };
-        let Some(inc) = inc else {
+        let Some(mut inc) = inc else {
             return Err("transfer vanished".into());
         };
+        let restore = inc.restore.take();
         let fs = self.store.fs().clone();
         let (path, len, crc) = (inc.path.clone(), inc.len, inc.crc);
         let received = inc.path.clone();
@@ -709,6 +730,9 @@ impl SnapshotReceiver {
         .map_err(|e| e.to_string())?;
         match checked {
             Ok(file) => {
+                if let Some(restore) = restore {
+                    file.attach_prepared(restore.into_pending());
+                }
                 self.transfers.end(from, TransferDirection::Receiving, None);
                 tracing::info!(from, bytes = len, "snapshot file received and checked");
                 self.state.lock().ready.insert(from, (id, file));
@@ -835,6 +859,27 @@ mod tests {
 
     const CHUNK_BYTES: usize = 64 << 10;
 
+    /// Builds the state aside as the bytes themselves.
+    fn keep_bytes(receiver: &SnapshotReceiver) {
+        receiver.restore_while_receiving(Arc::new(|source: &mut dyn std::io::Read| {
+            let mut got = Vec::new();
+            source
+                .read_to_end(&mut got)
+                .map_err(|e| consensus_api::ConsensusError::Storage(e.to_string()))?;
+            Ok(Some(consensus_api::PreparedRestore::new(got)))
+        }));
+    }
+
+    /// The state `file` carries, built while it arrived (waited for off the runtime).
+    async fn built_aside(file: &SnapshotFile) -> Option<Vec<u8>> {
+        let pending = file.take_prepared()?;
+        let file = file.clone();
+        let state = tokio::task::spawn_blocking(move || pending.wait(&file))
+            .await
+            .expect("wait")?;
+        Some(state.downcast::<Vec<u8>>().expect("bytes"))
+    }
+
     fn pair(
         link: &Arc<Link>,
         receiving: &Side,
@@ -853,9 +898,13 @@ mod tests {
         let (file, data) = snapshot(&a, 3 * CHUNK_BYTES * WINDOW + 12_345);
         let link = Link::new(|_, _| None);
         let (sender, receiver, sent, got) = pair(&link, &b);
+        keep_bytes(&receiver);
         let ticket = sender.send(2, &file).await.expect("sent");
         let received = receiver.take(1, &ticket).expect("the file is there");
         assert!(receiver.take(1, &ticket).is_none(), "taken once");
+        // The state was built while the chunks (a window at a time, in any order) arrived.
+        assert_eq!(built_aside(&received).await.as_ref(), Some(&data));
+        assert!(received.take_prepared().is_none(), "taken once");
         assert!(!received.is_installed());
         assert!(
             b.store.current().expect("current").is_none(),
@@ -900,6 +949,7 @@ mod tests {
         let c = side(&fs, "/t2/c");
         let dying = Link::new(|n, _| (n >= 8).then_some(TransportError::Timeout(Duration::ZERO)));
         let (sender, receiver, _, got) = pair(&dying, &c);
+        keep_bytes(&receiver);
         let err = sender.send(2, &file).await.expect_err("the link died");
         assert!(err.contains("not delivered"), "{err}");
         assert!(got.list()[0].bytes > 0 && !got.list()[0].done);
@@ -915,6 +965,8 @@ mod tests {
         assert!(s.bytes < file.len(), "only the rest was sent: {s:?}");
         let got = receiver.take(1, &ticket).expect("complete");
         assert_eq!(got.read_data().expect("data"), data);
+        // The build followed the transfer across the interruption.
+        assert_eq!(built_aside(&got).await.as_ref(), Some(&data));
     }
 
     #[tokio::test]
@@ -959,6 +1011,7 @@ mod tests {
             None
         });
         let (sender, receiver, _, got) = pair(&corrupting, &b);
+        keep_bytes(&receiver);
         let err = sender.send(2, &file).await.expect_err("damage is caught");
         assert!(err.contains("damaged") || err.contains("checksum"), "{err}");
         assert!(got.list()[0].error.is_some());
@@ -972,6 +1025,7 @@ mod tests {
         let ticket = sender.send(2, &file).await.expect("second attempt");
         let f = receiver.take(1, &ticket).expect("complete");
         assert_eq!(f.read_data().expect("data"), data);
+        assert_eq!(built_aside(&f).await.as_ref(), Some(&data));
     }
 
     #[tokio::test]

@@ -314,6 +314,11 @@ impl StateMachine for KvMachine {
         Ok(())
     }
 
+    /// Built while the snapshot arrives (so the conformance runs install states built aside).
+    fn restore_aside(source: &mut dyn Read) -> Result<Option<Self>, String> {
+        read_snapshot(source).map(Some)
+    }
+
     fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
         Some(Box::new(KvView {
             header: self.header(),
@@ -520,6 +525,9 @@ impl StateMachine for BatchedKv {
     }
     fn restore_from(&mut self, source: &mut dyn Read) -> Result<(), String> {
         self.0.restore_from(source)
+    }
+    fn restore_aside(source: &mut dyn Read) -> Result<Option<Self>, String> {
+        KvMachine::restore_aside(source).map(|built| built.map(BatchedKv))
     }
     fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
         self.0.snapshot_view()

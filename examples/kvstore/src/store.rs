@@ -184,6 +184,17 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A store holding what a snapshot (read to its end) holds.
+    fn built_from(source: &mut dyn Read) -> Result<Self, String> {
+        let mut fresh = Store::default();
+        records::read(source, |key, value| {
+            fresh.put(key, value);
+        })?;
+        Ok(fresh)
+    }
+}
+
 impl StateMachine for Store {
     type Command = Command;
     /// The previous value of the key.
@@ -227,12 +238,14 @@ impl StateMachine for Store {
     /// Builds the new state aside and replaces the old one only once the whole snapshot has
     /// been read and checked: a damaged snapshot leaves the store as it was.
     fn restore_from(&mut self, source: &mut dyn Read) -> Result<(), String> {
-        let mut fresh = Store::default();
-        records::read(source, |key, value| {
-            fresh.put(key, value);
-        })?;
-        *self = fresh;
+        *self = Self::built_from(source)?;
         Ok(())
+    }
+
+    /// The store needs nothing of the live state to read a snapshot: a learner's state is built
+    /// while the snapshot arrives.
+    fn restore_aside(source: &mut dyn Read) -> Result<Option<Self>, String> {
+        Self::built_from(source).map(Some)
     }
 
     fn snapshot_view(&self) -> Option<Box<dyn SnapshotView>> {
