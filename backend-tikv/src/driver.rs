@@ -416,16 +416,35 @@ impl Driver {
             .snapshot_file()
             .filter(|_| self.core.storage().snapshot_position().0 == index)
             .cloned();
-        let Some(file) = file else {
-            tracing::warn!(to, index, "no snapshot file for a snapshot message");
-            let _ = reports.send((to, false));
-            return;
+        // The stored snapshot's file, or a view captured for this peer (streamed, no file).
+        let source = match file {
+            Some(file) => Ok(file),
+            None => match self.core.storage().take_streamable(index) {
+                Some(s) => Err(s),
+                None => {
+                    tracing::warn!(to, index, "no snapshot file for a snapshot message");
+                    let _ = reports.send((to, false));
+                    return;
+                }
+            },
         };
         let (transport, sender) = (self.transport.clone(), self.snapshots.clone());
         let (reports, timeout) = (reports.clone(), self.snapshot_timeout);
         tokio::spawn(async move {
             let outcome = async {
-                let ticket = sender.send(to, &file).await?;
+                let ticket = match source {
+                    Ok(file) => sender.send(to, &file).await?,
+                    Err(s) => {
+                        let meta = s
+                            .snapshot
+                            .get_metadata()
+                            .write_to_bytes()
+                            .map_err(|e| e.to_string())?;
+                        sender
+                            .send_stream(to, Bytes::from(meta), Box::new(move |w| s.write(w)))
+                            .await?
+                    }
+                };
                 msg.mut_snapshot().data = Bytes::from(ticket.encode());
                 let frame = raft_frame(&msg).map_err(|e| e.to_string())?;
                 transport

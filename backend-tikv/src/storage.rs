@@ -173,6 +173,28 @@ pub(crate) struct DiskStorage {
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken
     /// before the receiving node joined): the core takes a fresh one and raft-rs asks again.
     wanted: AtomicBool,
+    /// A snapshot captured for a peer the stored one cannot serve, streamed to it from memory
+    /// (no file written here): raft-rs is given its metadata, the driver takes it to send.
+    streamable: Mutex<Option<Streamable>>,
+}
+
+/// A snapshot to stream to a peer from a point-in-time view of the state
+/// ([`DiskStorage::set_streamable`]).
+pub(crate) struct Streamable {
+    /// Metadata only (index, term, configuration).
+    pub(crate) snapshot: Snapshot,
+    /// The address book at the capture.
+    pub(crate) book: BTreeMap<NodeId, String>,
+    /// The state at the capture.
+    pub(crate) view: Box<dyn SnapshotView>,
+}
+
+impl Streamable {
+    /// Writes the snapshot's data (the address book, then the state), as a file would hold it.
+    pub(crate) fn write(self, sink: &mut dyn Write) -> Result<(), String> {
+        SnapshotData::write_book(sink, &self.book).map_err(|e| e.to_string())?;
+        self.view.write_to(sink)
+    }
 }
 
 impl DiskStorage {
@@ -212,6 +234,7 @@ impl DiskStorage {
             snapshot,
             file,
             wanted: AtomicBool::new(false),
+            streamable: Mutex::new(None),
         };
         me.reconcile()?;
         Ok(me)
@@ -451,6 +474,28 @@ impl DiskStorage {
         self.log.on_durable(done).map_err(disk)
     }
 
+    /// Offers `s` to raft-rs for peers the stored snapshot cannot serve (replacing an older
+    /// one not yet sent).
+    pub(crate) fn set_streamable(&self, s: Streamable) {
+        *self.streamable.lock() = Some(s);
+    }
+
+    /// The snapshot to stream whose metadata raft-rs sent at `index`; taken once (the next
+    /// peer that needs one gets a fresh capture).
+    pub(crate) fn take_streamable(&self, index: u64) -> Option<Streamable> {
+        let mut slot = self.streamable.lock();
+        if slot.as_ref()?.snapshot.get_metadata().index == index {
+            slot.take()
+        } else {
+            None
+        }
+    }
+
+    /// Drops a snapshot offered for streaming and never sent (its view keeps old state alive).
+    pub(crate) fn drop_streamable(&self) {
+        self.streamable.lock().take();
+    }
+
     /// Whether raft-rs asked for a fresher snapshot since the last call.
     pub(crate) fn take_snapshot_request(&self) -> bool {
         self.wanted.swap(false, Ordering::SeqCst)
@@ -536,25 +581,37 @@ impl Storage for DiskStorage {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let meta = self.snapshot.get_metadata();
-        let cs = meta.get_conf_state();
-        let names_to = [
-            &cs.voters,
-            &cs.learners,
-            &cs.voters_outgoing,
-            &cs.learners_next,
-        ]
-        .iter()
-        .any(|ids| ids.contains(&to));
         // raft-rs refuses to restore a snapshot whose configuration does not name it.
-        if meta.index < request_index || !names_to {
-            self.wanted.store(true, Ordering::SeqCst);
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+        let serves = |s: &Snapshot| {
+            let meta = s.get_metadata();
+            let cs = meta.get_conf_state();
+            meta.index >= request_index
+                && [
+                    &cs.voters,
+                    &cs.learners,
+                    &cs.voters_outgoing,
+                    &cs.learners_next,
+                ]
+                .iter()
+                .any(|ids| ids.contains(&to))
+        };
+        // Metadata only: the driver streams the file (or the captured view) and puts the
+        // transfer's ticket here.
+        if serves(&self.snapshot) {
+            return Ok(self.snapshot.clone());
         }
-        // Metadata only: the driver streams the file and puts the transfer's ticket here.
-        Ok(self.snapshot.clone())
+        if let Some(s) = self
+            .streamable
+            .lock()
+            .as_ref()
+            .filter(|s| serves(&s.snapshot))
+        {
+            return Ok(s.snapshot.clone());
+        }
+        self.wanted.store(true, Ordering::SeqCst);
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 

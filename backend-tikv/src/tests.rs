@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use consensus_api::{codec, ByteStateMachine, ConsensusError, ErrorKind, NodeConfig, NodeId};
 use parking_lot::Mutex;
+use protobuf::Message as _;
 use raft::eraftpb::{ConfState, MessageType};
 use raft::Storage as _;
 use tokio::sync::oneshot;
@@ -139,19 +140,36 @@ impl Net {
                     continue;
                 }
                 let (to, snapshot) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
-                // What the transfer would deliver: a copy of the sender's snapshot file.
-                let file = if snapshot {
-                    self.nodes
-                        .get(&from)
-                        .and_then(|n| n.core.storage().snapshot_file().cloned())
+                // What the transfer would deliver: a copy of the sender's snapshot file, or
+                // the file a stream of a view captured for this peer makes.
+                let sent = if snapshot {
+                    let index = m.get_snapshot().get_metadata().index;
+                    self.nodes.get(&from).and_then(|n| {
+                        let st = n.core.storage();
+                        match st.snapshot_file() {
+                            Some(f) if st.snapshot_position().0 == index => Some(Ok(f.clone())),
+                            _ => st.take_streamable(index).map(Err),
+                        }
+                    })
                 } else {
                     None
                 };
                 if let Some(n) = self.nodes.get_mut(&to) {
-                    match file {
-                        Some(f) => {
+                    match sent {
+                        Some(Ok(f)) => {
                             let copy = n.core.storage().import(&f).expect("copy the snapshot");
                             n.core.step_snapshot(m, copy);
+                        }
+                        Some(Err(stream)) => {
+                            let meta = stream
+                                .snapshot
+                                .get_metadata()
+                                .write_to_bytes()
+                                .expect("metadata");
+                            let store = n.core.storage().snapshot_store();
+                            let mut sink = store.create(&meta).expect("create");
+                            stream.write(&mut sink).expect("stream");
+                            n.core.step_snapshot(m, sink.seal().expect("seal"));
                         }
                         None => n.core.step(m),
                     }

@@ -41,7 +41,8 @@ pub struct TransferProgress {
     pub peer: NodeId,
     /// Sending or receiving.
     pub direction: TransferDirection,
-    /// Size of the snapshot file in bytes.
+    /// Size of the snapshot file in bytes (0 while a snapshot streamed as it is written is
+    /// still running: its size is known at its end).
     pub total_bytes: u64,
     /// Bytes acknowledged (sending) or written (receiving) so far in this transfer.
     pub bytes: u64,

@@ -35,14 +35,31 @@ struct Progress {
     available: u64,
     /// The first chunk not yet counted in `available`.
     next_chunk: u64,
+    /// The file's length: known from the start for a file, at its end for a stream.
+    len: Option<u64>,
     cancelled: bool,
+}
+
+impl Progress {
+    /// Counts the chunks written so far (`have`) into `available`; whether it moved.
+    fn count(&mut self, chunk: u64, have: impl Fn(u64) -> bool) -> bool {
+        let before = self.available;
+        let end = self.len.unwrap_or(u64::MAX);
+        while self.next_chunk.saturating_mul(chunk) < end && have(self.next_chunk) {
+            self.next_chunk += 1;
+        }
+        self.available = self.next_chunk.saturating_mul(chunk).min(end);
+        self.available != before
+    }
 }
 
 struct Feed {
     progress: Mutex<Progress>,
     moved: Condvar,
-    len: u64,
     chunk: u64,
+    /// A stream's metadata length (its header is written only at its end); `None` for a file,
+    /// whose header is read.
+    meta_len: Option<u64>,
 }
 
 impl Feed {
@@ -77,13 +94,16 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
-    /// Starts a thread building the state of the file being received into `handle` (`len`
-    /// bytes in chunks of `chunk`; `have` says which are already written). `None` when no
-    /// thread can be started (the engine then restores from the file).
+    /// Starts a thread building the state of the file being received into `handle`, in chunks
+    /// of `chunk`: a file of `len` bytes (`Some`; `have` says which chunks are already
+    /// written), or a stream (`len` and `have` come with [`arrived`](Self::arrived) and
+    /// [`ended`](Self::ended); its header is written last, so `meta_len` gives the metadata's
+    /// length). `None` when no thread can be started (the engine then restores from the file).
     pub(crate) fn start(
         preparer: Preparer,
         handle: Arc<dyn FileHandle>,
-        len: u64,
+        len: Option<u64>,
+        meta_len: Option<u64>,
         chunk: u64,
         have: impl Fn(u64) -> bool,
     ) -> Option<Self> {
@@ -91,11 +111,12 @@ impl Follower {
             progress: Mutex::new(Progress {
                 available: 0,
                 next_chunk: 0,
+                len,
                 cancelled: false,
             }),
             moved: Condvar::new(),
-            len,
             chunk: chunk.max(1),
+            meta_len,
         });
         let outcome = Arc::new(Outcome::default());
         let follower = Self {
@@ -125,18 +146,22 @@ impl Follower {
         }
     }
 
-    /// Counts the chunks written so far (`have`) into what the thread may read.
+    /// Counts the chunks written so far (`have`) into what the thread may read. Of a stream,
+    /// pass only whole chunks until it [`ended`](Self::ended).
     pub(crate) fn arrived(&self, have: impl Fn(u64) -> bool) {
-        let mut p = self.feed.progress.lock();
-        let before = p.next_chunk;
-        while p.next_chunk * self.feed.chunk < self.feed.len && have(p.next_chunk) {
-            p.next_chunk += 1;
-        }
-        if p.next_chunk != before {
-            p.available = (p.next_chunk * self.feed.chunk).min(self.feed.len);
-            drop(p);
+        let moved = self.feed.progress.lock().count(self.feed.chunk, have);
+        if moved {
             self.feed.moved.notify_all();
         }
+    }
+
+    /// A stream ended at `len` bytes, every chunk written (`have`).
+    pub(crate) fn ended(&self, len: u64, have: impl Fn(u64) -> bool) {
+        let mut p = self.feed.progress.lock();
+        p.len = Some(len);
+        p.count(self.feed.chunk, have);
+        drop(p);
+        self.feed.moved.notify_all();
     }
 
     /// The restore, to travel with the file once it is complete and checked.
@@ -189,7 +214,7 @@ impl PendingRestore {
                 state: Some(state),
                 crc,
                 whole: true,
-            }) if crc == file.checksum() && self.feed.len == file.len() => {
+            }) if crc == file.checksum() && self.feed.progress.lock().len == Some(file.len()) => {
                 tracing::info!(
                     bytes = file.len(),
                     "installing the state built while the snapshot arrived"
@@ -227,7 +252,7 @@ struct TailReader {
 
 impl Read for TailReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.at >= self.feed.len || buf.is_empty() {
+        if buf.is_empty() {
             return Ok(0);
         }
         let available = {
@@ -235,6 +260,9 @@ impl Read for TailReader {
             loop {
                 if p.cancelled {
                     return Err(io::Error::other("the snapshot transfer was abandoned"));
+                }
+                if p.len.is_some_and(|len| self.at >= len) {
+                    return Ok(0);
                 }
                 if p.available > self.at {
                     break p.available;
@@ -263,7 +291,7 @@ fn build(
     feed: Arc<Feed>,
     handle: Arc<dyn FileHandle>,
 ) -> Result<Built, String> {
-    let len = feed.len;
+    let announced = feed.meta_len;
     let mut raw = TailReader {
         feed,
         handle,
@@ -273,22 +301,25 @@ fn build(
     let io = |e: io::Error| format!("reading the arriving snapshot: {e}");
     let mut head = [0u8; HEADER];
     raw.read_exact(&mut head).map_err(io)?;
-    if &head[..8] != MAGIC {
-        return Err("not a snapshot file (bad magic)".into());
-    }
-    let meta_len = u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]]));
-    if HEADER as u64 + meta_len > len {
+    // A stream's header is zeros until its end: its metadata length came with its start.
+    let meta_len = match announced {
+        Some(n) => n,
+        None if &head[..8] != MAGIC => return Err("not a snapshot file (bad magic)".into()),
+        None => u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+    };
+    let skipped = io::copy(&mut (&mut raw).take(meta_len), &mut io::sink()).map_err(io)?;
+    if skipped != meta_len {
         return Err("metadata length runs past the end".into());
     }
-    io::copy(&mut (&mut raw).take(meta_len), &mut io::sink()).map_err(io)?;
     let mut source = BufReader::with_capacity(IO_BUF, &mut raw);
     let state = preparer(&mut source).map_err(|e| e.to_string())?;
     // Whatever the state machine left unread counts against it.
     let consumed = state.is_none() || source.fill_buf().map_err(io)?.is_empty();
     drop(source);
+    let len = raw.feed.progress.lock().len;
     Ok(Built {
         state,
-        whole: consumed && raw.at == len,
+        whole: consumed && Some(raw.at) == len,
         crc: raw.hasher.finalize(),
     })
 }
@@ -394,7 +425,8 @@ mod tests {
         let f = Follower::start(
             keeping(None),
             r.handle.clone(),
-            raw.len() as u64,
+            Some(raw.len() as u64),
+            None,
             CHUNK,
             |_| false,
         )
@@ -417,7 +449,8 @@ mod tests {
         let f = Follower::start(
             keeping(None),
             r.handle.clone(),
-            raw.len() as u64,
+            Some(raw.len() as u64),
+            None,
             CHUNK,
             |_| false,
         )
@@ -444,7 +477,8 @@ mod tests {
         let f = Follower::start(
             keeping(Some(100)),
             r.handle.clone(),
-            raw.len() as u64,
+            Some(raw.len() as u64),
+            None,
             CHUNK,
             |_| false,
         )
@@ -464,7 +498,8 @@ mod tests {
         let f = Follower::start(
             keeping(None),
             r.handle.clone(),
-            raw.len() as u64,
+            Some(raw.len() as u64),
+            None,
             CHUNK,
             |_| false,
         )

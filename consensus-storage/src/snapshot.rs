@@ -261,7 +261,7 @@ impl SnapshotStore {
     }
 }
 
-fn header(meta_len: usize, crc: u32) -> Result<[u8; HEADER]> {
+pub(crate) fn header(meta_len: usize, crc: u32) -> Result<[u8; HEADER]> {
     let meta_len = u32::try_from(meta_len)
         .map_err(|_| StorageError::Invalid("snapshot metadata over 4 GiB".into()))?;
     let mut h = [0u8; HEADER];

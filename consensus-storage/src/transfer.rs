@@ -56,6 +56,14 @@ const MAX_FILE: u64 = 1 << 46;
 const BEGIN: u8 = 1;
 const CHUNK: u8 = 2;
 const FINISH: u8 = 3;
+const BEGIN_STREAM: u8 = 4;
+/// A snapshot file's header length.
+const HEADER_LEN: u64 = crate::snapshot::HEADER as u64;
+const FINISH_STREAM: u8 = 5;
+
+/// Writes a snapshot's state bytes (what [`SnapshotFile::data`] of the file would hold) into
+/// the sink it is given: the source of [`SnapshotSender::send_stream`].
+pub type StreamWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<(), String> + Send>;
 
 /// What a completed transfer is known by: the engine's snapshot message carries it, and the
 /// receiver gives the file back for it ([`SnapshotReceiver::take`]).
@@ -119,6 +127,13 @@ impl Transfers {
     fn resumed(&self, peer: NodeId, d: TransferDirection, bytes: u64) {
         if let Some((p, _)) = self.inner.lock().get_mut(&key(peer, d)) {
             p.resumed_bytes = bytes;
+        }
+    }
+
+    /// A stream's size, known at its end.
+    fn sized(&self, peer: NodeId, d: TransferDirection, total: u64) {
+        if let Some((p, _)) = self.inner.lock().get_mut(&key(peer, d)) {
+            p.total_bytes = total;
         }
     }
 
@@ -228,6 +243,111 @@ impl SnapshotSender {
         outcome.map(|()| ticket)
     }
 
+    /// Streams a snapshot to `to` while it is written, with no file on this side: `meta` (the
+    /// engine's metadata) then what `write` writes, on a blocking thread, in chunks as they
+    /// fill (at most [`WINDOW`] in flight and as many queued, so memory stays bounded). The
+    /// receiver gets a snapshot file like any other, checked the same way; the ticket names
+    /// it. No resume: a failed stream is started over by the engine's next attempt.
+    pub async fn send_stream(
+        &self,
+        to: NodeId,
+        meta: Bytes,
+        write: StreamWriter,
+    ) -> Result<Ticket, String> {
+        if !self.busy.lock().insert(to) {
+            return Err(format!(
+                "a snapshot transfer to node {to} is already running"
+            ));
+        }
+        let _busy = Busy(self, to);
+        let outcome = self.run_stream(to, meta, write).await;
+        self.transfers.end(
+            to,
+            TransferDirection::Sending,
+            outcome.as_ref().err().cloned(),
+        );
+        match &outcome {
+            Ok(t) => tracing::info!(to, bytes = t.len, "snapshot streamed"),
+            Err(e) => tracing::warn!(to, "snapshot stream failed: {e}"),
+        }
+        outcome
+    }
+
+    async fn run_stream(
+        &self,
+        to: NodeId,
+        meta: Bytes,
+        write: StreamWriter,
+    ) -> Result<Ticket, String> {
+        let id: u64 = rand::random();
+        let meta_len = u32::try_from(meta.len()).map_err(|_| "metadata over 4 GiB".to_string())?;
+        let mut begin = BytesMut::with_capacity(17);
+        begin.put_u8(BEGIN_STREAM);
+        begin.put_u64_le(id);
+        begin.put_u32_le(self.chunk as u32);
+        begin.put_u32_le(meta_len);
+        self.transfers.start(to, TransferDirection::Sending, 0, 0);
+        self.call(to, begin.freeze())
+            .await
+            .map_err(|e| format!("starting the stream: {e}"))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WINDOW);
+        let chunk = self.chunk;
+        let producer = tokio::task::spawn_blocking(move || -> Result<(u64, u32), String> {
+            let mut sink = ChunkSink::new(id, chunk, tx);
+            sink.push(&[0; crate::snapshot::HEADER], false)
+                .and_then(|()| sink.push(&meta, true))
+                .map_err(|e| e.to_string())?;
+            write(&mut sink).map_err(|e| format!("writing the snapshot: {e}"))?;
+            sink.finish().map_err(|e| e.to_string())
+        });
+        let mut inflight: JoinSet<Result<u64, String>> = JoinSet::new();
+        let mut open = true;
+        loop {
+            let done = if open && inflight.len() < WINDOW {
+                tokio::select! {
+                    frame = rx.recv() => {
+                        match frame {
+                            Some(frame) => {
+                                let (transport, timeout) = (self.transport.clone(), self.timeout);
+                                inflight.spawn(async move {
+                                    let size = frame.len() as u64 - 13;
+                                    call_retrying(&*transport, to, frame, timeout)
+                                        .await
+                                        .map(|_| size)
+                                        .map_err(|e| format!("chunk: {e}"))
+                                });
+                            }
+                            None => open = false,
+                        }
+                        continue;
+                    }
+                    Some(done) = inflight.join_next(), if !inflight.is_empty() => done,
+                }
+            } else {
+                match inflight.join_next().await {
+                    Some(done) => done,
+                    None => break,
+                }
+            };
+            let bytes = done.map_err(|e| format!("chunk task failed: {e}"))??;
+            self.transfers
+                .advance(to, TransferDirection::Sending, bytes);
+        }
+        let (len, crc) = producer
+            .await
+            .map_err(|e| format!("snapshot writer failed: {e}"))??;
+        self.transfers.sized(to, TransferDirection::Sending, len);
+        let mut finish = BytesMut::with_capacity(21);
+        finish.put_u8(FINISH_STREAM);
+        finish.put_u64_le(id);
+        finish.put_u64_le(len);
+        finish.put_u32_le(crc);
+        self.call(to, finish.freeze())
+            .await
+            .map_err(|e| format!("finishing the stream: {e}"))?;
+        Ok(Ticket { id, len, crc })
+    }
+
     /// A control call (start, finish), retried like a chunk: both are idempotent.
     async fn call(&self, to: NodeId, frame: Bytes) -> Result<Bytes, String> {
         call_retrying(&*self.transport, to, frame, self.timeout).await
@@ -277,6 +397,85 @@ impl SnapshotSender {
         self.call(to, finish.freeze())
             .await
             .map_err(|e| format!("finishing the transfer: {e}"))?;
+        Ok(())
+    }
+}
+
+/// Cuts a stream into chunk frames and queues them for [`SnapshotSender::run_stream`],
+/// hashing the body (everything after the header) on the way.
+struct ChunkSink {
+    id: u64,
+    chunk: usize,
+    index: u32,
+    frame: BytesMut,
+    len: u64,
+    hasher: crc32fast::Hasher,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl ChunkSink {
+    fn new(id: u64, chunk: usize, tx: tokio::sync::mpsc::Sender<Bytes>) -> Self {
+        Self {
+            id,
+            chunk,
+            index: 0,
+            frame: BytesMut::new(),
+            len: 0,
+            hasher: crc32fast::Hasher::new(),
+            tx,
+        }
+    }
+
+    fn push(&mut self, mut data: &[u8], hashed: bool) -> std::io::Result<()> {
+        if hashed {
+            self.hasher.update(data);
+        }
+        while !data.is_empty() {
+            if self.frame.is_empty() {
+                self.frame.reserve(13 + self.chunk);
+                self.frame.put_u8(CHUNK);
+                self.frame.put_u64_le(self.id);
+                self.frame.put_u32_le(self.index);
+            }
+            let take = (13 + self.chunk - self.frame.len()).min(data.len());
+            self.frame.extend_from_slice(&data[..take]);
+            self.len += take as u64;
+            data = &data[take..];
+            if self.frame.len() == 13 + self.chunk {
+                self.ship()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ship(&mut self) -> std::io::Result<()> {
+        let frame = std::mem::take(&mut self.frame).freeze();
+        self.tx
+            .blocking_send(frame)
+            .map_err(|_| std::io::Error::other("the stream stopped"))?;
+        self.index = self
+            .index
+            .checked_add(1)
+            .ok_or_else(|| std::io::Error::other("a stream of more than 2^32 chunks"))?;
+        Ok(())
+    }
+
+    /// Sends the last, short chunk; the stream's length and body checksum.
+    fn finish(mut self) -> std::io::Result<(u64, u32)> {
+        if !self.frame.is_empty() {
+            self.ship()?;
+        }
+        Ok((self.len, self.hasher.finalize()))
+    }
+}
+
+impl std::io::Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.push(data, true)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -394,6 +593,14 @@ impl Bitmap {
     fn full(&self) -> bool {
         self.set == self.count
     }
+
+    /// Grows the map to `count` chunks (a stream's), keeping what is set.
+    fn ensure(&mut self, count: u64) {
+        if count > self.count {
+            self.bits.resize(count.div_ceil(8) as usize, 0);
+            self.count = count;
+        }
+    }
 }
 
 /// One sender's transfer being received.
@@ -412,6 +619,16 @@ struct Incoming {
     writeback: Arc<Writeback>,
     /// The state being built aside from the chunks written so far ([`crate::aside`]).
     restore: Option<Follower>,
+    /// Set for a stream ([`SnapshotSender::send_stream`]): `len` and `crc` are known only at
+    /// its end, and so is `have`'s size.
+    stream: Option<Stream>,
+}
+
+/// What a stream being received tells about itself before its end.
+struct Stream {
+    meta_len: u32,
+    /// The one chunk shorter than the chunk size (the last), if it arrived: `(index, bytes)`.
+    short: Option<(u64, u64)>,
 }
 
 /// The write-behind syncs of a file being received (see `snapshot::WRITE_BEHIND`): they run
@@ -573,7 +790,9 @@ impl SnapshotReceiver {
         let have = Bitmap::new(count);
         let bits = Bytes::from(have.bits.clone());
         let restore = self.preparer.lock().clone().and_then(|preparer| {
-            Follower::start(preparer, handle.clone(), len, chunk, |i| have.get(i))
+            Follower::start(preparer, handle.clone(), Some(len), None, chunk, |i| {
+                have.get(i)
+            })
         });
         st.incoming.insert(
             from,
@@ -589,12 +808,71 @@ impl SnapshotReceiver {
                 unsynced: 0,
                 writeback: Writeback::new(),
                 restore,
+                stream: None,
             },
         );
         drop(st);
         self.transfers
             .start(from, TransferDirection::Receiving, len, 0);
         Ok(bits)
+    }
+
+    /// Starts receiving a stream ([`SnapshotSender::send_stream`]) into a new temporary file,
+    /// replacing any transfer from the same sender.
+    fn begin_stream(&self, from: NodeId, mut b: &[u8]) -> Result<Bytes, String> {
+        if b.len() != 16 {
+            return Err("malformed stream start".into());
+        }
+        let (id, chunk, meta_len) = (b.get_u64_le(), b.get_u32_le() as u64, b.get_u32_le());
+        if chunk == 0 {
+            return Err("refusing a snapshot stream in chunks of 0 bytes".into());
+        }
+        let mut st = self.state.lock();
+        self.forget_abandoned(&mut st);
+        if let Some(old) = st.incoming.remove(&from) {
+            let _ = self.store.fs().remove_file(&old.path);
+        }
+        let path = self.store.temp_path(&format!("from-{from}"));
+        let handle: Arc<dyn FileHandle> = self
+            .store
+            .fs()
+            .open(&path, OpenMode::Truncate)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?
+            .into();
+        let restore = self.preparer.lock().clone().and_then(|preparer| {
+            Follower::start(
+                preparer,
+                handle.clone(),
+                None,
+                Some(u64::from(meta_len)),
+                chunk,
+                |_| false,
+            )
+        });
+        st.incoming.insert(
+            from,
+            Incoming {
+                id,
+                len: 0,
+                crc: 0,
+                chunk,
+                path,
+                handle,
+                have: Bitmap::new(0),
+                last: Instant::now(),
+                unsynced: 0,
+                writeback: Writeback::new(),
+                restore,
+                stream: Some(Stream {
+                    meta_len,
+                    short: None,
+                }),
+            },
+        );
+        drop(st);
+        self.transfers
+            .start(from, TransferDirection::Receiving, 0, 0);
+        Ok(Bytes::new())
     }
 
     /// Drops incoming transfers no chunk has reached for [`ABANDONED_AFTER`]: their sender
@@ -634,12 +912,28 @@ impl SnapshotReceiver {
                 .filter(|i| i.id == id)
                 .ok_or_else(|| format!("no snapshot transfer {id:x} from node {from}"))?;
             let at = index * inc.chunk;
-            let expected = inc.len.saturating_sub(at).min(inc.chunk);
-            if index >= inc.have.count || data.len() as u64 != expected {
-                return Err(format!(
-                    "chunk {index} of {} bytes does not fit the transfer",
-                    data.len()
-                ));
+            let n = data.len() as u64;
+            let misfit = || format!("chunk {index} of {n} bytes does not fit the transfer");
+            match &mut inc.stream {
+                None => {
+                    let expected = inc.len.saturating_sub(at).min(inc.chunk);
+                    if index >= inc.have.count || n != expected {
+                        return Err(misfit());
+                    }
+                }
+                Some(stream) => {
+                    // Every chunk is whole but the last; its length comes at the end.
+                    if n == 0 || n > inc.chunk || at.saturating_add(n) > MAX_FILE {
+                        return Err(misfit());
+                    }
+                    if n < inc.chunk {
+                        match stream.short {
+                            Some((i, _)) if i != index => return Err(misfit()),
+                            _ => stream.short = Some((index, n)),
+                        }
+                    }
+                    inc.have.ensure(index + 1);
+                }
             }
             if inc.have.get(index) {
                 return Ok(Bytes::new());
@@ -666,7 +960,9 @@ impl SnapshotReceiver {
             inc.have.set(index);
             inc.last = Instant::now();
             if let Some(restore) = &inc.restore {
-                restore.arrived(|i| inc.have.get(i));
+                // A stream's short chunk counts once the stream's length is known.
+                let short = inc.stream.as_ref().and_then(|s| s.short).map(|(i, _)| i);
+                restore.arrived(|i| inc.have.get(i) && Some(i) != short);
             }
             drop(st);
             self.transfers
@@ -675,16 +971,53 @@ impl SnapshotReceiver {
         Ok(Bytes::new())
     }
 
-    async fn finish(&self, from: NodeId, mut b: &[u8]) -> Result<Bytes, String> {
-        if b.len() != 8 {
-            return Err("malformed transfer end".into());
-        }
-        let id = b.get_u64_le();
+    /// The end of a transfer (`end`: `None`) or of a stream (`end`: its length and checksum).
+    async fn finish(
+        &self,
+        from: NodeId,
+        id: u64,
+        end: Option<(u64, u32)>,
+    ) -> Result<Bytes, String> {
+        let mut header = None;
         let inc = {
             let mut st = self.state.lock();
             if st.ready.get(&from).is_some_and(|(ready, _)| *ready == id) {
                 // A repeated finish (the first answer was lost): already checked.
                 return Ok(Bytes::new());
+            }
+            if let Some((len, crc)) = end {
+                let inc = st
+                    .incoming
+                    .get_mut(&from)
+                    .filter(|i| i.id == id && i.stream.is_some())
+                    .ok_or_else(|| format!("no snapshot stream {id:x} from node {from}"))?;
+                let (meta_len, short) = match &inc.stream {
+                    Some(s) => (s.meta_len, s.short),
+                    None => return Err("not a stream".into()),
+                };
+                let count = chunk_count(len, inc.chunk as usize);
+                let tail = len % inc.chunk;
+                let adds_up = match short {
+                    None => tail == 0,
+                    Some((i, n)) => tail != 0 && i + 1 == count && n == tail,
+                };
+                if !(HEADER_LEN + u64::from(meta_len)..=MAX_FILE).contains(&len)
+                    || inc.have.count != count
+                    || !adds_up
+                {
+                    return Err(format!(
+                        "stream {id:x} ends at {len} bytes, which its chunks do not make"
+                    ));
+                }
+                header = Some(
+                    crate::snapshot::header(meta_len as usize, crc).map_err(|e| e.to_string())?,
+                );
+                (inc.len, inc.crc) = (len, crc);
+                self.transfers
+                    .sized(from, TransferDirection::Receiving, len);
+                if let Some(restore) = &inc.restore {
+                    restore.ended(len, |i| inc.have.get(i));
+                }
             }
             match st.incoming.get(&from) {
                 Some(i) if i.id == id && i.have.full() => st.incoming.remove(&from),
@@ -707,6 +1040,12 @@ impl SnapshotReceiver {
         let settled = inc.writeback.settle().await;
         let checked = tokio::task::spawn_blocking(move || {
             settled?;
+            if let Some(h) = header {
+                // A stream's header goes last, as when a snapshot file is sealed.
+                inc.handle
+                    .write_all_at(&h, 0)
+                    .map_err(|e| format!("writing the received snapshot's header: {e}"))?;
+            }
             inc.handle
                 .sync_all()
                 .map_err(|e| format!("syncing the received snapshot: {e}"))?;
@@ -758,8 +1097,23 @@ impl InboundHandler for SnapshotReceiver {
     async fn on_call(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
         match frame.first() {
             Some(&BEGIN) => self.begin(from, &frame[1..]),
+            Some(&BEGIN_STREAM) => self.begin_stream(from, &frame[1..]),
             Some(&CHUNK) => self.chunk(from, frame.slice(1..)).await,
-            Some(&FINISH) => self.finish(from, &frame[1..]).await,
+            Some(&FINISH) => {
+                let mut b = &frame[1..];
+                if b.len() != 8 {
+                    return Err("malformed transfer end".into());
+                }
+                self.finish(from, b.get_u64_le(), None).await
+            }
+            Some(&FINISH_STREAM) => {
+                let mut b = &frame[1..];
+                if b.len() != 20 {
+                    return Err("malformed stream end".into());
+                }
+                let (id, len, crc) = (b.get_u64_le(), b.get_u64_le(), b.get_u32_le());
+                self.finish(from, id, Some((len, crc))).await
+            }
             _ => Err(format!("unknown snapshot-transfer frame from node {from}")),
         }
     }
@@ -1082,5 +1436,163 @@ mod tests {
             .expect_err("wrong size");
         assert!(e.contains("does not fit"), "{e}");
         assert!(b.store.current().expect("current").is_none());
+    }
+
+    /// A stream's source writing `data`.
+    fn writing(data: Vec<u8>) -> StreamWriter {
+        Box::new(move |w| w.write_all(&data).map_err(|e| e.to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_stream_arrives_as_a_checked_file_with_its_state_built_aside() {
+        let fs = Arc::new(SimFs::new(11));
+        let b = side(&fs, "/t11/b");
+        let link = Link::new(|_, _| None);
+        let (sender, receiver, sent, _) = pair(&link, &b);
+        keep_bytes(&receiver);
+        let meta = Bytes::from_static(b"stream-meta");
+        // Empty, tiny, ending exactly on a chunk boundary, ending in a short chunk, many windows.
+        for len in [
+            0,
+            1,
+            CHUNK_BYTES - 16 - meta.len(),
+            5 * CHUNK_BYTES + 777,
+            3 * CHUNK_BYTES * WINDOW,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 241) as u8).collect();
+            let ticket = sender
+                .send_stream(2, meta.clone(), writing(data.clone()))
+                .await
+                .expect("streamed");
+            assert_eq!(ticket.len, (16 + meta.len() + len) as u64);
+            let f = receiver.take(1, &ticket).expect("the file is there");
+            assert_eq!(f.read_data().expect("data"), data, "{len} bytes");
+            assert_eq!(f.meta(), &meta);
+            assert_eq!(built_aside(&f).await.as_ref(), Some(&data), "{len} bytes");
+            let s = &sent.list()[0];
+            assert!(
+                s.done && s.error.is_none() && s.bytes == ticket.len,
+                "{s:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_offers_nothing_and_the_next_one_starts_over() {
+        let fs = Arc::new(SimFs::new(12));
+        let b = side(&fs, "/t12/b");
+        let data: Vec<u8> = (0..20 * CHUNK_BYTES).map(|i| (i % 199) as u8).collect();
+        // The writer fails halfway.
+        let link = Link::new(|_, _| None);
+        let (sender, receiver, _, _) = pair(&link, &b);
+        keep_bytes(&receiver);
+        let half = data[..10 * CHUNK_BYTES].to_vec();
+        let failing: StreamWriter = Box::new(move |w| {
+            w.write_all(&half).map_err(|e| e.to_string())?;
+            Err("the state machine failed".into())
+        });
+        let err = sender
+            .send_stream(2, Bytes::new(), failing)
+            .await
+            .expect_err("the writer failed");
+        assert!(err.contains("the state machine failed"), "{err}");
+        // The link dies after 6 calls.
+        let dying = Link::new(|n, _| (n >= 6).then_some(TransportError::Timeout(Duration::ZERO)));
+        dying.set_handler(receiver.clone());
+        let t: Arc<dyn Transport> = dying.clone();
+        let cut = SnapshotSender::new(t, Transfers::default(), CHUNK_BYTES, Duration::from_secs(5));
+        let err = cut
+            .send_stream(2, Bytes::new(), writing(data.clone()))
+            .await
+            .expect_err("the link died");
+        assert!(err.contains("not delivered"), "{err}");
+        // Nothing partial is offered; the next stream replaces the dead one and completes.
+        let ticket = sender
+            .send_stream(2, Bytes::new(), writing(data.clone()))
+            .await
+            .expect("streamed");
+        let f = receiver.take(1, &ticket).expect("complete");
+        assert_eq!(f.read_data().expect("data"), data);
+        assert_eq!(built_aside(&f).await.as_ref(), Some(&data));
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_end_does_not_match_its_chunks_is_refused() {
+        let fs = Arc::new(SimFs::new(13));
+        let b = side(&fs, "/t13/b");
+        let t: Arc<dyn Transport> = Link::new(|_, _| None);
+        let receiver = SnapshotReceiver::install(&t, b.store.clone(), Transfers::default());
+        let begin = |id: u64| {
+            let mut f = BytesMut::new();
+            f.put_u8(BEGIN_STREAM);
+            f.put_u64_le(id);
+            f.put_u32_le(64);
+            f.put_u32_le(4);
+            f.freeze()
+        };
+        let chunk = |id: u64, index: u32, len: usize| {
+            let mut f = BytesMut::new();
+            f.put_u8(CHUNK);
+            f.put_u64_le(id);
+            f.put_u32_le(index);
+            f.extend(std::iter::repeat_n(7u8, len));
+            f.freeze()
+        };
+        let finish = |id: u64, len: u64, crc: u32| {
+            let mut f = BytesMut::new();
+            f.put_u8(FINISH_STREAM);
+            f.put_u64_le(id);
+            f.put_u64_le(len);
+            f.put_u32_le(crc);
+            f.freeze()
+        };
+        receiver.on_call(1, begin(7)).await.expect("begun");
+        receiver.on_call(1, chunk(7, 0, 64)).await.expect("chunk 0");
+        receiver
+            .on_call(1, chunk(7, 1, 10))
+            .await
+            .expect("a short chunk");
+        let err = receiver
+            .on_call(1, chunk(7, 2, 10))
+            .await
+            .expect_err("a second short one");
+        assert!(err.contains("does not fit"), "{err}");
+        receiver
+            .on_call(1, chunk(7, 3, 65))
+            .await
+            .expect_err("longer than a chunk");
+        // The lengths the chunks do not make, then the right one with a wrong checksum.
+        for len in [64, 73, 75, 128] {
+            let err = receiver
+                .on_call(1, finish(7, len, 0))
+                .await
+                .expect_err("mismatch");
+            assert!(err.contains("do not make"), "{len}: {err}");
+        }
+        let err = receiver
+            .on_call(1, finish(7, 74, 0xdead))
+            .await
+            .expect_err("wrong crc");
+        assert!(err.contains("damaged") || err.contains("checksum"), "{err}");
+        let ticket = Ticket {
+            id: 7,
+            len: 74,
+            crc: 0xdead,
+        };
+        assert!(receiver.take(1, &ticket).is_none(), "nothing offered");
+        // A finish for a stream that is not there, or of a file transfer, is refused too.
+        receiver
+            .on_call(1, finish(8, 74, 0))
+            .await
+            .expect_err("no such stream");
+        receiver.on_call(1, begin(9)).await.expect("begun");
+        receiver
+            .on_call(1, Bytes::from_static(&[FINISH_STREAM, 1]))
+            .await
+            .expect_err("malformed");
+        receiver
+            .on_call(1, Bytes::from_static(&[BEGIN_STREAM, 1, 2]))
+            .await
+            .expect_err("malformed");
     }
 }
