@@ -370,6 +370,7 @@ mod tests {
         fs: Arc<SimFs>,
         path: std::path::PathBuf,
         handle: Arc<dyn FileHandle>,
+        len: u64,
         have: Vec<bool>,
     }
 
@@ -385,6 +386,7 @@ mod tests {
                 fs: fs.clone(),
                 path: path.into(),
                 handle,
+                len: len as u64,
                 have: vec![false; (len as u64).div_ceil(CHUNK) as usize],
             }
         }
@@ -397,6 +399,13 @@ mod tests {
                 .expect("write");
             self.have[chunk] = true;
             follower.arrived(|i| self.have.get(i as usize).copied().unwrap_or(false));
+        }
+
+        /// A build following this file from its start.
+        fn follow(&self, preparer: Preparer) -> Follower {
+            let len = Some(self.len);
+            Follower::start(preparer, self.handle.clone(), len, None, CHUNK, |_| false)
+                .expect("started")
         }
 
         fn checked(&self) -> SnapshotFile {
@@ -422,15 +431,7 @@ mod tests {
         let fs = Arc::new(SimFs::new(7));
         let (raw, data, _log) = snapshot_bytes(&fs, "/a1", 10 * CHUNK as usize + 123);
         let mut r = Receiving::new(&fs, "/b1/in.tmp", raw.len());
-        let f = Follower::start(
-            keeping(None),
-            r.handle.clone(),
-            Some(raw.len() as u64),
-            None,
-            CHUNK,
-            |_| false,
-        )
-        .expect("started");
+        let f = r.follow(keeping(None));
         let chunks = r.have.len();
         // Last first, then the rest backwards: the build waits for the prefix each time.
         for c in (0..chunks).rev() {
@@ -446,15 +447,7 @@ mod tests {
         let fs = Arc::new(SimFs::new(8));
         let (raw, _data, _log) = snapshot_bytes(&fs, "/a2", 6 * CHUNK as usize);
         let mut r = Receiving::new(&fs, "/b2/in.tmp", raw.len());
-        let f = Follower::start(
-            keeping(None),
-            r.handle.clone(),
-            Some(raw.len() as u64),
-            None,
-            CHUNK,
-            |_| false,
-        )
-        .expect("started");
+        let f = r.follow(keeping(None));
         let outcome = f.outcome.clone();
         // Chunk 2 first arrives damaged, and the build reads it so.
         let mut damaged = raw.clone();
@@ -474,15 +467,7 @@ mod tests {
         let fs = Arc::new(SimFs::new(9));
         let (raw, _data, _log) = snapshot_bytes(&fs, "/a3", 3 * CHUNK as usize);
         let mut r = Receiving::new(&fs, "/b3/in.tmp", raw.len());
-        let f = Follower::start(
-            keeping(Some(100)),
-            r.handle.clone(),
-            Some(raw.len() as u64),
-            None,
-            CHUNK,
-            |_| false,
-        )
-        .expect("started");
+        let f = r.follow(keeping(Some(100)));
         for c in 0..r.have.len() {
             r.write(&raw, c, &f);
         }
@@ -495,15 +480,7 @@ mod tests {
         let fs = Arc::new(SimFs::new(10));
         let (raw, _data, _log) = snapshot_bytes(&fs, "/a4", 3 * CHUNK as usize);
         let mut r = Receiving::new(&fs, "/b4/in.tmp", raw.len());
-        let f = Follower::start(
-            keeping(None),
-            r.handle.clone(),
-            Some(raw.len() as u64),
-            None,
-            CHUNK,
-            |_| false,
-        )
-        .expect("started");
+        let f = r.follow(keeping(None));
         let outcome = f.outcome.clone();
         r.write(&raw, 0, &f);
         drop(f);

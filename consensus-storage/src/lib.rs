@@ -16,7 +16,8 @@
 //!   refuses to start and says where;
 //! - snapshots and the rewritten log go through temp file, fsync, rename, fsync directory;
 //!   snapshots are written and read as streams ([`SnapshotSink`], [`SnapshotFile`]) and copied
-//!   to peers in chunks ([`transfer`]), so a large state is never whole in memory.
+//!   to peers in chunks ([`transfer`]), so a large state is never whole in memory; a receiver
+//!   builds the state of an arriving snapshot while its chunks land ([`aside`]).
 
 #![warn(missing_docs, unreachable_pub)]
 

@@ -22,8 +22,16 @@
 //!   fails the check is discarded, and the next attempt starts over. Nothing partial is ever
 //!   installed.
 //!
-//! Memory: the sender holds at most [`WINDOW`] chunks, the receiver at most what is in flight;
-//! neither ever holds the snapshot. Progress of each transfer is kept in [`Transfers`].
+//! A **stream** ([`SnapshotSender::send_stream`]) sends a snapshot as it is written, from a
+//! point-in-time view, with no file on the sender: `BeginStream { id, chunk, meta_len }`, then
+//! chunks as they fill (all whole but the last; the file's header is zeros in them), then
+//! `FinishStream { id, len, crc }`: the receiver checks that the chunks make exactly `len`
+//! bytes, writes the header, and checks the file as at `Finish`. A stream does not resume: a
+//! failed one is started over by the engine.
+//!
+//! Memory: the sender holds at most [`WINDOW`] chunks (a stream twice that: as many queued),
+//! the receiver at most what is in flight; neither ever holds the snapshot. Progress of each
+//! transfer is kept in [`Transfers`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -777,16 +785,7 @@ impl SnapshotReceiver {
                 return Ok(Bytes::from(have));
             }
         }
-        if let Some(old) = st.incoming.remove(&from) {
-            let _ = self.store.fs().remove_file(&old.path);
-        }
-        let path = self.store.temp_path(&format!("from-{from}"));
-        let handle: Arc<dyn FileHandle> = self
-            .store
-            .fs()
-            .open(&path, OpenMode::Truncate)
-            .map_err(|e| format!("creating {}: {e}", path.display()))?
-            .into();
+        let (path, handle) = self.replace_incoming(&mut st, from)?;
         let have = Bitmap::new(count);
         let bits = Bytes::from(have.bits.clone());
         let restore = self.preparer.lock().clone().and_then(|preparer| {
@@ -817,6 +816,26 @@ impl SnapshotReceiver {
         Ok(bits)
     }
 
+    /// Drops `from`'s transfer in progress (and its file), and creates the temporary file of
+    /// the next one.
+    fn replace_incoming(
+        &self,
+        st: &mut ReceiverState,
+        from: NodeId,
+    ) -> Result<(PathBuf, Arc<dyn FileHandle>), String> {
+        if let Some(old) = st.incoming.remove(&from) {
+            let _ = self.store.fs().remove_file(&old.path);
+        }
+        let path = self.store.temp_path(&format!("from-{from}"));
+        let handle = self
+            .store
+            .fs()
+            .open(&path, OpenMode::Truncate)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?
+            .into();
+        Ok((path, handle))
+    }
+
     /// Starts receiving a stream ([`SnapshotSender::send_stream`]) into a new temporary file,
     /// replacing any transfer from the same sender.
     fn begin_stream(&self, from: NodeId, mut b: &[u8]) -> Result<Bytes, String> {
@@ -829,16 +848,7 @@ impl SnapshotReceiver {
         }
         let mut st = self.state.lock();
         self.forget_abandoned(&mut st);
-        if let Some(old) = st.incoming.remove(&from) {
-            let _ = self.store.fs().remove_file(&old.path);
-        }
-        let path = self.store.temp_path(&format!("from-{from}"));
-        let handle: Arc<dyn FileHandle> = self
-            .store
-            .fs()
-            .open(&path, OpenMode::Truncate)
-            .map_err(|e| format!("creating {}: {e}", path.display()))?
-            .into();
+        let (path, handle) = self.replace_incoming(&mut st, from)?;
         let restore = self.preparer.lock().clone().and_then(|preparer| {
             Follower::start(
                 preparer,
@@ -922,8 +932,14 @@ impl SnapshotReceiver {
                     }
                 }
                 Some(stream) => {
-                    // Every chunk is whole but the last; its length comes at the end.
-                    if n == 0 || n > inc.chunk || at.saturating_add(n) > MAX_FILE {
+                    // Every chunk is whole but the last; its length comes at the end. A
+                    // sender has at most WINDOW chunks in flight, all above the ones that
+                    // arrived: a chunk far beyond them would only grow the map.
+                    if n == 0
+                        || n > inc.chunk
+                        || at.saturating_add(n) > MAX_FILE
+                        || index >= inc.have.count + 2 * WINDOW as u64
+                    {
                         return Err(misfit());
                     }
                     if n < inc.chunk {
@@ -1561,6 +1577,11 @@ mod tests {
             .on_call(1, chunk(7, 3, 65))
             .await
             .expect_err("longer than a chunk");
+        let far = 2 + 2 * WINDOW as u32;
+        receiver
+            .on_call(1, chunk(7, far, 64))
+            .await
+            .expect_err("far beyond the others");
         // The lengths the chunks do not make, then the right one with a wrong checksum.
         for len in [64, 73, 75, 128] {
             let err = receiver

@@ -82,18 +82,8 @@ impl Core {
     /// this did before) wrote the whole state to this node's disk (5 s for 1 GiB on a slow
     /// disk) before the copy could start.
     fn capture_for_peer(&mut self) -> Result<(), ConsensusError> {
-        let applied = self.applied;
-        let term = self
-            .raw
-            .raft
-            .raft_log
-            .term(applied)
-            .map_err(|e| mapping::raft(e, None))?;
-        let view = self.sm.capture()?;
-        let mut meta = SnapshotMetadata::default();
-        meta.set_conf_state(self.conf_state());
-        meta.index = applied;
-        meta.term = term;
+        let (meta, view) = self.capture()?;
+        let applied = meta.index;
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(meta);
         self.raw.store().set_streamable(Streamable {
@@ -116,15 +106,8 @@ impl Core {
         if self.saving.is_some() || self.applied <= snap_index {
             return Ok(());
         }
-        let applied = self.applied;
-        let term = self
-            .raw
-            .raft
-            .raft_log
-            .term(applied)
-            .map_err(|e| mapping::raft(e, None))?;
-        // Cheap for a state machine with a view; a copy in memory for one without.
-        let view = self.sm.capture()?;
+        let (meta, view) = self.capture()?;
+        let applied = meta.index;
         let last_size = self
             .raw
             .store()
@@ -132,10 +115,6 @@ impl Core {
             .map(|f| f.data_len())
             .unwrap_or(0);
         self.pacer.taken(last_size as usize);
-        let mut meta = SnapshotMetadata::default();
-        meta.set_conf_state(self.conf_state());
-        meta.index = applied;
-        meta.term = term;
         self.saving = Some(applied);
         self.save_job = Some(SaveJob {
             meta,
@@ -146,6 +125,25 @@ impl Core {
             file: None,
         });
         Ok(())
+    }
+
+    /// The state at the applied index (call it between applies) and the snapshot metadata that
+    /// describes it.
+    fn capture(&self) -> Result<(SnapshotMetadata, Box<dyn SnapshotView>), ConsensusError> {
+        let applied = self.applied;
+        let term = self
+            .raw
+            .raft
+            .raft_log
+            .term(applied)
+            .map_err(|e| mapping::raft(e, None))?;
+        // Cheap for a state machine with a view; a copy in memory for one without.
+        let view = self.sm.capture()?;
+        let mut meta = SnapshotMetadata::default();
+        meta.set_conf_state(self.conf_state());
+        meta.index = applied;
+        meta.term = term;
+        Ok((meta, view))
     }
 
     /// Where the log is compacted to behind a snapshot at `snap`: keeping at most
