@@ -9,7 +9,7 @@ use raft::storage::MemStorage;
 use raft::{Config, RawNode};
 
 /// `data` as a raft-rs message from a peer, the way the driver receives it: decoded (the whole
-/// engine frame, tag included, as [`crate::driver`] decodes it), checked by the guard, and
+/// engine frame, tag included, as the driver decodes it), checked by the guard, and
 /// when the guard passes it, stepped into a raft-rs follower (node 1 of voters 1-3, term 2,
 /// entries 1-5, commit 3, following node 2). raft-rs must not panic on anything the guard lets
 /// through.

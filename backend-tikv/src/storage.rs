@@ -171,7 +171,8 @@ pub(crate) struct DiskStorage {
     /// The latest snapshot's file.
     file: Option<SnapshotFile>,
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (too old, or taken
-    /// before the receiving node joined): the core takes a fresh one and raft-rs asks again.
+    /// before the receiving node joined): the core captures one to stream
+    /// ([`DiskStorage::set_streamable`]) and raft-rs asks again.
     wanted: AtomicBool,
     /// A snapshot captured for a peer the stored one cannot serve, streamed to it from memory
     /// (no file written here): raft-rs is given its metadata, the driver takes it to send.

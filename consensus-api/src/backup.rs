@@ -3,7 +3,7 @@
 //!
 //! - **Take**: [`Consensus::backup`](crate::Consensus::backup) confirms leadership with a quorum
 //!   (a read barrier), captures a point-in-time view of the state machine between applies, and
-//!   [`write`] streams it into a backup file with a header saying what it holds (cluster, node,
+//!   [`write()`] streams it into a backup file with a header saying what it holds (cluster, node,
 //!   the last log index it reflects) and a trailer with its length and checksum.
 //! - **Restore**: [`Backup::open`] checks a backup file whole (format, length, checksum) and
 //!   [`restore_data_dir`] writes a new node's data dir from it: the engine's own durable state
@@ -50,7 +50,7 @@ pub struct BackupHeader {
     pub created_unix_ms: u64,
 }
 
-/// A backup as [`write`] reports it and [`Backup::open`] reads it back.
+/// A backup as [`write()`] reports it and [`Backup::open`] reads it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackupInfo {
     /// The header.

@@ -4,7 +4,7 @@
 //! Concurrent [`Consensus::propose`](crate::Consensus::propose) calls on one node are carried
 //! in one log entry (and, on a follower, in one forwarded request) and answered one by one, in
 //! order, from the batch's outcome. No timer: a proposal is sent at once when fewer than
-//! [`MAX_BATCHES_IN_FLIGHT`] batches of this node are in flight (so one client waits for nothing);
+//! `MAX_BATCHES_IN_FLIGHT` (4) batches of this node are in flight (so one client waits for nothing);
 //! otherwise it waits in a queue that the next batch to finish takes, up to the entry size limit.
 //! The engines' per-entry costs (log record, replication, apply, waiter) are then paid once per
 //! batch, and the batch grows with the load.

@@ -41,7 +41,7 @@ pub struct NodeConfig {
     /// that snapshot's size in bytes (snapshots under 1 MiB are exempt; 0 turns it off), so a
     /// large state is not rewritten for every `snapshot_threshold` small writes: snapshot bytes
     /// stay at most `100 / snapshot_log_percent` times the log bytes. See
-    /// [`crate::SnapshotPacer`].
+    /// [`crate::backend_support::SnapshotPacer`].
     pub snapshot_log_percent: u32,
     /// Entries kept in the log behind a snapshot, so slightly lagging followers avoid a snapshot.
     pub keep_logs_after_snapshot: u64,

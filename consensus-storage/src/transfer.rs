@@ -7,7 +7,7 @@
 //! data; the follower's engine hands the message to its engine only once
 //! [`SnapshotReceiver::take`] gives it the complete, checked file for that ticket.
 //!
-//! # Protocol (every step one [`Transport::call`](consensus_api::Transport::call))
+//! # Protocol (every step one [`consensus_api::Transport::call`])
 //!
 //! - `Begin { id, len, crc, chunk }`: the receiver answers with a bitmap of the chunks it
 //!   already has: those of an interrupted transfer of the same file (same length, checksum and
