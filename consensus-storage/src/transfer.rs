@@ -68,6 +68,15 @@ const BEGIN_STREAM: u8 = 4;
 /// A snapshot file's header length.
 const HEADER_LEN: u64 = crate::snapshot::HEADER as u64;
 const FINISH_STREAM: u8 = 5;
+/// A chunk frame's head: tag, transfer id, chunk index.
+const CHUNK_HEAD: usize = 1 + 8 + 4;
+
+/// Starts a chunk frame in `buf`: its head, the data goes after.
+fn put_chunk_head(buf: &mut BytesMut, id: u64, index: u32) {
+    buf.put_u8(CHUNK);
+    buf.put_u64_le(id);
+    buf.put_u32_le(index);
+}
 
 /// Writes a snapshot's state bytes (what [`SnapshotFile::data`] of the file would hold) into
 /// the sink it is given: the source of [`SnapshotSender::send_stream`].
@@ -318,7 +327,7 @@ impl SnapshotSender {
                             Some(frame) => {
                                 let (transport, timeout) = (self.transport.clone(), self.timeout);
                                 inflight.spawn(async move {
-                                    let size = frame.len() as u64 - 13;
+                                    let size = (frame.len() - CHUNK_HEAD) as u64;
                                     call_retrying(&*transport, to, frame, timeout)
                                         .await
                                         .map(|_| size)
@@ -440,16 +449,14 @@ impl ChunkSink {
         }
         while !data.is_empty() {
             if self.frame.is_empty() {
-                self.frame.reserve(13 + self.chunk);
-                self.frame.put_u8(CHUNK);
-                self.frame.put_u64_le(self.id);
-                self.frame.put_u32_le(self.index);
+                self.frame.reserve(CHUNK_HEAD + self.chunk);
+                put_chunk_head(&mut self.frame, self.id, self.index);
             }
-            let take = (13 + self.chunk - self.frame.len()).min(data.len());
+            let take = (CHUNK_HEAD + self.chunk - self.frame.len()).min(data.len());
             self.frame.extend_from_slice(&data[..take]);
             self.len += take as u64;
             data = &data[take..];
-            if self.frame.len() == 13 + self.chunk {
+            if self.frame.len() == CHUNK_HEAD + self.chunk {
                 self.ship()?;
             }
         }
@@ -507,15 +514,13 @@ async fn send_chunk(
     // Allocated here, on the runtime's thread, and only filled on the blocking one: glibc
     // serves a thread from its own arena, and the blocking pool's many threads would spread
     // the chunk buffers over as many arenas, each keeping its free pages resident.
-    let mut buf = BytesMut::with_capacity(13 + size);
+    let mut buf = BytesMut::with_capacity(CHUNK_HEAD + size);
     let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-        buf.put_u8(CHUNK);
-        buf.put_u64_le(t.id);
-        buf.put_u32_le(index as u32);
-        buf.resize(13 + size, 0);
+        put_chunk_head(&mut buf, t.id, index as u32);
+        buf.resize(CHUNK_HEAD + size, 0);
         let mut done = 0;
         while done < size {
-            let n = file.read_at(&mut buf[13 + done..], at + done as u64)?;
+            let n = file.read_at(&mut buf[CHUNK_HEAD + done..], at + done as u64)?;
             if n == 0 {
                 return Err(std::io::Error::other("snapshot file ends early"));
             }
@@ -908,12 +913,14 @@ impl SnapshotReceiver {
     }
 
     async fn chunk(&self, from: NodeId, frame: Bytes) -> Result<Bytes, String> {
-        if frame.len() < 12 {
+        // The tag was taken off: the rest of the head, then the data.
+        let head_len = CHUNK_HEAD - 1;
+        if frame.len() < head_len {
             return Err("malformed chunk".into());
         }
-        let mut head = &frame[..12];
+        let mut head = &frame[..head_len];
         let (id, index) = (head.get_u64_le(), head.get_u32_le() as u64);
-        let data = frame.slice(12..);
+        let data = frame.slice(head_len..);
         let (handle, at, sync, writeback) = {
             let mut st = self.state.lock();
             let inc = st
