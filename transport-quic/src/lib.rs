@@ -151,9 +151,18 @@ impl QuicTransport {
         })?;
         let frame_limit = config.max_frame_bytes.min(wire::MAX_FRAME);
         let (server_config, client_config) = setup::configs(id, &config.tls, frame_limit).await?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen_addr).map_err(|e| {
-            TransportError::Setup(format!("cannot bind UDP {}: {e}", config.listen_addr))
-        })?;
+        let endpoint = setup::bind_socket(config.listen_addr)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| {
+                TransportError::Setup(format!("cannot bind UDP {}: {e}", config.listen_addr))
+            })?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| TransportError::Setup(format!("local address: {e}")))?;

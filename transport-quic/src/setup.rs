@@ -1,6 +1,7 @@
 //! This node's QUIC configuration: the TLS identity from `consensus-tls`, and transport
 //! parameters sized for the frame limit and tuned for a cluster network.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,45 @@ const MAX_CONCURRENT_ONE_WAY_STREAMS: u32 = 8;
 const MIN_STREAM_WINDOW: u64 = 1 << 20;
 /// The connection window holds this many full streams.
 const STREAMS_PER_CONNECTION_WINDOW: u64 = 4;
+/// Kernel buffer asked for the endpoint's UDP socket, each way. A snapshot chunk arrives as a
+/// burst of packets faster than the endpoint's task drains them; what does not fit the socket's
+/// receive buffer is dropped, and every drop is a loss to QUIC's congestion control, which
+/// halves its sending rate. Linux's usual default (208 KiB) dropped thousands of packets per
+/// GiB copied on loopback, holding a snapshot copy to a quarter of TCP's speed. The kernel caps
+/// the size at `net.core.rmem_max` / `wmem_max`; [`bind_socket`] warns when that leaves less
+/// than [`SOCKET_BUFFER_MIN`].
+const SOCKET_BUFFER: usize = 8 << 20;
+/// Below this receive buffer, bulk transfers are likely to lose packets (see [`SOCKET_BUFFER`]).
+const SOCKET_BUFFER_MIN: usize = 1 << 20;
+
+/// The endpoint's UDP socket bound to `addr`, its kernel buffers enlarged (see
+/// [`SOCKET_BUFFER`]).
+pub(crate) fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, only slower under bursts.
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(%addr, error = %e, "cannot size the UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(%addr, error = %e, "cannot size the UDP send buffer");
+    }
+    // Linux reports twice the usable size (it counts its bookkeeping).
+    let got = socket.recv_buffer_size().unwrap_or(0);
+    if got < SOCKET_BUFFER_MIN {
+        tracing::warn!(
+            %addr,
+            bytes = got,
+            wanted = SOCKET_BUFFER,
+            "the UDP receive buffer is small (capped by net.core.rmem_max): bulk transfers such \
+             as snapshots may lose packets and slow down; raise net.core.rmem_max"
+        );
+    } else {
+        tracing::debug!(%addr, bytes = got, "UDP receive buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
 
 /// Builds the server and client configurations of node `id`.
 pub(crate) async fn configs(
@@ -76,4 +116,28 @@ fn transport_config(frame_limit: usize) -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_CALLS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_CONCURRENT_ONE_WAY_STREAMS));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The endpoint's socket gets the receive buffer asked for, as far as the kernel allows
+    /// (`net.core.rmem_max`; Linux reports twice what it grants).
+    #[test]
+    fn the_socket_gets_a_large_receive_buffer() {
+        let socket = bind_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        if let Some(cap) = cap {
+            let expected = SOCKET_BUFFER.min(cap);
+            assert!(
+                got >= expected,
+                "receive buffer {got} bytes, expected at least {expected} (rmem_max {cap})"
+            );
+        }
+        assert!(socket.local_addr().unwrap().port() != 0);
+    }
 }
