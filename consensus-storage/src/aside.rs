@@ -4,7 +4,9 @@
 //! the copy instead of following it (with 1 GiB of state it took about 2 s after the copy).
 //!
 //! The thread reads only the prefix of the file whose chunks are all written, waits for more,
-//! and hashes everything after the header as it reads. What it built travels with the checked
+//! and hashes everything after the header as it reads. Once the file is complete, the
+//! receiver checks it against that hash ([`Follower::body_crc`]) instead of reading it all
+//! again (falling back to the full read when the thread has not read everything). What it built travels with the checked
 //! file ([`SnapshotFile::take_prepared`](crate::SnapshotFile::take_prepared)), and
 //! [`PendingRestore::wait`] gives it to the engine only if the thread read exactly that file's
 //! body and its hash is the file's checksum; in every other case (a chunk written again after it
@@ -14,6 +16,7 @@
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use consensus_api::{ConsensusError, PreparedRestore};
 use parking_lot::{Condvar, Mutex};
@@ -77,6 +80,9 @@ struct Built {
     /// Whether the thread read the body to the end of the file and the state machine consumed
     /// all of it.
     whole: bool,
+    /// Whether the thread read the body to the end of the file (`crc` covers all of it),
+    /// whatever the state machine did with it.
+    read_all: bool,
 }
 
 #[derive(Default)]
@@ -164,6 +170,33 @@ impl Follower {
         self.feed.moved.notify_all();
     }
 
+    /// The checksum of the whole file body (everything after the header, `len` bytes of file
+    /// in all) as the thread read it, once it has read all of it, waiting at most `wait` for
+    /// the thread to finish; `None` if it did not read the body to the end in that time (it
+    /// stopped early, failed, or is still building). Chunks are never written twice, and the
+    /// thread reads only chunks already written, so the file holds what it hashed: the
+    /// receiver checks the file against this instead of reading it all again.
+    pub(crate) fn body_crc(&self, len: u64, wait: Duration) -> Option<u32> {
+        let deadline = Instant::now() + wait;
+        let mut slot = self.outcome.slot.lock();
+        while slot.is_none() {
+            if self
+                .outcome
+                .done
+                .wait_until(&mut slot, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        match &*slot {
+            Some(Ok(built)) if built.read_all && self.feed.progress.lock().len == Some(len) => {
+                Some(built.crc)
+            }
+            _ => None,
+        }
+    }
+
     /// The restore, to travel with the file once it is complete and checked.
     pub(crate) fn into_pending(mut self) -> PendingRestore {
         self.handed = true;
@@ -214,6 +247,7 @@ impl PendingRestore {
                 state: Some(state),
                 crc,
                 whole: true,
+                ..
             }) if crc == file.checksum() && self.feed.progress.lock().len == Some(file.len()) => {
                 tracing::info!(
                     bytes = file.len(),
@@ -317,9 +351,11 @@ fn build(
     let consumed = state.is_none() || source.fill_buf().map_err(io)?.is_empty();
     drop(source);
     let len = raw.feed.progress.lock().len;
+    let read_all = Some(raw.at) == len;
     Ok(Built {
         state,
-        whole: consumed && Some(raw.at) == len,
+        whole: consumed && read_all,
+        read_all,
         crc: raw.hasher.finalize(),
     })
 }
@@ -460,6 +496,60 @@ mod tests {
         r.write(&raw, 2, &f);
         let file = r.checked();
         assert!(f.into_pending().wait(&file).is_none());
+    }
+
+    #[test]
+    fn a_build_that_read_the_whole_body_gives_the_checksum_the_file_is_checked_against() {
+        let fs = Arc::new(SimFs::new(11));
+        let (raw, _data, _log) = snapshot_bytes(&fs, "/a5", 5 * CHUNK as usize + 7);
+        let mut r = Receiving::new(&fs, "/b5/in.tmp", raw.len());
+        let f = r.follow(keeping(None));
+        // Not all there yet: no checksum, after the wait.
+        r.write(&raw, 0, &f);
+        assert_eq!(f.body_crc(r.len, Duration::from_millis(50)), None);
+        for c in 1..r.have.len() {
+            r.write(&raw, c, &f);
+        }
+        let file = r.checked();
+        let body = f.body_crc(r.len, Duration::from_secs(20));
+        assert_eq!(body, Some(file.checksum()));
+        // What the receiver does with it: the header must agree, the body is not read.
+        let open = || r.fs.open(&r.path, OpenMode::Existing).expect("open");
+        let hashed =
+            SnapshotFile::verify_hashed(r.fs.clone(), open(), &r.path, None, file.checksum());
+        assert_eq!(hashed.expect("checks").checksum(), file.checksum());
+        let other = file.checksum() ^ 1;
+        assert!(SnapshotFile::verify_hashed(r.fs.clone(), open(), &r.path, None, other).is_err());
+        // The checksum is only looked at: the state is still given.
+        assert!(f.into_pending().wait(&file).is_some());
+    }
+
+    #[test]
+    fn a_build_that_read_other_bytes_or_not_all_of_them_gives_no_usable_checksum() {
+        let fs = Arc::new(SimFs::new(12));
+        let (raw, _data, _log) = snapshot_bytes(&fs, "/a6", 4 * CHUNK as usize);
+        // A state machine that does not build aside reads only the header and metadata.
+        let mut r = Receiving::new(&fs, "/b6/in.tmp", raw.len());
+        let f = r.follow(Arc::new(|_: &mut dyn Read| Ok(None)));
+        for c in 0..r.have.len() {
+            r.write(&raw, c, &f);
+        }
+        assert_eq!(f.body_crc(r.len, Duration::from_secs(20)), None);
+        // A chunk damaged on the way: the build hashes what the file holds, and the header's
+        // checksum (the sender's) does not match it.
+        let mut damaged = raw.clone();
+        damaged[CHUNK as usize + 3] ^= 0x10;
+        let mut r = Receiving::new(&fs, "/b6/in2.tmp", raw.len());
+        let f = r.follow(keeping(None));
+        for c in 0..r.have.len() {
+            r.write(&damaged, c, &f);
+        }
+        let body = f
+            .body_crc(r.len, Duration::from_secs(20))
+            .expect("all read");
+        let handle = r.fs.open(&r.path, OpenMode::Existing).expect("open");
+        let checked = SnapshotFile::verify_hashed(r.fs.clone(), handle, &r.path, None, body);
+        assert!(checked.is_err(), "a damaged file passed the check");
     }
 
     #[test]

@@ -521,6 +521,30 @@ impl SnapshotFile {
         path: &Path,
         pending: Option<PathBuf>,
     ) -> Result<Self> {
+        Self::check(fs, handle, path, pending, None)
+    }
+
+    /// [`verify`](Self::verify) for a file whose body (everything after the header) was
+    /// already hashed to `body_crc` by a reader of the same bytes (the build aside of a
+    /// received file, [`crate::aside`]): the header is checked against it and the metadata
+    /// read, but the body is not read again.
+    pub(crate) fn verify_hashed(
+        fs: Arc<dyn FileSystem>,
+        handle: Box<dyn FileHandle>,
+        path: &Path,
+        pending: Option<PathBuf>,
+        body_crc: u32,
+    ) -> Result<Self> {
+        Self::check(fs, handle, path, pending, Some(body_crc))
+    }
+
+    fn check(
+        fs: Arc<dyn FileSystem>,
+        handle: Box<dyn FileHandle>,
+        path: &Path,
+        pending: Option<PathBuf>,
+        body_crc: Option<u32>,
+    ) -> Result<Self> {
         let io = |e| StorageError::io("read", path, e);
         let len = handle.size().map_err(io)?;
         let mut head = [0u8; HEADER];
@@ -537,18 +561,24 @@ impl SnapshotFile {
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_at(&*handle, &mut meta, HEADER as u64).map_err(io)?;
-        let mut h = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; IO_BUF];
-        let mut at = HEADER as u64;
-        while at < len {
-            let n = handle.read_at(&mut buf, at).map_err(io)?;
-            if n == 0 {
-                return Err(corrupt(path, "file shorter than its size"));
+        let body = match body_crc {
+            Some(hashed) => hashed,
+            None => {
+                let mut h = crc32fast::Hasher::new();
+                let mut buf = vec![0u8; IO_BUF];
+                let mut at = HEADER as u64;
+                while at < len {
+                    let n = handle.read_at(&mut buf, at).map_err(io)?;
+                    if n == 0 {
+                        return Err(corrupt(path, "file shorter than its size"));
+                    }
+                    h.update(&buf[..n]);
+                    at += n as u64;
+                }
+                h.finalize()
             }
-            h.update(&buf[..n]);
-            at += n as u64;
-        }
-        if h.finalize() != crc {
+        };
+        if body != crc {
             return Err(corrupt(path, "checksum mismatch"));
         }
         Ok(Self {
