@@ -437,6 +437,13 @@ mod tests {
             follower.arrived(|i| self.have.get(i as usize).copied().unwrap_or(false));
         }
 
+        /// Writes every chunk of `raw`, in order.
+        fn write_all(&mut self, raw: &[u8], follower: &Follower) {
+            for c in 0..self.have.len() {
+                self.write(raw, c, follower);
+            }
+        }
+
         /// A build following this file from its start.
         fn follow(&self, preparer: Preparer) -> Follower {
             let len = Some(self.len);
@@ -488,9 +495,7 @@ mod tests {
         // Chunk 2 first arrives damaged, and the build reads it so.
         let mut damaged = raw.clone();
         damaged[2 * CHUNK as usize + 10] ^= 0xff;
-        for c in 0..r.have.len() {
-            r.write(&damaged, c, &f);
-        }
+        r.write_all(&damaged, &f);
         assert!(finished(&outcome), "the build never ended");
         // Then the right bytes are written over it: the file checks, the build does not match.
         r.write(&raw, 2, &f);
@@ -531,9 +536,7 @@ mod tests {
         // A state machine that does not build aside reads only the header and metadata.
         let mut r = Receiving::new(&fs, "/b6/in.tmp", raw.len());
         let f = r.follow(Arc::new(|_: &mut dyn Read| Ok(None)));
-        for c in 0..r.have.len() {
-            r.write(&raw, c, &f);
-        }
+        r.write_all(&raw, &f);
         assert_eq!(f.body_crc(r.len, Duration::from_secs(20)), None);
         // A chunk damaged on the way: the build hashes what the file holds, and the header's
         // checksum (the sender's) does not match it.
@@ -541,9 +544,7 @@ mod tests {
         damaged[CHUNK as usize + 3] ^= 0x10;
         let mut r = Receiving::new(&fs, "/b6/in2.tmp", raw.len());
         let f = r.follow(keeping(None));
-        for c in 0..r.have.len() {
-            r.write(&damaged, c, &f);
-        }
+        r.write_all(&damaged, &f);
         let body = f
             .body_crc(r.len, Duration::from_secs(20))
             .expect("all read");
@@ -558,9 +559,7 @@ mod tests {
         let (raw, _data, _log) = snapshot_bytes(&fs, "/a3", 3 * CHUNK as usize);
         let mut r = Receiving::new(&fs, "/b3/in.tmp", raw.len());
         let f = r.follow(keeping(Some(100)));
-        for c in 0..r.have.len() {
-            r.write(&raw, c, &f);
-        }
+        r.write_all(&raw, &f);
         let file = r.checked();
         assert!(f.into_pending().wait(&file).is_none());
     }
